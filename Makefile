@@ -1,0 +1,27 @@
+# Developer entry points. `make test` is what CI runs (scripts/test.sh).
+VENV := .venv/bin
+
+.PHONY: venv lint type unit test demo clean
+
+venv:
+	bash scripts/bootstrap.sh
+
+lint: venv
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+type: venv
+	$(VENV)/mypy -p zfs_unlock_agent -p zfs_unlock_server
+	$(VENV)/mypy tests scripts
+
+unit: venv
+	$(VENV)/pytest -m "not slow"
+
+test:
+	bash scripts/test.sh
+
+demo:
+	bash scripts/demo.sh
+
+clean:
+	rm -rf .venv build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, strict type check, every test. Exit status is the verdict.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+echo "== ruff" >&2
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy --strict" >&2
+.venv/bin/mypy -p zfs_unlock_agent -p zfs_unlock_server
+.venv/bin/mypy tests scripts
+echo "== pytest" >&2
+.venv/bin/pytest "$@"

@@ -1,0 +1,1 @@
+"""zfs-unlock-server: the key server that releases dataset keys to enrolled hosts."""

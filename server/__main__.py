@@ -1,0 +1,3 @@
+from zfs_unlock_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""Local administration: data directory creation, hosts, keys, imports. Every change is audited.
+
+These run on the server machine with direct access to the data directory; none
+of them is reachable over HTTP. A running server sees each change on its next
+request, because it reads the database for every decision.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from zfs_unlock_agent import pinning, protocol, validate
+from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_server import config as server_config
+from zfs_unlock_server import pki, secretfile
+from zfs_unlock_server.audit import AuditLog, AuditRecord
+from zfs_unlock_server.config import Layout, ServerConfig
+from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
+from zfs_unlock_server.sealing import KeyContext, Sealer, load_master_key, new_master_key
+from zfs_unlock_server.service import DatasetRef, KeyService, new_key_id
+from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
+
+
+def actor() -> str:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = str(os.getuid())
+    return f"admin:{name}"
+
+
+# Data directory
+
+
+def init_data_dir(
+    root: Path,
+    server_names: Sequence[str],
+    server_cert: Path | None = None,
+    server_key: Path | None = None,
+) -> str:
+    """Create a new data directory; return the server's public-key pin. Never overwrites."""
+    if root.exists() and any(root.iterdir()):
+        raise CannotCreate(f"{root} exists and is not empty; refusing to overwrite it")
+    if (server_cert is None) != (server_key is None):
+        raise DataError("--server-cert and --server-key go together")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    layout = Layout(root)
+    secretfile.write_new(layout.master_key, new_master_key(), 0o400)
+    ca = pki.create_ca()
+    secretfile.write_new(layout.ca_key, ca.key_pem, 0o400)
+    secretfile.write_new(layout.ca_cert, ca.cert_pem, 0o644)
+    if server_cert is not None and server_key is not None:
+        secretfile.check_private(server_key)
+        cert_pem, key_pem = server_cert.read_bytes(), server_key.read_bytes()
+        pki.pem_to_der(cert_pem)  # refuse a file that is not a certificate
+    else:
+        pair = pki.create_server_certificate(list(server_names) or pki.default_server_names())
+        cert_pem, key_pem = pair.cert_pem, pair.key_pem
+    secretfile.write_new(layout.server_key, key_pem, 0o400)
+    secretfile.write_new(layout.server_cert, cert_pem, 0o644)
+    secretfile.write_new(layout.config, server_config.DEFAULT_CONFIG_TEXT.encode(), 0o644)
+    SqliteStore(layout.database).close()
+    os.chmod(layout.database, 0o600)
+    AuditLog(layout.default_audit_log).write(
+        {"event": "init", "decision": "allow", "actor": actor(), "reason": "data_dir_created"}
+    )
+    return server_pin(layout)
+
+
+def server_pin(layout: Layout) -> str:
+    return pinning.pin_of_certificate(pki.pem_to_der(layout.server_cert.read_bytes()))
+
+
+@dataclass
+class Admin:
+    """An open data directory, for one admin command."""
+
+    layout: Layout
+    config: ServerConfig
+    store: SqliteStore
+    audit: AuditLog
+
+    @classmethod
+    def open(cls, root: Path) -> Admin:
+        layout = Layout(root)
+        config = server_config.load(layout)
+        return cls(
+            layout,
+            config,
+            SqliteStore(layout.database),
+            AuditLog(server_config.audit_path(layout, config)),
+        )
+
+    def close(self) -> None:
+        self.store.close()
+        self.audit.close()
+
+    def sealer(self) -> Sealer:
+        return load_master_key(self.layout.master_key)
+
+    def service(self) -> KeyService:
+        return KeyService(self.store, self.sealer(), self.audit, self.config.deadman_timeout)
+
+    def record(self, event: str, **fields: str | int | None) -> None:
+        entry: AuditRecord = {"event": event, "decision": "allow", "actor": actor(), **fields}
+        self.audit.write(entry)
+
+    # Hosts
+
+    def sign(self, host_name: str, csr_pem: bytes) -> bytes:
+        ca = pki.KeyPair(
+            secretfile.read_private(self.layout.ca_key), self.layout.ca_cert.read_bytes()
+        )
+        return pki.sign_host_certificate(ca, pki.load_csr(csr_pem), host_name)
+
+    def add_host(
+        self,
+        name: str,
+        machine_id: str,
+        networks: Sequence[str],
+        pools: Sequence[str],
+        deadman_timeout: int | None,
+        csr_pem: bytes | None,
+        issue_into: Path | None,
+    ) -> tuple[Host, bytes]:
+        """Register a host and return it with its new client certificate (PEM)."""
+        validate.label(name, "host name")
+        validate.machine_id(machine_id)
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=True)
+            except ValueError:
+                raise DataError(f"--allow-ip {net!r} is not a network in CIDR form") from None
+        for pool in pools:
+            validate.guid(pool, "pool GUID")
+        if deadman_timeout is not None and deadman_timeout < 0:
+            raise DataError("--deadman-timeout must be >= 0")
+        key_pem = None
+        if csr_pem is None:
+            if issue_into is None:
+                raise DataError(
+                    "give the host's CSR (--csr) or a directory for a new key (--issue-key)"
+                )
+            if issue_into.exists() and any(issue_into.iterdir()):
+                raise CannotCreate(f"{issue_into} exists and is not empty")
+            key_pem, csr_pem = new_key_and_csr(name)
+        cert_pem = self.sign(name, csr_pem)
+        new = NewHost(
+            name, machine_id, tuple(networks), tuple(dict.fromkeys(pools)), deadman_timeout
+        )
+        host = self.store.add_host(
+            new, pki.certificate_fingerprint(pki.pem_to_der(cert_pem)), pki.not_after(cert_pem)
+        )
+        if key_pem is not None and issue_into is not None:
+            write_host_bundle(issue_into, key_pem, cert_pem)
+        self.record(
+            "host_added",
+            host=name,
+            machine_id=machine_id,
+            cert_fp=pki.certificate_fingerprint(pki.pem_to_der(cert_pem)),
+            networks=",".join(networks),
+            pools=",".join(pools),
+            deadman_timeout=deadman_timeout,
+        )
+        return host, cert_pem
+
+    def add_certificate(self, name: str, csr_pem: bytes) -> bytes:
+        host = self.store.host_by_name(name)
+        cert_pem = self.sign(name, csr_pem)
+        fingerprint = pki.certificate_fingerprint(pki.pem_to_der(cert_pem))
+        self.store.add_certificate(host.id, fingerprint, pki.not_after(cert_pem))
+        self.record("certificate_added", host=name, cert_fp=fingerprint)
+        return cert_pem
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        host = self.store.host_by_name(name)
+        self.store.set_host_enabled(host.id, enabled, "" if enabled else "admin")
+        self.record("host_enabled" if enabled else "host_disabled", host=name)
+
+    def remove_host(self, name: str, delete_keys: bool) -> int:
+        host = self.store.host_by_name(name)
+        removed = self.store.remove_host(host.id, delete_keys)
+        self.record("host_removed", host=name, keys_deleted=removed)
+        return removed
+
+    # Keys
+
+    def create_key(
+        self,
+        host_name: str,
+        ref: DatasetRef,
+        dataset: str,
+        keyformat: str,
+        imported: bytes | None,
+    ) -> KeyRecord:
+        """Admin enrolment: the key is active at once (the admin vouches for it)."""
+        host = self.store.host_by_name(host_name)
+        validate.dataset_name(dataset)
+        if keyformat not in protocol.KEY_FORMATS:
+            raise DataError("keyformat must be raw, hex or passphrase")
+        if imported is None and keyformat == "passphrase":
+            raise DataError("a passphrase can only be imported (--import)")
+        try:
+            record, _ = self.service().create_key(host, ref, dataset, keyformat, imported, "active")
+        except protocol.KeyMaterialError as exc:
+            raise DataError(str(exc)) from None
+        self.record(
+            "key_created",
+            host=host.name,
+            pool=ref.pool_guid,
+            dataset_guid=ref.dataset_guid,
+            dataset=dataset,
+            key_id=record.key_id,
+            keyformat=keyformat,
+            origin=record.origin,
+        )
+        return record
+
+    def set_key_state(self, key_id: str, state: str) -> None:
+        validate.key_id(key_id)
+        expected = ("pending", "active") if state == "revoked" else ("revoked",)
+        record = self.store.key_by_id(key_id)
+        self.store.set_key_state(key_id, state, expected, int(time.time()))
+        self.record(
+            "key_revoked" if state == "revoked" else "key_restored",
+            host=record.host,
+            key_id=key_id,
+            pool=record.pool_guid,
+            dataset_guid=record.dataset_guid or None,
+            dataset=record.dataset,
+        )
+
+    def import_simplezfs(self, path: Path) -> int:
+        """Import every key of a SimpleZFSKeySystem database, all or nothing."""
+        rows = read_simplezfs(path)
+        sealer = self.sealer()
+        now = int(time.time())
+        records: list[KeyRecord] = []
+        missing = sorted({r.machine for r in rows} - {h.machine_id for h in self.store.hosts()})
+        if missing:
+            raise DataError(
+                "no host is enrolled for machine-id(s) "
+                + ", ".join(missing)
+                + "; add them first with 'zfs-unlock-server host add'"
+            )
+        for row in rows:
+            host = self.store.host_by_machine_id(row.machine)
+            if host is None:  # removed since the check above
+                raise DataError(f"no host is enrolled for machine-id {row.machine}")
+            if self.store.key_for_legacy_name(host.id, row.pool, row.name) is not None:
+                raise Conflict(f"key {row.name!r} of pool {row.pool} was imported before")
+            key_id = new_key_id()
+            context = KeyContext(host.name, row.pool, "", row.name, key_id, row.keyformat)
+            records.append(
+                KeyRecord(
+                    key_id=key_id,
+                    host_id=host.id,
+                    host=host.name,
+                    pool_guid=row.pool,
+                    dataset_guid="",
+                    legacy_name=row.name,
+                    dataset=row.name,
+                    keyformat=row.keyformat,
+                    state="active" if row.active else "revoked",
+                    origin="imported",
+                    sealed=sealer.seal(row.keyvalue, context),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        self.store.insert_keys(records)
+        for record in records:
+            self.record(
+                "key_imported",
+                host=record.host,
+                pool=record.pool_guid,
+                legacy_name=record.legacy_name,
+                key_id=record.key_id,
+                keyformat=record.keyformat,
+                origin="simplezfs",
+                state=record.state,
+            )
+        return len(records)
+
+
+def write_host_bundle(directory: Path, key_pem: bytes, cert_pem: bytes) -> None:
+    """Write a host's new key (0400) and certificate, for the convenience path."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secretfile.write_new(directory / "client.key", key_pem, 0o400)
+    secretfile.write_new(directory / "client.crt", cert_pem, 0o644)
+
+
+@dataclass(frozen=True)
+class SimpleZfsRow:
+    name: str
+    machine: str
+    pool: str
+    keyvalue: bytes
+    keyformat: str
+    active: bool
+
+
+def read_simplezfs(path: Path) -> list[SimpleZfsRow]:
+    """Read and validate the RedBean table `key` (name, machine, pool, keyvalue, active)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            cursor = db.execute("SELECT name, machine, pool, keyvalue, active FROM key")
+            raw_rows = cursor.fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise DataError(f"{path}: not a SimpleZFSKeySystem database ({exc})") from None
+    rows = []
+    for number, (name, machine, pool, keyvalue, active) in enumerate(raw_rows, start=1):
+        where = f"{path}: row {number}"
+        try:
+            material = keyvalue.encode("utf-8") if isinstance(keyvalue, str) else bytes(keyvalue)
+            keyformat = classify_key(material)
+            rows.append(
+                SimpleZfsRow(
+                    name=validate.label(str(name), "name"),
+                    machine=validate.machine_id(str(machine)),
+                    pool=validate.guid(str(pool), "pool"),
+                    keyvalue=material,
+                    keyformat=keyformat,
+                    active=str(active).strip().lower() in {"1", "true", "yes"},
+                )
+            )
+        except (validate.InvalidInput, protocol.KeyMaterialError, TypeError) as exc:
+            raise DataError(f"{where}: {exc}") from None
+    return rows
+
+
+def classify_key(material: bytes) -> str:
+    """The keyformat a stored key must have been used with.
+
+    The proof of concept stores 32 hex characters and its datasets use
+    keyformat=raw, so 32 bytes of anything is raw; 64 hex digits is hex.
+    """
+    if len(material) == protocol.RAW_KEY_BYTES:
+        return "raw"
+    try:
+        protocol.check_key_material(material, "hex")
+        return "hex"
+    except protocol.KeyMaterialError:
+        protocol.check_key_material(material, "passphrase")
+        return "passphrase"

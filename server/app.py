@@ -1,0 +1,422 @@
+"""The HTTP face of the key server: a WSGI application with a strict route allowlist.
+
+Everything a client sends is checked here before the service sees it: method,
+path, query, content type, size, JSON schema. Errors are fixed JSON bodies that
+never echo input and never carry a traceback. Every response is uncacheable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zfs_unlock_agent import protocol, validate
+from zfs_unlock_server import config as server_config
+from zfs_unlock_server.audit import AuditError, AuditLog
+from zfs_unlock_server.config import Layout, ServerConfig
+from zfs_unlock_server.errors import Conflict, IntegrityError
+from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
+from zfs_unlock_server.sealing import load_master_key
+from zfs_unlock_server.service import Caller, DatasetRef, Denied, KeyService, Released
+from zfs_unlock_server.store import KeyRecord, SqliteStore
+
+log = logging.getLogger("zfs_unlock_server")
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+_RELEASE_ONE = re.compile(r"/v1/hosts/([0-9a-f]{32})/keys/([0-9]{1,20})/([0-9]{1,20})")
+_LEGACY = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/([A-Za-z0-9_.:-]{1,255})")
+_POST_ROUTES = (
+    protocol.ROUTE_CHECKIN,
+    protocol.ROUTE_ENROL,
+    protocol.ROUTE_ACTIVATE,
+    protocol.ROUTE_RELEASE_BATCH,
+)
+
+STATUS_TEXT = {
+    200: "200 OK",
+    201: "201 Created",
+    400: "400 Bad Request",
+    403: "403 Forbidden",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    406: "406 Not Acceptable",
+    409: "409 Conflict",
+    411: "411 Length Required",
+    413: "413 Content Too Large",
+    415: "415 Unsupported Media Type",
+    429: "429 Too Many Requests",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+}
+
+ERROR_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    411: "length_required",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    500: "internal",
+    503: "unavailable",
+}
+
+BASE_HEADERS = [
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, detail: str = "", headers: Iterable[tuple[str, str]] = ()):
+        super().__init__(status)
+        self.status = status
+        self.detail = detail
+        self.headers = list(headers)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] | None = None
+
+
+def json_response(status: int, payload: dict[str, Any]) -> Response:
+    return Response(status, json.dumps(payload, separators=(",", ":")).encode("ascii"))
+
+
+def error_response(error: HttpError) -> Response:
+    payload = {"error": ERROR_CODES[error.status]}
+    if error.detail:
+        payload["detail"] = error.detail
+    response = json_response(error.status, payload)
+    response.headers = error.headers
+    return response
+
+
+def key_json(released: Released) -> dict[str, Any]:
+    return {
+        **record_json(released.record),
+        "key": base64.b64encode(released.material).decode("ascii"),
+    }
+
+
+def record_json(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "pool_guid": record.pool_guid,
+        "dataset_guid": record.dataset_guid,
+        "dataset": record.dataset,
+        "key_id": record.key_id,
+        "keyformat": record.keyformat,
+        "state": record.state,
+    }
+
+
+# Request body schemas: field -> validator. Unknown or missing fields are 400.
+def _dataset_ref(item: Any) -> DatasetRef:
+    body = _fields(item, {"pool_guid", "dataset_guid"}, {"dataset"})
+    if "dataset" in body:
+        validate.dataset_name(body["dataset"])
+    return DatasetRef(
+        validate.guid(body["pool_guid"], "pool_guid"),
+        validate.guid(body["dataset_guid"], "dataset_guid"),
+    )
+
+
+def _fields(body: Any, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    if not isinstance(body, dict):
+        raise validate.InvalidInput("body must be a JSON object")
+    missing = required - body.keys()
+    unknown = body.keys() - required - optional
+    if missing:
+        raise validate.InvalidInput(f"missing field(s): {', '.join(sorted(missing))}")
+    if unknown:
+        raise validate.InvalidInput("unknown field(s) in body")
+    return body
+
+
+def _keyformat(value: Any) -> str:
+    if value not in protocol.KEY_FORMATS:
+        raise validate.InvalidInput("keyformat must be raw, hex or passphrase")
+    return str(value)
+
+
+class KeyServerApp:
+    """WSGI application. Per-process resources open on first use, after gunicorn forks."""
+
+    def __init__(self, layout: Layout, config: ServerConfig) -> None:
+        self.layout = layout
+        self.config = config
+        self._service: KeyService | None = None
+        self._limiter: RateLimiter | None = None
+        self._pid = 0
+
+    # Per-process resources
+
+    def _resources(self) -> tuple[KeyService, RateLimiter]:
+        if self._service is None or self._limiter is None or self._pid != os.getpid():
+            store = SqliteStore(self.layout.database)
+            audit = AuditLog(server_config.audit_path(self.layout, self.config))
+            sealer = load_master_key(self.layout.master_key)
+            self._service = KeyService(store, sealer, audit, self.config.deadman_timeout)
+            limits = self.config.rate_limits
+            self._limiter = RateLimiter(
+                self.layout.ratelimit,
+                {
+                    "cert": BucketPolicy(limits.per_certificate_burst, limits.per_certificate_rate),
+                    "addr": BucketPolicy(limits.per_address_burst, limits.per_address_rate),
+                },
+            )
+            self._pid = os.getpid()
+        return self._service, self._limiter
+
+    def audit_log(self) -> AuditLog:
+        return self._resources()[0].audit
+
+    # WSGI entry point
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
+        request_id = os.urandom(8).hex()
+        try:
+            response = self._handle(environ, request_id)
+        except HttpError as error:
+            response = error_response(error)
+        except AuditError:
+            log.exception("audit log unwritable; refusing request %s", request_id)
+            response = error_response(HttpError(503, headers=[("Retry-After", "30")]))
+        except sqlite3.OperationalError:
+            log.exception("database unavailable; refusing request %s", request_id)
+            response = error_response(HttpError(503, headers=[("Retry-After", "5")]))
+        except Exception:
+            log.exception("internal error in request %s", request_id)
+            response = error_response(HttpError(500))
+        headers = [
+            *BASE_HEADERS,
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("X-Request-Id", request_id),
+            *(response.headers or []),
+        ]
+        start_response(STATUS_TEXT[response.status], headers)
+        return [response.body]
+
+    def _handle(self, environ: Environ, request_id: str) -> Response:
+        method = environ.get("REQUEST_METHOD", "")
+        path = environ.get("PATH_INFO", "")
+        if environ.get("QUERY_STRING"):
+            raise HttpError(400, "query strings are not accepted")
+        route = self._route(method, path)
+        caller = self._caller(environ, request_id)
+        service, limiter = self._resources()
+        self._rate_limit(service, limiter, caller)
+        try:
+            return route(service, caller, environ)
+        except validate.InvalidInput as exc:
+            raise HttpError(400, str(exc)) from None
+        except protocol.KeyMaterialError as exc:
+            raise HttpError(400, str(exc)) from None
+        except Denied:
+            raise HttpError(403) from None
+        except Conflict:
+            raise HttpError(409) from None
+
+    def _route(self, method: str, path: str) -> Callable[[KeyService, Caller, Environ], Response]:
+        if path in _POST_ROUTES:
+            if method != "POST":
+                raise HttpError(405, headers=[("Allow", "POST")])
+            return {
+                protocol.ROUTE_CHECKIN: self._checkin,
+                protocol.ROUTE_ENROL: self._enrol,
+                protocol.ROUTE_ACTIVATE: self._activate,
+                protocol.ROUTE_RELEASE_BATCH: self._release_batch,
+            }[path]
+        match = _RELEASE_ONE.fullmatch(path)
+        if match:
+            if method != "GET":
+                raise HttpError(405, headers=[("Allow", "GET")])
+            return lambda service, caller, environ: self._release_one(
+                service, caller, environ, match
+            )
+        legacy = _LEGACY.fullmatch(path) if self.config.simplezfs_route else None
+        if legacy and legacy.group(3) not in {".", ".."}:
+            if method != "GET":
+                raise HttpError(405, headers=[("Allow", "GET")])
+            return lambda service, caller, environ: self._release_legacy(service, caller, legacy)
+        raise HttpError(404)
+
+    def _caller(self, environ: Environ, request_id: str) -> Caller:
+        sock = environ.get("gunicorn.socket")
+        getpeercert = getattr(sock, "getpeercert", None)
+        der = getpeercert(binary_form=True) if getpeercert else None
+        if not der:
+            # Unreachable behind our TLS layer (it requires a certificate); fail closed anyway.
+            raise HttpError(403)
+        return Caller(
+            hashlib.sha256(der).hexdigest(), str(environ.get("REMOTE_ADDR", "")), request_id
+        )
+
+    def _rate_limit(self, service: KeyService, limiter: RateLimiter, caller: Caller) -> None:
+        wait = limiter.charge("cert", caller.fingerprint)
+        if not wait and service.known_host(caller.fingerprint) is None:
+            wait = limiter.charge("addr", caller.source_ip)
+        if wait:
+            service.audit.write(
+                {
+                    "event": "rate_limited",
+                    "decision": "deny",
+                    "reason": "rate_limited",
+                    "cert_fp": caller.fingerprint,
+                    "source_ip": caller.source_ip,
+                    "request_id": caller.request_id,
+                },
+                durable=False,  # a flood must not turn into a flood of disk syncs
+            )
+            raise HttpError(429, headers=[("Retry-After", retry_after_header(wait))])
+
+    # Body parsing
+
+    @staticmethod
+    def _json_body(environ: Environ) -> Any:
+        content_type = str(environ.get("CONTENT_TYPE", "")).split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HttpError(415, "Content-Type must be application/json")
+        accept = str(environ.get("HTTP_ACCEPT", "*/*"))
+        if not any(t in accept for t in ("application/json", "application/*", "*/*")):
+            raise HttpError(406)
+        length_text = environ.get("CONTENT_LENGTH")
+        if not length_text:
+            raise HttpError(411, "Content-Length is required")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length") from None
+        if length < 0:
+            raise HttpError(400, "bad Content-Length")
+        if length > protocol.MAX_BODY_BYTES:
+            raise HttpError(413)
+        raw = environ["wsgi.input"].read(length)
+        if len(raw) != length:
+            raise HttpError(400, "truncated body")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise HttpError(400, "body is not valid JSON") from None
+
+    # Routes
+
+    def _checkin(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
+        body = _fields(self._json_body(environ), {"machine_id"})
+        host = service.checkin(caller, validate.machine_id(body["machine_id"]))
+        timeout = (
+            service.default_deadman_timeout
+            if host.deadman_timeout is None
+            else host.deadman_timeout
+        )
+        return json_response(200, {"host": host.name, "deadman_timeout": timeout})
+
+    def _release_batch(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
+        body = _fields(self._json_body(environ), {"machine_id", "datasets"})
+        machine_id = validate.machine_id(body["machine_id"])
+        items = body["datasets"]
+        if not isinstance(items, list) or not 1 <= len(items) <= protocol.MAX_BATCH:
+            raise validate.InvalidInput(f"datasets must be a list of 1 to {protocol.MAX_BATCH}")
+        refs = [_dataset_ref(item) for item in items]
+        if len(set(refs)) != len(refs):
+            raise validate.InvalidInput("datasets must not repeat")
+        result = service.release(caller, machine_id, refs)
+        return json_response(
+            200,
+            {
+                "keys": [key_json(r) for r in result.released],
+                "denied": [
+                    {"pool_guid": d.pool_guid, "dataset_guid": d.dataset_guid}
+                    for d in result.denied
+                ],
+            },
+        )
+
+    def _release_one(
+        self, service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+    ) -> Response:
+        machine_id = validate.machine_id(match.group(1))
+        ref = DatasetRef(validate.guid(match.group(2)), validate.guid(match.group(3)))
+        result = service.release(caller, machine_id, [ref])
+        if not result.released:
+            raise Denied("see audit")
+        return json_response(200, key_json(result.released[0]))
+
+    def _release_legacy(
+        self, service: KeyService, caller: Caller, match: re.Match[str]
+    ) -> Response:
+        machine_id = validate.machine_id(match.group(1))
+        pool = validate.guid(match.group(2))
+        name = validate.label(match.group(3))
+        try:
+            released = service.release_legacy(caller, machine_id, pool, name)
+        except IntegrityError:
+            raise HttpError(500) from None
+        return Response(200, released.material, content_type="application/octet-stream")
+
+    def _enrol(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
+        body = _fields(
+            self._json_body(environ),
+            {"machine_id", "pool_guid", "dataset_guid", "dataset", "keyformat"},
+            {"key"},
+        )
+        machine_id = validate.machine_id(body["machine_id"])
+        ref = DatasetRef(
+            validate.guid(body["pool_guid"], "pool_guid"),
+            validate.guid(body["dataset_guid"], "dataset_guid"),
+        )
+        dataset = validate.dataset_name(body["dataset"])
+        keyformat = _keyformat(body["keyformat"])
+        imported = _decode_key(body["key"]) if "key" in body else None
+        if imported is None and keyformat == "passphrase":
+            raise validate.InvalidInput("a passphrase key must be imported (field 'key')")
+        released, created = service.enrol(caller, machine_id, ref, dataset, keyformat, imported)
+        return json_response(201 if created else 200, key_json(released))
+
+    def _activate(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
+        body = _fields(
+            self._json_body(environ), {"machine_id", "pool_guid", "dataset_guid", "key_id"}
+        )
+        record = service.activate(
+            caller,
+            validate.machine_id(body["machine_id"]),
+            DatasetRef(
+                validate.guid(body["pool_guid"], "pool_guid"),
+                validate.guid(body["dataset_guid"], "dataset_guid"),
+            ),
+            validate.key_id(body["key_id"]),
+        )
+        return json_response(200, record_json(record))
+
+
+def _decode_key(value: Any) -> bytes:
+    if not isinstance(value, str) or len(value) > 1024:
+        raise validate.InvalidInput("key must be base64 of the key bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise validate.InvalidInput("key must be base64 of the key bytes") from None
+
+
+def build_app(data_dir: Path, config: ServerConfig) -> KeyServerApp:
+    return KeyServerApp(Layout(data_dir), config)

@@ -1,0 +1,47 @@
+"""Errors that the admin CLI turns into exit codes (sysexits.h)."""
+
+from __future__ import annotations
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_CONFIG = 78
+
+
+class ServerError(Exception):
+    """An operator-facing failure with a clear message and an exit code."""
+
+    exit_code = 1
+
+
+class UsageError(ServerError):
+    exit_code = EX_USAGE
+
+
+class DataError(ServerError):
+    exit_code = EX_DATAERR
+
+
+class NotFound(ServerError):
+    exit_code = EX_DATAERR
+
+
+class Conflict(ServerError):
+    exit_code = EX_DATAERR
+
+
+class ConfigError(ServerError):
+    exit_code = EX_CONFIG
+
+
+class CannotCreate(ServerError):
+    exit_code = EX_CANTCREAT
+
+
+class IntegrityError(ServerError):
+    """A sealed value failed authentication: tampering, a moved row or a wrong master key."""
+
+    exit_code = EX_DATAERR

@@ -1,0 +1,93 @@
+"""Token buckets shared by every worker process, kept in a small SQLite file.
+
+Each client certificate has a bucket; so has each source address, charged only
+for requests that do not come from an enrolled host, so a flood from a shared
+address cannot starve a well-behaved host behind it. The bucket arithmetic is a
+pure function of an injected monotonic clock; durability is not needed (a
+restart refills every bucket), so the file runs with synchronous=OFF.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    burst: float  # tokens a full bucket holds
+    rate: float  # tokens added per second
+
+
+@dataclass(frozen=True)
+class Bucket:
+    tokens: float
+    stamp: float
+
+
+def take(bucket: Bucket | None, policy: BucketPolicy, now: float) -> tuple[Bucket, float]:
+    """Spend one token. Returns the new bucket and 0, or the seconds until a token exists."""
+    if bucket is None:
+        bucket = Bucket(policy.burst, now)
+    elapsed = max(0.0, now - bucket.stamp)
+    tokens = min(policy.burst, bucket.tokens + elapsed * policy.rate)
+    if tokens >= 1.0:
+        return Bucket(tokens - 1.0, now), 0.0
+    wait = (1.0 - tokens) / policy.rate if policy.rate > 0 else math.inf
+    return Bucket(tokens, now), wait
+
+
+def retry_after_header(wait: float) -> str:
+    """Whole seconds, rounded up, at least 1 (RFC 9110 delay-seconds)."""
+    return str(max(1, math.ceil(wait))) if math.isfinite(wait) else "3600"
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        path: Path,
+        policies: dict[str, BucketPolicy],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._policies = policies
+        self._clock = clock
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=5)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS buckets"
+            " (name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL)"
+        )
+
+    def charge(self, kind: str, name: str) -> float:
+        """Spend a token from bucket KIND:NAME; return 0, or the wait before retrying."""
+        policy = self._policies[kind]
+        key = f"{kind}:{name}"
+        now = self._clock()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute(
+                "SELECT tokens, stamp FROM buckets WHERE name = ?", (key,)
+            ).fetchone()
+            bucket = None if row is None else Bucket(row[0], row[1])
+            # A restarted machine resets the monotonic clock; start the bucket afresh.
+            if bucket is not None and bucket.stamp > now:
+                bucket = None
+            new, wait = take(bucket, policy, now)
+            self._db.execute(
+                "INSERT INTO buckets (name, tokens, stamp) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, stamp = excluded.stamp",
+                (key, new.tokens, new.stamp),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return wait
+
+    def close(self) -> None:
+        self._db.close()

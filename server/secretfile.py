@@ -1,0 +1,39 @@
+"""Create and read files that hold credentials, refusing loose permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from zfs_unlock_server.errors import ConfigError
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o400) -> None:
+    """Create PATH with MODE atomically enough: O_EXCL, so nothing is ever overwritten."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a credential file that group or others may read, or that is not a file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open; "
+            "use chmod 0400 (or 0600)"
+        )
+
+
+def read_private(path: Path) -> bytes:
+    check_private(path)
+    return path.read_bytes()

@@ -1,0 +1,383 @@
+"""Release decisions: who may have which key, and the audit record of every answer.
+
+Transport-free: app.py turns these results into HTTP. Every check that can
+refuse a key lives here, in one order, and every refusal names its reason in
+the audit log only; callers learn nothing but "denied".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from zfs_unlock_agent import protocol
+from zfs_unlock_server.audit import AuditLog, AuditRecord
+from zfs_unlock_server.errors import Conflict, IntegrityError
+from zfs_unlock_server.sealing import KeyContext, Sealer
+from zfs_unlock_server.store import Host, KeyRecord, Store
+
+# Writing last_seen on every request would cost a disk sync each; the dead-man
+# timeout is measured in minutes or more, so this much staleness is harmless.
+TOUCH_INTERVAL = 10
+
+LIVE_STATES = ("pending", "active")
+
+
+class Denied(Exception):
+    """The request is refused; `reason` goes to the audit log, never to the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Caller:
+    fingerprint: str
+    source_ip: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    pool_guid: str
+    dataset_guid: str
+
+
+@dataclass(frozen=True)
+class Released:
+    record: KeyRecord
+    material: bytes
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    released: list[Released]
+    denied: list[DatasetRef]
+
+
+def new_key_id() -> str:
+    return "k-" + os.urandom(12).hex()
+
+
+def context_of(record: KeyRecord) -> KeyContext:
+    return KeyContext(
+        host=record.host,
+        pool_guid=record.pool_guid,
+        dataset_guid=record.dataset_guid,
+        legacy_name=record.legacy_name,
+        key_id=record.key_id,
+        keyformat=record.keyformat,
+    )
+
+
+def address_allowed(source_ip: str, networks: Sequence[str]) -> bool:
+    if not networks:
+        return True
+    try:
+        address = ipaddress.ip_address(source_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in ipaddress.ip_network(net) for net in networks)
+
+
+class KeyService:
+    def __init__(
+        self,
+        store: Store,
+        sealer: Sealer,
+        audit: AuditLog,
+        default_deadman_timeout: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.sealer = sealer
+        self.audit = audit
+        self.default_deadman_timeout = default_deadman_timeout
+        self.clock = clock
+
+    # The host-level gate, shared by every route.
+
+    def _record(self, caller: Caller, event: str, **fields: str | int | None) -> AuditRecord:
+        return {
+            "event": event,
+            "cert_fp": caller.fingerprint,
+            "source_ip": caller.source_ip,
+            "request_id": caller.request_id,
+            **fields,
+        }
+
+    def deny(self, caller: Caller, event: str, reason: str, **fields: str | int | None) -> Denied:
+        """Audit a refusal and return the exception to raise. Audit errors propagate."""
+        self.audit.write(self._record(caller, event, decision="deny", reason=reason, **fields))
+        return Denied(reason)
+
+    def known_host(self, fingerprint: str) -> Host | None:
+        return self.store.host_by_fingerprint(fingerprint)
+
+    def authenticate(self, caller: Caller, machine_id: str, event: str) -> Host:
+        """Return the caller's host if every host-level check passes, else raise Denied."""
+        host = self.store.host_by_fingerprint(caller.fingerprint)
+        if host is None:
+            raise self.deny(caller, event, "unknown_certificate", machine_id=machine_id)
+        named = {"host": host.name, "machine_id": machine_id}
+        if not host.enabled:
+            raise self.deny(caller, event, "host_disabled", **named)
+        timeout = (
+            self.default_deadman_timeout if host.deadman_timeout is None else host.deadman_timeout
+        )
+        now = int(self.clock())
+        if timeout and now - host.last_seen > timeout:
+            self.store.set_host_enabled(host.id, False, "deadman")
+            self.audit.write(
+                self._record(
+                    caller,
+                    "host_disabled",
+                    host=host.name,
+                    reason="deadman",
+                    last_seen=host.last_seen,
+                    timeout=timeout,
+                    actor="deadman-switch",
+                )
+            )
+            raise self.deny(caller, event, "deadman_expired", **named)
+        if not address_allowed(caller.source_ip, host.allowed_networks):
+            raise self.deny(caller, event, "source_address_not_allowed", **named)
+        if machine_id != host.machine_id:
+            raise self.deny(caller, event, "machine_id_mismatch", **named)
+        return host
+
+    def _seen(self, host: Host) -> None:
+        now = int(self.clock())
+        if now - host.last_seen >= TOUCH_INTERVAL:
+            self.store.touch_host(host.id, now)
+
+    # Routes
+
+    def checkin(self, caller: Caller, machine_id: str) -> Host:
+        host = self.authenticate(caller, machine_id, "checkin")
+        self.store.touch_host(host.id, int(self.clock()))
+        self.audit.write(self._record(caller, "checkin", decision="allow", host=host.name))
+        return host
+
+    def _releasable(
+        self, caller: Caller, host: Host, ref: DatasetRef
+    ) -> tuple[Released | None, AuditRecord]:
+        """Decide one dataset. Returns the key (or None) and the audit record to write."""
+        base = self._record(
+            caller, "release", host=host.name, pool=ref.pool_guid, dataset_guid=ref.dataset_guid
+        )
+        if host.pools and ref.pool_guid not in host.pools:
+            return None, {**base, "decision": "deny", "reason": "pool_not_allowed"}
+        record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+        return self._open_for_release(record, base)
+
+    def _open_for_release(
+        self, record: KeyRecord | None, base: AuditRecord
+    ) -> tuple[Released | None, AuditRecord]:
+        if record is None:
+            return None, {**base, "decision": "deny", "reason": "no_such_key"}
+        named = {**base, "dataset": record.dataset, "key_id": record.key_id}
+        if record.state not in LIVE_STATES:
+            return None, {**named, "decision": "deny", "reason": f"key_{record.state}"}
+        try:
+            material = self.sealer.open(record.sealed, context_of(record))
+        except IntegrityError:
+            return None, {**named, "decision": "deny", "reason": "integrity_failure"}
+        return Released(record, material), {**named, "decision": "allow", "reason": "ok"}
+
+    def release(self, caller: Caller, machine_id: str, refs: Sequence[DatasetRef]) -> BatchResult:
+        """Release each requested key the host may have. Audited before anything is returned."""
+        host = self.authenticate(caller, machine_id, "release")
+        released: list[Released] = []
+        denied: list[DatasetRef] = []
+        records: list[AuditRecord] = []
+        for ref in refs:
+            result, audit_record = self._releasable(caller, host, ref)
+            records.append(audit_record)
+            if result is None:
+                denied.append(ref)
+            else:
+                released.append(result)
+        # One durable write for the whole batch; if it fails nothing is released.
+        self.audit.write(*records)
+        self._seen(host)
+        return BatchResult(released, denied)
+
+    def release_legacy(
+        self, caller: Caller, machine_id: str, pool_guid: str, name: str
+    ) -> Released:
+        """The SimpleZFSKeySystem route: imported keys by (machine, pool, name)."""
+        host = self.authenticate(caller, machine_id, "release")
+        base = self._record(caller, "release", host=host.name, pool=pool_guid, legacy_name=name)
+        if host.pools and pool_guid not in host.pools:
+            result: Released | None = None
+            audit_record: AuditRecord = {**base, "decision": "deny", "reason": "pool_not_allowed"}
+        else:
+            record = self.store.key_for_legacy_name(host.id, pool_guid, name)
+            result, audit_record = self._open_for_release(record, base)
+        self.audit.write(audit_record)
+        if result is None:
+            raise Denied(str(audit_record["reason"]))
+        self._seen(host)
+        return result
+
+    def enrol(
+        self,
+        caller: Caller,
+        machine_id: str,
+        ref: DatasetRef,
+        dataset: str,
+        keyformat: str,
+        imported: bytes | None,
+    ) -> tuple[Released, bool]:
+        """Create a pending key for a dataset of the caller's host.
+
+        Returns (key, created). Repeating the request for a dataset whose key is
+        still pending returns that same key, so a lost response can be retried;
+        a dataset whose key is active or revoked is a Conflict: never a second key.
+        """
+        host = self.authenticate(caller, machine_id, "enrol")
+        fields = {
+            "host": host.name,
+            "pool": ref.pool_guid,
+            "dataset_guid": ref.dataset_guid,
+            "dataset": dataset,
+        }
+        if host.pools and ref.pool_guid not in host.pools:
+            raise self.deny(caller, "enrol", "pool_not_allowed", **fields)
+        existing = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+        if existing is not None:
+            return self._repeat_enrolment(caller, existing, keyformat, imported, fields)
+        record, material = self.create_key(host, ref, dataset, keyformat, imported, "pending")
+        self.audit.write(
+            self._record(
+                caller,
+                "enrol",
+                decision="allow",
+                reason="created",
+                key_id=record.key_id,
+                keyformat=keyformat,
+                origin=record.origin,
+                **fields,
+            )
+        )
+        self._seen(host)
+        return Released(record, material), True
+
+    def _repeat_enrolment(
+        self,
+        caller: Caller,
+        existing: KeyRecord,
+        keyformat: str,
+        imported: bytes | None,
+        fields: dict[str, str],
+    ) -> tuple[Released, bool]:
+        if existing.state != "pending" or existing.keyformat != keyformat:
+            self.audit.write(
+                self._record(
+                    caller,
+                    "enrol",
+                    decision="deny",
+                    reason="key_exists",
+                    key_id=existing.key_id,
+                    **fields,
+                )
+            )
+            raise Conflict("that dataset already has a key")
+        material = self.sealer.open(existing.sealed, context_of(existing))
+        if imported is not None and imported != material:
+            self.audit.write(
+                self._record(
+                    caller,
+                    "enrol",
+                    decision="deny",
+                    reason="key_exists",
+                    key_id=existing.key_id,
+                    **fields,
+                )
+            )
+            raise Conflict("that dataset already has a different pending key")
+        self.audit.write(
+            self._record(
+                caller,
+                "enrol",
+                decision="allow",
+                reason="repeated",
+                key_id=existing.key_id,
+                **fields,
+            )
+        )
+        return Released(existing, material), False
+
+    def create_key(
+        self,
+        host: Host,
+        ref: DatasetRef,
+        dataset: str,
+        keyformat: str,
+        imported: bytes | None,
+        state: str,
+    ) -> tuple[KeyRecord, bytes]:
+        """Generate (or take) key material, seal it and store it. Not audited: callers do."""
+        if imported is None:
+            material = generate_material(keyformat)
+            origin = "generated"
+        else:
+            protocol.check_key_material(imported, keyformat)
+            material, origin = imported, "imported"
+        now = int(self.clock())
+        key_id = new_key_id()
+        context = KeyContext(host.name, ref.pool_guid, ref.dataset_guid, "", key_id, keyformat)
+        record = KeyRecord(
+            key_id=key_id,
+            host_id=host.id,
+            host=host.name,
+            pool_guid=ref.pool_guid,
+            dataset_guid=ref.dataset_guid,
+            legacy_name="",
+            dataset=dataset,
+            keyformat=keyformat,
+            state=state,
+            origin=origin,
+            sealed=self.sealer.seal(material, context),
+            created_at=now,
+            updated_at=now,
+        )
+        self.store.insert_key(record)
+        return record, material
+
+    def activate(self, caller: Caller, machine_id: str, ref: DatasetRef, key_id: str) -> KeyRecord:
+        """Mark a pending key active once the host proved it opens the dataset."""
+        host = self.authenticate(caller, machine_id, "activate")
+        fields = {
+            "host": host.name,
+            "pool": ref.pool_guid,
+            "dataset_guid": ref.dataset_guid,
+            "key_id": key_id,
+        }
+        record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+        if record is None or record.key_id != key_id:
+            raise self.deny(caller, "activate", "no_such_key", **fields)
+        if record.state == "pending":
+            self.store.set_key_state(key_id, "active", ("pending",), int(self.clock()))
+        elif record.state != "active":
+            raise self.deny(caller, "activate", f"key_{record.state}", **fields)
+        self.audit.write(self._record(caller, "activate", decision="allow", reason="ok", **fields))
+        self._seen(host)
+        return self.store.key_by_id(key_id)
+
+
+def generate_material(keyformat: str) -> bytes:
+    """32 bytes from the OS CSPRNG, as raw bytes or as 64 hex digits."""
+    secret = os.urandom(protocol.RAW_KEY_BYTES)
+    if keyformat == "raw":
+        return secret
+    if keyformat == "hex":
+        return secret.hex().encode("ascii")
+    raise ValueError("the server generates raw or hex keys; passphrases can only be imported")

@@ -1,0 +1,25 @@
+"""The server's TLS settings: 1.2 or newer, forward-secret AEAD suites, client certificate required."""
+
+from __future__ import annotations
+
+import ssl
+
+from zfs_unlock_server import secretfile
+from zfs_unlock_server.config import Layout
+
+# TLS 1.2 suites; TLS 1.3 suites are all ECDHE/AEAD already.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def server_context(layout: Layout) -> ssl.SSLContext:
+    secretfile.check_private(layout.server_key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    )
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(layout.ca_cert))
+    context.load_cert_chain(str(layout.server_cert), str(layout.server_key))
+    return context

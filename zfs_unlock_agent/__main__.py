@@ -1,0 +1,3 @@
+from zfs_unlock_agent.cli import main
+
+raise SystemExit(main())
