@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv with the project and its development tools. Installs Debian's
-# python3-venv first when this Python cannot make a virtual environment.
+# Create .venv with the project and its development tools. As root on Debian,
+# first installs what is missing: python3-venv (and so Python), curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+need=()
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv python3-pip)
+# curl: tests check the SimpleZFSKeySystem route the way ZFS's libcurl fetches it.
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing python3-venv" >&2
+        echo "== installing ${need[*]}" >&2
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     else
-        echo "python3 cannot create virtual environments; install python3-venv" >&2
+        echo "missing: ${need[*]} (install them, or run this as root on Debian)" >&2
         exit 69
     fi
 fi

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+PRUNE_EVERY = 1024  # charges between sweeps of idle buckets
+
 
 @dataclass(frozen=True)
 class BucketPolicy:
@@ -55,6 +57,9 @@ class RateLimiter:
     ) -> None:
         self._policies = policies
         self._clock = clock
+        self._charges = 0
+        # A bucket untouched this long is full again, so its row can go.
+        self._idle_after = max(p.burst / p.rate for p in policies.values())
         self._db = sqlite3.connect(path, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")
@@ -83,6 +88,9 @@ class RateLimiter:
                 " ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, stamp = excluded.stamp",
                 (key, new.tokens, new.stamp),
             )
+            self._charges += 1
+            if self._charges % PRUNE_EVERY == 0:
+                self._db.execute("DELETE FROM buckets WHERE stamp < ?", (now - self._idle_after,))
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
