@@ -1,22 +1,238 @@
-"""zfs-unlock-agent command line."""
+"""zfs-unlock-agent: the command line. The only place that turns errors into exit codes."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from zfs_unlock_agent import __version__
+from zfs_unlock_agent import __version__, config, validate
+from zfs_unlock_agent.enroll import enroll
+from zfs_unlock_agent.errors import EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
+from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_agent.keyclient import KeyClient
+from zfs_unlock_agent.logsetup import setup as setup_logging
+from zfs_unlock_agent.unlock import Unlocker, exit_code, read_machine_id, select_roots
+from zfs_unlock_agent.zfs import Zfs
+
+log = logging.getLogger("zfs_unlock_agent")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _load(args: argparse.Namespace, check_files: bool = True) -> config.Config:
+    return config.load(args.config, check_files)
+
+
+def _client_factory(cfg: config.Config) -> Callable[[], KeyClient]:
+    return lambda: KeyClient(cfg.servers, cfg.client_certificate, cfg.client_key, cfg.network)
+
+
+def _unlocker(cfg: config.Config) -> Unlocker:
+    return Unlocker(
+        Zfs(cfg.zfs.zfs, cfg.zfs.zpool),
+        _client_factory(cfg),
+        read_machine_id(cfg.machine_id_file),
+        cfg.zfs.volume_link_timeout,
+        cfg.zfs.zvol_dir,
+    )
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    unlocker = _unlocker(cfg)
+    inventory = unlocker.zfs.inventory()
+    roots = select_roots(inventory, cfg, args.dataset, args.all)
+    if not roots:
+        log.info("no managed encryption roots found; nothing to do")
+        return EX_OK
+    return exit_code(unlocker.unlock(inventory, roots, mount=not args.no_mount))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    unlocker = _unlocker(cfg)
+    inventory = unlocker.zfs.inventory()
+    roots = select_roots(inventory, cfg, args.dataset, not args.dataset)
+    if not roots:
+        log.info("no managed encryption roots found; nothing to verify")
+        return EX_OK
+    return exit_code(unlocker.verify(inventory, roots))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    zfs = Zfs(cfg.zfs.zfs, cfg.zfs.zpool)
+    inventory = zfs.inventory()
+    roots = select_roots(inventory, cfg, [], True)
+    rows = []
+    for root in roots:
+        members = inventory.members(root.name)
+        rows.append(
+            {
+                "encryption_root": root.name,
+                "pool_guid": inventory.pool_guid(root),
+                "dataset_guid": root.guid,
+                "keystatus": root.keystatus,
+                "keyformat": root.keyformat,
+                "keylocation": root.keylocation,
+                "mounted": [m.name for m in members if m.mounted],
+                "not_mounted": [m.name for m in members if m.wants_mount and not m.mounted],
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(
+                f"{row['encryption_root']:<40} {row['keystatus']:<12} {row['keyformat']:<10}"
+                f" mounted {len(row['mounted'])}, unmounted {len(row['not_mounted'])}"
+            )
+    locked = [r for r in rows if r["keystatus"] != "available"]
+    return 3 if locked else EX_OK
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    cfg = _load(args, check_files=False)
+    machine_id = read_machine_id(cfg.machine_id_file)
+    key_path, csr_path = cfg.client_key, cfg.client_key.with_suffix(".csr")
+    name = validate.label(args.name or socket.gethostname().split(".")[0], "host name")
+    if key_path.exists():
+        config.check_private_key_file(key_path, "client key")
+        print(f"# client key {key_path} exists; not replaced", file=sys.stderr)
+    else:
+        key_pem, csr_pem = new_key_and_csr(name)
+        key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key_pem)
+        csr_path.write_bytes(csr_pem)
+        print(
+            f"# wrote {key_path} (0400; it never leaves this host) and {csr_path}", file=sys.stderr
+        )
+    pools: list[str] = []
+    try:
+        inventory = Zfs(cfg.zfs.zfs, cfg.zfs.zpool).inventory()
+        pools = sorted(inventory.pool_guids.values())
+        for pool, guid in sorted(inventory.pool_guids.items()):
+            print(f"# pool {pool}: guid {guid}", file=sys.stderr)
+    except AgentError as exc:
+        print(f"# pools unknown: {exc}", file=sys.stderr)
+    print(f"# machine-id: {machine_id}", file=sys.stderr)
+    print("# on the key server, run:", file=sys.stderr)
+    pool_args = "".join(f" --pool {g}" for g in pools)
+    print(
+        f"zfs-unlock-server host add {name} --machine-id {machine_id}{pool_args}"
+        f" --csr {csr_path.name} --cert-out {cfg.client_certificate.name}"
+    )
+    return EX_OK
+
+
+def cmd_configcheck(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    read_machine_id(cfg.machine_id_file)
+    print(f"{args.config}: ok ({len(cfg.servers)} server(s))")
+    return EX_OK
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    validate.dataset_name(args.dataset)
+    zfs = Zfs(cfg.zfs.zfs, cfg.zfs.zpool)
+    with _client_factory(cfg)() as client:
+        print(
+            enroll(zfs, client, read_machine_id(cfg.machine_id_file), args.dataset, args.keyformat)
+        )
+    return EX_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"configuration file (default ${config.CONFIG_ENV} or {config.DEFAULT_PATH})",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="zfs-unlock-agent",
+        parents=[common],
         description="Unlock OpenZFS encrypted datasets with keys from a zfs-unlock key server.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="DS",
+        help="without a command: unlock DS's encryption root and mount it",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler: Command, text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, parents=[common], help=text, description=text
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("unlock", cmd_unlock, "fetch keys, load them and mount (default: every managed root)")
+    p.add_argument("--all", action="store_true", help="every managed root, plus any --dataset")
+    p.add_argument("--dataset", action="append", default=[], metavar="DS")
+    p.add_argument("--no-mount", action="store_true", help="load keys only")
+    p = add(
+        "verify", cmd_verify, "fetch keys and prove them with 'zfs load-key -n'; change nothing"
+    )
+    p.add_argument("--dataset", action="append", default=[], metavar="DS")
+    p = add("status", cmd_status, "show managed encryption roots (no network)")
+    p.add_argument("--json", action="store_true")
+    p = add(
+        "identity",
+        cmd_identity,
+        "create this host's key pair and CSR; print what the server admin needs",
+    )
+    p.add_argument("--name", help="host name to request (default: the short hostname)")
+    add("configcheck", cmd_configcheck, "validate the configuration (no ZFS, no network)")
+    p = add("enroll", cmd_enroll, "move a dataset (or create it) to a key from the server")
+    p.add_argument("--dataset", required=True, metavar="DS")
+    p.add_argument("--keyformat", choices=("raw", "hex"), default="raw")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "config" not in args:
+        args.config = config.default_path()
+    setup_logging(getattr(args, "verbose", False))
+    handler: Command | None = getattr(args, "handler", None)
+    if handler is None:
+        if not args.dataset:
+            parser.print_usage(sys.stderr)
+            return EX_USAGE
+        args.all, args.no_mount = False, False
+        handler = cmd_unlock  # the manual mode: --dataset DS
+    try:
+        return handler(args)
+    except AgentError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except validate.InvalidInput as exc:
+        log.error("%s", exc)
+        return EX_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a bug: say so, without local variables that might hold a key
+        log.error("internal error (run with -v for details)")
+        log.debug("traceback", exc_info=True)
+        return EX_SOFTWARE
+
+
+__all__ = ["main"]

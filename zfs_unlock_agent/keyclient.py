@@ -8,10 +8,15 @@ No redirects, no proxies or CA bundles from the environment, https only.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import random
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 import requests
@@ -19,7 +24,17 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from zfs_unlock_agent import pinning
+from zfs_unlock_agent import pinning, protocol, validate
+from zfs_unlock_agent.errors import (
+    AgentError,
+    BadKeyData,
+    ServerRefused,
+    ServerUnavailable,
+)
+from zfs_unlock_agent.secret import Secret
+
+if TYPE_CHECKING:
+    from zfs_unlock_agent.config import Network, Server
 
 
 class PinMismatch(Exception):
@@ -89,3 +104,262 @@ def check_url(url: str) -> str:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("server URL must not carry credentials, a query or a fragment")
     return url.rstrip("/")
+
+
+# The conversation with the key servers: retries, failover, strict parsing.
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    pool_guid: str
+    dataset_guid: str
+
+
+@dataclass
+class ReleasedKey:
+    ref: DatasetRef
+    key_id: str
+    keyformat: str
+    state: str
+    secret: Secret
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+class KeyClient:
+    """Talks to the configured servers in turn, within one overall deadline.
+
+    Connection errors, timeouts, 5xx and 429 are retried with capped exponential
+    backoff and full jitter (honouring Retry-After); a pin mismatch, a redirect,
+    403 and 404 end the conversation at once.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[Server],
+        client_cert: Path,
+        client_key: Path,
+        network: Network,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.servers = tuple(servers)
+        self.network = network
+        self._clock = clock
+        self._sleep = sleep
+        self._jitter = jitter
+        self._sessions = [pinned_session(s.pins, client_cert, client_key) for s in servers]
+        self.requests_sent = 0
+
+    def close(self) -> None:
+        for session in self._sessions:
+            session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(
+        self, index: int, method: str, path: str, body: dict[str, Any], remaining: float
+    ) -> requests.Response:
+        timeout = (
+            min(self.network.connect_timeout, remaining),
+            min(self.network.read_timeout, remaining),
+        )
+        self.requests_sent += 1
+        return self._sessions[index].request(
+            method,
+            self.servers[index].url + path,
+            json=body,
+            timeout=timeout,
+            allow_redirects=False,
+        )
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any], accept: tuple[int, ...] = (200, 201)
+    ) -> Answer:
+        deadline = self._clock() + self.network.deadline
+        attempt = 0
+        problems: list[str] = []
+        while True:
+            wait_hint = 0.0
+            for index, server in enumerate(self.servers):
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                try:
+                    response = self._send(index, method, path, body, remaining)
+                except PinMismatch as exc:
+                    raise ServerRefused(f"{server.url}: {exc}; refusing to talk to it") from None
+                except requests.RequestException as exc:
+                    problems.append(f"{server.url}: {_describe(exc)}")
+                    continue
+                status = response.status_code
+                if status in accept:
+                    return Answer(status, _json_object(response, server.url))
+                if 300 <= status < 400:
+                    raise ServerRefused(
+                        f"{server.url}: answered with a redirect ({status}); refused"
+                    )
+                if status == 429 or status >= 500:
+                    wait_hint = max(wait_hint, _retry_after(response))
+                    problems.append(f"{server.url}: HTTP {status}")
+                    continue
+                if status == 403:
+                    raise ServerRefused(f"{server.url}: the server refused (403)")
+                if status == 404:
+                    raise ServerRefused(f"{server.url}: {path} not found (404); wrong URL?")
+                raise AgentError(f"{server.url}: unexpected HTTP {status} for {path}")
+            attempt += 1
+            delay = self._jitter() * min(
+                self.network.backoff_max, self.network.backoff_initial * 2 ** (attempt - 1)
+            )
+            delay = max(delay, wait_hint)
+            if self._clock() + delay >= deadline:
+                last = problems[-1] if problems else "no server answered"
+                raise ServerUnavailable(
+                    f"no key server answered within {self.network.deadline:g} s"
+                    f" ({len(problems)} failed attempt(s); last: {last})"
+                )
+            self._sleep(delay)
+
+    # Routes
+
+    def release(
+        self, machine_id: str, refs: Sequence[DatasetRef]
+    ) -> tuple[dict[DatasetRef, ReleasedKey], list[DatasetRef]]:
+        """Every requested key in one request. Returns (released, denied)."""
+        answer = self.call(
+            "POST",
+            protocol.ROUTE_RELEASE_BATCH,
+            {
+                "machine_id": machine_id,
+                "datasets": [
+                    {"pool_guid": r.pool_guid, "dataset_guid": r.dataset_guid} for r in refs
+                ],
+            },
+        )
+        keys = answer.body.get("keys")
+        denied = answer.body.get("denied")
+        if not isinstance(keys, list) or not isinstance(denied, list):
+            raise BadKeyData("server answer lacks 'keys' or 'denied'")
+        released: dict[DatasetRef, ReleasedKey] = {}
+        try:
+            for item in keys:
+                key = _released_key(item)
+                if key.ref not in refs:
+                    key.secret.wipe()
+                    raise BadKeyData("server sent a key that was not asked for")
+                released[key.ref] = key
+            refused = [_ref(item) for item in denied]
+        except BadKeyData:
+            for key in released.values():
+                key.secret.wipe()
+            raise
+        return released, refused
+
+    def enrol(self, machine_id: str, ref: DatasetRef, dataset: str, keyformat: str) -> ReleasedKey:
+        answer = self.call(
+            "POST",
+            protocol.ROUTE_ENROL,
+            {
+                "machine_id": machine_id,
+                "pool_guid": ref.pool_guid,
+                "dataset_guid": ref.dataset_guid,
+                "dataset": dataset,
+                "keyformat": keyformat,
+            },
+            accept=(200, 201, 409),
+        )
+        if answer.status == 409:
+            raise ServerRefused(
+                f"{dataset}: the server already holds an active or revoked key"
+                " for this dataset; it never issues a second one"
+            )
+        key = _released_key(answer.body)
+        if key.ref != ref or key.keyformat != keyformat:
+            key.secret.wipe()
+            raise BadKeyData("server answered for another dataset or keyformat")
+        return key
+
+    def activate(self, machine_id: str, ref: DatasetRef, key_id: str) -> None:
+        self.call(
+            "POST",
+            protocol.ROUTE_ACTIVATE,
+            {
+                "machine_id": machine_id,
+                "pool_guid": ref.pool_guid,
+                "dataset_guid": ref.dataset_guid,
+                "key_id": key_id,
+            },
+        )
+
+    def checkin(self, machine_id: str) -> None:
+        self.call("POST", protocol.ROUTE_CHECKIN, {"machine_id": machine_id})
+
+
+def _describe(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, requests.ConnectionError):
+        return "cannot connect"
+    return type(exc).__name__
+
+
+def _retry_after(response: requests.Response) -> float:
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() and len(value) < 6 else 0.0
+
+
+def _json_object(response: requests.Response, url: str) -> dict[str, Any]:
+    if response.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+        raise BadKeyData(f"{url}: answer is not JSON")
+    if len(response.content) > protocol.MAX_BODY_BYTES * 4:
+        raise BadKeyData(f"{url}: answer is too large")
+    try:
+        body = response.json()
+    except ValueError:
+        raise BadKeyData(f"{url}: answer is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadKeyData(f"{url}: answer is not a JSON object")
+    return body
+
+
+def _ref(item: Any) -> DatasetRef:
+    if not isinstance(item, dict):
+        raise BadKeyData("malformed dataset reference in the answer")
+    try:
+        return DatasetRef(
+            validate.guid(item.get("pool_guid")), validate.guid(item.get("dataset_guid"))
+        )
+    except validate.InvalidInput:
+        raise BadKeyData("malformed dataset reference in the answer") from None
+
+
+def _released_key(item: Any) -> ReleasedKey:
+    ref = _ref(item)
+    keyformat, state, key_id, encoded = (
+        item.get("keyformat"),
+        item.get("state"),
+        item.get("key_id"),
+        item.get("key"),
+    )
+    if keyformat not in protocol.KEY_FORMATS or state not in ("pending", "active"):
+        raise BadKeyData("answer has an unknown keyformat or state")
+    if not isinstance(key_id, str) or not isinstance(encoded, str) or len(encoded) > 1024:
+        raise BadKeyData("answer lacks key_id or key")
+    try:
+        validate.key_id(key_id)
+        secret = Secret(base64.b64decode(encoded, validate=True))
+    except (validate.InvalidInput, binascii.Error, ValueError):
+        raise BadKeyData("answer carries a malformed key_id or key") from None
+    return ReleasedKey(ref, key_id, keyformat, state, secret)

@@ -1,0 +1,120 @@
+"""An agent host for tests: fake zfs, a machine-id, a config, and credentials from a real server."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.fakes import FakeZfs
+from tests.keyserver import HostCreds, KeyServer, enrol
+
+AGENT_BIN = Path(sys.executable).with_name("zfs-unlock-agent")
+
+
+@dataclass
+class AgentHost:
+    root: Path
+    server: KeyServer
+    creds: HostCreds
+    zfs: FakeZfs
+    config_path: Path
+
+    @classmethod
+    def create(cls, root: Path, server: KeyServer, name: str, *host_options: str) -> AgentHost:
+        creds = server.add_host(name, *host_options)
+        (root / "etc").mkdir(parents=True)
+        (root / "etc" / "machine-id").write_text(creds.machine_id + "\n")
+        host = cls(root, server, creds, FakeZfs(root / "zfs"), root / "etc" / "agent.toml")
+        host.write_config()
+        return host
+
+    def write_config(
+        self,
+        urls: Sequence[str] | None = None,
+        pins: Sequence[str] | None = None,
+        network: dict[str, Any] | None = None,
+        extra: str = "",
+    ) -> None:
+        urls = urls or [self.server.url("")]
+        pins = pins or [self.server.pin]
+        net = {
+            "connect_timeout": 2,
+            "read_timeout": 5,
+            "deadline": 6,
+            "backoff_initial": 0.1,
+            "backoff_max": 0.5,
+            **(network or {}),
+        }
+        servers = "".join(
+            f'[[server]]\nurl = "{u}"\npins = [{", ".join(repr(p) for p in pins)}]\n' for u in urls
+        )
+        self.config_path.write_text(
+            f'machine_id_file = "{self.root}/etc/machine-id"\n{extra}\n{servers}'
+            f'[client]\ncertificate = "{self.creds.cert}"\nkey = "{self.creds.key}"\n'
+            "[network]\n"
+            + "".join(f"{k} = {v}\n" for k, v in net.items())
+            + f'[zfs]\nzfs = "{self.zfs.zfs}"\nzpool = "{self.zfs.zpool}"\nvolume_link_timeout = 3\n'
+        )
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        return subprocess.run(
+            [str(AGENT_BIN), "-c", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+
+    def server_key(
+        self,
+        pool_guid: str,
+        dataset_guid: str,
+        dataset: str,
+        keyformat: str = "raw",
+        key: bytes | None = None,
+    ) -> bytes:
+        """Enrol (and activate) a key on the server for a dataset; return its bytes."""
+        extra = {"key": base64.b64encode(key).decode()} if key is not None else {}
+        with self.server.session(self.creds) as session:
+            response = enrol(
+                session,
+                self.server,
+                self.creds,
+                pool_guid,
+                dataset_guid,
+                dataset,
+                keyformat,
+                **extra,
+            )
+            assert response.status_code == 201, response.text
+            body = response.json()
+            session.post(
+                self.server.url("/v1/keys/activate"),
+                json={
+                    "machine_id": self.creds.machine_id,
+                    "pool_guid": pool_guid,
+                    "dataset_guid": dataset_guid,
+                    "key_id": body["key_id"],
+                },
+                timeout=10,
+            ).raise_for_status()
+        return base64.b64decode(body["key"])
+
+    def encrypted_dataset(
+        self, name: str, pool_guid: str, keyformat: str = "raw", **extra: Any
+    ) -> bytes:
+        """A locked encryption root whose key the server holds; returns the key."""
+        import os as _os
+
+        material = _os.urandom(32) if keyformat == "raw" else _os.urandom(32).hex().encode()
+        guid = self.zfs.add_encrypted(name, material, keyformat, **extra)
+        self.server_key(pool_guid, guid, name, keyformat, material)
+        return material

@@ -1,0 +1,229 @@
+"""The agent's TOML configuration, read strictly into frozen dataclasses.
+
+Unknown keys, wrong types, http:// URLs, malformed pins, invalid dataset names
+and a client key that others may read are all errors that name the key and the
+file. `load` touches neither ZFS nor the network, so `configcheck` can run it
+before anything else (for instance from ExecStartPre).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zfs_unlock_agent import keyclient, pinning, validate
+from zfs_unlock_agent.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/zfs-unlock-agent/agent.toml")
+CONFIG_ENV = "ZFS_UNLOCK_AGENT_CONFIG"
+MANAGED_PROPERTY = "zfs-unlock-agent:managed"
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pins: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Network:
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    deadline: float = 60.0  # overall bound for fetching keys, retries included
+    backoff_initial: float = 0.5
+    backoff_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class Datasets:
+    property: bool = True  # manage encryption roots with zfs-unlock-agent:managed=on
+    include: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Zfs:
+    zfs: str = "zfs"
+    zpool: str = "zpool"
+    volume_link_timeout: float = 30.0
+    zvol_dir: Path = Path("/dev/zvol")  # where udev creates volume links
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    servers: tuple[Server, ...]
+    client_certificate: Path
+    client_key: Path
+    machine_id_file: Path = Path("/etc/machine-id")
+    network: Network = Network()
+    datasets: Datasets = Datasets()
+    zfs: Zfs = Zfs()
+
+
+class _Reader:
+    """Pops typed values from one table, then complains about whatever is left."""
+
+    def __init__(self, table: Any, where: str, file: Path) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: {where or 'top level'} must be a table")
+        self.table = dict(table)
+        self.where = where
+        self.file = file
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self._name(key)}: {message}")
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.table:
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default
+        value = self.table.pop(key)
+        if isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, "has the wrong type")
+        if not isinstance(value, kind):
+            raise self.fail(key, "has the wrong type")
+        return value
+
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = float(self.take(key, (int, float), default))
+        if value <= minimum:
+            raise self.fail(key, f"must be greater than {minimum:g}")
+        return value
+
+    def done(self) -> None:
+        if self.table:
+            unknown = ", ".join(self._name(k) for k in sorted(self.table))
+            raise ConfigError(f"{self.file}: unknown setting(s): {unknown}")
+
+
+def _server(table: Any, index: int, file: Path) -> Server:
+    reader = _Reader(table, f"server[{index}]", file)
+    url = reader.take("url", str)
+    try:
+        url = keyclient.check_url(url)
+    except ValueError as exc:
+        raise reader.fail("url", str(exc)) from None
+    pins = reader.take("pins", list)
+    if not pins:
+        raise reader.fail("pins", "needs at least one pin")
+    parsed = []
+    for pin in pins:
+        if not isinstance(pin, str):
+            raise reader.fail("pins", "must be strings")
+        try:
+            parsed.append(pinning.parse_pin(pin))
+        except pinning.PinError as exc:
+            raise reader.fail("pins", str(exc)) from None
+    reader.done()
+    return Server(url, tuple(parsed))
+
+
+def check_private_key_file(path: Path, what: str) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: missing") from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path}: not readable") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {path}: not a regular file")
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{what} {path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open;"
+            " use chmod 0400"
+        )
+
+
+def parse(text: str, file: Path, check_files: bool = True) -> Config:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+    top = _Reader(document, "", file)
+
+    servers_table = top.take("server", list)
+    if not servers_table:
+        raise top.fail("server", "needs at least one [[server]]")
+    servers = tuple(_server(t, i, file) for i, t in enumerate(servers_table))
+
+    client = _Reader(top.take("client", dict), "client", file)
+    certificate = Path(client.take("certificate", str))
+    key = Path(client.take("key", str))
+    client.done()
+
+    net = _Reader(top.take("network", dict, {}), "network", file)
+    network = Network(
+        connect_timeout=net.number("connect_timeout", Network.connect_timeout),
+        read_timeout=net.number("read_timeout", Network.read_timeout),
+        deadline=net.number("deadline", Network.deadline),
+        backoff_initial=net.number("backoff_initial", Network.backoff_initial),
+        backoff_max=net.number("backoff_max", Network.backoff_max),
+    )
+    net.done()
+
+    ds = _Reader(top.take("datasets", dict, {}), "datasets", file)
+    include = ds.take("include", list, [])
+    for name in include:
+        try:
+            validate.dataset_name(name)
+        except validate.InvalidInput as exc:
+            raise ds.fail("include", str(exc)) from None
+    datasets = Datasets(
+        property=ds.take("property", bool, True), include=tuple(dict.fromkeys(include))
+    )
+    ds.done()
+
+    z = _Reader(top.take("zfs", dict, {}), "zfs", file)
+    zfs = Zfs(
+        zfs=z.take("zfs", str, Zfs.zfs),
+        zpool=z.take("zpool", str, Zfs.zpool),
+        volume_link_timeout=z.number("volume_link_timeout", Zfs.volume_link_timeout),
+        zvol_dir=Path(z.take("zvol_dir", str, str(Zfs.zvol_dir))),
+    )
+    z.done()
+
+    machine_id_file = Path(top.take("machine_id_file", str, "/etc/machine-id"))
+    top.done()
+
+    config = Config(
+        path=file,
+        servers=servers,
+        client_certificate=_relative(certificate, file),
+        client_key=_relative(key, file),
+        machine_id_file=_relative(machine_id_file, file),
+        network=network,
+        datasets=datasets,
+        zfs=zfs,
+    )
+    if check_files:
+        check_private_key_file(config.client_key, "client key")
+        if not config.client_certificate.is_file():
+            raise ConfigError(f"client certificate {config.client_certificate}: missing")
+    return config
+
+
+def _relative(path: Path, config_file: Path) -> Path:
+    """Paths in the file are relative to the file's directory, like most daemons'."""
+    return path if path.is_absolute() else config_file.parent / path
+
+
+def load(path: Path, check_files: bool = True) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, path, check_files)
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, str(DEFAULT_PATH)))

@@ -1,0 +1,97 @@
+"""Put a dataset under the key server's care without ever risking its data.
+
+Order of operations, and what an interruption at each point leaves behind:
+
+1. The server issues a *pending* key (repeating the request returns the same one).
+   Interrupted: the dataset still opens with its old key.
+2. `zfs change-key -o keylocation=prompt` re-wraps the dataset's data key with the
+   server key. ZFS does this atomically. Interrupted before: old key; after: the
+   pending server key, which the server releases to this host.
+3. `zfs load-key -n` proves the server key opens the dataset.
+4. The key is marked *active* on the server, and the dataset is marked managed.
+   An unlock that opens a dataset with a pending key completes this step itself.
+
+A new dataset is first created with a throw-away random key (its GUID is needed
+to enrol), then moved to the server key the same way. If the machine restarts
+between those two steps the new, empty dataset cannot be opened: destroy it
+and enrol again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from zfs_unlock_agent.config import MANAGED_PROPERTY
+from zfs_unlock_agent.errors import UsageError, ZfsError
+from zfs_unlock_agent.keyclient import DatasetRef, KeyClient
+from zfs_unlock_agent.secret import Secret
+from zfs_unlock_agent.zfs import Dataset, Zfs
+
+log = logging.getLogger("zfs_unlock_agent")
+
+MIGRATABLE_LOCATIONS = ("file://", "https://", "http://")
+
+
+def enroll(zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: str) -> str:
+    """Enrol dataset NAME (creating it when absent); return what was done."""
+    inventory = zfs.inventory()
+    created = False
+    if name not in inventory.datasets:
+        _create(zfs, name)
+        inventory = zfs.inventory()
+        created = True
+    dataset = inventory.get(name)
+    if not dataset.encryption_root:
+        raise UsageError(
+            f"{name}: not encrypted; ZFS cannot encrypt an existing dataset in place"
+            " (create a new encrypted one and copy the data with zfs send/receive)"
+        )
+    if not dataset.is_encryption_root:
+        raise UsageError(
+            f"{name}: its key is inherited from {dataset.encryption_root}; enrol that instead"
+        )
+    _ensure_key_loaded(zfs, dataset)
+    ref = DatasetRef(inventory.pool_guid(dataset), dataset.guid)
+    key = client.enrol(machine_id, ref, name, keyformat)
+    try:
+        if _already_moved(zfs, dataset, key.secret, keyformat):
+            log.info("%s: already uses the server key (resuming an interrupted enrolment)", name)
+        else:
+            zfs.change_key(name, key.secret, keyformat)
+            log.info("%s: now wrapped with the server key %s", name, key.key_id)
+        zfs.set_property(name, MANAGED_PROPERTY, "on")
+        zfs.load_key(name, key.secret, dry_run=True)  # the proof
+    finally:
+        key.secret.wipe()
+    client.activate(machine_id, ref, key.key_id)
+    return f"{name}: {'created and ' if created else ''}enrolled with key {key.key_id}"
+
+
+def _create(zfs: Zfs, name: str) -> None:
+    with Secret(os.urandom(32)) as throwaway:
+        zfs.create_encrypted(name, throwaway, "raw", {MANAGED_PROPERTY: "on"})
+    log.info("%s: created (encrypted); moving it to a server key", name)
+
+
+def _ensure_key_loaded(zfs: Zfs, dataset: Dataset) -> None:
+    if dataset.keystatus == "available":
+        return
+    if dataset.keylocation.startswith(MIGRATABLE_LOCATIONS):
+        zfs.load_key_from_location(dataset.name)
+        return
+    raise UsageError(
+        f"{dataset.name}: its key is not loaded; load it first (zfs load-key {dataset.name})"
+        " so that it can be changed to the server's key"
+    )
+
+
+def _already_moved(zfs: Zfs, dataset: Dataset, key: Secret, keyformat: str) -> bool:
+    """True when an earlier, interrupted run already changed the key to this one."""
+    if dataset.keylocation != "prompt" or dataset.keyformat != keyformat:
+        return False
+    try:
+        zfs.load_key(dataset.name, key, dry_run=True)
+    except ZfsError:
+        return False
+    return True

@@ -1,0 +1,262 @@
+"""Unlock and verify encryption roots: keystatus, one batch fetch, load-key, mount.
+
+Roots whose key is already available cost no fetch. Each root is handled on
+its own: one that fails never stops the others, and its result says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zfs_unlock_agent import protocol, validate
+from zfs_unlock_agent.config import Config
+from zfs_unlock_agent.errors import (
+    EX_BADKEY,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_OK,
+    EX_PARTIAL,
+    AgentError,
+    ConfigError,
+    KeyAlreadyLoaded,
+    ZfsError,
+    ZfsUnavailable,
+)
+from zfs_unlock_agent.keyclient import DatasetRef, KeyClient, ReleasedKey
+from zfs_unlock_agent.udev import wait_for_links
+from zfs_unlock_agent.zfs import Dataset, Inventory, Zfs
+
+log = logging.getLogger("zfs_unlock_agent")
+
+ZVOL_DIR = Path("/dev/zvol")
+
+
+@dataclass
+class RootResult:
+    root: str
+    outcome: str  # unlocked, available, verified, failed
+    exit_code: int = EX_OK
+    message: str = ""
+    mounted: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == EX_OK
+
+
+def read_machine_id(path: Path) -> str:
+    try:
+        value = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: cannot read the machine-id") from None
+    try:
+        return validate.machine_id(value)
+    except validate.InvalidInput:
+        raise ConfigError(f"{path}: not a machine-id (32 lowercase hex digits)") from None
+
+
+def select_roots(
+    inventory: Inventory, config: Config, requested: Sequence[str], every: bool
+) -> list[Dataset]:
+    """The encryption roots to act on: those of REQUESTED datasets, or every managed one."""
+    names: list[str] = []
+    if requested:
+        for name in requested:
+            validate.dataset_name(name)
+            names.append(inventory.root_of(name).name)
+    if every or not requested:
+        if config.datasets.property:
+            names += [r.name for r in inventory.encryption_roots() if r.managed]
+        for name in config.datasets.include:
+            if name in inventory.datasets:
+                names.append(inventory.root_of(name).name)
+            else:
+                log.warning("%s: listed in the configuration but not present", name)
+    return [inventory.get(n) for n in dict.fromkeys(names)]
+
+
+def exit_code(results: Sequence[RootResult]) -> int:
+    """0 when all are fine; 1 when some failed and some did not; else the first failure's code."""
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return EX_OK
+    if len(failed) < len(results):
+        return EX_PARTIAL
+    return failed[0].exit_code
+
+
+class Unlocker:
+    def __init__(
+        self,
+        zfs: Zfs,
+        client: Callable[[], KeyClient],
+        machine_id: str,
+        volume_link_timeout: float = 30.0,
+        zvol_dir: Path = ZVOL_DIR,
+    ) -> None:
+        self.zfs = zfs
+        self.client = client
+        self.machine_id = machine_id
+        self.volume_link_timeout = volume_link_timeout
+        self.zvol_dir = zvol_dir
+
+    def _fetch(
+        self, inventory: Inventory, roots: Sequence[Dataset], results: dict[str, RootResult]
+    ) -> dict[str, ReleasedKey]:
+        """One batch request for every root; failures are recorded per root."""
+        refs = {}
+        for root in roots:
+            try:
+                refs[root.name] = DatasetRef(inventory.pool_guid(root), root.guid)
+            except ZfsUnavailable as exc:
+                results[root.name] = RootResult(root.name, "failed", exc.exit_code, str(exc))
+        if not refs:
+            return {}
+        try:
+            with self.client() as client:
+                released, _ = client.release(self.machine_id, list(refs.values()))
+        except AgentError as exc:
+            for name in refs:
+                results[name] = RootResult(name, "failed", exc.exit_code, str(exc))
+            return {}
+        keys = {}
+        for name, ref in refs.items():
+            if ref in released:
+                keys[name] = released[ref]
+            else:
+                results[name] = RootResult(
+                    name, "failed", EX_NOPERM, "the key server refused to release its key"
+                )
+        return keys
+
+    def unlock(
+        self, inventory: Inventory, roots: Sequence[Dataset], mount: bool = True
+    ) -> list[RootResult]:
+        results: dict[str, RootResult] = {}
+        locked = [r for r in roots if r.keystatus != "available"]
+        for root in roots:
+            if root.keystatus == "available":
+                results[root.name] = RootResult(
+                    root.name, "available", message="key already loaded"
+                )
+        keys = self._fetch(inventory, locked, results) if locked else {}
+        for root in locked:
+            key = keys.get(root.name)
+            if key is not None:
+                results[root.name] = self._load(root, key, inventory)
+        if mount:
+            for root in roots:
+                result = results[root.name]
+                if result.ok:
+                    self._mount(inventory, root, result)
+        ordered = [results[r.name] for r in roots]
+        for result in ordered:
+            self._report(result)
+        return ordered
+
+    def _load(self, root: Dataset, key: ReleasedKey, inventory: Inventory) -> RootResult:
+        try:
+            if key.keyformat != root.keyformat:
+                return RootResult(
+                    root.name,
+                    "failed",
+                    EX_DATAERR,
+                    f"the server's key is {key.keyformat} but the dataset's keyformat is"
+                    f" {root.keyformat}",
+                )
+            try:
+                protocol.check_key_material(key.secret.buffer(), root.keyformat)
+            except protocol.KeyMaterialError as exc:
+                return RootResult(root.name, "failed", EX_DATAERR, f"server sent a bad key: {exc}")
+            try:
+                self.zfs.load_key(root.name, key.secret)
+            except KeyAlreadyLoaded:
+                return RootResult(root.name, "available", message="key was loaded meanwhile")
+            except ZfsError as exc:
+                return RootResult(root.name, "failed", exc.exit_code, _zfs_reason(exc))
+        finally:
+            key.secret.wipe()
+        if key.state == "pending":
+            self._activate(inventory, root, key)
+        return RootResult(root.name, "unlocked", message="key loaded")
+
+    def _activate(self, inventory: Inventory, root: Dataset, key: ReleasedKey) -> None:
+        """A pending key that opened the dataset is proven: finish an interrupted enrolment."""
+        try:
+            with self.client() as client:
+                client.activate(self.machine_id, key.ref, key.key_id)
+            log.info("%s: enrolment completed (key %s is now active)", root.name, key.key_id)
+        except AgentError as exc:
+            log.warning("%s: could not mark key %s active: %s", root.name, key.key_id, exc)
+
+    def _mount(self, inventory: Inventory, root: Dataset, result: RootResult) -> None:
+        links = []
+        for member in inventory.members(root.name):
+            if member.type == "volume":
+                links.append(self.zvol_dir / member.name)
+                continue
+            if not member.wants_mount or member.mounted:
+                continue
+            try:
+                self.zfs.mount(member.name)
+                result.mounted.append(member.name)
+            except ZfsError as exc:
+                if "already mounted" in exc.stderr:
+                    continue
+                result.outcome, result.exit_code = "failed", exc.exit_code
+                result.message = (
+                    f"key loaded, but mounting {member.name} failed: {_zfs_reason(exc)}"
+                )
+        missing = wait_for_links(links, self.volume_link_timeout) if links else []
+        if missing and result.ok:
+            result.outcome, result.exit_code = "failed", ZfsUnavailable.exit_code
+            result.message = "key loaded, but no device link appeared for " + ", ".join(
+                str(m) for m in missing
+            )
+
+    def verify(self, inventory: Inventory, roots: Sequence[Dataset]) -> list[RootResult]:
+        """Fetch every key and prove it with `zfs load-key -n`; changes no keystatus."""
+        results: dict[str, RootResult] = {}
+        keys = self._fetch(inventory, roots, results)
+        for root in roots:
+            key = keys.get(root.name)
+            if key is None:
+                continue
+            try:
+                if key.keyformat != root.keyformat:
+                    results[root.name] = RootResult(
+                        root.name, "failed", EX_DATAERR, "server's keyformat differs"
+                    )
+                    continue
+                protocol.check_key_material(key.secret.buffer(), root.keyformat)
+                self.zfs.load_key(root.name, key.secret, dry_run=True)
+                results[root.name] = RootResult(root.name, "verified", message="the key is right")
+            except protocol.KeyMaterialError as exc:
+                results[root.name] = RootResult(root.name, "failed", EX_DATAERR, str(exc))
+            except ZfsError as exc:
+                results[root.name] = RootResult(
+                    root.name, "failed", exc.exit_code, _zfs_reason(exc)
+                )
+            finally:
+                key.secret.wipe()
+        ordered = [results[r.name] for r in roots]
+        for result in ordered:
+            self._report(result)
+        return ordered
+
+    @staticmethod
+    def _report(result: RootResult) -> None:
+        if result.ok:
+            mounted = f"; mounted {', '.join(result.mounted)}" if result.mounted else ""
+            log.info("%s: %s (%s%s)", result.root, result.outcome, result.message, mounted)
+        else:
+            log.error("%s: %s", result.root, result.message)
+
+
+def _zfs_reason(exc: ZfsError) -> str:
+    if exc.exit_code == EX_BADKEY:
+        return "zfs rejected the key (incorrect key)"
+    return str(exc)

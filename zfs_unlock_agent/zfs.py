@@ -1,0 +1,246 @@
+"""The only module that runs zfs and zpool.
+
+Argument lists only (never a shell), binaries configurable so tests can put a
+fake in their place, LC_ALL=C so messages can be recognised, and key material
+only ever written to the child's standard input.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from zfs_unlock_agent import validate
+from zfs_unlock_agent.config import MANAGED_PROPERTY
+from zfs_unlock_agent.errors import IncorrectKey, KeyAlreadyLoaded, ZfsError, ZfsUnavailable
+from zfs_unlock_agent.secret import Secret
+
+COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
+
+LIST_COLUMNS = (
+    "name",
+    "type",
+    "guid",
+    "encryptionroot",
+    "keystatus",
+    "keyformat",
+    "keylocation",
+    "mounted",
+    "canmount",
+    "mountpoint",
+    MANAGED_PROPERTY,
+)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    type: str  # filesystem or volume
+    guid: str
+    encryption_root: str  # "" when not encrypted
+    keystatus: str  # available, unavailable, or "" when not encrypted
+    keyformat: str  # raw, hex, passphrase, or "" when not encrypted
+    keylocation: str
+    mounted: bool
+    canmount: str
+    mountpoint: str
+    managed: bool
+
+    @property
+    def pool(self) -> str:
+        return self.name.split("/", 1)[0]
+
+    @property
+    def is_encryption_root(self) -> bool:
+        return self.encryption_root == self.name
+
+    @property
+    def wants_mount(self) -> bool:
+        """Would `zfs mount -a` mount it? (legacy and none are mounted by others or not at all)"""
+        return (
+            self.type == "filesystem"
+            and self.canmount == "on"
+            and self.mountpoint not in {"none", "legacy", "-", ""}
+        )
+
+
+def _field(value: str) -> str:
+    return "" if value == "-" else value
+
+
+@dataclass(frozen=True)
+class Inventory:
+    datasets: dict[str, Dataset]
+    pool_guids: dict[str, str]
+
+    def get(self, name: str) -> Dataset:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise ZfsUnavailable(f"{name}: no such dataset (is its pool imported?)") from None
+
+    def encryption_roots(self) -> list[Dataset]:
+        return [d for d in self.datasets.values() if d.is_encryption_root]
+
+    def root_of(self, name: str) -> Dataset:
+        dataset = self.get(name)
+        if not dataset.encryption_root:
+            raise ZfsUnavailable(f"{name}: not encrypted")
+        return self.get(dataset.encryption_root)
+
+    def members(self, root: str) -> list[Dataset]:
+        """Datasets whose key is ROOT's, parents before children."""
+        return sorted(
+            (d for d in self.datasets.values() if d.encryption_root == root), key=lambda d: d.name
+        )
+
+    def pool_guid(self, dataset: Dataset) -> str:
+        try:
+            return self.pool_guids[dataset.pool]
+        except KeyError:
+            raise ZfsUnavailable(f"{dataset.name}: pool {dataset.pool} is not imported") from None
+
+
+class Zfs:
+    def __init__(self, zfs: str = "zfs", zpool: str = "zpool") -> None:
+        self.zfs = zfs
+        self.zpool = zpool
+
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+
+    def _run(self, argv: Sequence[str], stdin: Secret | None = None) -> str:
+        command = " ".join(argv[:2])
+        try:
+            process = subprocess.Popen(  # noqa: S603 - argv list, validated names
+                list(argv),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._environment(),
+            )
+        except FileNotFoundError:
+            raise ZfsUnavailable(f"{argv[0]}: not found") from None
+        except PermissionError:
+            raise ZfsUnavailable(f"{argv[0]}: not executable") from None
+        try:
+            # communicate() writes through a memoryview: no copy of the key in Python,
+            # and a zfs that exits early (broken pipe) is reported by its status.
+            key = cast(bytes, stdin.view()) if stdin is not None else None  # any buffer works
+            stdout, stderr = process.communicate(input=key, timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise ZfsError(command, -9, f"timed out after {COMMAND_TIMEOUT:.0f} s") from None
+        out = stdout.decode("utf-8", "replace")
+        err = stderr.decode("utf-8", "replace")
+        if process.returncode != 0:
+            if "Incorrect key provided" in err:
+                raise IncorrectKey(command, process.returncode, err)
+            if "Key already loaded" in err:
+                raise KeyAlreadyLoaded(command, process.returncode, err)
+            raise ZfsError(command, process.returncode, err)
+        return out
+
+    # Reading
+
+    def inventory(self) -> Inventory:
+        pools: dict[str, str] = {}
+        for line in self._run([self.zpool, "list", "-H", "-p", "-o", "name,guid"]).splitlines():
+            name, guid = line.split("\t")
+            pools[name] = guid
+        datasets: dict[str, Dataset] = {}
+        if not pools:
+            return Inventory(datasets, pools)
+        output = self._run(
+            [self.zfs, "list", "-H", "-p", "-t", "filesystem,volume", "-o", ",".join(LIST_COLUMNS)]
+        )
+        for line in output.splitlines():
+            fields = line.split("\t")
+            if len(fields) != len(LIST_COLUMNS):
+                raise ZfsError("zfs list", 0, "unexpected output format")
+            (
+                name,
+                kind,
+                guid,
+                root,
+                keystatus,
+                keyformat,
+                keylocation,
+                mounted,
+                canmount,
+                mountpoint,
+                managed,
+            ) = fields
+            keyformat = _field(keyformat)
+            datasets[name] = Dataset(
+                name=name,
+                type=kind,
+                guid=guid,
+                encryption_root=_field(root),
+                keystatus=_field(keystatus),
+                keyformat="" if keyformat == "none" else keyformat,
+                keylocation=_field(keylocation),
+                mounted=mounted == "yes",
+                canmount=canmount,
+                mountpoint=mountpoint,
+                managed=managed == "on",
+            )
+        return Inventory(datasets, pools)
+
+    # Changing
+
+    def load_key(self, root: str, key: Secret, dry_run: bool = False) -> None:
+        """`zfs load-key [-n] -L prompt ROOT`, the key on stdin."""
+        validate.dataset_name(root)
+        flags = ["-n"] if dry_run else []
+        self._run([self.zfs, "load-key", *flags, "-L", "prompt", root], stdin=key)
+
+    def load_key_from_location(self, root: str) -> None:
+        """`zfs load-key ROOT` from the dataset's own keylocation (file:// or https://)."""
+        validate.dataset_name(root)
+        self._run([self.zfs, "load-key", root])
+
+    def mount(self, dataset: str) -> None:
+        validate.dataset_name(dataset)
+        self._run([self.zfs, "mount", dataset])
+
+    def change_key(self, root: str, key: Secret, keyformat: str) -> None:
+        """Re-wrap ROOT's data key with KEY, read from stdin; keylocation becomes prompt."""
+        validate.dataset_name(root)
+        self._run(
+            [
+                self.zfs,
+                "change-key",
+                "-o",
+                "keylocation=prompt",
+                "-o",
+                f"keyformat={keyformat}",
+                root,
+            ],
+            stdin=key,
+        )
+
+    def create_encrypted(
+        self, name: str, key: Secret, keyformat: str, properties: dict[str, str]
+    ) -> None:
+        validate.dataset_name(name)
+        options = [
+            "-o",
+            "encryption=on",
+            "-o",
+            f"keyformat={keyformat}",
+            "-o",
+            "keylocation=prompt",
+        ]
+        for prop, value in properties.items():
+            options += ["-o", f"{prop}={value}"]
+        self._run([self.zfs, "create", *options, name], stdin=key)
+
+    def set_property(self, dataset: str, prop: str, value: str) -> None:
+        validate.dataset_name(dataset)
+        self._run([self.zfs, "set", f"{prop}={value}", dataset])
