@@ -297,8 +297,11 @@ class KeyServerApp:
         content_type = str(environ.get("CONTENT_TYPE", "")).split(";")[0].strip().lower()
         if content_type != "application/json":
             raise HttpError(415, "Content-Type must be application/json")
-        accept = str(environ.get("HTTP_ACCEPT", "*/*"))
-        if not any(t in accept for t in ("application/json", "application/*", "*/*")):
+        accepted = {
+            part.split(";")[0].strip().lower()
+            for part in str(environ.get("HTTP_ACCEPT", "*/*")).split(",")
+        }
+        if not accepted & {"application/json", "application/*", "*/*"}:
             raise HttpError(406)
         length_text = environ.get("CONTENT_LENGTH")
         if not length_text:
@@ -311,12 +314,15 @@ class KeyServerApp:
             raise HttpError(400, "bad Content-Length")
         if length > protocol.MAX_BODY_BYTES:
             raise HttpError(413)
-        raw = environ["wsgi.input"].read(length)
+        try:
+            raw = environ["wsgi.input"].read(length)
+        except OSError:  # the client stalled past io_timeout, or went away, mid-body
+            raise HttpError(400, "truncated body") from None
         if len(raw) != length:
             raise HttpError(400, "truncated body")
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
             raise HttpError(400, "body is not valid JSON") from None
 
     # Routes
@@ -390,6 +396,8 @@ class KeyServerApp:
         imported = _decode_key(body["key"]) if "key" in body else None
         if imported is None and keyformat == "passphrase":
             raise validate.InvalidInput("a passphrase key must be imported (field 'key')")
+        if imported is not None:
+            protocol.check_key_material(imported, keyformat)  # before any state is looked at
         released, created = service.enrol(caller, machine_id, ref, dataset, keyformat, imported)
         return json_response(201 if created else 200, key_json(released))
 

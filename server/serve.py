@@ -7,6 +7,7 @@ the handshake has a deadline, and a failed handshake is audited.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ import ssl
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.http import errors as http_errors
 from gunicorn.workers.sync import SyncWorker
 
 from zfs_unlock_server.app import KeyServerApp
@@ -42,6 +44,21 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
             return
         super().handle(listener, tls_client, addr)
 
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Requests gunicorn itself refuses get our fixed JSON body, never its HTML page
+        (which quotes the request line back)."""
+        status = error_status(exc)
+        body = ('{"error":"%s"}' % ("internal" if status >= 500 else "bad_request")).encode()
+        head = (
+            f"HTTP/1.1 {status} {'Error' if status >= 500 else 'Bad Request'}\r\n"
+            "Connection: close\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        if status >= 500:
+            log.error("error handling a request from %s", addr, exc_info=exc)
+        with contextlib.suppress(OSError):  # the client is gone; nothing to tell it
+            client.sendall(head.encode("ascii") + body)
+
     def _handshake_failed(self, addr: Any, exc: Exception) -> None:
         peer = addr[0] if isinstance(addr, tuple) else str(addr)
         reason = getattr(exc, "reason", None) or type(exc).__name__
@@ -57,6 +74,38 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
             )
         except AuditError:
             log.warning("could not audit a failed TLS handshake from %s", peer)
+
+
+_CLIENT_ERRORS = tuple(
+    getattr(http_errors, name)
+    for name in (
+        "InvalidRequestLine",
+        "InvalidRequestMethod",
+        "InvalidHTTPVersion",
+        "InvalidHeader",
+        "InvalidHeaderName",
+        "InvalidSchemeHeaders",
+        "InvalidChunkSize",
+        "ChunkMissingTerminator",
+        "InvalidChunkExtension",
+        "ObsoleteFolding",
+        "ExpectationFailed",
+        "NoMoreData",
+    )
+    if hasattr(http_errors, name)  # the set varies between gunicorn releases
+)
+
+
+def error_status(exc: BaseException) -> int:
+    if isinstance(exc, http_errors.LimitRequestLine):
+        return 414
+    if isinstance(exc, http_errors.LimitRequestHeaders):
+        return 431
+    if isinstance(exc, getattr(http_errors, "UnsupportedTransferCoding", ())):
+        return 501
+    if isinstance(exc, (*_CLIENT_ERRORS, ssl.SSLError)):
+        return 400
+    return 500
 
 
 class KeyServerApplication(BaseApplication):  # type: ignore[misc]
