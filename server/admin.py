@@ -50,6 +50,15 @@ def init_data_dir(
         raise CannotCreate(f"{root} exists and is not empty; refusing to overwrite it")
     if (server_cert is None) != (server_key is None):
         raise DataError("--server-cert and --server-key go together")
+    # Check an operator's certificate and key before creating anything, so a
+    # refusal leaves no half-made data directory behind.
+    if server_cert is not None and server_key is not None:
+        key_pem = secretfile.read_private(server_key)
+        cert_pem = server_cert.read_bytes()
+        pki.check_key_pair(cert_pem, key_pem)
+    else:
+        pair = pki.create_server_certificate(list(server_names) or pki.default_server_names())
+        cert_pem, key_pem = pair.cert_pem, pair.key_pem
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     layout = Layout(root)
@@ -57,13 +66,6 @@ def init_data_dir(
     ca = pki.create_ca()
     secretfile.write_new(layout.ca_key, ca.key_pem, 0o400)
     secretfile.write_new(layout.ca_cert, ca.cert_pem, 0o644)
-    if server_cert is not None and server_key is not None:
-        secretfile.check_private(server_key)
-        cert_pem, key_pem = server_cert.read_bytes(), server_key.read_bytes()
-        pki.pem_to_der(cert_pem)  # refuse a file that is not a certificate
-    else:
-        pair = pki.create_server_certificate(list(server_names) or pki.default_server_names())
-        cert_pem, key_pem = pair.cert_pem, pair.key_pem
     secretfile.write_new(layout.server_key, key_pem, 0o400)
     secretfile.write_new(layout.server_cert, cert_pem, 0o644)
     secretfile.write_new(layout.config, server_config.DEFAULT_CONFIG_TEXT.encode(), 0o644)

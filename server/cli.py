@@ -9,12 +9,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from zfs_unlock_agent import protocol, validate
 from zfs_unlock_server import admin, audit
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, DataError, ServerError
+from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
 from zfs_unlock_server.service import DatasetRef
 from zfs_unlock_server.store import Host, KeyRecord
 
@@ -57,13 +57,21 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    print(admin.server_pin(server_config.Layout(args.data_dir)))
+    layout = server_config.Layout(args.data_dir)
+    server_config.load(layout)  # not a data directory: the same error as every other command
+    print(admin.server_pin(layout))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # Imported here so that admin commands work without gunicorn installed.
-    from zfs_unlock_server import serve, tlsctx  # noqa: PLC0415
+    try:
+        from zfs_unlock_server import serve  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(
+            f"cannot serve: {exc.name} is not installed (pip install 'zfs-unlock-agent[server]')"
+        ) from None
+    from zfs_unlock_server import tlsctx  # noqa: PLC0415
     from zfs_unlock_server.app import build_app  # noqa: PLC0415
     from zfs_unlock_server.sealing import load_master_key  # noqa: PLC0415
     from zfs_unlock_server.store import SqliteStore  # noqa: PLC0415
@@ -75,9 +83,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load_master_key(layout.master_key)
     tlsctx.server_context(layout)
     SqliteStore(layout.database).close()
-    audit.AuditLog(server_config.audit_path(layout, config)).write(
-        {"event": "server_start", "decision": "allow", "actor": admin.actor()}, durable=False
-    )
+    audit_log = audit.AuditLog(server_config.audit_path(layout, config))
+    try:
+        audit_log.write(
+            {"event": "server_start", "decision": "allow", "actor": admin.actor()}, durable=False
+        )
+    except audit.AuditError as exc:
+        # Serve anyway: every request checks the log, so none is answered (503)
+        # until it is writable again, and then none needs a restart.
+        logging.getLogger("zfs_unlock_server").warning(
+            "%s; refusing every request until fixed", exc
+        )
+    finally:
+        audit_log.close()  # the workers open their own
     listen = args.listen or list(config.listen)
     serve.run(build_app(args.data_dir, config), listen, args.workers or config.workers)
     return 0
@@ -279,6 +297,14 @@ def cmd_import_simplezfs(args: argparse.Namespace) -> int:
 # Parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with EX_USAGE (64) like every other error here, not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -288,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"data directory (default ${server_config.DATA_DIR_ENV} or "
         f"{server_config.DEFAULT_DATA_DIR})",
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zfs-unlock-server",
         parents=[common],
         description="Key server for zfs-unlock-agent: releases dataset keys to enrolled hosts.",

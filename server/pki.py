@@ -169,6 +169,20 @@ def certificate_fingerprint(cert_der: bytes) -> str:
     return hashlib.sha256(cert_der).hexdigest()
 
 
+def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Refuse a server certificate that is not PEM or whose private key is not KEY_PEM."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise DataError("--server-cert is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise DataError("--server-key is not an unencrypted PEM private key") from None
+    if key.public_key() != cert.public_key():
+        raise DataError("--server-key is not the private key of --server-cert")
+
+
 def pem_to_der(cert_pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
 

@@ -1,0 +1,64 @@
+"""Hosts need none of the key server's dependencies; the server has its own import name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from tests.keyserver import KeyServer
+
+ROOT = Path(__file__).parents[1]
+
+# Importing with gunicorn blocked, as on a host without the "server" extra.
+WITHOUT_GUNICORN = "import sys; sys.modules['gunicorn'] = None\n"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_GUNICORN + code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_agent_modules_import_nothing_of_the_server() -> None:
+    modules = sorted(p.stem for p in (ROOT / "zfs_unlock_agent").glob("*.py"))
+    code = (
+        "import importlib\n"
+        f"for m in {modules!r}:\n"
+        "    if m != '__main__': importlib.import_module('zfs_unlock_agent.' + m)\n"
+        "bad = [m for m, v in sys.modules.items()"
+        " if v is not None and m.startswith(('zfs_unlock_server', 'gunicorn'))]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_server_admin_works_without_gunicorn_and_serve_says_what_is_missing(
+    keyserver: KeyServer,
+) -> None:
+    data = str(keyserver.data_dir)
+    listed = run_python(
+        f"from zfs_unlock_server.cli import main; sys.exit(main(['--data-dir', {data!r},"
+        " 'host', 'list']))"
+    )
+    assert listed.returncode == 0, listed.stderr
+    served = run_python(
+        f"from zfs_unlock_server.cli import main; sys.exit(main(['--data-dir', {data!r}, 'serve']))"
+    )
+    assert served.returncode == 78
+    assert "gunicorn" in served.stderr and "[server]" in served.stderr
+
+
+def test_distribution_layout() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["package-dir"]["zfs_unlock_server"] == "server"
+    assert "server" not in project["tool"]["setuptools"]["packages"]
+    assert not any("gunicorn" in dep for dep in project["project"]["dependencies"])
+    scripts = project["project"]["scripts"]
+    assert set(scripts) == {"zfs-unlock-agent", "zfs-unlock-server"}
