@@ -158,16 +158,23 @@ class Admin:
         new = NewHost(
             name, machine_id, tuple(networks), tuple(dict.fromkeys(pools)), deadman_timeout
         )
-        host = self.store.add_host(
-            new, pki.certificate_fingerprint(pki.pem_to_der(cert_pem)), pki.not_after(cert_pem)
-        )
+        fingerprint = pki.certificate_fingerprint(pki.pem_to_der(cert_pem))
+        # Key files first: a host whose only private key was never written would
+        # be enrolled for nobody. If the database refuses, the files go again.
         if key_pem is not None and issue_into is not None:
             write_host_bundle(issue_into, key_pem, cert_pem)
+        try:
+            host = self.store.add_host(new, fingerprint, pki.not_after(cert_pem))
+        except BaseException:
+            if issue_into is not None and key_pem is not None:
+                for leftover in ("client.key", "client.crt"):
+                    (issue_into / leftover).unlink(missing_ok=True)
+            raise
         self.record(
             "host_added",
             host=name,
             machine_id=machine_id,
-            cert_fp=pki.certificate_fingerprint(pki.pem_to_der(cert_pem)),
+            cert_fp=fingerprint,
             networks=",".join(networks),
             pools=",".join(pools),
             deadman_timeout=deadman_timeout,

@@ -805,3 +805,15 @@ def test_audit_prints_and_filters_records(keyserver: KeyServer) -> None:
     assert audit("--event", "no_such_event") == []
     for line in keyserver.must("audit", "--host", "beta").splitlines():
         assert "host=beta" in line
+
+
+def test_issue_key_refused_by_the_database_leaves_no_key_behind(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    keyserver.add_host("taken")
+    bundle = tmp_path / "bundle"
+    code, _, err = keyserver.admin(
+        "host", "add", "taken", "--machine-id", "1" * 32, "--issue-key", str(bundle)
+    )
+    assert code == 65 and "already exists" in err
+    assert not list(bundle.glob("client.*"))
