@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +26,8 @@ from zfs_unlock_agent.zfs import Zfs
 log = logging.getLogger("zfs_unlock_agent")
 
 Command = Callable[[argparse.Namespace], int]
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 def _load(args: argparse.Namespace, check_files: bool = True) -> config.Config:
@@ -206,7 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def harden_process() -> None:
+    """Keys pass through this process's memory: no core dumps, no ptrace by other users."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    harden_process()
     parser = build_parser()
     args = parser.parse_args(argv)
     if "config" not in args:

@@ -67,3 +67,20 @@ def test_logs_carry_journald_priorities_under_systemd(
     assert result.stderr.startswith("<6>tank/j: unlocked")
     plain = host.run("--dataset", "tank/j")
     assert plain.stderr.startswith("zfs-unlock-agent: INFO: tank/j: available")
+
+
+def test_agent_process_is_not_dumpable() -> None:
+    code = (
+        "from zfs_unlock_agent.cli import harden_process; harden_process(); "
+        "import resource; print(resource.getrlimit(resource.RLIMIT_CORE)); "
+        "import ctypes; print('dumpable', ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    )
+    result = subprocess.run(
+        [str(AGENT_BIN.with_name("python")), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "(0, 0)" in result.stdout
+    assert "dumpable 0" in result.stdout
