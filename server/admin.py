@@ -7,12 +7,13 @@ request, because it reads the database for every decision.
 
 from __future__ import annotations
 
-import getpass
+import contextlib
 import ipaddress
 import os
+import pwd
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +21,21 @@ from zfs_unlock_agent import pinning, protocol, validate
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server import pki, secretfile
-from zfs_unlock_server.audit import AuditLog, AuditRecord
+from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
 from zfs_unlock_server.sealing import KeyContext, Sealer, load_master_key, new_master_key
-from zfs_unlock_server.service import DatasetRef, KeyService, new_key_id
+from zfs_unlock_server.service import DatasetRef, KeyService, expire_silent_hosts, new_key_id
 from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
 
 
 def actor() -> str:
+    """Who runs this command, by real uid (not $USER, which anyone can set)."""
+    uid = os.getuid()
     try:
-        name = getpass.getuser()
-    except (KeyError, OSError):
-        name = str(os.getuid())
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
     return f"admin:{name}"
 
 
@@ -115,6 +118,29 @@ class Admin:
         entry: AuditRecord = {"event": event, "decision": "allow", "actor": actor(), **fields}
         self.audit.write(entry)
 
+    @contextlib.contextmanager
+    def granting(self, event: str, **fields: str | int | None) -> Iterator[None]:
+        """Record a change that grants access *before* making it: an unwritable audit
+        log stops it. A change that then fails is recorded as failed."""
+        self.record(event, **fields)
+        try:
+            yield
+        except BaseException as exc:
+            with contextlib.suppress(AuditError):
+                self.audit.write(
+                    {
+                        "event": event,
+                        "decision": "failed",
+                        "actor": actor(),
+                        "reason": type(exc).__name__,
+                        **fields,
+                    }
+                )
+            raise
+
+    # Changes that take access away (disable, revoke, remove) are made first and
+    # recorded after: a broken audit log must never keep a lost host enabled.
+
     # Hosts
 
     def sign(self, host_name: str, csr_pem: bytes) -> bytes:
@@ -164,35 +190,49 @@ class Admin:
         if key_pem is not None and issue_into is not None:
             write_host_bundle(issue_into, key_pem, cert_pem)
         try:
-            host = self.store.add_host(new, fingerprint, pki.not_after(cert_pem))
+            with self.granting(
+                "host_added",
+                host=name,
+                machine_id=machine_id,
+                cert_fp=fingerprint,
+                networks=",".join(networks),
+                pools=",".join(pools),
+                deadman_timeout=deadman_timeout,
+            ):
+                host = self.store.add_host(new, fingerprint, pki.not_after(cert_pem))
         except BaseException:
             if issue_into is not None and key_pem is not None:
                 for leftover in ("client.key", "client.crt"):
                     (issue_into / leftover).unlink(missing_ok=True)
             raise
-        self.record(
-            "host_added",
-            host=name,
-            machine_id=machine_id,
-            cert_fp=fingerprint,
-            networks=",".join(networks),
-            pools=",".join(pools),
-            deadman_timeout=deadman_timeout,
-        )
         return host, cert_pem
 
     def add_certificate(self, name: str, csr_pem: bytes) -> bytes:
         host = self.store.host_by_name(name)
         cert_pem = self.sign(name, csr_pem)
         fingerprint = pki.certificate_fingerprint(pki.pem_to_der(cert_pem))
-        self.store.add_certificate(host.id, fingerprint, pki.not_after(cert_pem))
-        self.record("certificate_added", host=name, cert_fp=fingerprint)
+        with self.granting("certificate_added", host=name, cert_fp=fingerprint):
+            self.store.add_certificate(host.id, fingerprint, pki.not_after(cert_pem))
         return cert_pem
+
+    def remove_certificate(self, name: str, fingerprint: str) -> None:
+        host = self.store.host_by_name(name)
+        self.store.remove_certificate(host.id, fingerprint.lower())
+        self.record("certificate_removed", host=name, cert_fp=fingerprint.lower())
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         host = self.store.host_by_name(name)
-        self.store.set_host_enabled(host.id, enabled, "" if enabled else "admin")
-        self.record("host_enabled" if enabled else "host_disabled", host=name)
+        if enabled:
+            with self.granting("host_enabled", host=name):
+                self.store.set_host_enabled(host.id, True, "")
+        else:
+            self.store.set_host_enabled(host.id, False, "admin")
+            self.record("host_disabled", host=name)
+
+    def expire_silent_hosts(self) -> list[str]:
+        return expire_silent_hosts(
+            self.store, self.audit, self.config.deadman_timeout, int(time.time())
+        )
 
     def remove_host(self, name: str, delete_keys: bool) -> int:
         host = self.store.host_by_name(name)
@@ -217,29 +257,56 @@ class Admin:
             raise DataError("keyformat must be raw, hex or passphrase")
         if imported is None and keyformat == "passphrase":
             raise DataError("a passphrase can only be imported (--import)")
-        try:
-            record, _ = self.service().create_key(host, ref, dataset, keyformat, imported, "active")
-        except protocol.KeyMaterialError as exc:
-            raise DataError(str(exc)) from None
-        self.record(
+        if imported is not None:
+            try:
+                protocol.check_key_material(imported, keyformat)
+            except protocol.KeyMaterialError as exc:
+                raise DataError(str(exc)) from None
+        if self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid) is not None:
+            raise Conflict("that dataset already has a key")
+        key_id = new_key_id()
+        with self.granting(
             "key_created",
             host=host.name,
             pool=ref.pool_guid,
             dataset_guid=ref.dataset_guid,
             dataset=dataset,
-            key_id=record.key_id,
+            key_id=key_id,
             keyformat=keyformat,
-            origin=record.origin,
-        )
+            origin="generated" if imported is None else "imported",
+        ):
+            record, _ = self.service().create_key(
+                host, ref, dataset, keyformat, imported, "active", key_id
+            )
         return record
 
     def set_key_state(self, key_id: str, state: str) -> None:
         validate.key_id(key_id)
         expected = ("pending", "active") if state == "revoked" else ("revoked",)
         record = self.store.key_by_id(key_id)
-        self.store.set_key_state(key_id, state, expected, int(time.time()))
+        if record.state not in expected:  # checked here too, so a refusal leaves no record
+            raise Conflict(f"key {key_id} is {record.state}, not {' or '.join(expected)}")
+        fields: dict[str, str | int | None] = {
+            "host": record.host,
+            "key_id": key_id,
+            "pool": record.pool_guid,
+            "dataset_guid": record.dataset_guid or None,
+            "dataset": record.dataset,
+        }
+        if state == "revoked":
+            self.store.set_key_state(key_id, state, expected, int(time.time()))
+            self.record("key_revoked", **fields)
+        else:
+            with self.granting("key_restored", **fields):
+                self.store.set_key_state(key_id, state, expected, int(time.time()))
+
+    def delete_key(self, key_id: str) -> None:
+        """Forget a revoked key for good (its dataset was destroyed). Irreversible."""
+        validate.key_id(key_id)
+        record = self.store.key_by_id(key_id)
+        self.store.delete_key(key_id, expected=("revoked",))
         self.record(
-            "key_revoked" if state == "revoked" else "key_restored",
+            "key_deleted",
             host=record.host,
             key_id=key_id,
             pool=record.pool_guid,
@@ -285,8 +352,7 @@ class Admin:
                     updated_at=now,
                 )
             )
-        self.store.insert_keys(records)
-        for record in records:
+        for record in records:  # every record first: an unwritable log imports nothing
             self.record(
                 "key_imported",
                 host=record.host,
@@ -297,6 +363,8 @@ class Admin:
                 origin="simplezfs",
                 state=record.state,
             )
+        with self.granting("import_simplezfs", keys=len(records), file=str(path)):
+            self.store.insert_keys(records)
         return len(records)
 
 

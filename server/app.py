@@ -24,7 +24,7 @@ from zfs_unlock_agent import protocol, validate
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.audit import AuditError, AuditLog
 from zfs_unlock_server.config import Layout, ServerConfig
-from zfs_unlock_server.errors import Conflict, IntegrityError
+from zfs_unlock_server.errors import Conflict
 from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
 from zfs_unlock_server.sealing import load_master_key
 from zfs_unlock_server.service import Caller, DatasetRef, Denied, KeyService, Released
@@ -330,12 +330,9 @@ class KeyServerApp:
     def _checkin(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
         body = _fields(self._json_body(environ), {"machine_id"})
         host = service.checkin(caller, validate.machine_id(body["machine_id"]))
-        timeout = (
-            service.default_deadman_timeout
-            if host.deadman_timeout is None
-            else host.deadman_timeout
+        return json_response(
+            200, {"host": host.name, "deadman_timeout": service.deadman_timeout(host)}
         )
-        return json_response(200, {"host": host.name, "deadman_timeout": timeout})
 
     def _release_batch(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
         body = _fields(self._json_body(environ), {"machine_id", "datasets"})
@@ -374,10 +371,7 @@ class KeyServerApp:
         machine_id = validate.machine_id(match.group(1))
         pool = validate.guid(match.group(2))
         name = validate.label(match.group(3))
-        try:
-            released = service.release_legacy(caller, machine_id, pool, name)
-        except IntegrityError:
-            raise HttpError(500) from None
+        released = service.release_legacy(caller, machine_id, pool, name)
         return Response(200, released.material, content_type="application/octet-stream")
 
     def _enrol(self, service: KeyService, caller: Caller, environ: Environ) -> Response:

@@ -31,13 +31,20 @@ def encode(record: AuditRecord) -> bytes:
 
 
 class AuditLog:
-    """Appends to PATH (mode 0600) with O_APPEND, so workers' lines never interleave."""
+    """Appends to PATH (mode 0600) with O_APPEND, so workers' lines never interleave.
+
+    Reopens PATH when it no longer names the open file, like logging's WatchedFileHandler.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
     def _open(self) -> int:
+        # A log moved away (rotation) or deleted with its directory must not
+        # swallow records: write to what PATH names now, or fail.
+        if self._fd is not None and not self._is_current(self._fd):
+            self.close()
         if self._fd is None:
             self._fd = os.open(
                 self.path,
@@ -45,6 +52,14 @@ class AuditLog:
                 0o600,
             )
         return self._fd
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        opened = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
     def write(self, *records: AuditRecord, durable: bool = True) -> None:
         data = b"".join(encode(r) for r in records)

@@ -15,7 +15,7 @@ from zfs_unlock_agent import protocol, validate
 from zfs_unlock_server import admin, audit
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
-from zfs_unlock_server.service import DatasetRef
+from zfs_unlock_server.service import DatasetRef, deadman_timeout
 from zfs_unlock_server.store import Host, KeyRecord
 
 Handler = Callable[[argparse.Namespace], int]
@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _host_json(
     host: Host, certificates: Sequence[tuple[str, int]], default_timeout: int
 ) -> dict[str, Any]:
-    timeout = default_timeout if host.deadman_timeout is None else host.deadman_timeout
+    timeout = deadman_timeout(host, default_timeout)
     return {
         "name": host.name,
         "machine_id": host.machine_id,
@@ -157,6 +157,9 @@ def cmd_host_cert(args: argparse.Namespace) -> int:
 def cmd_host_list(args: argparse.Namespace) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
+        # Show the dead-man switch's verdict, not a state it would change on the next request.
+        for name in ops.expire_silent_hosts():
+            print(f"host {name}: disabled now by the dead-man switch", file=sys.stderr)
         hosts = [
             _host_json(h, ops.store.certificates(h.id), ops.config.deadman_timeout)
             for h in ops.store.hosts()
@@ -251,6 +254,14 @@ def cmd_key_create(args: argparse.Namespace) -> int:
         ops.close()
     print(record.key_id)
     return 0
+
+
+def cmd_key_delete(args: argparse.Namespace) -> int:
+    return _with_admin(args, lambda ops: ops.delete_key(args.key_id))
+
+
+def cmd_host_cert_remove(args: argparse.Namespace) -> int:
+    return _with_admin(args, lambda ops: ops.remove_certificate(args.name, args.sha256))
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> int:
@@ -377,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--csr", required=True, metavar="FILE")
     p.add_argument("--cert-out", metavar="FILE")
+    p = add(
+        hosts,
+        "cert-remove",
+        cmd_host_cert_remove,
+        "stop accepting one of a host's certificates (after a renewal, or a leak)",
+    )
+    p.add_argument("name")
+    p.add_argument("sha256", help="the certificate's SHA-256 fingerprint, as 'host show' lists it")
     p = add(hosts, "list", cmd_host_list, "list hosts")
     p.add_argument("--json", action="store_true")
     p = add(hosts, "show", cmd_host_list, "show one host")
@@ -412,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("revoke", cmd_key_revoke, "stop releasing a key, from the next request on"),
         ("restore", cmd_key_restore, "release a revoked key again"),
+        ("delete", cmd_key_delete, "forget a revoked key for good (its dataset is gone)"),
     ):
         add(keys, name, handler, text).add_argument("key_id")
 
@@ -446,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerError as exc:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)
         return exc.exit_code
+    except audit.AuditError as exc:
+        print(f"zfs-unlock-server: {exc}; access-granting changes were not made", file=sys.stderr)
+        return EX_IOERR
     except validate.InvalidInput as exc:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)
         return DataError.exit_code

@@ -86,6 +86,48 @@ def address_allowed(source_ip: str, networks: Sequence[str]) -> bool:
     return any(address in ipaddress.ip_network(net) for net in networks)
 
 
+def deadman_timeout(host: Host, default: int) -> int:
+    """Seconds HOST may stay unseen; 0 means never disabled."""
+    return default if host.deadman_timeout is None else host.deadman_timeout
+
+
+def deadman_expired(host: Host, default: int, now: int) -> bool:
+    timeout = deadman_timeout(host, default)
+    return bool(host.enabled and timeout and now - host.last_seen > timeout)
+
+
+def disable_silent_host(
+    store: Store, audit: AuditLog, host: Host, default: int, caller: Caller | None = None
+) -> None:
+    """The dead-man switch fires: disable HOST until an admin enables it. Audited."""
+    store.set_host_enabled(host.id, False, "deadman")
+    record: AuditRecord = {
+        "event": "host_disabled",
+        "decision": "allow",
+        "reason": "deadman",
+        "host": host.name,
+        "last_seen": host.last_seen,
+        "timeout": deadman_timeout(host, default),
+        "actor": "deadman-switch",
+    }
+    if caller is not None:
+        record = {
+            **record,
+            "cert_fp": caller.fingerprint,
+            "source_ip": caller.source_ip,
+            "request_id": caller.request_id,
+        }
+    audit.write(record)
+
+
+def expire_silent_hosts(store: Store, audit: AuditLog, default: int, now: int) -> list[str]:
+    """Apply the dead-man switch to every host at once (admin commands do, before listing)."""
+    expired = [h for h in store.hosts() if deadman_expired(h, default, now)]
+    for host in expired:
+        disable_silent_host(store, audit, host, default)
+    return [h.name for h in expired]
+
+
 class KeyService:
     def __init__(
         self,
@@ -120,6 +162,9 @@ class KeyService:
     def known_host(self, fingerprint: str) -> Host | None:
         return self.store.host_by_fingerprint(fingerprint)
 
+    def deadman_timeout(self, host: Host) -> int:
+        return deadman_timeout(host, self.default_deadman_timeout)
+
     def authenticate(self, caller: Caller, machine_id: str, event: str) -> Host:
         """Return the caller's host if every host-level check passes, else raise Denied."""
         host = self.store.host_by_fingerprint(caller.fingerprint)
@@ -128,34 +173,18 @@ class KeyService:
         named = {"host": host.name, "machine_id": machine_id}
         if not host.enabled:
             raise self.deny(caller, event, "host_disabled", **named)
-        timeout = (
-            self.default_deadman_timeout if host.deadman_timeout is None else host.deadman_timeout
-        )
         now = int(self.clock())
-        if timeout and now - host.last_seen > timeout:
-            self.store.set_host_enabled(host.id, False, "deadman")
-            self.audit.write(
-                self._record(
-                    caller,
-                    "host_disabled",
-                    host=host.name,
-                    reason="deadman",
-                    last_seen=host.last_seen,
-                    timeout=timeout,
-                    actor="deadman-switch",
-                )
-            )
+        if deadman_expired(host, self.default_deadman_timeout, now):
+            disable_silent_host(self.store, self.audit, host, self.default_deadman_timeout, caller)
             raise self.deny(caller, event, "deadman_expired", **named)
         if not address_allowed(caller.source_ip, host.allowed_networks):
             raise self.deny(caller, event, "source_address_not_allowed", **named)
         if machine_id != host.machine_id:
             raise self.deny(caller, event, "machine_id_mismatch", **named)
-        return host
-
-    def _seen(self, host: Host) -> None:
-        now = int(self.clock())
+        # Every request that passes these checks counts as "seen" for the dead-man switch.
         if now - host.last_seen >= TOUCH_INTERVAL:
             self.store.touch_host(host.id, now)
+        return host
 
     # Routes
 
@@ -206,7 +235,6 @@ class KeyService:
                 released.append(result)
         # One durable write for the whole batch; if it fails nothing is released.
         self.audit.write(*records)
-        self._seen(host)
         return BatchResult(released, denied)
 
     def release_legacy(
@@ -224,7 +252,6 @@ class KeyService:
         self.audit.write(audit_record)
         if result is None:
             raise Denied(str(audit_record["reason"]))
-        self._seen(host)
         return result
 
     def enrol(
@@ -267,7 +294,6 @@ class KeyService:
                 **fields,
             )
         )
-        self._seen(host)
         return Released(record, material), True
 
     def _repeat_enrolment(
@@ -290,7 +316,12 @@ class KeyService:
                 )
             )
             raise Conflict("that dataset already has a key")
-        material = self.sealer.open(existing.sealed, context_of(existing))
+        try:
+            material = self.sealer.open(existing.sealed, context_of(existing))
+        except IntegrityError:
+            raise self.deny(
+                caller, "enrol", "integrity_failure", key_id=existing.key_id, **fields
+            ) from None
         if imported is not None and imported != material:
             self.audit.write(
                 self._record(
@@ -323,6 +354,7 @@ class KeyService:
         keyformat: str,
         imported: bytes | None,
         state: str,
+        key_id: str | None = None,
     ) -> tuple[KeyRecord, bytes]:
         """Generate (or take) key material, seal it and store it. Not audited: callers do."""
         if imported is None:
@@ -332,7 +364,7 @@ class KeyService:
             protocol.check_key_material(imported, keyformat)
             material, origin = imported, "imported"
         now = int(self.clock())
-        key_id = new_key_id()
+        key_id = key_id or new_key_id()
         context = KeyContext(host.name, ref.pool_guid, ref.dataset_guid, "", key_id, keyformat)
         record = KeyRecord(
             key_id=key_id,
@@ -361,6 +393,8 @@ class KeyService:
             "dataset_guid": ref.dataset_guid,
             "key_id": key_id,
         }
+        if host.pools and ref.pool_guid not in host.pools:
+            raise self.deny(caller, "activate", "pool_not_allowed", **fields)
         record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         if record is None or record.key_id != key_id:
             raise self.deny(caller, "activate", "no_such_key", **fields)
@@ -369,7 +403,6 @@ class KeyService:
         elif record.state != "active":
             raise self.deny(caller, "activate", f"key_{record.state}", **fields)
         self.audit.write(self._record(caller, "activate", decision="allow", reason="ok", **fields))
-        self._seen(host)
         return self.store.key_by_id(key_id)
 
 

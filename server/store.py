@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from zfs_unlock_server.errors import Conflict, NotFound
+from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
 
 SCHEMA_VERSION = 1
 
@@ -110,6 +110,7 @@ class NewHost:
 class Store(Protocol):
     def add_host(self, host: NewHost, fingerprint: str, cert_not_after: int) -> Host: ...
     def add_certificate(self, host_id: int, fingerprint: str, not_after: int) -> None: ...
+    def remove_certificate(self, host_id: int, fingerprint: str) -> None: ...
     def host_by_name(self, name: str) -> Host: ...
     def host_by_fingerprint(self, fingerprint: str) -> Host | None: ...
     def host_by_machine_id(self, machine_id: str) -> Host | None: ...
@@ -184,8 +185,9 @@ class SqliteStore:
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database schema {version} is newer than this server ({SCHEMA_VERSION})"
+                raise ConfigError(
+                    f"{self.path}: database schema {version} is newer than this server"
+                    f" ({SCHEMA_VERSION}); run the newer server or restore a backup"
                 )
             for step in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[step].split(";"):
@@ -239,6 +241,15 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?)",
                 (fingerprint, host_id, not_after, int(time.time())),
             )
+
+    def remove_certificate(self, host_id: int, fingerprint: str) -> None:
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM certificates WHERE host_id = ? AND fingerprint = ?",
+                (host_id, fingerprint),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound("the host has no certificate with that SHA-256 fingerprint")
 
     def host_by_name(self, name: str) -> Host:
         row = self._db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
@@ -364,6 +375,15 @@ class SqliteStore:
         else:
             rows = self._db.execute(query + " WHERE k.host_id = ? ORDER BY k.dataset", (host_id,))
         return [_key(r) for r in rows]
+
+    def delete_key(self, key_id: str, expected: tuple[str, ...]) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            if row["state"] not in expected:
+                raise Conflict(f"key {key_id} is {row['state']}; revoke it first")
+            db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
 
     def set_key_state(self, key_id: str, state: str, expected: tuple[str, ...], now: int) -> None:
         """Move a key to STATE if it is in one of EXPECTED; NotFound/Conflict otherwise."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import signal
@@ -40,7 +41,8 @@ def free_port(address: str = "127.0.0.1") -> int:
 
 
 def machine_id_for(name: str) -> str:
-    return (name.encode().hex() + "0" * 32)[:32]
+    """A machine-id unique to NAME (names sharing a prefix must not collide)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 def toml_value(value: Any) -> str:

@@ -198,6 +198,13 @@ class KeyClient:
                     response = self._send(index, method, path, body, remaining)
                 except PinMismatch as exc:
                     raise ServerRefused(f"{server.url}: {exc}; refusing to talk to it") from None
+                except requests.TooManyRedirects as exc:
+                    # max_redirects = 0 makes requests raise this for any 3xx with a
+                    # Location, even with allow_redirects=False: a redirect, not an outage.
+                    status = exc.response.status_code if exc.response is not None else 0
+                    raise ServerRefused(
+                        f"{server.url}: answered with a redirect ({status}); refused"
+                    ) from None
                 except requests.RequestException as exc:
                     problems.append(f"{server.url}: {_describe(exc)}")
                     continue
