@@ -13,10 +13,11 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from zfs_unlock_agent import __version__, config, validate
 from zfs_unlock_agent.enroll import enroll
-from zfs_unlock_agent.errors import EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
+from zfs_unlock_agent.errors import EX_LOCKED, EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.logsetup import setup as setup_logging
@@ -99,7 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f" mounted {len(row['mounted'])}, unmounted {len(row['not_mounted'])}"
             )
     locked = [r for r in rows if r["keystatus"] != "available"]
-    return 3 if locked else EX_OK
+    return EX_LOCKED if locked else EX_OK
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
@@ -156,8 +157,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad command line; the documented status is EX_USAGE (64)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-c",
         "--config",
@@ -166,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"configuration file (default ${config.CONFIG_ENV} or {config.DEFAULT_PATH})",
     )
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zfs-unlock-agent",
         parents=[common],
         description="Unlock OpenZFS encrypted datasets with keys from a zfs-unlock key server.",

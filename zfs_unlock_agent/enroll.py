@@ -19,11 +19,12 @@ and enrol again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 from zfs_unlock_agent.config import MANAGED_PROPERTY
-from zfs_unlock_agent.errors import UsageError, ZfsError
+from zfs_unlock_agent.errors import KeyAlreadyLoaded, UsageError, ZfsError
 from zfs_unlock_agent.keyclient import DatasetRef, KeyClient
 from zfs_unlock_agent.secret import Secret
 from zfs_unlock_agent.zfs import Dataset, Zfs
@@ -78,12 +79,18 @@ def _ensure_key_loaded(zfs: Zfs, dataset: Dataset) -> None:
     if dataset.keystatus == "available":
         return
     if dataset.keylocation.startswith(MIGRATABLE_LOCATIONS):
-        zfs.load_key_from_location(dataset.name)
+        with contextlib.suppress(KeyAlreadyLoaded):  # loaded meanwhile: all we need
+            zfs.load_key_from_location(dataset.name)
         return
-    raise UsageError(
-        f"{dataset.name}: its key is not loaded; load it first (zfs load-key {dataset.name})"
-        " so that it can be changed to the server's key"
-    )
+    if dataset.managed or dataset.keylocation == "prompt":
+        hint = (
+            f"load it first: 'zfs load-key {dataset.name}' with its passphrase, or, if an"
+            f" earlier enrolment was interrupted, 'zfs-unlock-agent --dataset {dataset.name}'"
+            " (the server's pending key opens it)"
+        )
+    else:
+        hint = f"load it first: 'zfs load-key {dataset.name}'"
+    raise UsageError(f"{dataset.name}: its key is not loaded; {hint}")
 
 
 def _already_moved(zfs: Zfs, dataset: Dataset, key: Secret, keyformat: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 EX_OK = 0
 EX_PARTIAL = 1  # some encryption roots unlocked, others failed
+EX_LOCKED = 3  # `status` only: a managed encryption root is locked
 EX_USAGE = 64
 EX_DATAERR = 65  # the server sent key material that does not fit the dataset
 EX_UNAVAILABLE = 69  # zfs missing, pool or dataset not there

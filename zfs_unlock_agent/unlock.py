@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zfs_unlock_agent import protocol, validate
-from zfs_unlock_agent.config import Config
+from zfs_unlock_agent.config import MANAGED_PROPERTY, Config
 from zfs_unlock_agent.errors import (
     EX_BADKEY,
     EX_DATAERR,
@@ -71,10 +71,10 @@ def select_roots(
         if config.datasets.property:
             names += [r.name for r in inventory.encryption_roots() if r.managed]
         for name in config.datasets.include:
-            if name in inventory.datasets:
+            try:
                 names.append(inventory.root_of(name).name)
-            else:
-                log.warning("%s: listed in the configuration but not present", name)
+            except ZfsUnavailable as exc:  # one stale entry must not stop the others
+                log.warning("%s (listed in the configuration)", exc)
     return [inventory.get(n) for n in dict.fromkeys(names)]
 
 
@@ -148,10 +148,7 @@ class Unlocker:
             if key is not None:
                 results[root.name] = self._load(root, key, inventory)
         if mount:
-            for root in roots:
-                result = results[root.name]
-                if result.ok:
-                    self._mount(inventory, root, result)
+            self._mount([(r, results[r.name]) for r in roots if results[r.name].ok], inventory)
         ordered = [results[r.name] for r in roots]
         for result in ordered:
             self._report(result)
@@ -184,22 +181,33 @@ class Unlocker:
         return RootResult(root.name, "unlocked", message="key loaded")
 
     def _activate(self, inventory: Inventory, root: Dataset, key: ReleasedKey) -> None:
-        """A pending key that opened the dataset is proven: finish an interrupted enrolment."""
+        """A pending key that opened the dataset is proven: finish an interrupted enrolment.
+
+        That is enrolment's last step: the key becomes active and the dataset managed.
+        """
         try:
             with self.client() as client:
                 client.activate(self.machine_id, key.ref, key.key_id)
+            if not root.managed:
+                self.zfs.set_property(root.name, MANAGED_PROPERTY, "on")
             log.info("%s: enrolment completed (key %s is now active)", root.name, key.key_id)
         except AgentError as exc:
-            log.warning("%s: could not mark key %s active: %s", root.name, key.key_id, exc)
+            log.warning(
+                "%s: could not complete the enrolment of key %s: %s", root.name, key.key_id, exc
+            )
 
-    def _mount(self, inventory: Inventory, root: Dataset, result: RootResult) -> None:
-        links = []
-        for member in inventory.members(root.name):
-            if member.type == "volume":
-                links.append(self.zvol_dir / member.name)
-                continue
-            if not member.wants_mount or member.mounted:
-                continue
+    def _mount(self, unlocked: Sequence[tuple[Dataset, RootResult]], inventory: Inventory) -> None:
+        """Mount what `zfs mount -a` would, parents' mountpoints before children's,
+        across all roots (a root may be mounted inside another root's filesystem)."""
+        filesystems: list[tuple[Dataset, RootResult]] = []
+        links: list[tuple[Path, RootResult]] = []
+        for root, result in unlocked:
+            for member in inventory.members(root.name):
+                if member.type == "volume":
+                    links.append((self.zvol_dir / member.name, result))
+                elif member.wants_mount and not member.mounted:
+                    filesystems.append((member, result))
+        for member, result in sorted(filesystems, key=lambda pair: pair[0].mountpoint):
             try:
                 self.zfs.mount(member.name)
                 result.mounted.append(member.name)
@@ -210,12 +218,13 @@ class Unlocker:
                 result.message = (
                     f"key loaded, but mounting {member.name} failed: {_zfs_reason(exc)}"
                 )
-        missing = wait_for_links(links, self.volume_link_timeout) if links else []
-        if missing and result.ok:
-            result.outcome, result.exit_code = "failed", ZfsUnavailable.exit_code
-            result.message = "key loaded, but no device link appeared for " + ", ".join(
-                str(m) for m in missing
-            )
+        if not links:
+            return
+        missing = set(wait_for_links([link for link, _ in links], self.volume_link_timeout))
+        for link, result in links:
+            if link in missing and result.ok:
+                result.outcome, result.exit_code = "failed", ZfsUnavailable.exit_code
+                result.message = f"key loaded, but no device link appeared for {link}"
 
     def verify(self, inventory: Inventory, roots: Sequence[Dataset]) -> list[RootResult]:
         """Fetch every key and prove it with `zfs load-key -n`; changes no keystatus."""

@@ -6,13 +6,13 @@ import base64
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.fakes import FakeZfs
-from tests.keyserver import HostCreds, KeyServer, enrol
+from tests.keyserver import HostCreds, KeyServer, enrol, toml_value
 
 AGENT_BIN = Path(sys.executable).with_name("zfs-unlock-agent")
 
@@ -40,7 +40,9 @@ class AgentHost:
         pins: Sequence[str] | None = None,
         network: dict[str, Any] | None = None,
         extra: str = "",
+        zfs_settings: dict[str, Any] | None = None,
     ) -> None:
+        """ZFS_SETTINGS add to or replace the [zfs] table (zfs, zpool, volume_link_timeout)."""
         urls = urls or [self.server.url("")]
         pins = pins or [self.server.pin]
         net = {
@@ -51,6 +53,12 @@ class AgentHost:
             "backoff_max": 0.5,
             **(network or {}),
         }
+        zfs_table = {
+            "zfs": self.zfs.zfs,
+            "zpool": self.zfs.zpool,
+            "volume_link_timeout": 3,
+            **(zfs_settings or {}),
+        }
         servers = "".join(
             f'[[server]]\nurl = "{u}"\npins = [{", ".join(repr(p) for p in pins)}]\n' for u in urls
         )
@@ -59,17 +67,22 @@ class AgentHost:
             f'[client]\ncertificate = "{self.creds.cert}"\nkey = "{self.creds.key}"\n'
             "[network]\n"
             + "".join(f"{k} = {v}\n" for k, v in net.items())
-            + f'[zfs]\nzfs = "{self.zfs.zfs}"\nzpool = "{self.zfs.zpool}"\nvolume_link_timeout = 3\n'
+            + "[zfs]\n"
+            + "".join(f"{k} = {toml_value(v)}\n" for k, v in zfs_table.items())
         )
 
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    def run(
+        self, *args: str, timeout: float = 60, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the agent; ENV adds to (or, with an empty value, overrides) the inherited one."""
+        environment = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        environment.update(env or {})
         return subprocess.run(
             [str(AGENT_BIN), "-c", str(self.config_path), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=env,
+            env=environment,
             check=False,
         )
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from zfs_unlock_agent import errors
 
 MAN_PAGE = Path(__file__).parents[2] / "docs" / "man" / "zfs-unlock-agent.8"
-STATUS_EXIT_LOCKED = 3  # `status` only
 
 
 def documented_codes() -> set[int]:
@@ -19,7 +18,7 @@ def documented_codes() -> set[int]:
 
 def test_every_exit_code_is_documented_and_nothing_else() -> None:
     defined = {value for name, value in vars(errors).items() if name.startswith("EX_")}
-    assert documented_codes() == defined | {STATUS_EXIT_LOCKED}
+    assert documented_codes() == defined
 
 
 def test_every_error_class_maps_to_a_documented_code() -> None:

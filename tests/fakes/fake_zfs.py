@@ -69,8 +69,8 @@ def refresh_zvols(state: State) -> None:
     if not zvol_dir:
         return
     for name, ds in state["datasets"].items():
-        if ds.get("type") != "volume":
-            continue
+        if ds.get("type") != "volume" or ds.get("no_link"):
+            continue  # no_link: udev never creates this volume's device link
         link = Path(zvol_dir) / name
         unlocked = not ds.get("encryptionroot") or (
             state["datasets"][ds["encryptionroot"]].get("keystatus") == "available"
@@ -127,10 +127,17 @@ def zfs(state: State, args: list[str], stdin: bytes) -> str:
     if command == "list":
         columns = rest[rest.index("-o") + 1].split(",")
         effective_keystatus(state)
-        return "".join(
+        listing = "".join(
             "\t".join(column(name, ds, c, state) for c in columns) + "\n"
             for name, ds in sorted(datasets.items())
         )
+        for ds in datasets.values():
+            # loaded_after_list: another process loads this root's key right after
+            # the caller listed it, so the caller's next load-key meets "Key already loaded".
+            if ds.pop("loaded_after_list", False):
+                ds["keystatus"] = "available"
+                refresh_zvols(state)
+        return listing
     if command == "load-key":
         dry_run = "-n" in rest
         name = rest[-1]
