@@ -4,12 +4,13 @@ Each client certificate has a bucket; so has each source address, charged only
 for requests that do not come from an enrolled host, so a flood from a shared
 address cannot starve a well-behaved host behind it. The bucket arithmetic is a
 pure function of an injected monotonic clock; durability is not needed (a
-restart refills every bucket), so the file runs with synchronous=OFF.
+lost bucket is merely a full one), so the file runs with synchronous=OFF.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class RateLimiter:
         self._charges = 0
         # A bucket untouched this long is full again, so its row can go.
         self._idle_after = max(p.burst / p.rate for p in policies.values())
+        # Created private (it lists client fingerprints and addresses); -wal/-shm inherit the mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")

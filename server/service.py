@@ -7,6 +7,7 @@ the audit log only; callers learn nothing but "denied".
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from zfs_unlock_agent import protocol
-from zfs_unlock_server.audit import AuditLog, AuditRecord
+from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.errors import Conflict, IntegrityError
 from zfs_unlock_server.sealing import KeyContext, Sealer
 from zfs_unlock_server.store import Host, KeyRecord, Store
@@ -190,8 +191,9 @@ class KeyService:
 
     def checkin(self, caller: Caller, machine_id: str) -> Host:
         host = self.authenticate(caller, machine_id, "checkin")
-        self.store.touch_host(host.id, int(self.clock()))
+        # Recorded first: a check-in that cannot be audited does not reset the dead-man clock.
         self.audit.write(self._record(caller, "checkin", decision="allow", host=host.name))
+        self.store.touch_host(host.id, int(self.clock()))
         return host
 
     def _releasable(
@@ -281,19 +283,27 @@ class KeyService:
         existing = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         if existing is not None:
             return self._repeat_enrolment(caller, existing, keyformat, imported, fields)
-        record, material = self.create_key(host, ref, dataset, keyformat, imported, "pending")
-        self.audit.write(
-            self._record(
-                caller,
-                "enrol",
-                decision="allow",
-                reason="created",
-                key_id=record.key_id,
-                keyformat=keyformat,
-                origin=record.origin,
-                **fields,
-            )
+        # Recorded before the key exists: an enrolment that cannot be audited creates nothing.
+        key_id = new_key_id()
+        created = self._record(
+            caller,
+            "enrol",
+            decision="allow",
+            reason="created",
+            key_id=key_id,
+            keyformat=keyformat,
+            origin="generated" if imported is None else "imported",
+            **fields,
         )
+        self.audit.write(created)
+        try:
+            record, material = self.create_key(
+                host, ref, dataset, keyformat, imported, "pending", key_id
+            )
+        except BaseException as exc:
+            with contextlib.suppress(AuditError):
+                self.audit.write({**created, "decision": "failed", "reason": type(exc).__name__})
+            raise
         return Released(record, material), True
 
     def _repeat_enrolment(

@@ -167,7 +167,11 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA trusted_schema=OFF")
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

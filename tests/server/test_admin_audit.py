@@ -174,3 +174,31 @@ def test_a_tampered_pending_key_is_not_handed_out_again(keyserver: KeyServer) ->
         repeated = enrol(session, keyserver, host, POOL, "1")
     assert repeated.status_code == 403 and "key" not in repeated.json()
     assert keyserver.audit_records()[-1]["reason"] == "integrity_failure"
+
+
+def test_enrolment_and_checkin_that_cannot_be_audited_change_nothing(
+    keyserver: KeyServer,
+) -> None:
+    host = keyserver.add_host("unrecorded", "--deadman-timeout", "3600")
+    seen_before = keyserver.must("host", "show", "unrecorded", "--json")
+    keyserver.configure(audit_log="/dev/full")
+    time.sleep(1.1)  # so a touched last_seen would differ
+    keyserver.start()
+    with keyserver.session(host) as session:
+        assert enrol(session, keyserver, host, POOL, "31").status_code == 503
+        checkin = session.post(
+            keyserver.url("/v1/checkin"), json={"machine_id": host.machine_id}, timeout=10
+        )
+        assert checkin.status_code == 503
+    keyserver.stop()
+    assert "unrecorded" not in keyserver.must("key", "list")
+    assert keyserver.must("host", "show", "unrecorded", "--json") == seen_before
+
+
+def test_rate_limit_state_is_private(keyserver: KeyServer) -> None:
+    host = keyserver.add_host("private")
+    keyserver.start()
+    with keyserver.session(host) as session:
+        release(session, keyserver, host, POOL, "1")
+    for name in ("ratelimit.db", "keys.db"):
+        assert (keyserver.data_dir / name).stat().st_mode & 0o077 == 0, name

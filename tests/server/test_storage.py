@@ -1,0 +1,781 @@
+"""What the key server keeps on disk, and what it refuses to do without it.
+
+A stolen data directory (without the master key) reveals no key; a sealed value
+moved to another row fails closed; the database runs in WAL mode with full
+syncs; credential files others could read stop the server before it serves;
+every decision is one JSON line, and when no line can be written no key leaves.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, enrol, free_port, release
+from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_server import audit, cli, sealing, secretfile
+from zfs_unlock_server.config import Layout
+from zfs_unlock_server.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, IntegrityError
+from zfs_unlock_server.sealing import KeyContext, Sealer
+from zfs_unlock_server.store import SCHEMA_VERSION, SqliteStore
+
+POOL = "3333333333333333333"
+_guids = itertools.count(7000)
+
+# Generous enough that no test here is ever rate limited.
+NO_RATE_LIMITS = {
+    "per_certificate_burst": 100000,
+    "per_certificate_rate": 10000.0,
+    "per_address_burst": 100000,
+    "per_address_rate": 10000.0,
+}
+
+SEALED_OVERHEAD = 1 + sealing.NONCE_BYTES + 16  # version byte, nonce, GCM tag
+
+
+def new_guid() -> str:
+    return str(next(_guids))
+
+
+def configure(server: KeyServer, **settings: Any) -> None:
+    server.configure(rate_limits=NO_RATE_LIMITS, **settings)
+
+
+def enrol_key(
+    server: KeyServer, host: HostCreds, keyformat: str = "raw", **extra: Any
+) -> tuple[str, bytes]:
+    """Enrol a (pending, releasable) key over HTTPS; return (dataset_guid, key bytes)."""
+    dataset_guid = new_guid()
+    with server.session(host) as session:
+        response = enrol(
+            session,
+            server,
+            host,
+            POOL,
+            dataset_guid,
+            dataset=f"tank/ds{dataset_guid}",
+            keyformat=keyformat,
+            **extra,
+        )
+    assert response.status_code == 201, response.text
+    return dataset_guid, base64.b64decode(response.json()["key"])
+
+
+def import_key(server: KeyServer, host: str, keyformat: str, stdin: bytes) -> str:
+    """`key create --import`, key material on stdin; return the dataset GUID."""
+    dataset_guid = new_guid()
+    server.must(
+        "key",
+        "create",
+        "--host",
+        host,
+        "--pool-guid",
+        POOL,
+        "--dataset-guid",
+        dataset_guid,
+        "--dataset",
+        f"tank/imported{dataset_guid}",
+        "--keyformat",
+        keyformat,
+        "--import",
+        stdin=stdin,
+    )
+    return dataset_guid
+
+
+def release_batch(
+    session: requests.Session, server: KeyServer, host: HostCreds, guids: Iterable[str]
+) -> requests.Response:
+    return session.post(
+        server.url("/v1/keys/release"),
+        json={
+            "machine_id": host.machine_id,
+            "datasets": [{"pool_guid": POOL, "dataset_guid": g} for g in guids],
+        },
+        timeout=10,
+        allow_redirects=False,
+    )
+
+
+def db(server: KeyServer) -> contextlib.closing[sqlite3.Connection]:
+    return contextlib.closing(sqlite3.connect(server.data_dir / "keys.db"))
+
+
+def releases_of(server: KeyServer, dataset_guid: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in server.audit_records()
+        if r.get("event") == "release" and r.get("dataset_guid") == dataset_guid
+    ]
+
+
+# Looking for key material
+
+
+def key_spellings(key: bytes) -> set[bytes]:
+    """KEY as stored bytes and, for a hex key, as the 32 bytes it stands for."""
+    spellings = {key, key.lower(), key.upper()}
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        spellings.add(bytes.fromhex(key.decode("ascii")))
+    return spellings
+
+
+def key_forms(key: bytes) -> set[bytes]:
+    """Every form that would give KEY away: raw, hex in either case, base64 (any alignment)."""
+    forms: set[bytes] = set()
+    for spelling in key_spellings(key):
+        forms |= {spelling, spelling.hex().encode(), spelling.hex().upper().encode()}
+        for shift in range(3):
+            # Inside any larger base64 text, KEY starts on a 3-byte boundary at one of
+            # three shifts; the quanta that hold only key bytes are then fixed.
+            tail = spelling[shift:]
+            core = base64.b64encode(tail)[: len(tail) // 3 * 4]
+            forms |= {core, core.replace(b"+", b"-").replace(b"/", b"_")}
+    return forms
+
+
+def leaked(data: bytes, keys: Iterable[bytes]) -> list[str]:
+    """The keys (by their first bytes, hex) that DATA contains in any form."""
+    return [key[:4].hex() for key in keys if any(form in data for form in key_forms(key))]
+
+
+def search_data_dir(server: KeyServer, keys: Iterable[bytes]) -> tuple[set[str], dict[str, Any]]:
+    """Search every file of the data directory and the server's log for every key."""
+    keys = list(keys)
+    searched: set[str] = set()
+    found: dict[str, Any] = {}
+    for path in [*sorted(server.data_dir.rglob("*")), server.log_path]:
+        if not path.is_file():
+            continue
+        searched.add(path.name)
+        hits = leaked(path.read_bytes(), keys)
+        if hits:
+            found[path.name] = hits
+    return searched, found
+
+
+def test_the_search_finds_keys_in_every_form() -> None:
+    """The leak detector itself: it must see a key hidden in any of the forms it claims."""
+    raw, hex_key = os.urandom(32), os.urandom(32).hex().encode()
+    for key in (raw, hex_key):
+        for form in sorted(key_forms(key)):
+            assert leaked(b"padding" + form + b"more", [key]) == [key[:4].hex()]
+        for prefix in (b"", b"x", b"xy"):
+            blob = base64.b64encode(prefix + key + b"trailer")
+            assert leaked(b'{"key":"' + blob + b'"}', [key])
+    assert leaked(bytes.fromhex(hex_key.decode()), [hex_key])
+    assert leaked(hex_key.upper(), [hex_key])
+    assert leaked(os.urandom(4096), [raw, hex_key]) == []
+
+
+# A stolen data directory
+
+
+def test_stolen_data_directory_reveals_no_key(keyserver: KeyServer) -> None:
+    configure(keyserver)
+    hosts = [keyserver.add_host("stolen-a"), keyserver.add_host("stolen-b")]
+    expected: dict[str, dict[str, bytes]] = {h.name: {} for h in hosts}
+    keyserver.start()
+    # 44 keys enrolled over HTTPS: generated raw and hex keys, and two imported by the host.
+    for number in range(44):
+        host = hosts[number % 2]
+        if number < 2:
+            guid, key = enrol_key(
+                keyserver, host, "raw", key=base64.b64encode(os.urandom(32)).decode()
+            )
+        else:
+            guid, key = enrol_key(keyserver, host, "raw" if number % 3 else "hex")
+        expected[host.name][guid] = key
+    # Six imported by the admin CLI, the key on stdin.
+    imports: list[tuple[str, bytes, bytes]] = [
+        ("raw", os.urandom(32), b""),
+        ("raw", os.urandom(31) + b"\n", b""),  # a raw key may end in a newline byte
+        ("hex", os.urandom(32).hex().encode(), b""),
+        ("hex", os.urandom(32).hex().upper().encode(), b"\n"),  # `zfs` strips one newline
+        ("passphrase", base64.b64encode(os.urandom(30)), b"\n"),
+        ("passphrase", base64.b64encode(os.urandom(36)), b""),
+    ]
+    for number, (keyformat, material, suffix) in enumerate(imports):
+        host = hosts[number % 2]
+        guid = import_key(keyserver, host.name, keyformat, material + suffix)
+        expected[host.name][guid] = material
+    assert sum(len(keys) for keys in expected.values()) == 50
+
+    # Fetch them all: what the server releases is what we search for.
+    keys: list[bytes] = []
+    for host in hosts:
+        with keyserver.session(host) as session:
+            response = release_batch(session, keyserver, host, expected[host.name])
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["denied"] == []
+        released = {k["dataset_guid"]: base64.b64decode(k["key"]) for k in body["keys"]}
+        assert released == expected[host.name]
+        assert len(leaked(response.content, released.values())) == len(released)  # detector works
+        keys += released.values()
+    assert len(set(keys)) == 50
+
+    # While it runs: the write-ahead log holds the recent transactions.
+    wal = keyserver.data_dir / "keys.db-wal"
+    assert wal.is_file() and wal.stat().st_size > 0
+    searched, found = search_data_dir(keyserver, keys)
+    assert {"keys.db", "keys.db-wal", "keys.db-shm", "ratelimit.db", "audit.log"} <= searched
+    assert found == {}
+
+    assert keyserver.stop() == 0
+    searched, found = search_data_dir(keyserver, keys)
+    assert {"keys.db", "ratelimit.db", "audit.log", "server.log"} <= searched
+    assert found == {}
+
+
+def test_sealed_column_is_version_nonce_ciphertext_tag(keyserver: KeyServer) -> None:
+    keyserver.add_host("sealer")
+    materials = {
+        "raw": os.urandom(32),
+        "hex": os.urandom(32).hex().encode(),
+        "passphrase": b"correct horse battery staple",
+    }
+    imported = {import_key(keyserver, "sealer", f, m): m for f, m in materials.items()}
+    for keyformat in ("raw", "hex"):  # generated by the server
+        keyserver.must(
+            "key",
+            "create",
+            "--host",
+            "sealer",
+            "--pool-guid",
+            POOL,
+            "--dataset-guid",
+            new_guid(),
+            "--dataset",
+            f"tank/generated-{keyformat}",
+            "--keyformat",
+            keyformat,
+        )
+    with db(keyserver) as conn:
+        rows = conn.execute(
+            "SELECT h.name, k.pool_guid, k.dataset_guid, k.legacy_name, k.key_id, k.keyformat,"
+            " k.sealed FROM keys k JOIN hosts h ON h.id = k.host_id"
+        ).fetchall()
+    assert len(rows) == 5
+    master = Sealer((keyserver.data_dir / "master.key").read_bytes())
+    wrong = Sealer(sealing.new_master_key())
+    nonces = set()
+    for host, pool, dataset_guid, legacy_name, key_id, keyformat, sealed in rows:
+        assert isinstance(sealed, bytes)
+        context = KeyContext(host, pool, dataset_guid, legacy_name, key_id, keyformat)
+        material = master.open(sealed, context)
+        if dataset_guid in imported:
+            assert material == imported[dataset_guid]
+        else:
+            assert len(material) == {"raw": 32, "hex": 64}[keyformat]
+        assert sealed[:1] == b"\x01"
+        assert len(sealed) == SEALED_OVERHEAD + len(material)
+        nonces.add(sealed[1 : 1 + sealing.NONCE_BYTES])
+        assert not leaked(sealed, [material])
+        with pytest.raises(IntegrityError):
+            wrong.open(sealed, context)
+        # Every part counts: version, nonce, ciphertext, tag; and nothing may be cut off.
+        for index in (0, 1, 12, 13, len(sealed) - 17, len(sealed) - 16, len(sealed) - 1):
+            tampered = bytearray(sealed)
+            tampered[index] ^= 0x01
+            with pytest.raises(IntegrityError):
+                master.open(bytes(tampered), context)
+        for cut in (sealed[:-1], sealed[: SEALED_OVERHEAD - 1], b""):
+            with pytest.raises(IntegrityError):
+                master.open(cut, context)
+    assert len(nonces) == len(rows)  # a fresh nonce for every seal
+
+
+def _tamper(conn: sqlite3.Connection, tampering: str, source: str, victims: list[str]) -> None:
+    def sealed_of(guid: str) -> bytes:
+        value: bytes = conn.execute(
+            "SELECT sealed FROM keys WHERE dataset_guid = ?", (guid,)
+        ).fetchone()[0]
+        return value
+
+    def set_sealed(guid: str, value: bytes) -> None:
+        conn.execute("UPDATE keys SET sealed = ? WHERE dataset_guid = ?", (value, guid))
+
+    if tampering == "copied_from_another_host":
+        set_sealed(victims[0], sealed_of(source))
+    elif tampering == "swapped_within_a_host":
+        first, second = sealed_of(victims[0]), sealed_of(victims[1])
+        set_sealed(victims[0], second)
+        set_sealed(victims[1], first)
+    elif tampering == "keyformat_changed":
+        conn.execute("UPDATE keys SET keyformat = 'hex' WHERE dataset_guid = ?", (victims[0],))
+    else:
+        raise AssertionError(tampering)
+    conn.commit()
+
+
+@pytest.mark.parametrize(
+    "tampering", ["copied_from_another_host", "swapped_within_a_host", "keyformat_changed"]
+)
+def test_sealed_value_moved_to_another_row_fails_closed(
+    keyserver: KeyServer, tampering: str
+) -> None:
+    configure(keyserver)
+    alice = keyserver.add_host("alice")
+    bob = keyserver.add_host("bob")
+    keyserver.start()
+    alice_guid, alice_key = enrol_key(keyserver, alice)
+    bob_keys = dict(enrol_key(keyserver, bob) for _ in range(3))
+    bob_guids = list(bob_keys)
+    victims = bob_guids[:2] if tampering == "swapped_within_a_host" else bob_guids[:1]
+    intact = [g for g in bob_guids if g not in victims]
+    with db(keyserver) as conn:
+        _tamper(conn, tampering, alice_guid, victims)
+    # Any key these rows could yield if the server opened them regardless.
+    exposed = [alice_key, *(bob_keys[g] for g in victims)]
+
+    with keyserver.session(bob) as session:
+        for guid in victims:
+            response = release(session, keyserver, bob, POOL, guid)
+            assert response.status_code == 403
+            assert response.json() == {"error": "forbidden"}
+            assert leaked(response.content, exposed) == []
+            record = releases_of(keyserver, guid)[-1]
+            assert (record["decision"], record["reason"]) == ("deny", "integrity_failure")
+        batch = release_batch(session, keyserver, bob, bob_guids)
+    assert batch.status_code == 200
+    body = batch.json()
+    assert body["denied"] == [{"pool_guid": POOL, "dataset_guid": g} for g in victims]
+    assert {k["dataset_guid"]: base64.b64decode(k["key"]) for k in body["keys"]} == {
+        g: bob_keys[g] for g in intact
+    }
+    assert leaked(batch.content, exposed) == []
+    for guid in victims:
+        assert releases_of(keyserver, guid)[-1]["reason"] == "integrity_failure"
+    # The source row is untouched: its owner still gets its key.
+    with keyserver.session(alice) as session:
+        response = release(session, keyserver, alice, POOL, alice_guid)
+    assert base64.b64decode(response.json()["key"]) == alice_key
+    assert leaked((keyserver.data_dir / "audit.log").read_bytes(), exposed) == []
+
+
+# The database file
+
+
+def test_store_is_wal_with_full_sync_at_the_current_schema(keyserver: KeyServer) -> None:
+    store = SqliteStore(Layout(keyserver.data_dir).database)
+    try:
+        assert store.pragma("journal_mode") == "wal"
+        assert store.pragma("synchronous") == 2  # FULL
+        assert store.pragma("user_version") == SCHEMA_VERSION
+        assert store.pragma("foreign_keys") == 1
+    finally:
+        store.close()
+    with db(keyserver) as conn:
+        # WAL is recorded in the file itself, so every other connection uses it too.
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused_with_a_clear_error(keyserver: KeyServer) -> None:
+    with db(keyserver) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(ConfigError, match=r"schema 2 is newer than this server \(1\)"):
+        SqliteStore(Layout(keyserver.data_dir).database)
+    code, _, err = keyserver.admin("key", "list")
+    assert code == EX_CONFIG
+    assert "newer than this server" in err and "Traceback" not in err
+    code, err, elapsed = run_serve(keyserver)
+    assert code == EX_CONFIG, err
+    assert "newer than this server" in err and "Traceback" not in err
+    assert elapsed < 10
+    with db(keyserver) as conn:  # refused, not "migrated" backwards
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+
+
+# Files and their modes
+
+
+def file_modes(root: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in root.iterdir()}
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every entry under ROOT (and ROOT itself): mode, mtime, content hash."""
+    entries = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        entries[str(path.relative_to(root))] = (info.st_mode, info.st_mtime_ns, digest)
+    return entries
+
+
+def test_init_creates_private_credentials_and_database(tmp_path: Path) -> None:
+    root = tmp_path / "fresh"
+    root.mkdir()
+    root.chmod(0o755)  # an empty directory someone made beforehand
+    with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):
+        assert cli.main(["--data-dir", str(root), "init", "--server-name", "localhost"]) == 0
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    modes = file_modes(root)
+    for name in ("master.key", "ca.key", "server.key"):
+        assert modes[name] == 0o400, name
+    assert modes["keys.db"] == 0o600
+    assert modes["audit.log"] == 0o600
+    assert len((root / "master.key").read_bytes()) == sealing.MASTER_KEY_BYTES
+
+
+def test_init_refuses_a_non_empty_directory_and_changes_nothing(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    before = snapshot(keyserver.data_dir)
+    code, _, err = keyserver.admin("init")
+    assert code == EX_CANTCREAT
+    assert "not empty" in err
+    assert snapshot(keyserver.data_dir) == before
+
+    other = tmp_path / "somebody-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    before = snapshot(other)
+    with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):
+        assert cli.main(["--data-dir", str(other), "init"]) == EX_CANTCREAT
+    assert snapshot(other) == before
+
+
+def run_serve(server: KeyServer, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run the real console script's `serve`; return (exit code, stderr, seconds taken)."""
+    environment = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    process = subprocess.Popen(
+        [
+            str(SERVER_BIN),
+            "--data-dir",
+            str(server.data_dir),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**environment, **(env or {})},
+        start_new_session=True,
+    )
+    started = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError("serve did not exit: it is serving") from None
+    return process.returncode, err.decode(errors="replace"), time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [("master.key", 0o644), ("server.key", 0o644), ("master.key", 0o640), ("server.key", 0o604)],
+)
+def test_serve_refuses_a_credential_others_can_read(
+    keyserver: KeyServer, name: str, mode: int
+) -> None:
+    path = keyserver.data_dir / name
+    path.chmod(mode)
+    code, err, elapsed = run_serve(keyserver)
+    assert code == EX_CONFIG, err
+    assert str(path) in err and f"{mode:04o}" in err
+    assert "Traceback" not in err and "Listening at" not in err
+    assert elapsed < 10
+    assert not [r for r in keyserver.audit_records() if r.get("event") == "server_start"]
+
+
+def test_master_key_is_read_from_systemd_credentials(
+    keyserver: KeyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    configure(keyserver)
+    host = keyserver.add_host("credentialed")
+    material = os.urandom(32)
+    guid = import_key(keyserver, host.name, "raw", material)
+    # Move the master key into a credentials directory; leave a decoy in its place.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    master = keyserver.data_dir / "master.key"
+    master.rename(credentials / sealing.CREDENTIAL_NAME)
+    secretfile.write_new(master, sealing.new_master_key(), 0o400)
+
+    keyserver.start(env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    with keyserver.session(host) as session:
+        response = release(session, keyserver, host, POOL, guid)
+    keyserver.stop()
+    assert response.status_code == 200
+    assert base64.b64decode(response.json()["key"]) == material
+
+    keyserver.start()  # without credentials: the decoy, which opens nothing
+    with keyserver.session(host) as session:
+        response = release(session, keyserver, host, POOL, guid)
+    assert response.status_code == 403
+    assert releases_of(keyserver, guid)[-1]["reason"] == "integrity_failure"
+
+
+def test_master_key_falls_back_to_the_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = KeyContext("h", POOL, "1", "", "k-" + "0" * 24, "raw")
+    data_key, credential_key = sealing.new_master_key(), sealing.new_master_key()
+    data_path = tmp_path / "master.key"
+    secretfile.write_new(data_path, data_key, 0o400)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    sealed = Sealer(data_key).seal(b"k" * 32, context)
+    assert sealing.load_master_key(data_path).open(sealed, context) == b"k" * 32
+    credential = credentials / sealing.CREDENTIAL_NAME
+    secretfile.write_new(credential, credential_key, 0o400)
+    with pytest.raises(IntegrityError):
+        sealing.load_master_key(data_path).open(sealed, context)
+    credential.chmod(0o644)  # a credential is held to the same standard
+    with pytest.raises(ConfigError, match=str(credential)):
+        sealing.load_master_key(data_path)
+
+
+# The audit trail
+
+
+def audit_lines(server: KeyServer) -> list[bytes]:
+    data = (server.data_dir / "audit.log").read_bytes()
+    assert data.endswith(b"\n")
+    return data.splitlines()
+
+
+def audited(server: KeyServer, action: Callable[[], object]) -> list[tuple[str, str]]:
+    """Run ACTION; return (event, decision) of each audit line it added."""
+    before = len(audit_lines(server))
+    action()
+    records = [json.loads(line) for line in audit_lines(server)[before:]]
+    for record in records:
+        assert isinstance(record, dict) and record.get("ts"), record
+    return [(r["event"], r.get("decision", "")) for r in records]
+
+
+def test_every_decision_and_change_is_one_audit_line(keyserver: KeyServer) -> None:
+    configure(keyserver)
+    keyserver.start()
+    hosts: list[HostCreds] = []
+    assert audited(keyserver, lambda: hosts.append(keyserver.add_host("audited"))) == [
+        ("host_added", "allow")
+    ]
+    me = hosts[0]
+    guid = new_guid()
+    key_ids: list[str] = []
+    keys: list[bytes] = []
+
+    def admin(*args: str) -> Callable[[], object]:
+        return lambda: keyserver.must(*args)
+
+    def post(session: requests.Session, path: str, **body: Any) -> Callable[[], object]:
+        url, payload = keyserver.url(path), {"machine_id": me.machine_id, **body}
+        return lambda: session.post(url, json=payload, timeout=10).status_code
+
+    def enrol_once(session: requests.Session) -> Callable[[], object]:
+        def action() -> None:
+            response = enrol(session, keyserver, me, POOL, guid, dataset="tank/audited")
+            assert response.status_code in {200, 201}
+            key_ids.append(response.json()["key_id"])
+            keys.append(base64.b64decode(response.json()["key"]))
+
+        return action
+
+    def get(
+        session: requests.Session, dataset_guid: str, machine_id: str = ""
+    ) -> Callable[[], int]:
+        def action() -> int:
+            response = release(session, keyserver, me, POOL, dataset_guid, machine_id or None)
+            if response.status_code == 200:
+                keys.append(base64.b64decode(response.json()["key"]))
+            return response.status_code
+
+        return action
+
+    allow, deny = "allow", "deny"
+    with keyserver.session(me) as session:
+        assert audited(keyserver, post(session, "/v1/checkin")) == [("checkin", allow)]
+        assert audited(keyserver, enrol_once(session)) == [("enrol", allow)]
+        assert audited(keyserver, enrol_once(session)) == [("enrol", allow)]  # a retry
+        activation = {"pool_guid": POOL, "dataset_guid": guid, "key_id": key_ids[0]}
+        assert audited(keyserver, post(session, "/v1/keys/activate", **activation)) == [
+            ("activate", allow)
+        ]
+        assert audited(keyserver, get(session, guid)) == [("release", allow)]
+        assert audited(keyserver, get(session, new_guid())) == [("release", deny)]
+        assert audited(keyserver, get(session, guid, "e" * 32)) == [("release", deny)]
+        batch = [{"pool_guid": POOL, "dataset_guid": g} for g in (guid, new_guid())]
+        assert audited(keyserver, post(session, "/v1/keys/release", datasets=batch)) == [
+            ("release", allow),
+            ("release", deny),
+        ]
+
+        # Admin changes, each seen by the running server on the next request.
+        made = new_guid()
+        create = ("key", "create", "--host", "audited", "--pool-guid", POOL)
+        assert audited(keyserver, admin(*create, "--dataset-guid", made, "--dataset", "t/m")) == [
+            ("key_created", allow)
+        ]
+        assert audited(keyserver, get(session, made)) == [("release", allow)]
+        assert audited(keyserver, lambda: import_key(keyserver, "audited", "raw", b"a" * 32)) == [
+            ("key_created", allow)
+        ]
+        assert audited(keyserver, admin("key", "revoke", key_ids[0])) == [("key_revoked", allow)]
+        assert audited(keyserver, get(session, guid)) == [("release", deny)]
+        assert audited(keyserver, admin("key", "restore", key_ids[0])) == [("key_restored", allow)]
+        assert audited(keyserver, admin("host", "disable", "audited")) == [("host_disabled", allow)]
+        assert audited(keyserver, get(session, guid)) == [("release", deny)]
+        assert audited(keyserver, post(session, "/v1/checkin")) == [("checkin", deny)]
+        assert audited(keyserver, admin("host", "enable", "audited")) == [("host_enabled", allow)]
+        csr = keyserver.hosts_dir / "renewal.csr"
+        csr.write_bytes(new_key_and_csr("audited")[1])
+        renew = ("host", "cert", "audited", "--csr", str(csr))
+        cert_out = str(keyserver.hosts_dir / "renewal.crt")
+        assert audited(keyserver, admin(*renew, "--cert-out", cert_out)) == [
+            ("certificate_added", allow)
+        ]
+        keyserver.add_host("short-lived")
+        assert audited(keyserver, admin("host", "remove", "short-lived")) == [
+            ("host_removed", allow)
+        ]
+
+        # Hostile names are refused before they reach the log, and add nothing to it.
+        forged = 'tank/x\n{"event":"fake"}'
+        bad = {"pool_guid": POOL, "dataset_guid": new_guid(), "dataset": forged, "keyformat": "raw"}
+        assert audited(keyserver, post(session, "/v1/keys", **bad)) == []
+        evil = ("host", "add", 'evil\n{"event":"fake"}', "--machine-id", "f" * 32)
+        issue = str(keyserver.hosts_dir / "evil")
+        assert audited(keyserver, lambda: keyserver.admin(*evil, "--issue-key", issue)) == []
+
+    lines = audit_lines(keyserver)
+    assert all(line.startswith(b"{") and line.endswith(b"}") and line.isascii() for line in lines)
+    events = {r.get("event") for r in keyserver.audit_records()}
+    assert "fake" not in events and "unreadable_line" not in events
+    assert len(set(keys)) == 2
+    assert leaked(b"\n".join(lines), keys) == []
+
+
+def test_audit_record_values_cannot_forge_a_line(tmp_path: Path) -> None:
+    record = {
+        "event": "release",
+        "host": 'evil\n{"event":"fake"}',
+        "dataset": 'tank\r\n{"event":"fake","decision":"allow"}\u2028\u0085\x00',
+        "reason": "ok",
+    }
+    line = audit.encode(record)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert b"\r" not in line and line.isascii()
+    decoded = json.loads(line)
+    assert {k: decoded[k] for k in record} == record
+    path = tmp_path / "audit.log"
+    log = audit.AuditLog(path)
+    log.write(record, {"event": "next"})
+    log.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    records = list(audit.read(path))
+    assert [r["event"] for r in records] == ["release", "next"]
+    assert records[0]["host"] == record["host"] and records[0]["dataset"] == record["dataset"]
+
+
+def assert_unavailable(response: requests.Response, keys: Iterable[bytes]) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json() == {"error": "unavailable"}
+    assert response.headers["Retry-After"] == "30"
+    assert leaked(response.content, keys) == []
+
+
+def test_unwritable_audit_log_means_no_key_is_released(keyserver: KeyServer) -> None:
+    configure(keyserver)
+    host = keyserver.add_host("unaudited")
+    keyserver.start()
+    owned = dict(enrol_key(keyserver, host, f) for f in ("raw", "hex"))
+    keyserver.stop()
+
+    configure(keyserver, audit_log="/dev/full")  # every write fails: ENOSPC
+    keyserver.start()  # a full disk is not a reason to stay down; answering is the server's job
+    with keyserver.session(host) as session:
+        for guid in owned:
+            assert_unavailable(release(session, keyserver, host, POOL, guid), owned.values())
+        assert_unavailable(release_batch(session, keyserver, host, owned), owned.values())
+        assert_unavailable(enrol(session, keyserver, host, POOL, new_guid()), owned.values())
+        checkin = session.post(
+            keyserver.url("/v1/checkin"), json={"machine_id": host.machine_id}, timeout=10
+        )
+        assert_unavailable(checkin, owned.values())
+    keyserver.stop()
+    log = keyserver.log_path.read_text()
+    assert "cannot write audit log /dev/full" in log  # said at start, and on every refusal
+    assert "audit log unwritable; refusing request" in log
+
+    # The refusals were the audit log's doing: with a log again, the keys come back.
+    configure(keyserver)
+    keyserver.start()
+    with keyserver.session(host) as session:
+        response = release_batch(session, keyserver, host, owned)
+    got = {k["dataset_guid"]: base64.b64decode(k["key"]) for k in response.json()["keys"]}
+    assert got == owned
+
+
+@pytest.mark.parametrize("damage", ["removed", "made_a_file"])
+def test_audit_directory_lost_while_serving_means_no_key_is_released(
+    keyserver: KeyServer, damage: str
+) -> None:
+    audit_dir = keyserver.root / "audit"
+    audit_dir.mkdir()
+    configure(keyserver, audit_log=str(audit_dir / "audit.log"))
+    host = keyserver.add_host("dirlost")
+    # One worker, so the worker that opened the log is the one asked afterwards.
+    keyserver.start(workers=1)
+    guid, key = enrol_key(keyserver, host)
+    with keyserver.session(host) as session:
+        assert release(session, keyserver, host, POOL, guid).status_code == 200
+        shutil.rmtree(audit_dir)
+        if damage == "made_a_file":
+            audit_dir.write_text("not a directory\n")
+        for _ in range(3):
+            assert_unavailable(release(session, keyserver, host, POOL, guid), [key])
+        assert_unavailable(release_batch(session, keyserver, host, [guid]), [key])
+        # Once it is back, releases resume without a restart, into the new file.
+        audit_dir.unlink(missing_ok=True)
+        audit_dir.mkdir()
+        response = release(session, keyserver, host, POOL, guid)
+    assert response.status_code == 200
+    assert base64.b64decode(response.json()["key"]) == key
+    records = list(audit.read(audit_dir / "audit.log"))
+    assert [(r["event"], r["decision"], r["dataset_guid"]) for r in records] == [
+        ("release", "allow", guid)
+    ]
+
+
+def test_audit_log_moved_away_continues_in_a_new_file(keyserver: KeyServer) -> None:
+    """Rotation by rename: the next record goes to the configured path, not the old file."""
+    configure(keyserver)
+    host = keyserver.add_host("rotated")
+    keyserver.start(workers=1)
+    guid, key = enrol_key(keyserver, host)
+    log_path = keyserver.data_dir / "audit.log"
+    rotated = log_path.with_name("audit.log.1")
+    log_path.rename(rotated)
+    with keyserver.session(host) as session:
+        response = release(session, keyserver, host, POOL, guid)
+    assert response.status_code == 200
+    assert base64.b64decode(response.json()["key"]) == key
+    records = list(audit.read(log_path))
+    assert [(r["event"], r["dataset_guid"]) for r in records] == [("release", guid)]
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+    assert not [r for r in audit.read(rotated) if r.get("event") == "release"]
