@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
+from zfs_unlock_agent import privatefile
 from zfs_unlock_server.errors import ConfigError
 
 
@@ -21,17 +21,9 @@ def write_new(path: Path, data: bytes, mode: int = 0o400) -> None:
 
 def check_private(path: Path) -> None:
     """Refuse a credential file that group or others may read, or that is not a file."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: not a regular file")
-    if info.st_mode & 0o077:
-        raise ConfigError(
-            f"{path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open; "
-            "use chmod 0400 (or 0600)"
-        )
+    reason = privatefile.problem(path)
+    if reason:
+        raise ConfigError(f"{path}: {reason}")
 
 
 def read_private(path: Path) -> bytes:

@@ -87,6 +87,11 @@ def address_allowed(source_ip: str, networks: Sequence[str]) -> bool:
     return any(address in ipaddress.ip_network(net) for net in networks)
 
 
+def pool_allowed(host: Host, pool_guid: str) -> bool:
+    """A host enrolled with pools (--pool) may touch keys on those pools only."""
+    return not host.pools or pool_guid in host.pools
+
+
 def deadman_timeout(host: Host, default: int) -> int:
     """Seconds HOST may stay unseen; 0 means never disabled."""
     return default if host.deadman_timeout is None else host.deadman_timeout
@@ -203,7 +208,7 @@ class KeyService:
         base = self._record(
             caller, "release", host=host.name, pool=ref.pool_guid, dataset_guid=ref.dataset_guid
         )
-        if host.pools and ref.pool_guid not in host.pools:
+        if not pool_allowed(host, ref.pool_guid):
             return None, {**base, "decision": "deny", "reason": "pool_not_allowed"}
         record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         return self._open_for_release(record, base)
@@ -245,7 +250,7 @@ class KeyService:
         """The SimpleZFSKeySystem route: imported keys by (machine, pool, name)."""
         host = self.authenticate(caller, machine_id, "release")
         base = self._record(caller, "release", host=host.name, pool=pool_guid, legacy_name=name)
-        if host.pools and pool_guid not in host.pools:
+        if not pool_allowed(host, pool_guid):
             result: Released | None = None
             audit_record: AuditRecord = {**base, "decision": "deny", "reason": "pool_not_allowed"}
         else:
@@ -278,7 +283,7 @@ class KeyService:
             "dataset_guid": ref.dataset_guid,
             "dataset": dataset,
         }
-        if host.pools and ref.pool_guid not in host.pools:
+        if not pool_allowed(host, ref.pool_guid):
             raise self.deny(caller, "enrol", "pool_not_allowed", **fields)
         existing = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         if existing is not None:
@@ -403,7 +408,7 @@ class KeyService:
             "dataset_guid": ref.dataset_guid,
             "key_id": key_id,
         }
-        if host.pools and ref.pool_guid not in host.pools:
+        if not pool_allowed(host, ref.pool_guid):
             raise self.deny(caller, "activate", "pool_not_allowed", **fields)
         record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         if record is None or record.key_id != key_id:

@@ -9,13 +9,12 @@ before anything else (for instance from ExecStartPre).
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zfs_unlock_agent import keyclient, pinning, validate
+from zfs_unlock_agent import keyclient, pinning, privatefile, validate
 from zfs_unlock_agent.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/zfs-unlock-agent/agent.toml")
@@ -127,19 +126,9 @@ def _server(table: Any, index: int, file: Path) -> Server:
 
 
 def check_private_key_file(path: Path, what: str) -> None:
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: missing") from None
-    except PermissionError:
-        raise ConfigError(f"{what} {path}: not readable") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{what} {path}: not a regular file")
-    if info.st_mode & 0o077:
-        raise ConfigError(
-            f"{what} {path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open;"
-            " use chmod 0400"
-        )
+    reason = privatefile.problem(path)
+    if reason:
+        raise ConfigError(f"{what} {path}: {reason}")
 
 
 def parse(text: str, file: Path, check_files: bool = True) -> Config:
