@@ -352,18 +352,18 @@ class Admin:
                     updated_at=now,
                 )
             )
-        for record in records:  # every record first: an unwritable log imports nothing
-            self.record(
-                "key_imported",
-                host=record.host,
-                pool=record.pool_guid,
-                legacy_name=record.legacy_name,
-                key_id=record.key_id,
-                keyformat=record.keyformat,
-                origin="simplezfs",
-                state=record.state,
-            )
         with self.granting("import_simplezfs", keys=len(records), file=str(path)):
+            for record in records:  # before the insert: a record that fails imports nothing
+                self.record(
+                    "key_imported",
+                    host=record.host,
+                    pool=record.pool_guid,
+                    legacy_name=record.legacy_name,
+                    key_id=record.key_id,
+                    keyformat=record.keyformat,
+                    origin="simplezfs",
+                    state=record.state,
+                )
             self.store.insert_keys(records)
         return len(records)
 

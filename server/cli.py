@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -467,7 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)
         return exc.exit_code
     except audit.AuditError as exc:
-        print(f"zfs-unlock-server: {exc}; access-granting changes were not made", file=sys.stderr)
+        print(
+            f"zfs-unlock-server: {exc}. A change that grants access was not made; one that"
+            " takes access away was made, but is not in the audit log.",
+            file=sys.stderr,
+        )
+        return EX_IOERR
+    except sqlite3.Error as exc:
+        print(f"zfs-unlock-server: database: {exc}", file=sys.stderr)
         return EX_IOERR
     except validate.InvalidInput as exc:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)

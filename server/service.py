@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from zfs_unlock_agent import protocol
@@ -187,10 +187,27 @@ class KeyService:
             raise self.deny(caller, event, "source_address_not_allowed", **named)
         if machine_id != host.machine_id:
             raise self.deny(caller, event, "machine_id_mismatch", **named)
-        # Every request that passes these checks counts as "seen" for the dead-man switch.
+        return host
+
+    @contextlib.contextmanager
+    def serving(self, caller: Caller, machine_id: str, event: str) -> Iterator[Host]:
+        """Authenticate, run a route, then count the host as seen for the dead-man switch.
+
+        Seen means: it passed the host checks and its request was recorded. A
+        request the audit log could not record (AuditError) does not count.
+        """
+        host = self.authenticate(caller, machine_id, event)
+        try:
+            yield host
+        except (Denied, Conflict):
+            self._seen(host)
+            raise
+        self._seen(host)
+
+    def _seen(self, host: Host) -> None:
+        now = int(self.clock())
         if now - host.last_seen >= TOUCH_INTERVAL:
             self.store.touch_host(host.id, now)
-        return host
 
     # Routes
 
@@ -229,36 +246,40 @@ class KeyService:
 
     def release(self, caller: Caller, machine_id: str, refs: Sequence[DatasetRef]) -> BatchResult:
         """Release each requested key the host may have. Audited before anything is returned."""
-        host = self.authenticate(caller, machine_id, "release")
-        released: list[Released] = []
-        denied: list[DatasetRef] = []
-        records: list[AuditRecord] = []
-        for ref in refs:
-            result, audit_record = self._releasable(caller, host, ref)
-            records.append(audit_record)
-            if result is None:
-                denied.append(ref)
-            else:
-                released.append(result)
-        # One durable write for the whole batch; if it fails nothing is released.
-        self.audit.write(*records)
+        with self.serving(caller, machine_id, "release") as host:
+            released: list[Released] = []
+            denied: list[DatasetRef] = []
+            records: list[AuditRecord] = []
+            for ref in refs:
+                result, audit_record = self._releasable(caller, host, ref)
+                records.append(audit_record)
+                if result is None:
+                    denied.append(ref)
+                else:
+                    released.append(result)
+            # One durable write for the whole batch; if it fails nothing is released.
+            self.audit.write(*records)
         return BatchResult(released, denied)
 
     def release_legacy(
         self, caller: Caller, machine_id: str, pool_guid: str, name: str
     ) -> Released:
         """The SimpleZFSKeySystem route: imported keys by (machine, pool, name)."""
-        host = self.authenticate(caller, machine_id, "release")
-        base = self._record(caller, "release", host=host.name, pool=pool_guid, legacy_name=name)
-        if not pool_allowed(host, pool_guid):
-            result: Released | None = None
-            audit_record: AuditRecord = {**base, "decision": "deny", "reason": "pool_not_allowed"}
-        else:
-            record = self.store.key_for_legacy_name(host.id, pool_guid, name)
-            result, audit_record = self._open_for_release(record, base)
-        self.audit.write(audit_record)
-        if result is None:
-            raise Denied(str(audit_record["reason"]))
+        with self.serving(caller, machine_id, "release") as host:
+            base = self._record(caller, "release", host=host.name, pool=pool_guid, legacy_name=name)
+            if not pool_allowed(host, pool_guid):
+                result: Released | None = None
+                audit_record: AuditRecord = {
+                    **base,
+                    "decision": "deny",
+                    "reason": "pool_not_allowed",
+                }
+            else:
+                record = self.store.key_for_legacy_name(host.id, pool_guid, name)
+                result, audit_record = self._open_for_release(record, base)
+            self.audit.write(audit_record)
+            if result is None:
+                raise Denied(str(audit_record["reason"]))
         return result
 
     def enrol(
@@ -276,7 +297,18 @@ class KeyService:
         still pending returns that same key, so a lost response can be retried;
         a dataset whose key is active or revoked is a Conflict: never a second key.
         """
-        host = self.authenticate(caller, machine_id, "enrol")
+        with self.serving(caller, machine_id, "enrol") as host:
+            return self._enrol(caller, host, ref, dataset, keyformat, imported)
+
+    def _enrol(
+        self,
+        caller: Caller,
+        host: Host,
+        ref: DatasetRef,
+        dataset: str,
+        keyformat: str,
+        imported: bytes | None,
+    ) -> tuple[Released, bool]:
         fields = {
             "host": host.name,
             "pool": ref.pool_guid,
@@ -300,16 +332,22 @@ class KeyService:
             origin="generated" if imported is None else "imported",
             **fields,
         )
-        self.audit.write(created)
-        try:
+        with self._recorded_first(created):
             record, material = self.create_key(
                 host, ref, dataset, keyformat, imported, "pending", key_id
             )
+        return Released(record, material), True
+
+    @contextlib.contextmanager
+    def _recorded_first(self, record: AuditRecord) -> Iterator[None]:
+        """Write RECORD, then make the change; a change that fails is recorded as failed."""
+        self.audit.write(record)
+        try:
+            yield
         except BaseException as exc:
             with contextlib.suppress(AuditError):
-                self.audit.write({**created, "decision": "failed", "reason": type(exc).__name__})
+                self.audit.write({**record, "decision": "failed", "reason": type(exc).__name__})
             raise
-        return Released(record, material), True
 
     def _repeat_enrolment(
         self,
@@ -401,24 +439,25 @@ class KeyService:
 
     def activate(self, caller: Caller, machine_id: str, ref: DatasetRef, key_id: str) -> KeyRecord:
         """Mark a pending key active once the host proved it opens the dataset."""
-        host = self.authenticate(caller, machine_id, "activate")
-        fields = {
-            "host": host.name,
-            "pool": ref.pool_guid,
-            "dataset_guid": ref.dataset_guid,
-            "key_id": key_id,
-        }
-        if not pool_allowed(host, ref.pool_guid):
-            raise self.deny(caller, "activate", "pool_not_allowed", **fields)
-        record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
-        if record is None or record.key_id != key_id:
-            raise self.deny(caller, "activate", "no_such_key", **fields)
-        if record.state == "pending":
-            self.store.set_key_state(key_id, "active", ("pending",), int(self.clock()))
-        elif record.state != "active":
-            raise self.deny(caller, "activate", f"key_{record.state}", **fields)
-        self.audit.write(self._record(caller, "activate", decision="allow", reason="ok", **fields))
-        return self.store.key_by_id(key_id)
+        with self.serving(caller, machine_id, "activate") as host:
+            fields = {
+                "host": host.name,
+                "pool": ref.pool_guid,
+                "dataset_guid": ref.dataset_guid,
+                "key_id": key_id,
+            }
+            if not pool_allowed(host, ref.pool_guid):
+                raise self.deny(caller, "activate", "pool_not_allowed", **fields)
+            record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+            if record is None or record.key_id != key_id:
+                raise self.deny(caller, "activate", "no_such_key", **fields)
+            if record.state not in LIVE_STATES:
+                raise self.deny(caller, "activate", f"key_{record.state}", **fields)
+            allowed = self._record(caller, "activate", decision="allow", reason="ok", **fields)
+            with self._recorded_first(allowed):
+                if record.state == "pending":
+                    self.store.set_key_state(key_id, "active", ("pending",), int(self.clock()))
+            return self.store.key_by_id(key_id)
 
 
 def generate_material(keyformat: str) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import logging
@@ -220,21 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def harden_process() -> None:
-    """Keys pass through this process's memory: no core dumps, no ptrace by other users."""
+def harden_process() -> bool:
+    """Keys pass through this process's memory: no core dumps, no ptrace by other users.
+    Returns False when the kernel refused to make the process non-dumpable."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with contextlib.suppress(OSError, AttributeError):
+    try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        return int(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    harden_process()
+    hardened = harden_process()
     parser = build_parser()
     args = parser.parse_args(argv)
     if "config" not in args:
         args.config = config.default_path()
     setup_logging(getattr(args, "verbose", False))
+    if not hardened:
+        log.warning("could not mark the process non-dumpable (prctl); core dumps are still off")
     handler: Command | None = getattr(args, "handler", None)
     if handler is None:
         if not args.dataset:

@@ -175,7 +175,7 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
         zfs=z.take("zfs", str, Zfs.zfs),
         zpool=z.take("zpool", str, Zfs.zpool),
         volume_link_timeout=z.number("volume_link_timeout", Zfs.volume_link_timeout),
-        zvol_dir=Path(z.take("zvol_dir", str, str(Zfs.zvol_dir))),
+        zvol_dir=_relative(Path(z.take("zvol_dir", str, str(Zfs.zvol_dir))), file),
     )
     z.done()
 

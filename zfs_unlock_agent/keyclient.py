@@ -287,8 +287,8 @@ class KeyClient:
         )
         if answer.status == 409:
             raise ServerRefused(
-                f"{dataset}: the server already holds an active or revoked key"
-                " for this dataset; it never issues a second one"
+                f"{dataset}: the server already holds a key for this dataset (active, revoked,"
+                " or pending with another keyformat); it never issues a second one"
             )
         key = _released_key(answer.body)
         if key.ref != ref or key.keyformat != keyformat:
