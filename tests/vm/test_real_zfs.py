@@ -1,0 +1,146 @@
+"""The real-OpenZFS tier: the agent on OpenZFS 2.3 in a QEMU guest, against the real key server.
+
+One guest boots for the module and runs every scenario of tests/vm/guest/scenarios.py;
+each test here asserts on one scenario's result, so a failure names the scenario and
+prints the guest's console. The tier fails when it cannot run (not root, no QEMU and apt
+fails, the image does not build); ZUA_SKIP_VM=1 skips it instead, saying so.
+The first run builds the image (about 5-8 minutes, mostly the DKMS build of zfs.ko).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.keyserver import HostCreds, KeyServer, machine_id_for
+from tests.vm.vm import SERVER_ADDRESS, Forwarder, Guest, GuestRun, VmError, build_image
+
+pytestmark = pytest.mark.vm
+
+SCENARIOS = (
+    "enroll_unlock_mount",
+    "server_down_then_up",
+    "zfs_as_the_agent_expects",
+    "volume_link_and_wrong_key",
+)
+GUEST_DIR = Path(__file__).resolve().parent / "guest"
+REPO = Path(__file__).resolve().parents[2]
+MACHINE_ID = machine_id_for("zfs-unlock-agent-vm-guest")
+
+
+@dataclass
+class Outcome:
+    run: GuestRun
+    results: dict[str, dict[str, Any]]  # by scenario name
+    server_log: Path
+    forwarder_events: list[str]
+
+    def report(self) -> str:
+        server_log = self.server_log.read_text(errors="replace") if self.server_log.exists() else ""
+        return (
+            f"guest exit: {self.run.rc} (qemu {self.run.qemu_rc}, {self.run.seconds:.0f} s)\n"
+            f"forwarder: {self.forwarder_events}\n"
+            f"--- key server log (tail) ---\n{server_log[-3000:]}\n"
+            f"--- guest console ({self.run.console_path}) ---\n{self.run.console}"
+        )
+
+
+def progress_printer(config: pytest.Config) -> Callable[[str], None]:
+    """Print past pytest's capture: the first build takes minutes and should show it is alive."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"[vm] {line}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def write_agent_files(directory: Path, server: KeyServer, creds: HostCreds) -> None:
+    """The guest's /etc/zfs-unlock-agent: agent.toml, client.crt, client.key."""
+    directory.mkdir(parents=True)
+    shutil.copyfile(creds.cert, directory / "client.crt")
+    shutil.copyfile(creds.key, directory / "client.key")
+    (directory / "client.key").chmod(0o400)
+    host, port = SERVER_ADDRESS
+    (directory / "agent.toml").write_text(
+        'machine_id_file = "/etc/machine-id"\n'
+        f'[[server]]\nurl = "https://{host}:{port}"\npins = ["{server.pin}"]\n'
+        '[client]\ncertificate = "client.crt"\nkey = "client.key"\n'
+        # TCG is slow; the deadline bounds the server-down scenario.
+        "[network]\nconnect_timeout = 5\nread_timeout = 30\ndeadline = 20\n"
+        "backoff_initial = 0.5\nbackoff_max = 2\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def outcome(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[Outcome]:
+    if os.environ.get("ZUA_SKIP_VM") == "1":
+        pytest.skip("ZUA_SKIP_VM=1: the real-OpenZFS tier was switched off")
+    if os.geteuid() != 0:
+        pytest.fail("the real-OpenZFS tier needs root (apt, DKMS); or set ZUA_SKIP_VM=1")
+    progress = progress_printer(pytestconfig)
+    started = time.monotonic()
+    try:
+        image = build_image(progress)
+    except (VmError, OSError) as exc:
+        pytest.fail(f"cannot build the guest image: {exc}")
+    progress(f"image ready in {time.monotonic() - started:.1f} s: {image.directory}")
+
+    root = tmp_path_factory.mktemp("vm")
+    server = KeyServer(root / "keyserver")
+    creds = server.add_host("zfsvm", "--allow-ip", "127.0.0.1/32", machine_id=MACHINE_ID)
+    share = root / "share"
+    write_agent_files(share / "agent", server, creds)
+    server.start()
+    try:
+        with Forwarder(server.port) as forwarder:
+            guest = Guest(
+                image,
+                GUEST_DIR,
+                share,
+                root / "guest",
+                server_port=forwarder.port,
+                control_port=forwarder.control_port,
+                machine_id=MACHINE_ID,
+                read_only_shares={"src": REPO, "site": image.site},
+            )
+            progress("booting the guest (TCG) and running the scenarios")
+            with guest:
+                run = guest.run()
+    finally:
+        server.stop()
+    progress(f"guest exit {run.rc} after {run.seconds:.1f} s; console: {run.console_path}")
+    results_file = share / "results.json"
+    results: dict[str, dict[str, Any]] = {}
+    if results_file.exists():
+        results = {r["name"]: r for r in json.loads(results_file.read_text())["scenarios"]}
+    yield Outcome(run, results, server.log_path, forwarder.events)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario(outcome: Outcome, name: str) -> None:
+    result = outcome.results.get(name)
+    if result is None or result["status"] != "PASS":
+        print(outcome.report())
+    assert result is not None, f"{name}: the guest reported no result (exit {outcome.run.rc})"
+    assert result["status"] == "PASS", f"{name}: {result['reason']}"
+
+
+def test_every_scenario_ran_and_guest_exited_cleanly(outcome: Outcome) -> None:
+    if list(outcome.results) != list(SCENARIOS) or outcome.run.rc != 0:
+        print(outcome.report())
+    assert list(outcome.results) == list(SCENARIOS), "scenarios.py and this list differ"
+    assert outcome.run.rc == 0
