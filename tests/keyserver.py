@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +56,17 @@ def toml_value(value: Any) -> str:
 
 
 class KeyServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, server_names: Sequence[str] = ("localhost", "127.0.0.1")
+    ) -> None:
+        """A new data directory under ROOT; SERVER_NAMES go into the server certificate's
+        subject alternative names (a client that checks them, such as libcurl, needs the
+        address it connects to among them)."""
         self.root = root
         self.data_dir = root / "data"
         self.hosts_dir = root / "hosts"
         self.hosts_dir.mkdir(parents=True)
-        self.pin = admin.init_data_dir(self.data_dir, ["localhost", "127.0.0.1"])
+        self.pin = admin.init_data_dir(self.data_dir, list(server_names))
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = root / "server.log"

@@ -20,6 +20,16 @@ from zfs_unlock_agent.secret import Secret
 
 COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
 
+# What libzfs reads from its environment to fetch a keylocation=https:// key (CA file or
+# directory, client certificate and key: get_key_material_https() in libzfs_crypto.c).
+# File names, never key material; passed on only to `zfs load-key` from the keylocation.
+HTTPS_KEYLOCATION_ENV = (
+    "SSL_CA_CERT_FILE",
+    "SSL_CA_CERT_PATH",
+    "SSL_CLIENT_CERT_FILE",
+    "SSL_CLIENT_KEY_FILE",
+)
+
 LIST_COLUMNS = (
     "name",
     "type",
@@ -110,10 +120,16 @@ class Zfs:
         self.zpool = zpool
 
     @staticmethod
-    def _environment() -> dict[str, str]:
-        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+    def _environment(passed: Sequence[str] = ()) -> dict[str, str]:
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LC_ALL": "C",
+        }
+        return environment | {name: os.environ[name] for name in passed if name in os.environ}
 
-    def _run(self, argv: Sequence[str], stdin: Secret | None = None) -> str:
+    def _run(
+        self, argv: Sequence[str], stdin: Secret | None = None, passed_env: Sequence[str] = ()
+    ) -> str:
         command = " ".join(argv[:2])
         try:
             process = subprocess.Popen(  # noqa: S603 - argv list, validated names
@@ -121,7 +137,7 @@ class Zfs:
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=self._environment(),
+                env=self._environment(passed_env),
             )
         except FileNotFoundError:
             raise ZfsUnavailable(f"{argv[0]}: not found") from None
@@ -201,9 +217,10 @@ class Zfs:
         self._run([self.zfs, "load-key", *flags, "-L", "prompt", root], stdin=key)
 
     def load_key_from_location(self, root: str) -> None:
-        """`zfs load-key ROOT` from the dataset's own keylocation (file:// or https://)."""
+        """`zfs load-key ROOT` from the dataset's own keylocation (file:// or https://),
+        with the SSL_* variables an https:// keylocation needs, as `zfs load-key` has them."""
         validate.dataset_name(root)
-        self._run([self.zfs, "load-key", root])
+        self._run([self.zfs, "load-key", root], passed_env=HTTPS_KEYLOCATION_ENV)
 
     def mount(self, dataset: str) -> None:
         validate.dataset_name(dataset)

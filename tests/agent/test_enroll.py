@@ -124,6 +124,34 @@ def test_enrol_dataset_with_a_key_file(
     assert_boot_unlock_opens(host, "tank/data")
 
 
+def test_enrol_passes_the_https_keylocation_variables_to_load_key(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """libzfs fetches a keylocation=https:// key with SSL_CA_CERT_FILE, SSL_CLIENT_CERT_FILE
+    and SSL_CLIENT_KEY_FILE from its environment (the SimpleZFSKeySystem route needs a
+    client certificate): `enroll` of a locked dataset passes them to that load-key only."""
+    host = new_host(shared_keyserver, tmp_path, "https-env")
+    key_file = tmp_path / "data.key"  # the fake reads file:// only; the environment is the point
+    key_file.write_bytes(os.urandom(32))
+    host.zfs.add_encrypted(
+        "tank/data", key_file.read_bytes(), managed=False, keylocation=f"file://{key_file}"
+    )
+    ssl = {
+        "SSL_CA_CERT_FILE": "/etc/ssl/server.crt",
+        "SSL_CA_CERT_PATH": "/etc/ssl/certs",
+        "SSL_CLIENT_CERT_FILE": "/etc/zfs-unlock-agent/client.crt",
+        "SSL_CLIENT_KEY_FILE": "/etc/zfs-unlock-agent/client.key",
+    }
+
+    result = host.run("enroll", "--dataset", "tank/data", env={**ssl, "SSL_OTHER": "x"})
+
+    assert result.returncode == 0, result.stderr
+    (from_location,) = [c for c in host.zfs.calls("zfs", "load-key") if "-L" not in c["argv"]]
+    assert {k: v for k, v in from_location["env"].items() if k.startswith("SSL_")} == ssl
+    others = [c for c in host.zfs.calls("zfs") if c != from_location]
+    assert others and not [c for c in others if any(k.startswith("SSL_") for k in c["env"])]
+
+
 def test_enrol_loaded_passphrase_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     host = new_host(shared_keyserver, tmp_path, "passphrase")
     host.zfs.add_encrypted(

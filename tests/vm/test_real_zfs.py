@@ -22,8 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.keyserver import HostCreds, KeyServer, machine_id_for
-from tests.vm.vm import SERVER_ADDRESS, Forwarder, Guest, GuestRun, VmError, build_image
+from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, machine_id_for
+from tests.vm.vm import (
+    GIB,
+    SERVER_ADDRESS,
+    Forwarder,
+    Guest,
+    GuestRun,
+    SimpleZfsImporter,
+    VmError,
+    build_image,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -32,6 +41,15 @@ SCENARIOS = (
     "server_down_then_up",
     "zfs_as_the_agent_expects",
     "volume_link_and_wrong_key",
+    "unlock_all_two_pools",
+    "key_formats",
+    "wrong_key_partial",
+    "verify_mismatch",
+    "migrate_from_file",
+    "migrate_from_passphrase",
+    "migrate_from_native_https",
+    "enroll_interrupted",
+    "export_import_rename",
 )
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 REPO = Path(__file__).resolve().parents[2]
@@ -67,8 +85,10 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 
 
 def write_agent_files(directory: Path, server: KeyServer, creds: HostCreds) -> None:
-    """The guest's /etc/zfs-unlock-agent: agent.toml, client.crt, client.key."""
+    """The guest's /etc/zfs-unlock-agent: agent.toml, client.crt, client.key; and the
+    server's certificate, server.crt, for ZFS's own keylocation=https:// (SSL_CA_CERT_FILE)."""
     directory.mkdir(parents=True)
+    shutil.copyfile(server.data_dir / "server.crt", directory / "server.crt")
     shutil.copyfile(creds.cert, directory / "client.crt")
     shutil.copyfile(creds.key, directory / "client.key")
     (directory / "client.key").chmod(0o400)
@@ -100,13 +120,16 @@ def outcome(
     progress(f"image ready in {time.monotonic() - started:.1f} s: {image.directory}")
 
     root = tmp_path_factory.mktemp("vm")
-    server = KeyServer(root / "keyserver")
+    # The guest's libcurl (keylocation=https://) checks the address it connects to.
+    server = KeyServer(root / "keyserver", ["localhost", "127.0.0.1", SERVER_ADDRESS[0]])
+    server.configure(simplezfs_route=True)  # every other setting: its default
     creds = server.add_host("zfsvm", "--allow-ip", "127.0.0.1/32", machine_id=MACHINE_ID)
     share = root / "share"
     write_agent_files(share / "agent", server, creds)
+    importer = SimpleZfsImporter(SERVER_BIN, server.data_dir, MACHINE_ID, root / "simplezfs")
     server.start()
     try:
-        with Forwarder(server.port) as forwarder:
+        with Forwarder(server.port, legacy=importer) as forwarder:
             guest = Guest(
                 image,
                 GUEST_DIR,
@@ -115,6 +138,7 @@ def outcome(
                 server_port=forwarder.port,
                 control_port=forwarder.control_port,
                 machine_id=MACHINE_ID,
+                disks=(GIB, GIB, GIB),  # tank, tank2, and one for export_import_rename's pool
                 read_only_shares={"src": REPO, "site": image.site},
             )
             progress("booting the guest (TCG) and running the scenarios")

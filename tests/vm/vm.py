@@ -4,7 +4,9 @@
   (cached outside the checkout) and returns where they are.
 - `Forwarder` is a TCP proxy on 127.0.0.1 in front of the key server. The guest switches
   it off and on by sending "down" or "up" to its control port, so a scenario can make the
-  server unreachable, then reachable again, without the host knowing its timing.
+  server unreachable, then reachable again, without the host knowing its timing. With
+  `legacy=SimpleZfsImporter(...)`, "legacy POOL_GUID NAME" makes the host import a fresh
+  SimpleZFSKeySystem key for the guest (the key never crosses the control channel).
 - `Guest` boots the image under QEMU (TCG) with a payload (run.sh and files, unpacked at
   /payload), disks (GPT, one ZFS partition each), 9p shares and user networking that
   reaches only the forwarder (10.0.2.100:8443) and its control port (10.0.2.101:9000).
@@ -15,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -30,6 +34,7 @@ from types import TracebackType
 from typing import Self
 
 from tests.vm.relay import relay
+from zfs_unlock_agent import validate
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-image.sh"
@@ -96,10 +101,12 @@ class Forwarder:
 
     While down, new connections are reset at once and open ones are cut, as when the
     server's machine is gone. Every control command is answered "ok" (or "error").
+    "legacy POOL_GUID NAME" calls LEGACY (when given) with the validated arguments.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, legacy: LegacyImporter | None = None) -> None:
         self.target_port = target_port
+        self.legacy = legacy
         self.port = 0
         self.control_port = 0
         self.events: list[str] = []  # what happened, for the test's report
@@ -199,11 +206,95 @@ class Forwarder:
         conn.settimeout(10)
         with conn.makefile("r", encoding="ascii", errors="replace") as reader:
             command = reader.readline().strip()
+        words = command.split(" ")
         if command in ("down", "up"):
             self.switch(command == "up")
             conn.sendall(b"ok\n")
+        elif len(words) == 3 and words[0] == "legacy":
+            conn.sendall(b"ok\n" if self._import_legacy(words[1], words[2]) else b"error\n")
         else:
             conn.sendall(b"error\n")
+
+    def _import_legacy(self, pool_guid: str, name: str) -> bool:
+        stamp = time.strftime("%H:%M:%S")
+        try:
+            validate.guid(pool_guid, "pool GUID")
+            validate.label(name, "name")
+        except validate.InvalidInput as exc:
+            self.events.append(f"{stamp} legacy: refused ({exc})")
+            return False
+        if self.legacy is None:
+            self.events.append(f"{stamp} legacy {pool_guid} {name}: no importer")
+            return False
+        try:
+            self.legacy(pool_guid, name)
+        except (VmError, OSError, sqlite3.Error, subprocess.SubprocessError) as exc:
+            self.events.append(f"{stamp} legacy {pool_guid} {name}: failed: {exc}")
+            return False
+        self.events.append(f"{stamp} legacy {pool_guid} {name}: imported")
+        return True
+
+
+# The control channel's "legacy" command: SimpleZFSKeySystem keys, made on the host
+
+LegacyImporter = Callable[[str, str], None]  # (pool GUID, name) -> None, or raises
+
+
+@dataclass(frozen=True)
+class SimpleZfsImporter:
+    """Import a fresh SimpleZFSKeySystem-style key for MACHINE_ID's POOL_GUID/NAME.
+
+    As that system made them: 32 random hex characters, used by ZFS as a keyformat=raw
+    key. They go into a one-row RedBean-style SQLite file (table `key`: name, machine,
+    pool, keyvalue, active), which the real admin command `zfs-unlock-server
+    import-simplezfs` reads; the file is removed afterwards. The key stays on the host:
+    the guest fetches it itself through the server's /MACHINE_ID/POOL_GUID/NAME route.
+    """
+
+    server_bin: Path
+    data_dir: Path
+    machine_id: str
+    workdir: Path
+
+    def __call__(self, pool_guid: str, name: str) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        database = self.workdir / f"simplezfs-{pool_guid}-{name}.db"
+        database.unlink(missing_ok=True)
+        try:
+            database.touch(mode=0o600)
+            write_simplezfs_database(
+                database, [(name, self.machine_id, pool_guid, secrets.token_hex(16), 1)]
+            )
+            command = [str(self.server_bin), "--data-dir", str(self.data_dir)]
+            done = subprocess.run(
+                [*command, "import-simplezfs", str(database)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            database.unlink(missing_ok=True)
+        if done.returncode != 0:
+            raise VmError(f"import-simplezfs exited {done.returncode}: {done.stderr.strip()}")
+
+
+def write_simplezfs_database(path: Path, rows: Sequence[tuple[str, str, str, str, int]]) -> None:
+    """A SimpleZFSKeySystem database as RedBeanPHP lays it out: (name, machine, pool,
+    keyvalue, active) rows in table `key`, with an autoincrement id."""
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.execute(
+                "CREATE TABLE `key` (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT,"
+                " machine TEXT, pool TEXT, keyvalue TEXT, active INTEGER)"
+            )
+            db.executemany(
+                "INSERT INTO `key` (name, machine, pool, keyvalue, active) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+    finally:
+        db.close()
 
 
 # The guest

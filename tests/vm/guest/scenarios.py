@@ -5,8 +5,10 @@ STRATEGY:
    /etc/zfs-unlock-agent/agent.toml ...`, with the real key server behind
    https://10.0.2.100:8443 (a forwarder on the host) and real `zfs`/`zpool`.
 2. Each scenario is a function below, with its own STRATEGY. It sets up what it needs
-   on the pools run.sh created (tank on /dev/vda1, tank2 on /dev/vdb1), checks with
-   `zfs` itself, and fails with a reason naming the step.
+   on the pools run.sh created (tank on /dev/vda1, tank2 on /dev/vdb1; /dev/vdc1 is left
+   for a scenario's own pool), with datasets of its own, checks with `zfs` itself, and
+   fails with a reason naming the step. It leaves no managed encryption root behind that
+   its server key cannot open, so `unlock` of every managed root stays meaningful.
 3. Output: "SCENARIO <name> PASS|FAIL <reason>" per scenario, a JSON results file
    (every command, its status and stderr, for the host's report), and exit status 1
    if any scenario failed.
@@ -17,6 +19,7 @@ Usage: scenarios.py --results FILE [NAME...]   (default: every scenario, in orde
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -25,15 +28,24 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zfs_unlock_agent.keyclient import KeyClient
 
 CONFIG = "/etc/zfs-unlock-agent/agent.toml"
-AGENT = [sys.executable, "-m", "zfs_unlock_agent", "-c", CONFIG]
+AGENT_MODULE = [sys.executable, "-m", "zfs_unlock_agent"]
+AGENT = [*AGENT_MODULE, "-c", CONFIG]
 CONTROL = ("10.0.2.101", 9000)  # the host's forwarder switch (tests/vm/vm.py)
+SERVER_URL = "https://10.0.2.100:8443"  # the key server, through the host's forwarder
+SERVER_CERT = "/mnt/host/agent/server.crt"  # its certificate, for libcurl (keylocation=https)
 MANAGED = "zfs-unlock-agent:managed"
+EX_PARTIAL = 1
 EX_TEMPFAIL = 75
+EX_BADKEY = 79
+KILLED = -9  # subprocess's status for a child killed by SIGKILL
 
 
 class Failure(Exception):
@@ -47,13 +59,19 @@ class Context:
         self.steps: list[dict[str, Any]] = []
 
     def run(
-        self, *argv: str, stdin: bytes = b"", timeout: float = 300
+        self,
+        *argv: str,
+        stdin: bytes = b"",
+        timeout: float = 300,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         started = time.monotonic()
+        environment = {**os.environ, **env} if env else None
         try:
             raw = subprocess.run(
-                argv, input=stdin, capture_output=True, timeout=timeout, check=False
-            )
+                argv, input=stdin, capture_output=True, timeout=timeout, check=False,
+                env=environment,
+            )  # fmt: skip
         except subprocess.TimeoutExpired:
             raise Failure(f"{' '.join(argv)}: timed out after {timeout:g} s") from None
         seconds = round(time.monotonic() - started, 2)
@@ -63,8 +81,13 @@ class Context:
             raw.stdout.decode(errors="replace"),
             raw.stderr.decode(errors="replace"),
         )
-        agent = list(argv[: len(AGENT)]) == AGENT
-        shown = " ".join(["zfs-unlock-agent", *argv[len(AGENT) :]] if agent else argv)
+        if list(argv[: len(AGENT)]) == AGENT:
+            shown = " ".join(["zfs-unlock-agent", *argv[len(AGENT) :]])
+        elif list(argv[: len(AGENT_MODULE)]) == AGENT_MODULE:
+            shown = " ".join(["zfs-unlock-agent", *argv[len(AGENT_MODULE) :]])
+        else:
+            shown = " ".join(argv)
+        shown = " ".join([*(f"{k}=..." for k in sorted(env or {})), shown])
         shown += " <key" if stdin else ""
         print(f"+ {shown} -> {done.returncode} ({seconds} s)", flush=True)
         for line in done.stderr.splitlines():
@@ -80,14 +103,25 @@ class Context:
         )
         return done
 
-    def must(self, *argv: str, stdin: bytes = b"") -> str:
-        done = self.run(*argv, stdin=stdin)
+    def must(self, *argv: str, stdin: bytes = b"", env: Mapping[str, str] | None = None) -> str:
+        done = self.run(*argv, stdin=stdin, env=env)
         if done.returncode != 0:
             raise Failure(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
         return done.stdout
 
-    def agent(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-        done = self.run(*AGENT, *args)
+    def note(self, text: str) -> None:
+        """A step that is no command (a request made from this process), for the record."""
+        print(f"+ {text}", flush=True)
+        self.steps.append({"command": text, "rc": 0, "seconds": 0, "stdout": "", "stderr": ""})
+
+    def agent(
+        self,
+        *args: str,
+        expect: int = 0,
+        config: str = CONFIG,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        done = self.run(*AGENT_MODULE, "-c", config, *args, env=env)
         if done.returncode != expect:
             raise Failure(
                 f"zfs-unlock-agent {' '.join(args)} exited {done.returncode}, expected {expect}:"
@@ -112,13 +146,18 @@ def expect_props(ctx: Context, dataset: str, **expected: str) -> None:
         check(actual.get(name) == want, f"{dataset}: {name} is {actual.get(name)!r}, not {want!r}")
 
 
-def switch_server(state: str) -> None:
-    """Make the key server unreachable ("down") or reachable ("up") via the host."""
-    with socket.create_connection(CONTROL, timeout=10) as sock:
-        sock.sendall(f"{state}\n".encode())
+def control(command: str, timeout: float = 60) -> None:
+    """Send COMMAND to the host's control channel (tests/vm/vm.py, Forwarder); expect "ok"."""
+    with socket.create_connection(CONTROL, timeout=timeout) as sock:
+        sock.sendall(f"{command}\n".encode())
         with sock.makefile("rb") as reader:
             answer = reader.readline()
-    check(answer == b"ok\n", f"forwarder switch {state!r}: answered {answer!r}")
+    check(answer == b"ok\n", f"host control {command!r}: answered {answer!r}")
+
+
+def switch_server(state: str) -> None:
+    """Make the key server unreachable ("down") or reachable ("up") via the host."""
+    control(state, timeout=10)
     print(f"+ key server switched {state}", flush=True)
 
 
@@ -132,6 +171,135 @@ def managed_roots(ctx: Context) -> list[str]:
     out = ctx.must("zfs", "list", "-H", "-o", f"name,encryptionroot,{MANAGED}")
     rows = [line.split("\t") for line in out.splitlines()]
     return [name for name, root, managed in rows if name == root and managed == "on"]
+
+
+# Helpers of the scenarios below
+
+
+def new_dataset(ctx: Context, name: str, key: bytes, keyformat: str = "raw") -> None:
+    """Create encryption root NAME with KEY (read from stdin, keylocation=prompt)."""
+    ctx.must(
+        "zfs", "create", "-o", "encryption=on", "-o", f"keyformat={keyformat}",
+        "-o", "keylocation=prompt", name, stdin=key,
+    )  # fmt: skip
+
+
+def write_data(path: str) -> str:
+    data = os.urandom(512).hex()
+    Path(path).write_text(data)
+    return data
+
+
+def expect_data(files: Mapping[str, str]) -> None:
+    for path, data in files.items():
+        check(Path(path).is_file(), f"{path} is missing")
+        check(Path(path).read_text() == data, f"{path} changed")
+
+
+def mounted_below(ctx: Context, *tops: str) -> dict[str, str]:
+    """Every dataset in the trees TOPS: "yes", "no" or "-" (a volume)."""
+    out = ctx.must(
+        "zfs", "list", "-H", "-r", "-t", "filesystem,volume", "-o", "name,mounted", *tops
+    )
+    return dict(line.split("\t") for line in out.splitlines())
+
+
+def lock_tree(ctx: Context, *tops: str) -> None:
+    """Unmount every filesystem in the trees TOPS (deepest first) and unload every key
+    below them (`unload-key -r`); check every encrypted dataset there is locked."""
+    out = ctx.must("zfs", "list", "-H", "-r", "-t", "filesystem", "-o", "name,mounted", *tops)
+    mounted = [row[0] for row in (line.split("\t") for line in out.splitlines()) if row[1] == "yes"]
+    for name in sorted(mounted, key=lambda n: n.count("/"), reverse=True):
+        ctx.must("zfs", "unmount", name)
+    for top in tops:
+        ctx.must("zfs", "unload-key", "-r", top)
+    out = ctx.must(
+        "zfs", "list", "-H", "-r", "-t", "filesystem,volume", "-o", "name,keystatus", *tops
+    )
+    unlocked = [line for line in out.splitlines() if line.split("\t")[1] == "available"]
+    check(not unlocked, f"still unlocked after unload-key: {unlocked}")
+
+
+def keystatus(ctx: Context, names: Iterable[str]) -> dict[str, str]:
+    return {name: ctx.props(name, "keystatus")["keystatus"] for name in names}
+
+
+def agent_client() -> KeyClient:
+    """The agent's own KeyClient, from the agent's configuration (pinned, client certificate)."""
+    from zfs_unlock_agent import config  # the checkout (PYTHONPATH), when needed
+    from zfs_unlock_agent.keyclient import KeyClient
+
+    cfg = config.load(Path(CONFIG))
+    return KeyClient(cfg.servers, cfg.client_certificate, cfg.client_key, cfg.network)
+
+
+def machine_id() -> str:
+    return Path("/etc/machine-id").read_text().strip()
+
+
+def guids(ctx: Context, dataset: str) -> tuple[str, str]:
+    """(pool GUID, dataset GUID) of DATASET."""
+    return pool_guid(ctx, dataset.split("/", 1)[0]), ctx.props(dataset, "guid")["guid"]
+
+
+def pool_guid(ctx: Context, pool: str) -> str:
+    return ctx.must("zpool", "get", "-H", "-p", "-o", "value", "guid", pool).strip()
+
+
+def import_key(ctx: Context, dataset: str, material: bytes, keyformat: str) -> str:
+    """Give the server MATERIAL as DATASET's key, as a host moving an existing key does:
+    POST /v1/keys with `key` (pending), then /v1/keys/activate; mark DATASET managed.
+    Returns the key id."""
+    from zfs_unlock_agent import protocol
+
+    pool, dataset_guid = guids(ctx, dataset)
+    ids = {"machine_id": machine_id(), "pool_guid": pool, "dataset_guid": dataset_guid}
+    with agent_client() as client:
+        answer = client.call(
+            "POST",
+            protocol.ROUTE_ENROL,
+            {
+                **ids,
+                "dataset": dataset,
+                "keyformat": keyformat,
+                "key": base64.b64encode(material).decode(),
+            },
+        )
+        body = answer.body
+        check(
+            (answer.status, body.get("state"), body.get("keyformat"))
+            == (201, "pending", keyformat),
+            f"{dataset}: importing its key answered {answer.status} {body.get('state')}",
+        )
+        check(body.get("key") == base64.b64encode(material).decode(), f"{dataset}: key differs")
+        key_id = str(body["key_id"])
+        activated = client.call("POST", protocol.ROUTE_ACTIVATE, {**ids, "key_id": key_id})
+        check(activated.body.get("state") == "active", f"{dataset}: activation {activated.body}")
+    ctx.note(f"import {keyformat} key ({len(material)} bytes) for {dataset}: {key_id} active")
+    ctx.must("zfs", "set", f"{MANAGED}=on", dataset)
+    return key_id
+
+
+def server_keys(ctx: Context, *datasets: str) -> dict[str, tuple[str, str]]:
+    """(key id, state) of each dataset's key on the server, via the batch release."""
+    from zfs_unlock_agent.keyclient import DatasetRef
+
+    refs = {name: DatasetRef(*guids(ctx, name)) for name in datasets}
+    with agent_client() as client:
+        released, denied = client.release(machine_id(), list(refs.values()))
+    states = {}
+    for name, ref in refs.items():
+        key = released.get(ref)
+        if key is not None:
+            key.secret.wipe()
+            states[name] = (key.key_id, key.state)
+    check(not denied and len(states) == len(refs), f"server refused: {denied}")
+    ctx.note(f"server keys: {states}")
+    return states
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ": ERROR: " in line]
 
 
 # Scenarios
@@ -285,11 +453,470 @@ def volume_link_and_wrong_key(ctx: Context) -> str:
     return "volume link appeared on unlock; a wrong server key exits 79"
 
 
+def unlock_all_two_pools(ctx: Context) -> str:
+    """STRATEGY:
+    1. Enrol four encryption roots with `enroll`: tank/ua, tank/ub (mountpoint /srv/ub),
+       tank2/uc, and tank/ua/nest/inner, a root nested inside tank/ua's tree.
+    2. Give them children with inherited keys: tank/ua/docs(/deep), tank/ua/none
+       (mountpoint=none), tank/ua/legacy (mountpoint=legacy), tank/ua/noauto
+       (canmount=noauto) with a child tank/ua/noauto/kid that zfs mount -a does mount,
+       tank/ua/nest/inner/leaf, tank2/uc/data and the volume tank2/uc/vol.
+       Write data everywhere (the volume: its first block; legacy and noauto: mounted
+       by hand, then unmounted).
+    3. `zfs mount -a`: what it mounts is the expected set (ZFS's own answer).
+    4. Lock the three trees (unmount, `zfs unload-key -r`): nothing mounted, no volume link.
+    5. `zfs-unlock-agent unlock --all` exits 0; every key is loaded; exactly the expected
+       set is mounted (none, legacy and noauto are not); /dev/zvol/tank2/uc/vol exists;
+       every file and the volume's block are intact; `zfs mount -a` then finds nothing
+       left to mount; noauto and legacy, mounted by hand, still hold their data.
+    """
+    tops = ("tank/ua", "tank/ub", "tank2/uc")
+    for root in ("tank/ua", "tank/ub", "tank2/uc"):
+        ctx.agent("enroll", "--dataset", root)
+    ctx.must("zfs", "set", "mountpoint=/srv/ub", "tank/ub")
+    ctx.must("zfs", "create", "-p", "tank/ua/docs/deep")
+    ctx.must("zfs", "create", "tank/ua/nest")
+    ctx.agent("enroll", "--dataset", "tank/ua/nest/inner")
+    ctx.must("zfs", "create", "tank/ua/nest/inner/leaf")
+    ctx.must("zfs", "create", "-o", "mountpoint=none", "tank/ua/none")
+    ctx.must("zfs", "create", "-o", "mountpoint=legacy", "tank/ua/legacy")
+    ctx.must("zfs", "create", "-o", "canmount=noauto", "tank/ua/noauto")
+    ctx.must("zfs", "create", "tank2/uc/data")
+    ctx.must("zfs", "create", "-V", "16M", "tank2/uc/vol")
+    expect_props(ctx, "tank/ua/nest/inner", encryptionroot="tank/ua/nest/inner")
+    expect_props(ctx, "tank/ua/nest/inner/leaf", encryptionroot="tank/ua/nest/inner")
+    expect_props(ctx, "tank/ua/nest", encryptionroot="tank/ua")
+
+    files = {
+        path: write_data(path)
+        for path in (
+            "/tank/ua/file",
+            "/tank/ua/docs/deep/file",
+            "/tank/ua/nest/inner/leaf/file",
+            "/srv/ub/file",
+            "/tank2/uc/data/file",
+        )
+    }
+    by_hand: dict[str, str] = {}
+    ctx.must("zfs", "mount", "tank/ua/noauto")
+    by_hand["/tank/ua/noauto/file"] = write_data("/tank/ua/noauto/file")
+    ctx.must("zfs", "unmount", "tank/ua/noauto")
+    ctx.must("zfs", "create", "tank/ua/noauto/kid")  # canmount=on below a noauto parent
+    files["/tank/ua/noauto/kid/file"] = write_data("/tank/ua/noauto/kid/file")
+    legacy_dir = Path("/mnt/ua-legacy")
+    legacy_dir.mkdir(exist_ok=True)
+    ctx.must("mount.zfs", "tank/ua/legacy", str(legacy_dir))
+    by_hand[f"{legacy_dir}/file"] = write_data(f"{legacy_dir}/file")
+    ctx.must("umount", str(legacy_dir))
+    link = Path("/dev/zvol/tank2/uc/vol")
+    ctx.must("udevadm", "settle")
+    block = os.urandom(4096)
+    with link.open("r+b") as vol:
+        vol.write(block)
+    ctx.must("sync")
+
+    ctx.must("zfs", "mount", "-a")
+    expected = mounted_below(ctx, *tops)
+    wanted = {n for n, m in expected.items() if m == "yes"}
+    never = {"tank/ua/none", "tank/ua/legacy", "tank/ua/noauto"}
+    check(not wanted & never, f"zfs mount -a mounted {sorted(wanted & never)}")
+    check("tank/ua/noauto/kid" in wanted, "zfs mount -a did not mount tank/ua/noauto/kid")
+
+    lock_tree(ctx, *tops)
+    check(set(mounted_below(ctx, *tops).values()) <= {"no", "-"}, "mounted while locked")
+    ctx.must("udevadm", "settle")
+    check(not link.exists(), f"{link} exists while locked")
+
+    ctx.agent("unlock", "--all")
+    after = mounted_below(ctx, *tops)
+    check(after == expected, f"mounted after unlock: {after}; zfs mount -a: {expected}")
+    locked = {n: s for n, s in keystatus(ctx, after).items() if s != "available"}
+    check(not locked, f"still locked: {locked}")
+    check(link.exists(), f"{link} missing after unlock")
+    with link.open("rb") as vol:
+        check(vol.read(len(block)) == block, f"{link}: first block changed")
+    expect_data(files)
+    ctx.must("zfs", "mount", "-a")
+    check(mounted_below(ctx, *tops) == expected, "zfs mount -a found more to mount")
+    ctx.must("zfs", "unmount", "tank/ua/noauto/kid")  # not to hide it below its parent
+    ctx.must("zfs", "mount", "tank/ua/noauto")
+    ctx.must("mount.zfs", "tank/ua/legacy", str(legacy_dir))
+    expect_data(by_hand)
+    ctx.must("umount", str(legacy_dir))
+    ctx.must("zfs", "unmount", "tank/ua/noauto")
+    ctx.must("zfs", "mount", "tank/ua/noauto/kid")
+    return (
+        f"4 roots on 2 pools; unlock --all mounted the {len(wanted)} datasets zfs mount -a"
+        " mounts (not none/legacy/noauto); volume link back; data intact"
+    )
+
+
+def key_formats(ctx: Context) -> str:
+    """STRATEGY:
+    1. tank/kf-raw: `enroll` (raw). tank/kf-hex: `enroll --keyformat hex`.
+    2. tank2/kf-nl: created with a raw key holding 0x0a (first, middle and last byte),
+       0x0d and 0x00 bytes; that key is imported on the server (POST /v1/keys with `key`,
+       then activate, through the agent's KeyClient).
+    3. tank2/kf-pass: created with a passphrase (keyformat=passphrase), imported the same way.
+    4. Write a file in each, lock all four; `unlock --dataset` for the four exits 0:
+       each is available and mounted with its file intact, and its keyformat unchanged.
+    """
+    ctx.agent("enroll", "--dataset", "tank/kf-raw")
+    ctx.agent("enroll", "--dataset", "tank/kf-hex", "--keyformat", "hex")
+    awkward = bytearray(os.urandom(32))
+    awkward[0] = awkward[13] = awkward[31] = 0x0A
+    awkward[7], awkward[20] = 0x0D, 0x00
+    new_dataset(ctx, "tank2/kf-nl", bytes(awkward))
+    import_key(ctx, "tank2/kf-nl", bytes(awkward), "raw")
+    passphrase = base64.b64encode(os.urandom(24)).decode().encode()  # 32 printable bytes
+    new_dataset(ctx, "tank2/kf-pass", passphrase, "passphrase")
+    import_key(ctx, "tank2/kf-pass", passphrase, "passphrase")
+    formats = {
+        "tank/kf-raw": "raw",
+        "tank/kf-hex": "hex",
+        "tank2/kf-nl": "raw",
+        "tank2/kf-pass": "passphrase",
+    }
+    files = {f"/{name}/file": write_data(f"/{name}/file") for name in formats}
+    ctx.must("sync")
+    lock_tree(ctx, *formats)
+
+    ctx.agent("unlock", *(arg for name in formats for arg in ("--dataset", name)))
+    for name, keyformat in formats.items():
+        expect_props(ctx, name, keystatus="available", mounted="yes", keyformat=keyformat)
+    expect_data(files)
+    return "raw, hex, raw with 0x0a/0x0d/0x00 bytes and passphrase keys all opened"
+
+
+def wrong_key_partial(ctx: Context) -> str:
+    """STRATEGY:
+    1. Three encryption roots (tank/wp-a, tank/wp-b, tank2/wp-c), each created with its
+       own raw key and a file; the server gets the right key of wp-a and wp-c and a
+       different (wrong) key for wp-b (imported, activated, managed).
+    2. Lock all three; `unlock --dataset` for the three exits 1 (partial).
+    3. wp-a and wp-c are available and mounted with their files intact; wp-b stays
+       unavailable and unmounted; the one error line names tank/wp-b (incorrect key)
+       and no error line names the others.
+    4. tank/wp-b is destroyed: no later scenario should meet a managed root that its
+       server key cannot open.
+    """
+    roots = ("tank/wp-a", "tank/wp-b", "tank2/wp-c")
+    files = {}
+    for root in roots:
+        key = os.urandom(32)
+        new_dataset(ctx, root, key)
+        files[f"/{root}/file"] = write_data(f"/{root}/file")
+        import_key(ctx, root, os.urandom(32) if root == "tank/wp-b" else key, "raw")
+    ctx.must("sync")
+    lock_tree(ctx, *roots)
+
+    done = ctx.agent("unlock", *(a for r in roots for a in ("--dataset", r)), expect=EX_PARTIAL)
+    for root in ("tank/wp-a", "tank2/wp-c"):
+        expect_props(ctx, root, keystatus="available", mounted="yes")
+    expect_data({path: data for path, data in files.items() if "wp-b" not in path})
+    expect_props(ctx, "tank/wp-b", keystatus="unavailable", mounted="no")
+    errors = error_lines(done.stderr)
+    check(
+        len(errors) == 1 and "tank/wp-b" in errors[0] and "incorrect key" in errors[0],
+        f"error lines: {errors}",
+    )
+    ctx.must("zfs", "destroy", "-r", "tank/wp-b")
+    return f"exit 1; two roots unlocked and mounted; the error names tank/wp-b: {errors[0]}"
+
+
+def verify_mismatch(ctx: Context) -> str:
+    """STRATEGY:
+    1. Four encryption roots with imported server keys: tank/vf-locked and tank/vf-loaded
+       with their right keys, tank2/vf-bad-locked and tank2/vf-bad-loaded with wrong ones.
+       The *-locked ones are locked, the *-loaded ones loaded and mounted.
+    2. `verify --dataset` for the two right ones exits 0; for the two wrong ones, 79
+       (EX_BADKEY), naming both.
+    3. After each run, every root's keystatus (and mounted) is what it was before.
+    4. The four are destroyed (the wrong ones must not outlive the scenario).
+    """
+    right = ("tank/vf-locked", "tank/vf-loaded")
+    wrong = ("tank2/vf-bad-locked", "tank2/vf-bad-loaded")
+    for root in (*right, *wrong):
+        key = os.urandom(32)
+        new_dataset(ctx, root, key)
+        import_key(ctx, root, key if root in right else os.urandom(32), "raw")
+    lock_tree(ctx, "tank/vf-locked", "tank2/vf-bad-locked")
+    every = (*right, *wrong)
+
+    def state() -> dict[str, tuple[str, str]]:
+        props = {name: ctx.props(name, "keystatus", "mounted") for name in every}
+        return {name: (p["keystatus"], p["mounted"]) for name, p in props.items()}
+
+    before = state()
+    check(
+        [before[n][0] for n in every] == ["unavailable", "available"] * 2,
+        f"set-up: {before}",
+    )
+    ctx.agent("verify", *(a for r in right for a in ("--dataset", r)))
+    check(state() == before, f"verify (right keys) changed keystatus: {state()} != {before}")
+    done = ctx.agent("verify", *(a for r in wrong for a in ("--dataset", r)), expect=EX_BADKEY)
+    check(state() == before, f"verify (wrong keys) changed keystatus: {state()} != {before}")
+    errors = error_lines(done.stderr)
+    check(all(any(r in e for e in errors) for r in wrong), f"error lines: {errors}")
+    for root in every:
+        ctx.must("zfs", "destroy", "-r", root)
+    return "verify: 0 with right keys, 79 with wrong ones; no keystatus changed"
+
+
+def expect_migrated(ctx: Context, root: str) -> None:
+    expect_props(
+        ctx, root, keyformat="raw", keylocation="prompt", keystatus="available",
+        zfs_unlock_agent__managed="on",
+    )  # fmt: skip
+
+
+def unlock_after_unload(ctx: Context, root: str, files: Mapping[str, str]) -> None:
+    """Lock ROOT, then `zfs-unlock-agent --dataset ROOT` opens and mounts it, data intact."""
+    lock_tree(ctx, root)
+    ctx.agent("--dataset", root)
+    expect_props(ctx, root, keystatus="available", mounted="yes")
+    expect_data(files)
+
+
+def migrate_from_file(ctx: Context) -> str:
+    """STRATEGY:
+    1. tank/mig-file: keyformat=hex, keylocation=file:///root/mig-file.key; write a file;
+       lock it.
+    2. `enroll --dataset tank/mig-file` loads the key from its file itself, then moves the
+       dataset to a server key: keyformat=raw, keylocation=prompt, managed=on.
+    3. Delete the key file; lock; `zfs-unlock-agent --dataset` opens and mounts it, data
+       intact.
+    """
+    root, keyfile = "tank/mig-file", Path("/root/mig-file.key")
+    keyfile.write_text(os.urandom(32).hex() + "\n")
+    keyfile.chmod(0o400)
+    ctx.must(
+        "zfs", "create", "-o", "encryption=on", "-o", "keyformat=hex",
+        "-o", f"keylocation=file://{keyfile}", root,
+    )  # fmt: skip
+    files = {f"/{root}/file": write_data(f"/{root}/file")}
+    ctx.must("sync")
+    lock_tree(ctx, root)
+    ctx.agent("enroll", "--dataset", root)
+    expect_migrated(ctx, root)
+    keyfile.unlink()
+    unlock_after_unload(ctx, root, files)
+    return "file:// hex key moved to a server key; opened without the file"
+
+
+def migrate_from_passphrase(ctx: Context) -> str:
+    """STRATEGY:
+    1. tank/mig-pass: keyformat=passphrase, keylocation=prompt, loaded, with a file.
+    2. `enroll --dataset tank/mig-pass` moves it to a server key: keyformat=raw,
+       keylocation=prompt, managed=on; the passphrase no longer opens it.
+    3. Lock; `zfs-unlock-agent --dataset` opens and mounts it, data intact.
+    """
+    root = "tank/mig-pass"
+    passphrase = b"correct horse battery staple"
+    new_dataset(ctx, root, passphrase, "passphrase")
+    files = {f"/{root}/file": write_data(f"/{root}/file")}
+    ctx.agent("enroll", "--dataset", root)
+    expect_migrated(ctx, root)
+    old = ctx.run("zfs", "load-key", "-n", "-L", "prompt", root, stdin=passphrase)
+    check(old.returncode != 0, "the old passphrase still opens the dataset")
+    unlock_after_unload(ctx, root, files)
+    return "passphrase dataset moved to a server key (raw); the passphrase is gone"
+
+
+def migrate_from_native_https(ctx: Context) -> str:
+    """STRATEGY:
+    1. Ask the host over the control channel ("legacy POOL_GUID mig-https-1") to import
+       a SimpleZFSKeySystem-style key (32 hex characters, keyformat=raw) for this host
+       with the real `zfs-unlock-server import-simplezfs`; the key never crosses the
+       control channel.
+    2. `zfs create -o keyformat=raw -o keylocation=https://10.0.2.100:8443/MACHINE_ID/
+       POOL_GUID/mig-https-1 tank2/mig-https`: ZFS fetches the key itself (libcurl), with
+       SSL_CA_CERT_FILE (the server's certificate) and SSL_CLIENT_CERT_FILE/KEY_FILE (the
+       agent's client certificate) in its environment. Write a file.
+    3. Native: lock; `zfs load-key` without those variables fails (no client certificate,
+       untrusted server); with them it loads; mount; data intact.
+    4. Lock again; `enroll --dataset tank2/mig-https` (with the SSL_* variables) loads the
+       key from its https:// location, then moves the dataset to a server key.
+    5. Lock; `zfs-unlock-agent --dataset` opens and mounts it, data intact.
+    """
+    root, name = "tank2/mig-https", "mig-https-1"
+    pool = pool_guid(ctx, "tank2")
+    control(f"legacy {pool} {name}")
+    ctx.note(f"host imported a SimpleZFSKeySystem key {pool}/{name}")
+    ssl = {
+        "SSL_CA_CERT_FILE": SERVER_CERT,
+        "SSL_CLIENT_CERT_FILE": "/etc/zfs-unlock-agent/client.crt",
+        "SSL_CLIENT_KEY_FILE": "/etc/zfs-unlock-agent/client.key",
+    }
+    url = f"{SERVER_URL}/{machine_id()}/{pool}/{name}"
+    ctx.must(
+        "zfs", "create", "-o", "encryption=on", "-o", "keyformat=raw",
+        "-o", f"keylocation={url}", root, env=ssl,
+    )  # fmt: skip
+    expect_props(ctx, root, keylocation=url, keystatus="available")
+    files = {f"/{root}/file": write_data(f"/{root}/file")}
+    ctx.must("sync")
+    lock_tree(ctx, root)
+    bare = ctx.run("zfs", "load-key", root)
+    check(bare.returncode != 0, "zfs load-key worked without a client certificate")
+    ctx.must("zfs", "load-key", root, env=ssl)
+    ctx.must("zfs", "mount", root)
+    expect_data(files)
+
+    lock_tree(ctx, root)
+    ctx.agent("enroll", "--dataset", root, env=ssl)
+    expect_migrated(ctx, root)
+    unlock_after_unload(ctx, root, files)
+    return "native keylocation=https:// (SimpleZFSKeySystem route) loaded, then moved"
+
+
+WRAPPER = """#!/bin/sh
+# zfs for enroll_interrupted: the real one, and a one-shot SIGKILL of the agent that runs
+# it. Mode "before": on the first call that is not 'list', instead of running it.
+# Mode "after": right after a change-key that succeeded.
+# The call it fired on goes to /run/zfs-wrap.fired.
+mode=$(cat /run/zfs-wrap.mode 2>/dev/null)
+if [ "$mode" = before ] && [ "$1" != list ]; then
+    rm -f /run/zfs-wrap.mode
+    echo "$*" >/run/zfs-wrap.fired
+    kill -KILL "$PPID"
+    exit 137
+fi
+/usr/sbin/zfs "$@"
+rc=$?
+if [ "$mode" = after ] && [ "$1" = change-key ] && [ "$rc" = 0 ]; then
+    rm -f /run/zfs-wrap.mode
+    echo "$*" >/run/zfs-wrap.fired
+    kill -KILL "$PPID"
+fi
+exit "$rc"
+"""
+
+
+def enroll_interrupted(ctx: Context) -> str:
+    """STRATEGY (the agent is SIGKILLed mid-enrolment by a wrapper zfs, configured in a
+    second agent configuration with [zfs] zfs = "/run/zfs-wrap"):
+    1. After change-key, recovered by unlock: tank/int-a (own raw key, a file) is
+       enrolled through the wrapper, killed right after change-key. keylocation is
+       prompt, the old key no longer opens it, the server key is pending. Lock;
+       `zfs-unlock-agent --dataset tank/int-a` opens it with the pending key, the key
+       becomes active on the server and the dataset managed; data intact.
+    2. After change-key, recovered by enroll: tank/int-b, the same crash; re-running
+       `enroll` exits 0 with the same key id, now active; managed.
+    3. Before change-key: tank/int-c, killed on the first zfs call after the enrolment
+       request (the 'load-key -n' probe). The server key is pending; the old key still
+       opens the data (lock, zfs load-key with it, mount, file intact); re-running
+       `enroll` exits 0 with that same key, now active.
+    4. Lock all three; `unlock --dataset` for the three exits 0; data intact.
+    """
+    wrapper, mode = Path("/run/zfs-wrap"), Path("/run/zfs-wrap.mode")
+    fired_file = Path("/run/zfs-wrap.fired")
+    wrapper.write_text(WRAPPER)
+    wrapper.chmod(0o755)
+    wrapped = str(Path(CONFIG).with_name("agent-wrap.toml"))
+    Path(wrapped).write_text(Path(CONFIG).read_text() + f'\n[zfs]\nzfs = "{wrapper}"\n')
+    roots = ("tank/int-a", "tank/int-b", "tank/int-c")
+    keys, files = {}, {}
+    for root in roots:
+        keys[root] = os.urandom(32)
+        new_dataset(ctx, root, keys[root])
+        files[f"/{root}/file"] = write_data(f"/{root}/file")
+    ctx.must("sync")
+
+    def crash(root: str, when: str, at: str) -> None:
+        mode.write_text(when)
+        ctx.agent("enroll", "--dataset", root, config=wrapped, expect=KILLED)
+        check(not mode.exists(), f"the wrapper did not fire ({when})")
+        fired = fired_file.read_text().strip()
+        ctx.note(f"the wrapper killed the agent {when} 'zfs {fired}'")
+        check(fired.startswith(at), f"{root}: killed {when} 'zfs {fired}', not {at}")
+
+    for root in ("tank/int-a", "tank/int-b"):
+        crash(root, "after", "change-key")
+        expect_props(ctx, root, keylocation="prompt", keystatus="available")
+        check(ctx.props(root, MANAGED)[MANAGED] != "on", f"{root}: managed before the end")
+        old = ctx.run("zfs", "load-key", "-n", "-L", "prompt", root, stdin=keys[root])
+        check(old.returncode != 0, f"{root}: the old key still opens it after change-key")
+    crash("tank/int-c", "before", "load-key -n")  # the probe for an earlier change-key
+    states = server_keys(ctx, *roots)
+    check({s for _, s in states.values()} == {"pending"}, f"server: {states}")
+    pending = {root: key_id for root, (key_id, _) in states.items()}
+
+    lock_tree(ctx, "tank/int-a")
+    ctx.agent("--dataset", "tank/int-a")
+    expect_props(ctx, "tank/int-a", keystatus="available", mounted="yes")
+    expect_props(ctx, "tank/int-a", zfs_unlock_agent__managed="on")
+
+    done = ctx.agent("enroll", "--dataset", "tank/int-b")
+    check(pending["tank/int-b"] in done.stdout, f"enroll said {done.stdout.strip()!r}")
+
+    lock_tree(ctx, "tank/int-c")
+    ctx.must("zfs", "load-key", "-L", "prompt", "tank/int-c", stdin=keys["tank/int-c"])
+    ctx.must("zfs", "mount", "tank/int-c")
+    expect_data({k: v for k, v in files.items() if "int-c" in k})
+    done = ctx.agent("enroll", "--dataset", "tank/int-c")
+    check(pending["tank/int-c"] in done.stdout, f"enroll said {done.stdout.strip()!r}")
+
+    states = server_keys(ctx, *roots)
+    check(states == {r: (pending[r], "active") for r in roots}, f"server: {states}")
+    for root in roots:
+        expect_migrated(ctx, root)
+    lock_tree(ctx, *roots)
+    ctx.agent("unlock", *(a for r in roots for a in ("--dataset", r)))
+    for root in roots:
+        expect_props(ctx, root, keystatus="available", mounted="yes")
+    expect_data(files)
+    return "killed after change-key (x2) and before it: every state opened; all completed"
+
+
+def export_import_rename(ctx: Context) -> str:
+    """STRATEGY:
+    1. A pool of its own, xport on /dev/vdc1 (cachefile=none); `enroll --dataset
+       xport/a`; a child xport/a/c; files in both.
+    2. `zpool export xport`, `zpool import -d /dev -o cachefile=none xport`: the keys are
+       unavailable; `unlock --dataset xport/a` opens and mounts both, data intact.
+    3. `zfs rename xport/a xport/b`; lock; `unlock --dataset xport/b` opens and mounts
+       xport/b and xport/b/c, data intact (the key is bound to the dataset GUID).
+    4. `zpool destroy xport`.
+    """
+    ctx.must("zpool", "create", "-f", "-o", "cachefile=none", "xport", "/dev/vdc1")
+    ctx.agent("enroll", "--dataset", "xport/a")
+    ctx.must("zfs", "create", "xport/a/c")
+    data = {"a/file": write_data("/xport/a/file"), "a/c/file": write_data("/xport/a/c/file")}
+    ctx.must("sync")
+    ctx.must("zpool", "export", "xport")
+    ctx.must("zpool", "import", "-d", "/dev", "-o", "cachefile=none", "xport")
+    for name in ("xport/a", "xport/a/c"):
+        expect_props(ctx, name, keystatus="unavailable", mounted="no")
+    ctx.agent("unlock", "--dataset", "xport/a")
+    for name in ("xport/a", "xport/a/c"):
+        expect_props(ctx, name, keystatus="available", mounted="yes")
+    expect_data({f"/xport/{path}": value for path, value in data.items()})
+
+    ctx.must("zfs", "rename", "xport/a", "xport/b")
+    lock_tree(ctx, "xport/b")
+    ctx.agent("unlock", "--dataset", "xport/b")
+    for name in ("xport/b", "xport/b/c"):
+        expect_props(ctx, name, keystatus="available", mounted="yes")
+    expect_data({f"/xport/{path.replace('a/', 'b/', 1)}": v for path, v in data.items()})
+    ctx.must("zpool", "destroy", "xport")
+    return "export/import then unlock; rename then unlock (key bound to the GUID)"
+
+
 SCENARIOS: dict[str, Callable[[Context], str]] = {
     "enroll_unlock_mount": enroll_unlock_mount,
     "server_down_then_up": server_down_then_up,
     "zfs_as_the_agent_expects": zfs_as_the_agent_expects,
     "volume_link_and_wrong_key": volume_link_and_wrong_key,
+    "unlock_all_two_pools": unlock_all_two_pools,
+    "key_formats": key_formats,
+    "wrong_key_partial": wrong_key_partial,
+    "verify_mismatch": verify_mismatch,
+    "migrate_from_file": migrate_from_file,
+    "migrate_from_passphrase": migrate_from_passphrase,
+    "migrate_from_native_https": migrate_from_native_https,
+    "enroll_interrupted": enroll_interrupted,
+    "export_import_rename": export_import_rename,
 }
 
 
