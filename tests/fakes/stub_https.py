@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from zfs_unlock_agent import pinning
+from zfs_unlock_server import pki
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
@@ -106,28 +107,11 @@ def _server_extensions(builder: x509.CertificateBuilder) -> x509.CertificateBuil
 
 
 def make_ca(directory: Path, common_name: str = "stub CA") -> TlsFiles:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        _builder(common_name, _name(common_name), key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return _write(directory, "ca", cert, key)
+    """A CA made the way the key server makes its own (zfs_unlock_server.pki)."""
+    pair = pki.create_ca(common_name)
+    key = serialization.load_pem_private_key(pair.key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return _write(directory, "ca", x509.load_pem_x509_certificate(pair.cert_pem), key)
 
 
 def issue_server_cert(directory: Path, ca: TlsFiles, stem: str = "leaf") -> TlsFiles:
