@@ -5,6 +5,8 @@ each test here asserts on one scenario's result, so a failure names the scenario
 prints the guest's console. The tier fails when it cannot run (not root, no QEMU and apt
 fails, the image does not build); ZUA_SKIP_VM=1 skips it instead, saying so.
 The first run builds the image (about 5-8 minutes, mostly the DKMS build of zfs.ko).
+The last scenario times native keylocation=https:// against the agent; with
+ZUA_WRITE_BENCHMARKS=1 the run writes those timings to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -23,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, machine_id_for
+from tests.vm import benchmarks
 from tests.vm.vm import (
     GIB,
     SERVER_ADDRESS,
@@ -50,16 +54,19 @@ SCENARIOS = (
     "migrate_from_native_https",
     "enroll_interrupted",
     "export_import_rename",
+    "bench_native_vs_agent",
 )
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 REPO = Path(__file__).resolve().parents[2]
 MACHINE_ID = machine_id_for("zfs-unlock-agent-vm-guest")
+BENCHMARKS = REPO / "docs" / "benchmarks.md"
 
 
 @dataclass
 class Outcome:
     run: GuestRun
     results: dict[str, dict[str, Any]]  # by scenario name
+    guest: dict[str, Any]  # the results file's kernel and zfs_version
     server_log: Path
     forwarder_events: list[str]
 
@@ -148,10 +155,12 @@ def outcome(
         server.stop()
     progress(f"guest exit {run.rc} after {run.seconds:.1f} s; console: {run.console_path}")
     results_file = share / "results.json"
-    results: dict[str, dict[str, Any]] = {}
+    document: dict[str, Any] = {}
     if results_file.exists():
-        results = {r["name"]: r for r in json.loads(results_file.read_text())["scenarios"]}
-    yield Outcome(run, results, server.log_path, forwarder.events)
+        document = json.loads(results_file.read_text())
+    results = {r["name"]: r for r in document.get("scenarios", [])}
+    guest_facts = {k: v for k, v in document.items() if k != "scenarios"}
+    yield Outcome(run, results, guest_facts, server.log_path, forwarder.events)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -168,3 +177,32 @@ def test_every_scenario_ran_and_guest_exited_cleanly(outcome: Outcome) -> None:
         print(outcome.report())
     assert list(outcome.results) == list(SCENARIOS), "scenarios.py and this list differ"
     assert outcome.run.rc == 0
+
+
+def host_cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def test_benchmarks_document(outcome: Outcome) -> None:
+    """The benchmark's timings render; written to docs/benchmarks.md only when asked."""
+    result = outcome.results.get("bench_native_vs_agent")
+    write = os.environ.get("ZUA_WRITE_BENCHMARKS") == "1"
+    if result is None or result["status"] != "PASS":
+        message = "bench_native_vs_agent did not pass (its own test says why)"
+        if write:
+            pytest.fail(f"docs/benchmarks.md not written: {message}")
+        pytest.skip(message)
+    machine = benchmarks.Machine(
+        kernel=str(outcome.guest.get("kernel", "?")),
+        zfs_version=" / ".join(outcome.guest.get("zfs_version", [])),
+        host_cpus=os.cpu_count() or 0,
+        host_cpu_model=host_cpu_model(),
+        date=time.strftime("%Y-%m-%d"),
+    )
+    text = benchmarks.render(result.get("data", {}), machine)
+    if write:
+        BENCHMARKS.write_text(text)
