@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ from typing import NoReturn
 from zfs_unlock_agent import __version__, config, validate
 from zfs_unlock_agent.enroll import enroll
 from zfs_unlock_agent.errors import EX_LOCKED, EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
-from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.logsetup import setup as setup_logging
 from zfs_unlock_agent.unlock import Unlocker, exit_code, read_machine_id, select_roots
@@ -50,6 +50,10 @@ def _unlocker(cfg: config.Config) -> Unlocker:
 
 def cmd_unlock(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.deadline is not None:
+        cfg = dataclasses.replace(
+            cfg, network=dataclasses.replace(cfg.network, deadline=args.deadline)
+        )
     unlocker = _unlocker(cfg)
     inventory = unlocker.zfs.inventory()
     roots = select_roots(inventory, cfg, args.dataset, args.all)
@@ -111,6 +115,9 @@ def cmd_identity(args: argparse.Namespace) -> int:
         config.check_private_key_file(key_path, "client key")
         print(f"# client key {key_path} exists; not replaced", file=sys.stderr)
     else:
+        # Only here: the X.509 library is large, and unlock (in an initramfs) never needs it.
+        from zfs_unlock_agent.identity import new_key_and_csr  # noqa: PLC0415
+
         key_pem, csr_pem = new_key_and_csr(name)
         key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
@@ -143,6 +150,30 @@ def cmd_configcheck(args: argparse.Namespace) -> int:
     read_machine_id(cfg.machine_id_file)
     print(f"{args.config}: ok ({len(cfg.servers)} server(s))")
     return EX_OK
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    # Imported here: the one-shot commands do not pay for select, signal handling and sdnotify.
+    from zfs_unlock_agent.daemon import Daemon, Signals  # noqa: PLC0415
+    from zfs_unlock_agent.notify import Notifier  # noqa: PLC0415
+    from zfs_unlock_agent.udev import PoolDiskWatch  # noqa: PLC0415
+
+    cfg = _load(args)
+    signals = Signals()
+    try:
+        return Daemon(cfg, Notifier(), signals, PoolDiskWatch()).run()
+    finally:
+        signals.close()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError("must be more than 0 and less than 86400")
+    return value
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -200,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every managed root, plus any --dataset")
     p.add_argument("--dataset", action="append", default=[], metavar="DS")
     p.add_argument("--no-mount", action="store_true", help="load keys only")
+    p.add_argument(
+        "--deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up reaching the servers after this long (default: [network] deadline)",
+    )
     p = add(
         "verify", cmd_verify, "fetch keys and prove them with 'zfs load-key -n'; change nothing"
     )
@@ -212,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         "create this host's key pair and CSR; print what the server admin needs",
     )
     p.add_argument("--name", help="host name to request (default: the short hostname)")
+    add(
+        "daemon",
+        cmd_daemon,
+        "unlock at boot, then retry failed roots, unlock pools that appear later, check in"
+        " (the systemd service)",
+    )
     add("configcheck", cmd_configcheck, "validate the configuration (no ZFS, no network)")
     p = add("enroll", cmd_enroll, "move a dataset (or create it) to a key from the server")
     p.add_argument("--dataset", required=True, metavar="DS")
@@ -244,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.dataset:
             parser.print_usage(sys.stderr)
             return EX_USAGE
-        args.all, args.no_mount = False, False
+        args.all, args.no_mount, args.deadline = False, False, None
         handler = cmd_unlock  # the manual mode: --dataset DS
     try:
         return handler(args)

@@ -52,6 +52,17 @@ class Zfs:
 
 
 @dataclass(frozen=True)
+class Daemon:
+    """`zfs-unlock-agent daemon`: how long boot may wait, and how often to try again."""
+
+    boot_deadline: float = 30.0  # the first pass's network budget: boot waits at most this
+    retry_initial: float = 5.0  # first pause before a failed root is tried again; doubles
+    retry_max: float = 300.0  # the longest pause between tries of a failed root
+    rescan_interval: float = 60.0  # re-read the pools even without a udev event
+    checkin_interval: float = 900.0  # tell the server we are alive (dead-man switch); 0 = off
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     servers: tuple[Server, ...]
@@ -61,6 +72,7 @@ class Config:
     network: Network = Network()
     datasets: Datasets = Datasets()
     zfs: Zfs = Zfs()
+    daemon: Daemon = Daemon()
 
 
 class _Reader:
@@ -95,6 +107,13 @@ class _Reader:
         value = float(self.take(key, (int, float), default))
         if value <= minimum:
             raise self.fail(key, f"must be greater than {minimum:g}")
+        return value
+
+    def interval(self, key: str, default: float) -> float:
+        """A period in seconds where 0 means never."""
+        value = float(self.take(key, (int, float), default))
+        if value < 0:
+            raise self.fail(key, "must be 0 (off) or more")
         return value
 
     def done(self) -> None:
@@ -179,6 +198,18 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
     )
     z.done()
 
+    d = _Reader(top.take("daemon", dict, {}), "daemon", file)
+    daemon = Daemon(
+        boot_deadline=d.number("boot_deadline", Daemon.boot_deadline),
+        retry_initial=d.number("retry_initial", Daemon.retry_initial),
+        retry_max=d.number("retry_max", Daemon.retry_max),
+        rescan_interval=d.number("rescan_interval", Daemon.rescan_interval),
+        checkin_interval=d.interval("checkin_interval", Daemon.checkin_interval),
+    )
+    d.done()
+    if daemon.retry_max < daemon.retry_initial:
+        raise d.fail("retry_max", "must not be less than retry_initial")
+
     machine_id_file = Path(top.take("machine_id_file", str, "/etc/machine-id"))
     top.done()
 
@@ -191,6 +222,7 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
         network=network,
         datasets=datasets,
         zfs=zfs,
+        daemon=daemon,
     )
     if check_files:
         check_private_key_file(config.client_key, "client key")

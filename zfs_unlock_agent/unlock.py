@@ -58,10 +58,22 @@ def read_machine_id(path: Path) -> str:
         raise ConfigError(f"{path}: not a machine-id (32 lowercase hex digits)") from None
 
 
+def _warn_missing(problem: str) -> None:
+    log.warning("%s (listed in the configuration); skipped", problem)
+
+
 def select_roots(
-    inventory: Inventory, config: Config, requested: Sequence[str], every: bool
+    inventory: Inventory,
+    config: Config,
+    requested: Sequence[str],
+    every: bool,
+    on_missing: Callable[[str], None] = _warn_missing,
 ) -> list[Dataset]:
-    """The encryption roots to act on: those of REQUESTED datasets, or every managed one."""
+    """The encryption roots to act on: those of REQUESTED datasets, or every managed one.
+
+    Why a configured dataset cannot be used (its pool is not imported, it is not
+    encrypted) goes to ON_MISSING.
+    """
     names: list[str] = []
     if requested:
         for name in requested:
@@ -74,7 +86,7 @@ def select_roots(
             try:
                 names.append(inventory.root_of(name).name)
             except ZfsUnavailable as exc:  # one stale entry must not stop the others
-                log.warning("%s (listed in the configuration)", exc)
+                on_missing(str(exc))
     return [inventory.get(n) for n in dict.fromkeys(names)]
 
 

@@ -87,17 +87,27 @@ def test_example_documents_every_setting_with_its_default() -> None:
     def names(cls: type) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
-    assert set(document) == {"machine_id_file", "server", "client", "network", "datasets", "zfs"}
+    assert set(document) == {
+        "machine_id_file",
+        "server",
+        "client",
+        "network",
+        "datasets",
+        "zfs",
+        "daemon",
+    }
     assert set(document["server"][0]) == {"url", "pins"}
     assert set(document["client"]) == {"certificate", "key"}
     assert set(document["network"]) == names(config.Network)
     assert set(document["datasets"]) == {"include"} | {"property"} == names(config.Datasets)
     assert set(document["zfs"]) == names(config.Zfs)
+    assert set(document["daemon"]) == names(config.Daemon)
 
     cfg = config.load(EXAMPLE, check_files=False)
     assert cfg.network == config.Network()
     assert cfg.datasets == config.Datasets()
     assert cfg.zfs == config.Zfs()
+    assert cfg.daemon == config.Daemon()
     assert cfg.machine_id_file == Path("/etc/machine-id")
     assert (cfg.client_certificate, cfg.client_key) == (
         EXAMPLE.parent / "client.crt",

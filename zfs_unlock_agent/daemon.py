@@ -1,0 +1,294 @@
+"""`zfs-unlock-agent daemon`: a boot pass, then retries, new pools, check-ins and reloads.
+
+One thread. It sleeps in select() on a self-pipe that the signal handlers write to and
+on the udev monitor, so SIGTERM, SIGHUP and a hot-plugged pool disk wake it at once.
+The boot pass has its own, shorter network budget: a boot never waits longer than
+that for an unreachable server; roots still locked are retried afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from zfs_unlock_agent import config
+from zfs_unlock_agent.errors import AgentError
+from zfs_unlock_agent.keyclient import KeyClient
+from zfs_unlock_agent.notify import Notifier
+from zfs_unlock_agent.udev import PoolDiskWatch
+from zfs_unlock_agent.unlock import RootResult, Unlocker, read_machine_id, select_roots
+from zfs_unlock_agent.zfs import Zfs
+
+log = logging.getLogger("zfs_unlock_agent")
+
+# After a disk with a ZFS label appears, look for its pool this often, for this long:
+# someone (an admin, an import rule) imports it a moment later.
+WATCH_POLL = 2.0
+WATCH_WINDOW = 120.0
+
+
+class Stopping(Exception):
+    """SIGTERM or SIGINT arrived while the daemon waited."""
+
+
+class Signals:
+    """SIGTERM, SIGINT and SIGHUP recorded by a handler and announced on a pipe."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pending: list[int] = []
+        self._previous = {sig: signal.signal(sig, self._record) for sig in self.HANDLED}
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self._pending.append(signum)
+
+    def take(self) -> list[int]:
+        """The signals that arrived since the last call, oldest first."""
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        taken, self._pending = self._pending, []
+        return taken
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+
+
+@dataclass
+class Retry:
+    pause: float  # the pause that was chosen; the next one doubles it
+    due: float  # monotonic time of the next try
+
+
+def zfs_mount_pending() -> bool:
+    """True while systemd has a start job queued for zfs-mount.service.
+
+    At boot it runs after us and mounts everything parents first; mounting before it
+    could hide a child under a parent it mounts later. Started any other way (by hand,
+    restarted after boot), nobody else will mount, so we do.
+    """
+    if not os.environ.get("INVOCATION_ID"):
+        return False
+    try:
+        jobs = subprocess.run(
+            ["systemctl", "list-jobs", "--no-legend", "--plain", "zfs-mount.service"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "zfs-mount.service" in jobs.stdout
+
+
+class Daemon:
+    def __init__(
+        self,
+        cfg: config.Config,
+        notifier: Notifier,
+        signals: Signals,
+        watch: PoolDiskWatch,
+        clock: Callable[[], float] = time.monotonic,
+        mount_pending: Callable[[], bool] = zfs_mount_pending,
+    ) -> None:
+        self.config = cfg
+        self.machine_id = read_machine_id(cfg.machine_id_file)
+        self.notifier = notifier
+        self.signals = signals
+        self.watch = watch
+        self.clock = clock
+        self.mount_pending = mount_pending
+        self.retries: dict[str, Retry] = {}  # by dataset GUID: survives renames
+        self.managed = 0
+        self.missing_reported: set[str] = set()
+        self.next_rescan = 0.0
+        self.watch_until = 0.0
+        self.next_checkin = 0.0
+        self.reload_requested = False
+
+    # Waiting
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until TIMEOUT, a signal or a udev event; raises Stopping on SIGTERM."""
+        fds = [self.signals.read_fd]
+        watch_fd = self.watch.fileno()
+        if watch_fd is not None:
+            fds.append(watch_fd)
+        timeout = max(0.0, min(timeout, self.notifier.next_ping() - self.clock()))
+        select.select(fds, [], [], timeout)
+        self._take_signals()
+        self.notifier.ping()
+
+    def _take_signals(self) -> None:
+        for signum in self.signals.take():
+            if signum == signal.SIGHUP:
+                self.reload_requested = True
+            else:
+                raise Stopping
+
+    def _sleep_between_tries(self, seconds: float) -> None:
+        """KeyClient's pause between rounds: interruptible, and the watchdog keeps hearing."""
+        end = self.clock() + seconds
+        while (left := end - self.clock()) > 0:
+            fds = [self.signals.read_fd]
+            select.select(fds, [], [], min(left, self.notifier.next_ping() - self.clock(), 1.0))
+            self._take_signals()
+            self.notifier.ping()
+
+    # Work
+
+    def _unlocker(self, deadline: float) -> Unlocker:
+        cfg = self.config
+        network = dataclasses.replace(cfg.network, deadline=deadline)
+        return Unlocker(
+            Zfs(cfg.zfs.zfs, cfg.zfs.zpool),
+            lambda: KeyClient(
+                cfg.servers,
+                cfg.client_certificate,
+                cfg.client_key,
+                network,
+                sleep=self._sleep_between_tries,
+            ),
+            self.machine_id,
+            cfg.zfs.volume_link_timeout,
+            cfg.zfs.zvol_dir,
+        )
+
+    def _note_missing(self, problem: str) -> None:
+        """Say it once, not on every rescan."""
+        if problem not in self.missing_reported:
+            self.missing_reported.add(problem)
+            log.warning("%s (listed in the configuration); looking again later", problem)
+
+    def unlock_pass(self, deadline: float) -> None:
+        """Unlock every managed root that is locked and due; retry failures later."""
+        unlocker = self._unlocker(deadline)
+        try:
+            inventory = unlocker.zfs.inventory()
+            roots = select_roots(inventory, self.config, [], True, on_missing=self._note_missing)
+        except AgentError as exc:
+            log.error("cannot list pools and datasets: %s", exc)
+            return
+        now = self.clock()
+        guids = {root.guid for root in roots}
+        for guid in set(self.retries) - guids:  # exported, destroyed or no longer managed
+            del self.retries[guid]
+        self.managed = len(roots)
+        due = [
+            root
+            for root in roots
+            if (root.keystatus != "available" or root.guid in self.retries)
+            and (root.guid not in self.retries or self.retries[root.guid].due <= now)
+        ]
+        if not due:
+            return
+        results = unlocker.unlock(inventory, due, mount=not self.mount_pending())
+        for root, result in zip(due, results, strict=True):
+            self._record(root.guid, result)
+
+    def _record(self, guid: str, result: RootResult) -> None:
+        if result.ok:
+            self.retries.pop(guid, None)
+            return
+        settings = self.config.daemon
+        previous = self.retries.get(guid)
+        pause = settings.retry_initial if previous is None else previous.pause * 2
+        pause = min(pause, settings.retry_max)
+        self.retries[guid] = Retry(pause, self.clock() + pause)
+        log.info("%s: trying again in %.0f s", result.root, pause)
+
+    def checkin(self) -> None:
+        interval = self.config.daemon.checkin_interval
+        try:
+            with self._unlocker(self.config.network.deadline).client() as client:
+                client.checkin(self.machine_id)
+            self.next_checkin = self.clock() + interval
+        except AgentError as exc:
+            retry = min(interval, self.config.daemon.retry_max)
+            log.warning("check-in failed (trying again in %.0f s): %s", retry, exc)
+            self.next_checkin = self.clock() + retry
+
+    def reload(self) -> None:
+        self.reload_requested = False
+        self.notifier.reloading()
+        try:
+            fresh = config.load(self.config.path)
+            machine_id = read_machine_id(fresh.machine_id_file)
+        except AgentError as exc:
+            log.error("reload refused; the running configuration stays: %s", exc)
+        else:
+            self.config, self.machine_id = fresh, machine_id
+            self.retries.clear()
+            self.missing_reported.clear()
+            self.next_rescan = self.next_checkin = self.clock()
+            log.info("configuration reloaded from %s", fresh.path)
+        self.notifier.ready(self.summary())
+
+    def summary(self) -> str:
+        locked = len(self.retries)
+        if not self.managed:
+            return "no managed encryption roots yet; watching for pools"
+        text = f"{self.managed - locked} of {self.managed} managed encryption roots unlocked"
+        if locked:
+            soonest = min(r.due for r in self.retries.values()) - self.clock()
+            text += f"; {locked} locked, next try in {max(soonest, 0):.0f} s"
+        return text
+
+    # The loop
+
+    def _timeout(self) -> float:
+        moments = [self.next_rescan]
+        moments += [r.due for r in self.retries.values()]
+        if self.config.daemon.checkin_interval:
+            moments.append(self.next_checkin)
+        return min(moments) - self.clock()
+
+    def run(self) -> int:
+        try:
+            self.notifier.status("boot pass: unlocking managed encryption roots")
+            self.unlock_pass(self.config.daemon.boot_deadline)
+            self.notifier.ready(self.summary())
+            log.info("boot pass done: %s", self.summary())
+            self.next_rescan = self.clock() + self.config.daemon.rescan_interval
+            self.next_checkin = self.clock()
+            while True:
+                self._take_signals()
+                if self.reload_requested:
+                    self.reload()
+                if self.watch.drain():
+                    log.info("a disk with a ZFS label appeared; looking for its pool")
+                    self.watch_until = self.clock() + WATCH_WINDOW
+                    self.next_rescan = self.clock()
+                now = self.clock()
+                if now >= self.next_rescan or any(r.due <= now for r in self.retries.values()):
+                    self.unlock_pass(self.config.network.deadline)
+                    watching = self.clock() < self.watch_until
+                    pause = WATCH_POLL if watching else self.config.daemon.rescan_interval
+                    self.next_rescan = self.clock() + pause
+                    self.notifier.status(self.summary())
+                if self.config.daemon.checkin_interval and self.clock() >= self.next_checkin:
+                    self.checkin()
+                self.notifier.ping()
+                self._wait(self._timeout())
+        except Stopping:
+            self.notifier.stopping()
+            log.info("stopping")
+            return 0
