@@ -145,6 +145,24 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_needs_prompt(args: argparse.Namespace) -> int:
+    """ExecCondition= of OpenZFS's zfs-load-key@ROOT units (see systemd/): exit 1 (skip the
+    prompt) for a root the agent manages; it gets the key from the daemon, now or when the
+    server answers. Any doubt exits 0: the prompt appears, never a lock-out."""
+    try:
+        cfg = _load(args, check_files=False)
+        inventory = Zfs(cfg.zfs.zfs, cfg.zfs.zpool).inventory()
+        root = inventory.root_of(validate.dataset_name(args.dataset))
+        managed = {r.name for r in select_roots(inventory, cfg, [], True, on_missing=log.debug)}
+    except (AgentError, validate.InvalidInput) as exc:
+        log.warning("%s; leaving the prompt to OpenZFS", exc)
+        return EX_OK
+    if root.name in managed:
+        log.info("%s is managed by zfs-unlock-agent: no prompt", root.name)
+        return 1
+    return EX_OK
+
+
 def cmd_configcheck(args: argparse.Namespace) -> int:
     cfg = _load(args)
     read_machine_id(cfg.machine_id_file)
@@ -255,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         "unlock at boot, then retry failed roots, unlock pools that appear later, check in"
         " (the systemd service)",
     )
+    p = add(
+        "needs-prompt",
+        cmd_needs_prompt,
+        "exit 1 if the agent manages DS's encryption root, else 0 (for zfs-load-key@ units)",
+    )
+    p.add_argument("dataset", metavar="DS")
     add("configcheck", cmd_configcheck, "validate the configuration (no ZFS, no network)")
     p = add("enroll", cmd_enroll, "move a dataset (or create it) to a key from the server")
     p.add_argument("--dataset", required=True, metavar="DS")

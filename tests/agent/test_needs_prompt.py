@@ -1,0 +1,52 @@
+"""`needs-prompt`: the ExecCondition of OpenZFS's zfs-load-key@ROOT units.
+
+Exit 1 skips the prompt for roots the agent manages; everything else, errors included,
+exits 0 so that OpenZFS prompts as before (never a lock-out).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.agent.harness import AgentHost
+from tests.keyserver import KeyServer
+
+
+def _host(server: KeyServer, tmp_path: Path, name: str) -> AgentHost:
+    host = AgentHost.create(tmp_path, server, name)
+    host.zfs.add_pool("tank")
+    host.zfs.add_encrypted("tank/managed", os.urandom(32))
+    host.zfs.add_child("tank/managed/child")
+    host.zfs.add_encrypted("tank/other", os.urandom(32), managed=False)
+    host.zfs.add_encrypted("tank/listed", os.urandom(32), managed=False)
+    return host
+
+
+def test_managed_roots_skip_the_prompt_others_keep_it(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    host = _host(shared_keyserver, tmp_path, "prompt-managed")
+    host.write_config(extra='[datasets]\ninclude = ["tank/listed"]\n')
+
+    assert host.run("needs-prompt", "tank/managed").returncode == 1
+    assert host.run("needs-prompt", "tank/managed/child").returncode == 1
+    assert host.run("needs-prompt", "tank/listed").returncode == 1
+    other = host.run("needs-prompt", "tank/other")
+    assert other.returncode == 0, other.stderr
+    # No key server is asked: this runs while the boot waits.
+    assert not host.zfs.calls("zfs", "load-key")
+
+
+def test_any_doubt_leaves_the_prompt(shared_keyserver: KeyServer, tmp_path: Path) -> None:
+    host = _host(shared_keyserver, tmp_path, "prompt-doubt")
+    missing = host.run("needs-prompt", "tank/absent")
+    assert missing.returncode == 0
+    assert "leaving the prompt to OpenZFS" in missing.stderr
+
+    assert host.run("needs-prompt", "not a dataset!").returncode == 0
+
+    host.config_path.write_text("this is not toml [")
+    broken = host.run("needs-prompt", "tank/managed")
+    assert broken.returncode == 0
+    assert "leaving the prompt to OpenZFS" in broken.stderr
