@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.fake_zfs import key_digest
+from tests.fakes.fake_zfs import key_digest, lock_path
 
 FAKE = Path(__file__).with_name("fake_zfs.py")
 _guids = itertools.count(7000000000000000001)
@@ -43,19 +46,39 @@ class FakeZfs:
     def zpool(self) -> str:
         return str(self.bin_dir / "zpool")
 
+    @contextlib.contextmanager
+    def _locked(self, operation: int) -> Iterator[None]:
+        """The fake's lock: safe to use while an agent process calls the fake."""
+        with lock_path(self.state_path).open("a") as lock:
+            fcntl.flock(lock, operation)
+            yield
+
     def load(self) -> dict[str, Any]:
-        state: dict[str, Any] = json.loads(self.state_path.read_text())
+        with self._locked(fcntl.LOCK_SH):
+            state: dict[str, Any] = json.loads(self.state_path.read_text())
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        self.state_path.write_text(json.dumps(state, indent=1))
+        with self._locked(fcntl.LOCK_EX):
+            self.state_path.write_text(json.dumps(state, indent=1))
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        """Read, change and write the state as one step (no lost update)."""
+        with self._locked(fcntl.LOCK_EX):
+            state: dict[str, Any] = json.loads(self.state_path.read_text())
+            yield state
+            self.state_path.write_text(json.dumps(state, indent=1))
 
     def add_pool(self, name: str, guid: str | None = None) -> str:
         guid = guid or str(next(_guids))
-        state = self.load()
-        state["pools"][name] = {"guid": guid}
-        state["datasets"][name] = {"type": "filesystem", "guid": str(next(_guids)), "mounted": True}
-        self.save(state)
+        with self.edit() as state:
+            state["pools"][name] = {"guid": guid}
+            state["datasets"][name] = {
+                "type": "filesystem",
+                "guid": str(next(_guids)),
+                "mounted": True,
+            }
         return guid
 
     def add_encrypted(
@@ -70,35 +93,33 @@ class FakeZfs:
     ) -> str:
         """An encryption root whose key is KEY (as it would be piped to zfs)."""
         guid = str(next(_guids))
-        state = self.load()
-        state["datasets"][name] = {
-            "type": "filesystem",
-            "guid": guid,
-            "encryptionroot": name,
-            "keyformat": keyformat,
-            "keylocation": keylocation,
-            "key": key_digest(key, keyformat),
-            "keystatus": keystatus,
-            "mounted": keystatus == "available",
-            "props": {"zfs-unlock-agent:managed": "on"} if managed else {},
-            **extra,
-        }
-        self.save(state)
+        with self.edit() as state:
+            state["datasets"][name] = {
+                "type": "filesystem",
+                "guid": guid,
+                "encryptionroot": name,
+                "keyformat": keyformat,
+                "keylocation": keylocation,
+                "key": key_digest(key, keyformat),
+                "keystatus": keystatus,
+                "mounted": keystatus == "available",
+                "props": {"zfs-unlock-agent:managed": "on"} if managed else {},
+                **extra,
+            }
         return guid
 
     def add_child(self, name: str, **extra: Any) -> str:
         """A dataset inheriting its parent's encryption root."""
         guid = str(next(_guids))
-        state = self.load()
-        parent = state["datasets"][name.rsplit("/", 1)[0]]
-        state["datasets"][name] = {
-            "type": "filesystem",
-            "guid": guid,
-            "encryptionroot": parent.get("encryptionroot", ""),
-            "mounted": False,
-            **extra,
-        }
-        self.save(state)
+        with self.edit() as state:
+            parent = state["datasets"][name.rsplit("/", 1)[0]]
+            state["datasets"][name] = {
+                "type": "filesystem",
+                "guid": guid,
+                "encryptionroot": parent.get("encryptionroot", ""),
+                "mounted": False,
+                **extra,
+            }
         return guid
 
     def dataset(self, name: str) -> dict[str, Any]:
@@ -112,7 +133,9 @@ class FakeZfs:
 
     def calls(self, *words: str) -> list[dict[str, Any]]:
         """Logged calls whose program and argv start with WORDS (e.g. 'zfs', 'load-key')."""
-        calls = [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        with self._locked(fcntl.LOCK_SH):
+            text = self.log_path.read_text()
+        calls = [json.loads(line) for line in text.splitlines()]
         return [c for c in calls if [c["program"], *c["argv"]][: len(words)] == list(words)]
 
 

@@ -15,6 +15,7 @@ Usage: fake_zfs.py --state FILE --log FILE (zfs|zpool) ARGS...
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -30,6 +31,12 @@ class Failure(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+def lock_path(state_path: Path) -> Path:
+    """Held (flock) while a call reads and writes the state and appends to the log: a test
+    may then change the state while a long-running agent (the daemon) calls the fake."""
+    return state_path.with_name(state_path.name + ".lock")
 
 
 def key_digest(material: bytes, keyformat: str) -> str:
@@ -237,26 +244,28 @@ def main(argv: list[str]) -> int:
     program_index = argv.index("--log") + 2
     program, args = argv[program_index], argv[program_index + 1 :]
     stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
-    with log_path.open("a") as log:
-        log.write(
-            json.dumps(
-                {
-                    "program": program,
-                    "argv": args,
-                    "env": dict(os.environ),
-                    "stdin_sha256": hashlib.sha256(stdin).hexdigest(),
-                    "stdin_len": len(stdin),
-                }
+    with lock_path(state_path).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with log_path.open("a") as log:
+            log.write(
+                json.dumps(
+                    {
+                        "program": program,
+                        "argv": args,
+                        "env": dict(os.environ),
+                        "stdin_sha256": hashlib.sha256(stdin).hexdigest(),
+                        "stdin_len": len(stdin),
+                    }
+                )
+                + "\n"
             )
-            + "\n"
-        )
-    state: State = json.loads(state_path.read_text())
-    try:
-        out = zpool(state, args) if program == "zpool" else zfs(state, args, stdin)
-    except Failure as failure:
-        sys.stderr.write(f"{failure}\n")
-        return failure.code
-    state_path.write_text(json.dumps(state, indent=1))
+        state: State = json.loads(state_path.read_text())
+        try:
+            out = zpool(state, args) if program == "zpool" else zfs(state, args, stdin)
+        except Failure as failure:
+            sys.stderr.write(f"{failure}\n")
+            return failure.code
+        state_path.write_text(json.dumps(state, indent=1))
     sys.stdout.write(out)
     return 0
 
