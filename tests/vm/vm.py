@@ -378,6 +378,7 @@ class Guest:
         cpus: int = 2,
         timeout: float = 900,
         monitor: bool = False,
+        keep_disks: bool = False,
     ) -> None:
         self.image = image
         self.payload = payload
@@ -392,6 +393,7 @@ class Guest:
         self.cpus = cpus
         self.timeout = timeout
         self.monitor_path: Path | None = workdir / "monitor.sock" if monitor else None
+        self.keep_disks = keep_disks  # for a later boot from them (tests/vm/rootonzfs.py)
         self.console_path = workdir / "console.log"
         self.disks: list[Path] = []
         self._process: subprocess.Popen[bytes] | None = None
@@ -478,7 +480,7 @@ class Guest:
         seconds = time.monotonic() - self._started
         self._process = None
         (self.workdir / "initrd.cpio").unlink(missing_ok=True)  # a copy of the 80 MB base
-        for disk in self.disks:
+        for disk in [] if self.keep_disks else self.disks:
             disk.unlink(missing_ok=True)
         console = self.console_path.read_text(errors="replace").replace("\r", "")
         markers = EXIT_MARKER.findall(console)
@@ -509,11 +511,7 @@ class Guest:
         """Run one human-monitor command; return its output."""
         if self.monitor_path is None:
             raise VmError("the guest was started without monitor=True")
-        with _connect_unix(self.monitor_path, timeout) as sock:
-            _read_until(sock, b"(qemu) ")  # the banner
-            sock.sendall(command.encode() + b"\n")
-            output = _read_until(sock, b"(qemu) ").decode(errors="replace")
-        return output.replace("\r", "").split("\n", 1)[-1].removesuffix("(qemu) ").strip()
+        return hmp(self.monitor_path, command, timeout)
 
     def hotplug_disk(self, size: int = GIB) -> Path:
         """Attach a new partitioned disk to the running guest (virtio-blk-pci)."""
@@ -526,6 +524,15 @@ class Guest:
         if "rror" in output:
             raise VmError(f"hot-plugging {disk} failed: {output}")
         return disk
+
+
+def hmp(monitor_path: Path, command: str, timeout: float = 30) -> str:
+    """Run one human-monitor command on the QEMU monitor socket MONITOR_PATH; its output."""
+    with _connect_unix(monitor_path, timeout) as sock:
+        _read_until(sock, b"(qemu) ")  # the banner
+        sock.sendall(command.encode() + b"\n")
+        output = _read_until(sock, b"(qemu) ").decode(errors="replace")
+    return output.replace("\r", "").split("\n", 1)[-1].removesuffix("(qemu) ").strip()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,58 @@
+#!/bin/sh
+# /payload/run.sh of the install guest of the boot-proof tier (tests/vm/rootonzfs.py): the
+# installer of the target machine, run in the minimal test guest with the TARGET's identity
+# (its machine-id, /etc/hostid, agent.toml, client certificate and key; from /mnt/host).
+# vda1 becomes rpool (the root), vdb1 tank, vdc1 usb (attached to the target only after it
+# booted). Each encryption root is enrolled with the key server, so only the server (and
+# whoever types the hex key) can open it. The root tree comes as a tar file on the 9p share.
+# The altroot is /target, not /mnt: /mnt/host and /mnt/src are this guest's shares.
+set -eu
+export PYTHONPATH=/mnt/src:/mnt/site
+export PYTHONPYCACHEPREFIX=/tmp/pycache # the checkout is read-only
+share=/mnt/host
+up() { cut -d' ' -f1 /proc/uptime; }
+say() { echo "ZUAINSTALL: $* (at $(up) s)"; }
+agent() { python3 -m zfs_unlock_agent "$@"; }
+
+config=/etc/zfs-unlock-agent
+mkdir -p "$config"
+cp "$share/agent/agent.toml" "$share/agent/client.crt" "$share/agent/client.key" "$config/"
+chmod 0400 "$config/client.key"
+cp "$share/hostid" /etc/hostid # the target's: its pools must import there without -f
+say "machine-id $(cat /etc/machine-id), $(zfs version | head -n1)"
+
+# The root pool, as the OpenZFS root-on-ZFS guides lay it out: nothing mounts by
+# default, one boot environment below an encryption root whose key the server keeps.
+zpool create -f -o ashift=12 -o cachefile=none -R /target -O mountpoint=none \
+    -O canmount=off -O compression=lz4 -O acltype=posixacl -O xattr=sa -O relatime=on \
+    rpool /dev/vda1
+agent enroll --dataset rpool/ROOT --keyformat hex
+zfs set canmount=off rpool/ROOT
+zfs create -o mountpoint=/ -o canmount=noauto rpool/ROOT/debian
+zfs mount rpool/ROOT/debian
+say "rpool/ROOT enrolled; unpacking the root tree"
+tar -C /target -xf "$share/rootfs.tar"
+say "root tree unpacked: $(df -k /target | awk 'NR == 2 { print $3 }') KiB used"
+zpool set bootfs=rpool/ROOT/debian rpool
+
+# A data pool the target's systemd unlocks, and one it meets only when hot-plugged.
+for pool in tank usb; do
+    case $pool in tank) disk=/dev/vdb1 ;; usb) disk=/dev/vdc1 ;; esac
+    zpool create -f -o ashift=12 -o cachefile=none -O compression=lz4 "$pool" "$disk"
+    agent enroll --dataset "$pool/secure"
+    echo "written at install time" >"/$pool/secure/marker"
+done
+say "tank/secure and usb/secure enrolled"
+
+for root in rpool/ROOT tank/secure usb/secure; do
+    pool=${root%%/*}
+    echo "$root $(zpool get -Hp -o value guid "$pool") $(zfs get -Hp -o value guid "$root")" \
+        "$(zfs get -H -o value keyformat,keylocation,zfs-unlock-agent:managed "$root" |
+            tr '\n' ' ')"
+done >"$share/install.txt"
+cat "$share/install.txt"
+
+zpool export usb
+zpool export tank
+zpool export rpool
+say "pools exported"

@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# Build, once, the two Debian bookworm root trees of the boot-proof tier (tests/vm/test_boot.py):
+# a real system (systemd, udev, systemd-networkd with DHCP, Debian's kernel, OpenZFS 2.3 from
+# bookworm-backports, the agent's Python dependencies from Debian) that the tier installs on
+# an encrypted ZFS root and boots. Two trees, since their initramfs generators conflict:
+#   initramfs-tools/  initramfs-tools + zfs-initramfs
+#   dracut/           dracut + dracut-network + zfs-dracut
+# Each also gets a baseline initramfs built without our integration; only its size is kept.
+#
+# Usage: tests/vm/build-rootfs.sh        (as root, on Debian 12 x86_64)
+# The last line on stdout is "ZUA_VM_ROOTFS=<dir>"; progress and timings go to stderr, command
+# logs to <cache root>/logs.
+#
+# The kernel is the one build-image.sh uses (run first; cached), and so are its DKMS-built
+# zfs.ko and spl.ko, copied from the host: compiling them again in the chroot takes minutes.
+# Cache: ${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}/rootfs_<KVER>_<script hash>, built
+# beside it and renamed into place when complete (marker: COMPLETE).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE_ROOT=${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}
+MIRROR=http://deb.debian.org/debian
+SECURITY=http://deb.debian.org/debian-security
+BACKPORTS=bookworm-backports
+# gunicorn for the key server's unit (the server extra); pip installs it from these wheels.
+SERVER_WHEELS=("gunicorn>=23,<28")
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
+
+T_START=$(date +%s.%N)
+say() { echo "build-rootfs: $*" >&2; }
+die() {
+    say "ERROR: $*"
+    exit 1
+}
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+step() { # step NAME COMMAND...: run COMMAND, print how long it took
+    local name=$1 t0
+    shift
+    t0=$(date +%s.%N)
+    say "== $name"
+    "$@"
+    say "   $name: $(elapsed "$t0") s"
+}
+logged() { # logged LOGNAME COMMAND...: output to a log, its tail shown on failure
+    local log=$LOGS/rootfs-$1.log
+    shift
+    "$@" >"$log" 2>&1 || {
+        tail -n 40 "$log" >&2
+        die "$* failed (log: $log)"
+    }
+}
+
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot)"
+mkdir -p "$CACHE_ROOT/logs"
+LOGS=$CACHE_ROOT/logs
+
+# --- the kernel and ZFS modules: build-image.sh's --------------------------------------
+
+IMAGE_OUT=$(bash "$HERE/build-image.sh") || die "build-image.sh failed"
+IMAGE=$(sed -n 's/^ZUA_VM_IMAGE=//p' <<<"$IMAGE_OUT")
+[ -d "$IMAGE" ] || die "build-image.sh named no image"
+IMAGE_NAME=$(basename "$IMAGE")
+KVER=${IMAGE_NAME%%_zfs-*}
+ZVER=${IMAGE_NAME#*_zfs-}
+ZVER=${ZVER%_*}
+MODDIR=/lib/modules/$KVER/updates/dkms
+for module in zfs spl; do
+    [ -f "$MODDIR/$module.ko" ] ||
+        die "$MODDIR/$module.ko is missing (remove $IMAGE and rerun build-image.sh)"
+done
+line=$(sha256sum "${BASH_SOURCE[0]}")
+KEY="rootfs_${KVER}_${line:0:12}"
+DEST=$CACHE_ROOT/$KEY
+
+exec 8>"$CACHE_ROOT/.rootfs.lock"
+flock 8 # one build at a time; a second caller waits, then finds the cache
+
+# --- chroot plumbing ------------------------------------------------------------------
+
+MOUNTED=()
+mount_api() { # the kernel file systems some maintainer scripts and the initramfs tools need
+    local root=$1 dir
+    for dir in proc sys dev dev/pts; do
+        mkdir -p "$root/$dir"
+        mount --bind "/$dir" "$root/$dir"
+        MOUNTED=("$root/$dir" "${MOUNTED[@]}")
+    done
+}
+umount_api() {
+    local dir
+    for dir in "${MOUNTED[@]}"; do
+        umount -l "$dir" 2>/dev/null || true
+    done
+    MOUNTED=()
+}
+trap umount_api EXIT
+
+in_root() { # in_root ROOT COMMAND...
+    local root=$1
+    shift
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 INITRD=No "$@"
+}
+
+apt_in() { # apt_in ROOT LOGNAME ARGS...: apt-get install in the tree, no recommends
+    local root=$1 name=$2
+    shift 2
+    logged "$name" in_root "$root" apt-get install -y --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"
+}
+
+# --- the common base ------------------------------------------------------------------
+
+need_host_tools() {
+    local missing=()
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v zstd >/dev/null || missing+=(zstd)
+    if [ ${#missing[@]} -gt 0 ]; then
+        logged apt-host apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+}
+
+bootstrap() {
+    logged debootstrap debootstrap --variant=minbase --components=main,contrib \
+        --include=ca-certificates bookworm "$BASE" "$MIRROR"
+}
+
+configure_base() {
+    # Trim documentation now and for every later package.
+    cat >"$BASE/etc/dpkg/dpkg.cfg.d/01-zfs-unlock-agent-trim" <<'EOF'
+path-exclude=/usr/share/doc/*
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+path-exclude=/usr/share/lintian/*
+EOF
+    trim "$BASE"
+    cat >"$BASE/etc/apt/sources.list" <<EOF
+deb $MIRROR bookworm main contrib
+deb $MIRROR bookworm-updates main contrib
+deb $SECURITY bookworm-security main contrib
+deb $MIRROR $BACKPORTS main contrib
+EOF
+    # The mirror here serves snapshots whose Release files may have expired.
+    printf 'Acquire::Check-Valid-Until "false";\nAcquire::Check-Date "false";\n' \
+        >"$BASE/etc/apt/apt.conf.d/99zfs-unlock-agent-snapshot"
+    printf '#!/bin/sh\nexit 101\n' >"$BASE/usr/sbin/policy-rc.d" # no services start in the chroot
+    chmod 755 "$BASE/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$BASE/etc/resolv.conf"
+    mount_api "$BASE"
+    logged apt-update in_root "$BASE" apt-get update
+    apt_in "$BASE" base systemd systemd-sysv udev kmod iproute2 procps zstd \
+        python3 python3-requests python3-cryptography python3-pyudev python3-sdnotify \
+        python3-pip python3-packaging
+    # -t: OpenZFS 2.3 and its libraries all come from backports, matching zfs.ko, which a
+    # local package provides (zfs-modules): otherwise apt pulls in zfs-dkms and a compiler.
+    modules_package "$BASE/tmp/zfs-modules-local.deb"
+    apt_in "$BASE" zfs -t "$BACKPORTS" /tmp/zfs-modules-local.deb "zfsutils-linux=$ZVER" \
+        "zfs-zed=$ZVER"
+    rm "$BASE/tmp/zfs-modules-local.deb"
+    umount_api
+    echo zfsboot >"$BASE/etc/hostname"
+    printf '127.0.0.1 localhost\n127.0.1.1 zfsboot\n' >"$BASE/etc/hosts"
+    : >"$BASE/etc/fstab" # the root is ZFS, mounted by the initramfs
+    mkdir -p "$BASE/etc/systemd/network"
+    cat >"$BASE/etc/systemd/network/20-wired.network" <<'EOF'
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=yes
+EOF
+    in_root "$BASE" systemctl enable systemd-networkd.service systemd-networkd-wait-online.service \
+        >"$LOGS/rootfs-enable.log" 2>&1 || die "systemctl enable failed"
+    in_root "$BASE" passwd -d root >/dev/null # a console login, should anyone debug a boot
+}
+
+modules_package() { # a .deb of the host's DKMS-built zfs.ko and spl.ko that provides zfs-modules
+    local deb=$1 pkg=$WORK/zfs-modules-local
+    mkdir -p "$pkg/DEBIAN" "$pkg/lib/modules/$KVER/updates/dkms"
+    cp "$MODDIR/zfs.ko" "$MODDIR/spl.ko" "$pkg/lib/modules/$KVER/updates/dkms/"
+    cat >"$pkg/DEBIAN/control" <<EOF
+Package: zfs-modules-local
+Version: $ZVER
+Architecture: amd64
+Maintainer: zfs-unlock-agent tests <root@localhost>
+Provides: zfs-modules (= $ZVER)
+Description: OpenZFS kernel modules for $KVER, built by DKMS on the build host
+EOF
+    dpkg-deb --root-owner-group --build "$pkg" "$deb" >/dev/null
+    rm -rf "$pkg"
+}
+
+trim() { # documentation, locales, caches: not needed to boot, and copied on every run
+    local root=$1
+    rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+        "$root"/usr/share/lintian/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
+    find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias \
+        -exec rm -rf {} + 2>/dev/null || true
+}
+
+# --- the two variants -----------------------------------------------------------------
+
+add_kernel() { # add_kernel ROOT LOGNAME GENERATOR-PACKAGES...
+    local root=$1 name=$2 mdir
+    shift 2
+    mount_api "$root"
+    # INITRD=No (in_root): the kernel's postinst hooks build no initramfs; we build it below.
+    apt_in "$root" "$name-kernel" "linux-image-$KVER" "$@"
+    mdir=$root/lib/modules/$KVER
+    # Hardware a QEMU guest never has: drop it to keep the tree (copied every run) small.
+    rm -rf "$mdir"/kernel/drivers/{gpu,media,net/wireless,infiniband,staging,iio,bluetooth} \
+        "$mdir"/kernel/{sound,net/wireless,net/mac80211,net/bluetooth}
+    [ -f "$mdir/updates/dkms/zfs.ko" ] || die "zfs.ko missing from $mdir"
+    in_root "$root" depmod "$KVER"
+    umount_api
+}
+
+baseline_initrd() { # baseline_initrd ROOT COMMAND...: build one without our hooks, keep its size
+    local root=$1 initrd size
+    shift
+    initrd=$root/boot/initrd.img-$KVER
+    rm -f "$initrd"
+    mount_api "$root"
+    logged "$(basename "$root")-baseline" in_root "$root" "$@"
+    umount_api
+    [ -s "$initrd" ] || die "no $initrd after: $*"
+    size=$(stat -c %s "$initrd")
+    echo "$size" >"$WORK/$(basename "$root").baseline-initrd-bytes"
+    say "   baseline initramfs of $(basename "$root"): $size bytes"
+    rm -f "$initrd"
+}
+
+finish_tree() {
+    local root=$1
+    rm -f "$root/usr/sbin/policy-rc.d" "$root/etc/resolv.conf"
+    rm -rf "$root"/var/lib/apt/lists/* "$root"/tmp/* "$root"/var/tmp/*
+    : >"$root/etc/machine-id" # each run writes the host's fixed one
+    trim "$root"
+}
+
+initramfs_tools_tree() {
+    local root=$WORK/initramfs-tools
+    cp -a "$BASE" "$root"
+    add_kernel "$root" initramfs-tools initramfs-tools
+    apt_in_mounted "$root" initramfs-tools-zfs -t "$BACKPORTS" "zfs-initramfs=$ZVER"
+    baseline_initrd "$root" update-initramfs -c -k "$KVER"
+    finish_tree "$root"
+}
+
+dracut_tree() {
+    local root=$WORK/dracut
+    cp -a "$BASE" "$root"
+    # dracut-network picks systemd-networkd (the tree has it), whose dracut module needs dbus.
+    add_kernel "$root" dracut dracut dracut-network isc-dhcp-client dbus
+    apt_in_mounted "$root" dracut-zfs -t "$BACKPORTS" "zfs-dracut=$ZVER"
+    baseline_initrd "$root" dracut --force --kver "$KVER" "/boot/initrd.img-$KVER"
+    finish_tree "$root"
+}
+
+apt_in_mounted() {
+    local root=$1
+    shift
+    mount_api "$root"
+    apt_in "$root" "$@"
+    umount_api
+}
+
+server_wheels() { # gunicorn and what it needs beyond Debian's packages, for the server's unit
+    local pip=$REPO/.venv/bin/pip
+    [ -x "$pip" ] || die "$pip missing: run scripts/bootstrap.sh first"
+    logged wheels "$pip" download --quiet --disable-pip-version-check --only-binary=:all: \
+        --python-version 3.11 --platform manylinux2014_x86_64 --implementation cp \
+        --dest "$WORK/wheels" "${SERVER_WHEELS[@]}"
+}
+
+build() {
+    WORK=$DEST.partial
+    BASE=$WORK/base
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    step "host tools (debootstrap, zstd)" need_host_tools
+    step "debootstrap bookworm (minbase)" bootstrap
+    step "packages: systemd, udev, python3 and the agent's dependencies, OpenZFS $ZVER" \
+        configure_base
+    step "tree initramfs-tools: kernel $KVER, zfs-initramfs, baseline initramfs" initramfs_tools_tree
+    step "tree dracut: kernel $KVER, dracut, zfs-dracut, baseline initramfs" dracut_tree
+    step "server wheels (${SERVER_WHEELS[*]})" server_wheels
+    rm -rf "$BASE"
+    {
+        echo "KVER=$KVER"
+        echo "ZFS=$ZVER"
+        echo "built=$(date -Is)"
+        echo "seconds=$(elapsed "$T_START")"
+    } >"$WORK/COMPLETE"
+    rm -rf "$DEST"
+    mv "$WORK" "$DEST"
+}
+
+prune_stale() { # trees of other keys unused for a day
+    local dir
+    for dir in "$CACHE_ROOT"/rootfs_*; do
+        if [ ! -d "$dir" ] || [ "$dir" = "$DEST" ]; then continue; fi
+        [ -n "$(find "$dir/last-used" -mmin -1440 2>/dev/null)" ] && continue
+        say "removing the stale tree $dir"
+        rm -rf "$dir"
+    done
+}
+
+say "kernel $KVER, OpenZFS $ZVER, cache $DEST"
+if [ -f "$DEST/COMPLETE" ]; then
+    say "cached trees found"
+else
+    step "build the root trees from scratch" build
+fi
+touch "$DEST/last-used"
+prune_stale
+say "trees: $(du -sh "$DEST/initramfs-tools" | cut -f1) initramfs-tools," \
+    "$(du -sh "$DEST/dracut" | cut -f1) dracut; total $(elapsed "$T_START") s"
+echo "ZUA_VM_ROOTFS=$DEST"
