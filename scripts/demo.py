@@ -203,7 +203,9 @@ class KeyServer:
 
     def serve(self) -> None:
         listen = f"127.0.0.1:{self.port}"
-        argv = ["zfs-unlock-server", "serve", "--listen", listen, "--workers", "2"]
+        # The demo runs as root on a throw-away data directory; a real server runs as its
+        # own user (systemd/zfs-unlock-server.service), and serve refuses root without this.
+        argv = ["zfs-unlock-server", "serve", "--allow-root", "--listen", listen, "--workers", "2"]
         self.screen.cmd("server", shlex.join(argv) + " &")
         notify_path = self.data_dir.parent / "notify.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:

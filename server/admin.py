@@ -13,14 +13,14 @@ import os
 import pwd
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from zfs_unlock_agent import pinning, protocol, validate
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server import pki, secretfile
+from zfs_unlock_server import pki, privileges, secretfile
 from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
@@ -30,8 +30,9 @@ from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
 
 
 def actor() -> str:
-    """Who runs this command, by real uid (not $USER, which anyone can set)."""
-    uid = os.getuid()
+    """Who runs this command, by real uid (not $USER, which anyone can set); the uid it
+    started with if it has since become the data directory's owner."""
+    uid = privileges.invoking_uid()
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -47,12 +48,22 @@ def init_data_dir(
     server_names: Sequence[str],
     server_cert: Path | None = None,
     server_key: Path | None = None,
+    master_key_out: Path | None = None,
+    enter: Callable[[], object] = lambda: None,
 ) -> str:
-    """Create a new data directory; return the server's public-key pin. Never overwrites."""
+    """Create a new data directory; return the server's public-key pin. Never overwrites.
+
+    MASTER_KEY_OUT puts the master key there (0400) instead of into the data
+    directory. ENTER runs once everything that needs the caller's own rights is
+    done (reading --server-key, writing MASTER_KEY_OUT) and before the data
+    directory is touched: the CLI becomes the directory's owner there.
+    """
     if root.exists() and any(root.iterdir()):
         raise CannotCreate(f"{root} exists and is not empty; refusing to overwrite it")
     if (server_cert is None) != (server_key is None):
         raise DataError("--server-cert and --server-key go together")
+    if master_key_out is not None:
+        _check_master_key_out(master_key_out, root)
     # Check an operator's certificate and key before creating anything, so a
     # refusal leaves no half-made data directory behind.
     if server_cert is not None and server_key is not None:
@@ -62,10 +73,16 @@ def init_data_dir(
     else:
         pair = pki.create_server_certificate(list(server_names) or pki.default_server_names())
         cert_pem, key_pem = pair.cert_pem, pair.key_pem
+    master_key = new_master_key()
+    if master_key_out is not None:
+        master_key_out.parent.mkdir(mode=0o700, exist_ok=True)
+        secretfile.write_new(master_key_out, master_key, 0o400)
+    enter()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     layout = Layout(root)
-    secretfile.write_new(layout.master_key, new_master_key(), 0o400)
+    if master_key_out is None:
+        secretfile.write_new(layout.master_key, master_key, 0o400)
     ca = pki.create_ca()
     secretfile.write_new(layout.ca_key, ca.key_pem, 0o400)
     secretfile.write_new(layout.ca_cert, ca.cert_pem, 0o644)
@@ -80,6 +97,13 @@ def init_data_dir(
     return server_pin(layout)
 
 
+def _check_master_key_out(path: Path, root: Path) -> None:
+    if path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"--master-key-out {path}: must be outside the data directory {root}")
+    if path.exists() or path.is_symlink():
+        raise CannotCreate(f"--master-key-out {path} exists; refusing to overwrite it")
+
+
 def server_pin(layout: Layout) -> str:
     return pinning.pin_of_certificate(pki.pem_to_der(layout.server_cert.read_bytes()))
 
@@ -92,9 +116,10 @@ class Admin:
     config: ServerConfig
     store: SqliteStore
     audit: AuditLog
+    master: Sealer | None = None  # read before the command became the directory's owner
 
     @classmethod
-    def open(cls, root: Path) -> Admin:
+    def open(cls, root: Path, master: Sealer | None = None) -> Admin:
         layout = Layout(root)
         config = server_config.load(layout)
         return cls(
@@ -102,6 +127,7 @@ class Admin:
             config,
             SqliteStore(layout.database),
             AuditLog(server_config.audit_path(layout, config)),
+            master,
         )
 
     def close(self) -> None:
@@ -109,7 +135,7 @@ class Admin:
         self.audit.close()
 
     def sealer(self) -> Sealer:
-        return load_master_key(self.layout.master_key)
+        return self.master if self.master is not None else load_master_key(self.layout.master_key)
 
     def service(self) -> KeyService:
         return KeyService(self.store, self.sealer(), self.audit, self.config.deadman_timeout)
@@ -314,9 +340,10 @@ class Admin:
             dataset=record.dataset,
         )
 
-    def import_simplezfs(self, path: Path) -> int:
-        """Import every key of a SimpleZFSKeySystem database, all or nothing."""
-        rows = read_simplezfs(path)
+    def import_simplezfs(self, path: Path, rows: Sequence[SimpleZfsRow] | None = None) -> int:
+        """Import every key of a SimpleZFSKeySystem database, all or nothing. ROWS, when
+        given, were read from PATH already (with the rights of the admin who named it)."""
+        rows = read_simplezfs(path) if rows is None else rows
         sealer = self.sealer()
         now = int(time.time())
         records: list[KeyRecord] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from zfs_unlock_agent import protocol, validate
-from zfs_unlock_server import admin, audit
+from zfs_unlock_server import admin, audit, privileges, sealing
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
 from zfs_unlock_server.service import DatasetRef, deadman_timeout
@@ -45,13 +45,24 @@ def _emit_certificate(cert_pem: bytes, out: str | None) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    master_key_out = Path(args.master_key_out) if args.master_key_out else None
     pin = admin.init_data_dir(
         args.data_dir,
         args.server_name,
         Path(args.server_cert) if args.server_cert else None,
         Path(args.server_key) if args.server_key else None,
+        master_key_out,
+        enter=lambda: privileges.become_owner(args.data_dir),
     )
     print(f"created {args.data_dir}", file=sys.stderr)
+    if master_key_out:
+        print(
+            f"master key written to {master_key_out}, not into the data directory; serve and"
+            f" the admin commands that seal keys read it as the credential"
+            f" {sealing.CREDENTIAL_NAME} ($CREDENTIALS_DIRECTORY/{sealing.CREDENTIAL_NAME};"
+            f" the systemd unit loads it from {sealing.DEFAULT_CREDENTIAL_FILE})",
+            file=sys.stderr,
+        )
     print(f"server public-key pin (put it in each agent's config): {pin}", file=sys.stderr)
     print(pin)
     return 0
@@ -65,6 +76,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    privileges.refuse_root(args.allow_root)  # before anything is read or created
     # Imported here so that admin commands work without gunicorn installed.
     try:
         from zfs_unlock_server import serve  # noqa: PLC0415
@@ -129,7 +141,7 @@ def cmd_host_add(args: argparse.Namespace) -> int:
             args.allow_ip,
             args.pool,
             args.deadman_timeout,
-            _read_input(args.csr) if args.csr else None,
+            args.csr_pem if args.csr else None,
             Path(args.issue_key) if args.issue_key else None,
         )
     finally:
@@ -148,7 +160,7 @@ def cmd_host_add(args: argparse.Namespace) -> int:
 def cmd_host_cert(args: argparse.Namespace) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
-        cert_pem = ops.add_certificate(args.name, _read_input(args.csr))
+        cert_pem = ops.add_certificate(args.name, args.csr_pem)
     finally:
         ops.close()
     _emit_certificate(cert_pem, args.cert_out)
@@ -248,7 +260,7 @@ def cmd_key_create(args: argparse.Namespace) -> int:
     ref = DatasetRef(
         validate.guid(args.pool_guid, "pool GUID"), validate.guid(args.dataset_guid, "dataset GUID")
     )
-    ops = admin.Admin.open(args.data_dir)
+    ops = admin.Admin.open(args.data_dir, args.master)
     try:
         record = ops.create_key(args.host, ref, args.dataset, args.keyformat, imported)
     finally:
@@ -297,13 +309,44 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_import_simplezfs(args: argparse.Namespace) -> int:
-    ops = admin.Admin.open(args.data_dir)
+    ops = admin.Admin.open(args.data_dir, args.master)
     try:
-        count = ops.import_simplezfs(Path(args.file))
+        count = ops.import_simplezfs(Path(args.file), args.rows)
     finally:
         ops.close()
     print(f"imported {count} key(s)", file=sys.stderr)
     return 0
+
+
+def enter_data_dir(args: argparse.Namespace) -> None:
+    """Run an admin command as the data directory's owner (privileges.become_owner).
+
+    What the admin names on the command line (a CSR, a database to import, a master
+    key credential) is read first, with the admin's own rights; outputs are checked
+    after the switch, before anything changes.
+    """
+    layout = server_config.Layout(args.data_dir)
+    if not layout.config.is_file():
+        server_config.load(layout)  # raises: not a data directory, said before anything else
+    if getattr(args, "csr", None):
+        args.csr_pem = _read_input(args.csr)
+    args.rows = (
+        admin.read_simplezfs(Path(args.file)) if args.handler is cmd_import_simplezfs else None
+    )
+    args.master = None
+    if privileges.owner_to_become(args.data_dir) is None:
+        return
+    if args.handler in (cmd_key_create, cmd_import_simplezfs):
+        args.master = sealing.load_credential()
+    privileges.become_owner(args.data_dir)
+    if getattr(args, "cert_out", None):
+        privileges.check_writable(
+            Path(args.cert_out),
+            "--cert-out",
+            "; without --cert-out the certificate goes to standard output",
+        )
+    if getattr(args, "issue_key", None):
+        privileges.check_writable(Path(args.issue_key), "--issue-key")
 
 
 # Parser
@@ -350,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-cert", help="use this server certificate (PEM) instead of generating one"
     )
     p.add_argument("--server-key", help="private key (PEM, mode 0400/0600) of --server-cert")
+    p.add_argument(
+        "--master-key-out",
+        metavar="FILE",
+        help="write the master key here (0400, new file, outside the data directory) instead"
+        " of into the data directory; serve then needs it as the credential master-key",
+    )
 
     add(sub, "pin", cmd_pin, "print the server's public-key pin")
 
@@ -361,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override 'listen' from server.toml (repeatable)",
     )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: server.toml)")
+    p.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="serve even as root (refused otherwise, exit 77)",
+    )
 
     hosts = add(sub, "host", _missing_subcommand, "manage hosts").add_subparsers(
         dest="host_command", required=True, metavar="ACTION"
@@ -463,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "data_dir" not in args:
         args.data_dir = server_config.default_data_dir()
     try:
+        if args.handler not in (cmd_init, cmd_serve):
+            enter_data_dir(args)
         result: int = args.handler(args)
     except ServerError as exc:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_CANTCREAT = 73
 EX_IOERR = 74
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 
@@ -39,6 +40,12 @@ class ConfigError(ServerError):
 
 class CannotCreate(ServerError):
     exit_code = EX_CANTCREAT
+
+
+class NotPermitted(ServerError):
+    """Refused for who runs it: serving as root without --allow-root."""
+
+    exit_code = EX_NOPERM
 
 
 class IntegrityError(ServerError):

@@ -21,6 +21,8 @@ MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
 FORMAT_V1 = b"\x01"
 CREDENTIAL_NAME = "master-key"
+# Where systemd/zfs-unlock-server.service loads the credential from (LoadCredential=).
+DEFAULT_CREDENTIAL_FILE = Path("/etc/zfs-unlock-server") / CREDENTIAL_NAME
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,33 @@ def new_master_key() -> bytes:
     return os.urandom(MASTER_KEY_BYTES)
 
 
+def credential() -> Path | None:
+    """$CREDENTIALS_DIRECTORY/master-key, when systemd (or an admin, by hand) provides it."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / CREDENTIAL_NAME).exists():
+        return Path(directory) / CREDENTIAL_NAME
+    return None
+
+
+def load_credential() -> Sealer | None:
+    """The master key from the credential, or None when there is none."""
+    path = credential()
+    if path is None:
+        return None
+    secretfile.check_credential(path)
+    return Sealer(path.read_bytes())
+
+
 def load_master_key(path: Path) -> Sealer:
     """Read the master key from systemd's credential directory when present, else PATH."""
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and (Path(credentials) / CREDENTIAL_NAME).exists():
-        path = Path(credentials) / CREDENTIAL_NAME
-    data = secretfile.read_private(path)
-    return Sealer(data)
+    sealer = load_credential()
+    if sealer is not None:
+        return sealer
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(
+            f"{path}: missing. A master key kept outside the data directory comes in as the"
+            f" credential {CREDENTIAL_NAME}: the systemd unit loads it from"
+            f" {DEFAULT_CREDENTIAL_FILE}; for admin commands that seal keys, set"
+            f" CREDENTIALS_DIRECTORY={DEFAULT_CREDENTIAL_FILE.parent}"
+        )
+    return Sealer(secretfile.read_private(path))

@@ -23,6 +23,8 @@ from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import admin, cli
 
 SERVER_BIN = Path(sys.executable).with_name("zfs-unlock-server")
+# The suite runs as root on throw-away data directories; serve refuses root without it.
+ROOT_ONLY = ("--allow-root",) if os.geteuid() == 0 else ()
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,14 @@ class KeyServer:
     # The server process
 
     def start(
-        self, workers: int = 2, env: dict[str, str] | None = None, timeout: float = 20
+        self,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        timeout: float = 20,
+        launcher: Sequence[str] = (),
     ) -> None:
+        """Serve on a free port of 127.0.0.1 until stop(); LAUNCHER goes before the command
+        (something that sets up the process, then executes its arguments)."""
         self.port = self.port or free_port()
         notify_path = self.root / "notify.sock"
         notify_path.unlink(missing_ok=True)
@@ -139,6 +147,7 @@ class KeyServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
+                *launcher,
                 str(SERVER_BIN),
                 "--data-dir",
                 str(self.data_dir),
@@ -147,6 +156,7 @@ class KeyServer:
                 f"127.0.0.1:{self.port}",
                 "--workers",
                 str(workers),
+                *ROOT_ONLY,
             ],
             stdout=log,
             stderr=log,

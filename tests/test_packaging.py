@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.keyserver import KeyServer
+from tests.keyserver import ROOT_ONLY, KeyServer
 
 ROOT = Path(__file__).parents[1]
 
@@ -49,7 +49,8 @@ def test_server_admin_works_without_gunicorn_and_serve_says_what_is_missing(
     )
     assert listed.returncode == 0, listed.stderr
     served = run_python(
-        f"from zfs_unlock_server.cli import main; sys.exit(main(['--data-dir', {data!r}, 'serve']))"
+        "from zfs_unlock_server.cli import main;"
+        f" sys.exit(main(['--data-dir', {data!r}, 'serve', *{ROOT_ONLY!r}]))"
     )
     assert served.returncode == 78
     assert "gunicorn" in served.stderr and "[server]" in served.stderr

@@ -20,7 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, machine_id_for, release
+from tests.keyserver import (
+    ROOT_ONLY,
+    SERVER_BIN,
+    HostCreds,
+    KeyServer,
+    machine_id_for,
+    release,
+)
 from zfs_unlock_agent import pinning
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import pki
@@ -318,7 +325,7 @@ def test_help_exits_0() -> None:
         ("key", "revoke", "k-" + "0" * 24),
         ("audit",),
         ("import-simplezfs", "/nonexistent/keys.db"),
-        ("serve",),
+        ("serve", *ROOT_ONLY),
     ],
 )
 def test_missing_data_dir_exits_78(tmp_path: Path, args: Sequence[str]) -> None:

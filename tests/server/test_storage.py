@@ -27,7 +27,15 @@ from typing import Any
 import pytest
 import requests
 
-from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, enrol, free_port, release
+from tests.keyserver import (
+    ROOT_ONLY,
+    SERVER_BIN,
+    HostCreds,
+    KeyServer,
+    enrol,
+    free_port,
+    release,
+)
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import audit, cli, sealing, secretfile
 from zfs_unlock_server.config import Layout
@@ -466,6 +474,7 @@ def run_serve(server: KeyServer, env: dict[str, str] | None = None) -> tuple[int
             f"127.0.0.1:{free_port()}",
             "--workers",
             "1",
+            *ROOT_ONLY,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
