@@ -7,13 +7,14 @@
 set -eu
 
 usage() {
-    echo "usage: $0 [--root DIR] agent|server" >&2
+    echo "usage: $0 [--root DIR] [--bindir DIR] agent|server" >&2
     exit 64
 }
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=/
 role=
+bindir=
 while [ $# -gt 0 ]; do
     case $1 in
     --root)
@@ -25,8 +26,15 @@ while [ $# -gt 0 ]; do
         root=${1#--root=}
         shift
         ;;
+    --bindir)
+        [ $# -ge 2 ] || usage
+        bindir=$2
+        shift 2
+        ;;
     -h | --help)
-        echo "usage: $0 [--root DIR] agent|server"
+        echo "usage: $0 [--root DIR] [--bindir DIR] agent|server"
+        echo "  --bindir: where zfs-unlock-agent/-server are installed (default: found on PATH"
+        echo "            when ROOT is /, else /usr/local/bin); the units' ExecStart uses it"
         exit 0
         ;;
     agent | server)
@@ -51,6 +59,28 @@ wanted_by() {
     sed -n '/^\[Install\]/,/^\[/s/^WantedBy=//p' "$1" | tr ' ' '\n' | sed '/^$/d'
 }
 
+program=zfs-unlock-$role
+if [ -z "$bindir" ]; then
+    bindir=/usr/local/bin
+    if [ "$root" = "" ] && found=$(command -v "$program"); then
+        bindir=$(dirname "$found")
+    fi
+fi
+case $bindir in
+/*) ;;
+*) usage ;;
+esac
+[ -x "$root$bindir/$program" ] ||
+    echo "$0: warning: $root$bindir/$program is not there (yet); the unit will not start without it" >&2
+
+# Install FILE as DEST with the program's real directory in its Exec lines.
+install_with_bindir() {
+    mkdir -p "$(dirname "$2")"
+    sed "s#/usr/local/bin/zfs-unlock-#$bindir/zfs-unlock-#g" "$1" >"$2.tmp"
+    chmod 0644 "$2.tmp"
+    mv -f "$2.tmp" "$2"
+}
+
 # Install one unit file and make the symlinks 'systemctl enable' would.
 install_unit() {
     name=$(basename "$1")
@@ -58,7 +88,7 @@ install_unit() {
         echo "$0: $1: missing from this checkout" >&2
         exit 66
     }
-    install -D -m 0644 "$1" "$units/$name"
+    install_with_bindir "$1" "$units/$name"
     for target in $(wanted_by "$1"); do
         mkdir -p "$units/$target.wants"
         ln -sfn "/etc/systemd/system/$name" "$units/$target.wants/$name"
@@ -79,7 +109,7 @@ agent)
     if [ -d "$here/zfs-load-key@.service.d" ]; then
         for conf in "$here"/zfs-load-key@.service.d/*.conf; do
             [ -f "$conf" ] || continue
-            install -D -m 0644 "$conf" "$units/zfs-load-key@.service.d/$(basename "$conf")"
+            install_with_bindir "$conf" "$units/zfs-load-key@.service.d/$(basename "$conf")"
             echo "installed $units/zfs-load-key@.service.d/$(basename "$conf")"
         done
     fi

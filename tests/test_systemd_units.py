@@ -391,8 +391,6 @@ def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
 
 def test_install_agent_installs_its_unit_and_drop_ins(fresh_root: Path, tmp_path: Path) -> None:
     agent = UNITS / "zfs-unlock-agent.service"
-    if not agent.exists():
-        pytest.skip("the agent's unit is not in this checkout yet")
     result = install("--root", str(fresh_root), "agent")
     assert result.returncode == 0, result.stderr
     installed = tree(fresh_root)
@@ -410,10 +408,36 @@ def test_install_agent_installs_its_unit_and_drop_ins(fresh_root: Path, tmp_path
     assert not (fresh_root / "etc/sysusers.d").exists()
 
 
+def test_install_points_the_units_at_bindir(fresh_root: Path) -> None:
+    """A virtualenv install: every Exec line names the program where it really is."""
+    bindir = fresh_root / "opt/zua/bin"
+    bindir.mkdir(parents=True)
+    (bindir / "zfs-unlock-agent").write_text("#!/bin/sh\n")
+    (bindir / "zfs-unlock-agent").chmod(0o755)
+    result = install("--root", str(fresh_root), "--bindir", "/opt/zua/bin", "agent")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    system = fresh_root / "etc/systemd/system"
+    installed = [system / "zfs-unlock-agent.service"]
+    installed += sorted((system / "zfs-load-key@.service.d").glob("*.conf"))
+    exec_lines = [
+        line
+        for path in installed
+        for line in path.read_text().splitlines()
+        if line.startswith("Exec") and "zfs-unlock-agent" in line
+    ]
+    assert len(exec_lines) >= 3  # ExecStartPre, ExecStart, the drop-in's ExecCondition
+    assert all("=/opt/zua/bin/zfs-unlock-agent " in line for line in exec_lines), exec_lines
+    missing = install("--root", str(fresh_root), "--bindir", "/nowhere", "agent")
+    assert missing.returncode == 0
+    assert "/nowhere/zfs-unlock-agent is not there" in missing.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [
         (),
+        ("--bindir", "relative/bin", "agent"),
         ("server", "agent"),
         ("client",),
         ("--root",),
