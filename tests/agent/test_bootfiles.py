@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 import site
-import stat
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ import pytest
 
 import zfs_unlock_agent
 from tests.agent.harness import AgentHost
+from tests.chroot import Image
 from tests.fakes import FakeZfs, sha256
 from tests.keyserver import KeyServer, machine_id_for
 
@@ -234,77 +233,6 @@ def test_a_path_with_a_newline_is_refused(tmp_path: Path) -> None:
 
 
 # The strongest check: an image of only the listed files
-
-
-LDD_LINE = re.compile(r"^\s*(?:\S+ => )?(/\S+) \(0x[0-9a-f]+\)$")
-
-
-def shared_libraries(path: Path) -> list[Path]:
-    result = subprocess.run(
-        ["ldd", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert "not found" not in result.stdout, result.stdout
-    return [
-        Path(match.group(1))
-        for line in result.stdout.splitlines()
-        if (match := LDD_LINE.match(line))
-    ]
-
-
-class Image:
-    """A directory tree an initramfs tool would build: files at their own paths, symbolic
-    links followed (the link kept, its target copied, as copy_file and inst do)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.libraries: set[Path] = set()
-
-    def inside(self, path: Path) -> Path:
-        return self.root / path.relative_to("/")
-
-    def add(self, path: Path, at: Path | None = None) -> None:
-        target = Path(os.path.realpath(path))
-        destination = self.inside(at or path)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if at is None and target != path and not destination.is_symlink():
-            destination.symlink_to(target)
-            destination = self.inside(target)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-        if not destination.exists():
-            shutil.copy2(target, destination)
-
-    def add_exec(self, path: Path, at: Path | None = None) -> None:
-        self.add(path, at)
-        for library in shared_libraries(path):
-            self.libraries.add(library)
-            self.add(library)
-
-    def add_listed(self, lines: Sequence[tuple[str, Path]]) -> None:
-        for kind, path in lines:
-            if kind == "exec":
-                self.add_exec(path)
-            else:
-                self.add(path)
-                if kind == "private":
-                    self.inside(path).chmod(0o400)
-
-    def add_devices(self) -> None:
-        """What devtmpfs gives an initramfs: /dev/null (zfs runs with stdin from it)."""
-        dev = self.inside(Path("/dev"))
-        dev.mkdir(exist_ok=True)
-        for name, minor in (("null", 3), ("zero", 5), ("urandom", 9)):
-            os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
-            (dev / name).chmod(0o666)
-
-    def run(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["chroot", str(self.root), *argv],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
 
 
 def add_fake_zfs(image: Image, fake: FakeZfs) -> None:
