@@ -258,6 +258,8 @@ def prepare(
             run_logged(["sh", SYSTEMD_INSTALL, "--root", root, "agent"], log)
             if SERVER_UNIT.exists():
                 run_logged(["sh", SYSTEMD_INSTALL, "--root", root, "server"], log)
+                # As the unit's header says: enabled once its data is set up (report.py).
+                run_logged(in_root(root, "systemctl", "disable", "zfs-unlock-server.service"), log)
                 wheels = sorted(str(p.relative_to(trees.directory)) for p in trees.wheels.iterdir())
                 shutil.copytree(trees.wheels, root / "tmp" / "wheels")
                 run_logged(in_root(root, "python3", "-m", "pip", "install", "--quiet", "--no-deps",
@@ -267,9 +269,7 @@ def prepare(
                 shutil.rmtree(root / "tmp" / "wheels")
             run_logged(["sh", INITRAMFS_INSTALL, "--root", root, variant], log)
             _install_report(root)
-            # No zpool.cache on this system: zfs-import-scan imports tank at boot.
-            units = ["zfs-import-scan.service", "zua-boot-report.service"]
-            run_logged(in_root(root, "systemctl", "enable", *units), log)
+            run_logged(in_root(root, "systemctl", "enable", "zua-boot-report.service"), log)
             lap("install agent, integration, identity")
             if variant == "initramfs-tools":
                 build = ["update-initramfs", "-c", "-k", trees.kver]
@@ -282,6 +282,7 @@ def prepare(
                     f"/boot/initrd.img-{trees.kver}",
                 ]
             run_logged(in_root(root, *build), log)
+            initrd.touch(mode=0o600)  # it holds the host's client key
             shutil.copyfile(root / "boot" / f"initrd.img-{trees.kver}", initrd)
             lap(f"initramfs ({build[0]})")
         if tar is not None:

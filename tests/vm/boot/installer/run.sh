@@ -37,12 +37,18 @@ zpool set bootfs=rpool/ROOT/debian rpool
 
 # A data pool the target's systemd unlocks, and one it meets only when hot-plugged.
 for pool in tank usb; do
-    case $pool in tank) disk=/dev/vdb1 ;; usb) disk=/dev/vdc1 ;; esac
-    zpool create -f -o ashift=12 -o cachefile=none -O compression=lz4 "$pool" "$disk"
+    case $pool in tank) disk=/dev/vdb1 cache=/etc/zfs/zpool.cache ;; usb) disk=/dev/vdc1 cache=none ;; esac
+    zpool create -f -o ashift=12 -o cachefile=$cache -O compression=lz4 "$pool" "$disk"
     agent enroll --dataset "$pool/secure"
     echo "written at install time" >"/$pool/secure/marker"
 done
 say "tank/secure and usb/secure enrolled"
+
+# The target imports rpool and tank at boot from its zpool.cache (zfs-import-cache.service,
+# Debian's default), as the OpenZFS root-on-ZFS guides set it up; usb stays out of it.
+zpool set cachefile=/etc/zfs/zpool.cache rpool
+mkdir -p /target/etc/zfs
+cp /etc/zfs/zpool.cache /target/etc/zfs/zpool.cache
 
 for root in rpool/ROOT tank/secure usb/secure; do
     pool=${root%%/*}

@@ -122,7 +122,10 @@ def hotplug() -> dict[str, Any]:
     appeared = time.monotonic()
     result["disk_appeared_after"] = round(appeared - start, 2)
     say(f"usb disk appeared: {USB_DISK}")
-    result["import"] = run("zpool", "import", "-d", "/dev/disk/by-id", "usb", timeout=120)
+    # cachefile=none: a removable pool stays out of zpool.cache, or the next boot's
+    # zfs-import-cache.service would fail on it and zfs-import-scan would not run.
+    result["import"] = run("zpool", "import", "-d", "/dev/disk/by-id", "-o", "cachefile=none",
+                           "usb", timeout=120)  # fmt: skip
     imported = time.monotonic()
     result["import_seconds"] = round(imported - appeared, 2)
     say(f"zpool import usb: exit {result['import']['rc']}")
@@ -154,7 +157,7 @@ def server_unit() -> dict[str, Any]:
         return result
     setup = Path("/usr/local/lib/zua-boot-report/server-setup.sh")
     result["setup"] = run("sh", str(setup), timeout=300)
-    result["start"] = run("systemctl", "start", "zfs-unlock-server.service", timeout=300)
+    result["start"] = run("systemctl", "enable", "--now", "zfs-unlock-server.service", timeout=300)
     result["unit"] = unit_properties("zfs-unlock-server.service")
     result["journal"] = run("journalctl", "-b", "-u", "zfs-unlock-server", "-o",
                             "short-monotonic", "--no-pager")["out"]  # fmt: skip
