@@ -373,18 +373,31 @@ def test_the_listed_files_alone_run_the_agent_in_a_chroot(
 
 
 def unlock_in_a_chroot(
-    server: KeyServer, tmp_path: Path, python: Path, name: str, extra: Sequence[Path] = ()
+    server: KeyServer,
+    tmp_path: Path,
+    python: Path,
+    name: str,
+    extra: Sequence[Path] = (),
+    server_name: str | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], AgentHost, bytes]:
+    """SERVER_NAME: reach the server by that name, which the image's /etc/hosts maps to
+    127.0.0.1 (what DNS, set up by the provider from DHCP, does in an initramfs)."""
     host = AgentHost.create(tmp_path / "host", server, name)
     host.zfs = FakeZfs(tmp_path / "image" / "fake")
     pool = host.zfs.add_pool("rpool")
     key = host.encrypted_dataset("rpool/ROOT", pool)
     host.zfs.add_child("rpool/ROOT/debian")
     inside = Path("/fake/bin")
-    host.write_config(zfs_settings={"zfs": str(inside / "zfs"), "zpool": str(inside / "zpool")})
+    urls = [f"https://{server_name}:{server.port}"] if server_name else None
+    host.write_config(
+        urls=urls, zfs_settings={"zfs": str(inside / "zfs"), "zpool": str(inside / "zpool")}
+    )
 
     image = image_of_listed_files(tmp_path, python, host.config_path, extra)
     add_fake_zfs(image, host.zfs)
+    if server_name:
+        image.add_text("/etc/hosts", f"127.0.0.1 {server_name}\n")
+        image.add_text("/etc/nsswitch.conf", "hosts: files\n")
     # What the initramfs-tools provider runs, with the configuration named explicitly.
     result = agent_in(
         image,
@@ -410,12 +423,23 @@ def assert_unlocked_without_mounting(host: AgentHost, key: bytes) -> None:
     assert load["stdin_sha256"] == sha256(key)
 
 
+@pytest.mark.parametrize("server_name", [None, "keys.zua.test"], ids=["address", "name"])
 @pytest.mark.parametrize("install", INSTALLS)
 def test_the_listed_files_alone_unlock_in_a_chroot(
-    shared_keyserver: KeyServer, tmp_path: Path, request: pytest.FixtureRequest, install: str
+    shared_keyserver: KeyServer,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    install: str,
+    server_name: str | None,
 ) -> None:
     python = interpreter(install, request)
-    result, host, key = unlock_in_a_chroot(shared_keyserver, tmp_path, python, f"chroot-{install}")
+    result, host, key = unlock_in_a_chroot(
+        shared_keyserver,
+        tmp_path,
+        python,
+        f"chroot-{install}-{bool(server_name)}",
+        server_name=server_name,
+    )
 
     assert result.returncode == 0, result.stderr
     assert_unlocked_without_mounting(host, key)
