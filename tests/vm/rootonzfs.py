@@ -365,6 +365,7 @@ class Console:
                     self._text += data.decode(errors="replace").replace("\r", "")
                     self._changed.notify_all()
         with self._changed:
+            self._sock.close()
             self._sock = None
             self._changed.notify_all()
 
