@@ -408,6 +408,12 @@ def boot_down(tier: Tier, boot_up: Boot) -> Boot:  # after boot A: same disks
                 facts["prompt_after_zfs_script"] = round(
                     at - machine.console.time_of(began.start()), 1
                 )
+                # The agent starts once the network is up (initramfs-tools prints IP-Config).
+                network = list(re.finditer(r"IP-Config: \S+ complete", machine.console.text))
+                if network:
+                    facts["prompt_after_network"] = round(
+                        at - machine.console.time_of(network[-1].start()), 1
+                    )
                 time.sleep(1)
                 machine.console.type(key + "\n")
                 facts["typed"] = True
