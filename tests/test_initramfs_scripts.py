@@ -366,9 +366,12 @@ def test_provider_unlocks_the_encryption_root(initramfs: Image) -> None:
         pytest.param("zfs_unlock_agent.deadline=5 zfs_unlock_agent.deadline=9", "9", id="last"),
         pytest.param("zfs_unlock_agent.deadline=2.5", "2.5", id="fraction"),
         pytest.param("xzfs_unlock_agent.deadline=4", "30", id="not-ours"),
-        # Passed on as one word for the agent to refuse: no word splitting, no command.
-        pytest.param("zfs_unlock_agent.deadline=5;reboot", "5;reboot", id="odd"),
-        pytest.param("zfs_unlock_agent.deadline=$(reboot)", "$(reboot)", id="substitution"),
+        # Anything but a number falls back to 30 (a typo must not cost the automatic
+        # unlock), and is never split into words or run as a command.
+        pytest.param("zfs_unlock_agent.deadline=5;reboot", "30", id="odd"),
+        pytest.param("zfs_unlock_agent.deadline=$(reboot)", "30", id="substitution"),
+        pytest.param("zfs_unlock_agent.deadline=1.2.3", "30", id="two-dots"),
+        pytest.param("zfs_unlock_agent.deadline=", "30", id="empty"),
     ],
 )
 def test_provider_takes_the_deadline_from_the_kernel_command_line(
@@ -714,21 +717,27 @@ def test_hook_copies_what_bootfiles_lists_and_a_fixed_entry_point(tmp_path: Path
 
 
 @needs_root
-@pytest.mark.parametrize("missing", ["config", "agent"])
-def test_hook_without_agent_or_config_builds_a_prompting_image(
-    tmp_path: Path, missing: str
-) -> None:
-    config = host_config(tmp_path)
-    env = {
-        "ZFS_UNLOCK_AGENT_CONFIG": str(tmp_path / "absent.toml" if missing == "config" else config)
-    }
-    if missing == "agent":
-        env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+def test_hook_without_config_builds_a_prompting_image(tmp_path: Path) -> None:
+    host_config(tmp_path)
+    env = {"ZFS_UNLOCK_AGENT_CONFIG": str(tmp_path / "absent.toml")}
 
     result = run_hook(tmp_path, env=env)
 
     assert result.returncode == 0, result.stderr
     assert "this initramfs will prompt for keys" in result.stderr
+    assert hook_log(tmp_path) == []
+
+
+@needs_root
+def test_hook_with_config_but_no_agent_fails_loudly(tmp_path: Path) -> None:
+    """A configured host whose agent is gone must not silently get a prompting image."""
+    config = host_config(tmp_path)
+    env = {"ZFS_UNLOCK_AGENT_CONFIG": str(config), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+    result = run_hook(tmp_path, env=env)
+
+    assert result.returncode == 1, result.stderr
+    assert "not installed" in result.stderr
     assert hook_log(tmp_path) == []
 
 

@@ -20,6 +20,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import site
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +62,11 @@ def _module_files() -> set[Path]:
                 cached = Path(importlib.util.cache_from_source(str(path)))
                 if cached.is_file():
                     files.add(cached)
+    # .pth files run at start-up (an editable install's import hook is one); the
+    # modules they import are in sys.modules already.
+    for directory in {*site.getsitepackages(), site.getusersitepackages()}:
+        if Path(directory) in map(Path, sys.path):
+            files.update(Path(directory).glob("*.pth"))
     spec = importlib.util.find_spec("zfs_unlock_agent.__main__")
     if spec and spec.origin:
         files.add(Path(spec.origin))

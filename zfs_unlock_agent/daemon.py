@@ -149,7 +149,9 @@ class Daemon:
         end = self.clock() + seconds
         while (left := end - self.clock()) > 0:
             fds = [self.signals.read_fd]
-            select.select(fds, [], [], min(left, self.notifier.next_ping() - self.clock(), 1.0))
+            # A slow try may have let a ping fall due: never a negative timeout.
+            timeout = max(0.0, min(left, self.notifier.next_ping() - self.clock(), 1.0))
+            select.select(fds, [], [], timeout)
             self._take_signals()
             self.notifier.ping()
 
@@ -213,7 +215,7 @@ class Daemon:
         pause = settings.retry_initial if previous is None else previous.pause * 2
         pause = min(pause, settings.retry_max)
         self.retries[guid] = Retry(pause, self.clock() + pause)
-        log.info("%s: trying again in %.0f s", result.root, pause)
+        log.info("%s: trying again in %g s", result.root, pause)
 
     def checkin(self) -> None:
         interval = self.config.daemon.checkin_interval
@@ -223,7 +225,7 @@ class Daemon:
             self.next_checkin = self.clock() + interval
         except AgentError as exc:
             retry = min(interval, self.config.daemon.retry_max)
-            log.warning("check-in failed (trying again in %.0f s): %s", retry, exc)
+            log.warning("check-in failed (trying again in %g s): %s", retry, exc)
             self.next_checkin = self.clock() + retry
 
     def reload(self) -> None:
@@ -268,7 +270,9 @@ class Daemon:
             self.notifier.ready(self.summary())
             log.info("boot pass done: %s", self.summary())
             self.next_rescan = self.clock() + self.config.daemon.rescan_interval
-            self.next_checkin = self.clock()
+            # The boot pass's requests already told the server we are alive; a check-in
+            # now would only delay the first retry while the server is away.
+            self.next_checkin = self.clock() + self.config.daemon.checkin_interval
             while True:
                 self._take_signals()
                 if self.reload_requested:

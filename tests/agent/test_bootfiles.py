@@ -38,13 +38,6 @@ NOT_ON_THE_UNLOCK_PATH = ("cryptography", "cffi", "_cffi_backend", "pyudev", "sd
 # An editable install ('pip install -e', as in this checkout's .venv) finds the package
 # through a meta-path finder that a .pth file in site-packages installs at start-up.
 EDITABLE = not Path(zfs_unlock_agent.__file__).is_relative_to(Path(site.getsitepackages()[0]))
-EDITABLE_PTH_MISSING = pytest.mark.xfail(
-    EDITABLE,
-    strict=True,
-    reason="bootfiles lists the editable finder module (__editable___*_finder.py) but not"
-    " the __editable__.*.pth in site-packages that installs it, so the copied interpreter"
-    " cannot import zfs_unlock_agent",
-)
 
 
 def run_bootfiles(
@@ -347,7 +340,7 @@ def copied_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 INSTALLS = [
-    pytest.param("this-venv", marks=EDITABLE_PTH_MISSING, id="this-venv"),
+    pytest.param("this-venv", id="this-venv"),
     pytest.param("copied-install", id="copied-install"),
 ]
 
@@ -446,17 +439,6 @@ def test_the_listed_files_alone_unlock_in_a_chroot(
 
 
 @pytest.mark.skipif(not EDITABLE, reason="only an editable install relies on a .pth file")
-def test_this_venv_needs_only_its_pth_files_besides_the_list(
-    shared_keyserver: KeyServer, tmp_path: Path
-) -> None:
-    """The gap the xfail above shows is the .pth files alone: add them, and nothing else,
-    and a real unlock works from this venv's listed files in a chroot."""
-    extra = sorted(p for d in site.getsitepackages() for p in Path(d).glob("*.pth"))
-    assert any(p.name.startswith("__editable__") for p in extra)
-
-    result, host, key = unlock_in_a_chroot(
-        shared_keyserver, tmp_path, Path(sys.executable), "chroot-pth", extra
-    )
-
-    assert result.returncode == 0, result.stderr
-    assert_unlocked_without_mounting(host, key)
+def test_an_editable_install_lists_its_pth_file(listed: list[tuple[str, Path]]) -> None:
+    """The .pth that installs an editable install's import hook runs at start-up."""
+    assert any(p.name.startswith("__editable__") and p.suffix == ".pth" for _, p in listed)

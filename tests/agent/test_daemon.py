@@ -193,9 +193,7 @@ def test_degraded_boot_then_the_server_comes_back(
     host.zfs.add_child("tank/secret/child")
     keyserver.stop()  # the port stays this server's: start() reuses it
 
-    # No watchdog here: a ping falling due during a pass can crash the daemon (the xfail
-    # test at the end of this file); pings while the server is down are checked elsewhere.
-    daemon = daemons.start(host)
+    daemon = daemons.start(host, watchdog_usec=WATCHDOG_USEC)
     ready = daemon.expect_ready(timeout=12)
 
     assert keystatus(host, "tank/secret") == "unavailable"
@@ -481,12 +479,6 @@ def test_boot_pass_leaves_mounting_to_a_queued_zfs_mount_service(
 # A watchdog ping that falls due during a slow try
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon._sleep_between_tries passes a negative timeout to select() when the"
-    " watchdog ping is already overdue (a try that lasted longer than the ping interval):"
-    " ValueError, 'internal error', exit 70",
-)
 def test_a_ping_that_fell_due_during_a_slow_try_does_not_kill_the_daemon(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:

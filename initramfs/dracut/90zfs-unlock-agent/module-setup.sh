@@ -5,6 +5,9 @@
 # Network: rd.neednet=1 ip=dhcp (or any ip= form dracut's network modules accept).
 # shellcheck disable=SC2154 # initdir and moddir are set by dracut
 
+# dracut's PATH lacks /usr/local, where pip installs the agent.
+PATH="$PATH:/usr/local/sbin:/usr/local/bin"
+
 check() {
 	require_binaries zfs-unlock-agent || return 1
 	[ -e "${ZFS_UNLOCK_AGENT_CONFIG:-/etc/zfs-unlock-agent/agent.toml}" ] || return 1
@@ -13,6 +16,15 @@ check() {
 
 depends() {
 	echo zfs network systemd
+}
+
+# inst_simple keeps a file another module put there first; dracut's systemd module
+# writes an empty /etc/machine-id, and the server would refuse a made-up one.
+install_file() {
+	inst_simple "$1"
+	if ! cmp -s "$1" "${initdir}$1"; then
+		cp -fL "$1" "${initdir}$1"
+	fi
 }
 
 install() {
@@ -33,10 +45,17 @@ install() {
 	fi
 	while read -r kind path; do
 		case "$kind" in
-		exec) inst_binary "$path" ;;
-		file) inst_simple "$path" ;;
+		exec)
+			inst_binary "$path"
+			# Python's extension modules are mode 0644, and inst_binary leaves out the
+			# libraries of a file that is not executable: copy what ldd names.
+			for lib in $(ldd "$path" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3}'); do
+				inst_library "$lib"
+			done
+			;;
+		file) install_file "$path" ;;
 		private)
-			inst_simple "$path"
+			install_file "$path"
 			chmod 0400 "${initdir}${path}"
 			;;
 		*)

@@ -26,8 +26,12 @@ zua_root="$(zfs get -Ho value encryptionroot "$zua_bootfs" 2>/dev/null)" || retu
 [ "$(zfs get -Ho value keystatus "$zua_root")" = "unavailable" ] || return 0
 
 zua_deadline="$(getarg zfs_unlock_agent.deadline=)"
+# A typo on the kernel command line must not cost the automatic unlock.
+case "$zua_deadline" in
+'' | *[!0-9.]* | *.*.* | .* | *. | 0) zua_deadline=30 ;;
+esac
 systemctl start network-online.target
-if ! /usr/sbin/zfs-unlock-agent unlock --no-mount --deadline "${zua_deadline:-30}" \
+if ! /usr/sbin/zfs-unlock-agent unlock --no-mount --deadline "$zua_deadline" \
 	--dataset "$zua_root"; then
 	warn "zfs-unlock-agent: no key for $zua_root from the key server; asking for it instead"
 fi
