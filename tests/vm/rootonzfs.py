@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from tests.vm.vm import RELAY, SERVER_ADDRESS, SHARE_TAG, VmError, hmp
+from tests.vm.vm import RELAY, SERVER_ADDRESS, SHARE_TAG, VmError, hmp, run_build_script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -73,24 +73,7 @@ class RootTrees:
 
 def build_rootfs(progress: Callable[[str], None] = print, script: Path = BUILD_SCRIPT) -> RootTrees:
     """Build or find the cached trees (build-rootfs.sh), passing its output to PROGRESS."""
-    found: Path | None = None
-    tail: list[str] = []
-    with subprocess.Popen(
-        ["bash", str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    ) as process:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip("\n")
-            if line.startswith("ZUA_VM_ROOTFS="):
-                found = Path(line.partition("=")[2])
-            progress(line)
-            tail = [*tail[-29:], line]
-    if process.returncode != 0 or found is None:
-        raise VmError(f"{script} failed (exit {process.returncode}):\n" + "\n".join(tail))
+    found = run_build_script(script, ("ZUA_VM_ROOTFS",), progress)["ZUA_VM_ROOTFS"]
     facts = dict(
         line.split("=", 1) for line in (found / "COMPLETE").read_text().splitlines() if "=" in line
     )

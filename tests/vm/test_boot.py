@@ -21,12 +21,10 @@ The tier fails when it cannot run; ZUA_SKIP_VM=1 skips it, like tests/vm/test_re
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +47,16 @@ from tests.vm.rootonzfs import (
     build_wheel,
     prepare,
 )
-from tests.vm.vm import GIB, SERVER_ADDRESS, Forwarder, Guest, Image, VmError, build_image
+from tests.vm.vm import (
+    GIB,
+    SERVER_ADDRESS,
+    Forwarder,
+    Guest,
+    Image,
+    VmError,
+    build_image,
+    progress_printer,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -67,16 +74,6 @@ ITOOLS_APPEND = "root=ZFS=rpool/ROOT/debian boot=zfs ip=dhcp"
 DRACUT_APPEND = "root=zfs:rpool/ROOT/debian rd.neednet=1 ip=dhcp"
 OUR_UNITS = ("zfs-unlock-agent", "zfs-mount", "zfs-import", "zfs-load-key", "zfs-unlock-server")
 HOTPLUG_BOUND = 60.0  # seconds from `zpool import usb` to usb/secure mounted
-
-
-def progress_printer(config: pytest.Config) -> Callable[[str], None]:
-    capture = config.pluginmanager.getplugin("capturemanager")
-
-    def progress(line: str) -> None:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            print(f"[boot] {line}", file=sys.stderr, flush=True)
-
-    return progress
 
 
 @dataclass
@@ -215,7 +212,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
         pytest.skip("ZUA_SKIP_VM=1: the real-OpenZFS tier was switched off")
     if os.geteuid() != 0:
         pytest.fail("the boot-proof tier needs root (apt, chroot, mounts); or set ZUA_SKIP_VM=1")
-    progress = progress_printer(pytestconfig)
+    progress = progress_printer(pytestconfig, "boot")
     timings: dict[str, float] = {}
     started = time.monotonic()
     try:

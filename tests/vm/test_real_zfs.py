@@ -16,9 +16,8 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from tests.vm.vm import (
     SimpleZfsImporter,
     VmError,
     build_image,
+    progress_printer,
 )
 
 pytestmark = pytest.mark.vm
@@ -80,17 +80,6 @@ class Outcome:
         )
 
 
-def progress_printer(config: pytest.Config) -> Callable[[str], None]:
-    """Print past pytest's capture: the first build takes minutes and should show it is alive."""
-    capture = config.pluginmanager.getplugin("capturemanager")
-
-    def progress(line: str) -> None:
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            print(f"[vm] {line}", file=sys.stderr, flush=True)
-
-    return progress
-
-
 def write_agent_files(directory: Path, server: KeyServer, creds: HostCreds) -> None:
     """The guest's /etc/zfs-unlock-agent: agent.toml, client.crt, client.key; and the
     server's certificate, server.crt, for ZFS's own keylocation=https:// (SSL_CA_CERT_FILE)."""
@@ -118,7 +107,7 @@ def outcome(
         pytest.skip("ZUA_SKIP_VM=1: the real-OpenZFS tier was switched off")
     if os.geteuid() != 0:
         pytest.fail("the real-OpenZFS tier needs root (apt, DKMS); or set ZUA_SKIP_VM=1")
-    progress = progress_printer(pytestconfig)
+    progress = progress_printer(pytestconfig, "vm")
     started = time.monotonic()
     try:
         image = build_image(progress)

@@ -31,10 +31,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from tests.vm.relay import relay
 from zfs_unlock_agent import validate
+
+if TYPE_CHECKING:
+    import pytest
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-image.sh"
@@ -69,8 +72,22 @@ class Image:
         return self.directory / "base.cpio"
 
 
-def build_image(progress: Callable[[str], None] = print, script: Path = BUILD_SCRIPT) -> Image:
-    """Build or verify the cached image (build-image.sh), passing its output to PROGRESS."""
+def progress_printer(config: pytest.Config, tag: str) -> Callable[[str], None]:
+    """Print past pytest's capture: the first build takes minutes and should show it is alive."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"[{tag}] {line}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def run_build_script(
+    script: Path, announced: Sequence[str], progress: Callable[[str], None]
+) -> dict[str, Path]:
+    """Run a cache-building SCRIPT, passing its output to PROGRESS, and return the paths it
+    announces as NAME=PATH lines for each name in ANNOUNCED; VmError when it fails."""
     paths: dict[str, Path] = {}
     tail: list[str] = []
     with subprocess.Popen(
@@ -84,12 +101,18 @@ def build_image(progress: Callable[[str], None] = print, script: Path = BUILD_SC
         for raw in process.stdout:
             line = raw.rstrip("\n")
             key, _, value = line.partition("=")
-            if key in ("ZUA_VM_IMAGE", "ZUA_VM_SITE"):
+            if key in announced:
                 paths[key] = Path(value)
             progress(line)
             tail = [*tail[-29:], line]
-    if process.returncode != 0 or len(paths) != 2:
+    if process.returncode != 0 or len(paths) != len(announced):
         raise VmError(f"{script} failed (exit {process.returncode}):\n" + "\n".join(tail))
+    return paths
+
+
+def build_image(progress: Callable[[str], None] = print, script: Path = BUILD_SCRIPT) -> Image:
+    """Build or verify the cached image (build-image.sh), passing its output to PROGRESS."""
+    paths = run_build_script(script, ("ZUA_VM_IMAGE", "ZUA_VM_SITE"), progress)
     return Image(paths["ZUA_VM_IMAGE"], paths["ZUA_VM_SITE"])
 
 
