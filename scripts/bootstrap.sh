@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with the project and its development tools. As root on Debian,
-# first installs what is missing: python3-venv (and so Python), curl, shellcheck.
+# first installs what is missing: python3-venv (and so Python), curl, shellcheck, busybox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv pytho
 command -v curl >/dev/null || need+=(curl)
 # ShellCheck lints the initramfs scripts in tests/test_initramfs_scripts.py.
 command -v shellcheck >/dev/null || need+=(shellcheck)
+# busybox: the initramfs scripts are also run under an initramfs's own shell.
+command -v busybox >/dev/null || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "== installing ${need[*]}" >&2

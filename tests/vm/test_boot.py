@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from tests.vm.vm import (
     VmError,
     build_image,
     progress_printer,
+    write_guest_agent_config,
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -161,17 +161,9 @@ class Tier:
 
 def write_agent_config(directory: Path, server: KeyServer, creds: HostCreds) -> None:
     """The target's /etc/zfs-unlock-agent (and the installer's: the same host)."""
-    directory.mkdir(parents=True)
-    shutil.copyfile(creds.cert, directory / "client.crt")
-    shutil.copyfile(creds.key, directory / "client.key")
-    (directory / "client.key").chmod(0o400)
-    host, port = SERVER_ADDRESS
-    (directory / "agent.toml").write_text(
-        'machine_id_file = "/etc/machine-id"\n'
-        f'[[server]]\nurl = "https://{host}:{port}"\npins = ["{server.pin}"]\n'
-        '[client]\ncertificate = "client.crt"\nkey = "client.key"\n'
-        # TCG is slow: Python starts in seconds, TLS handshakes take a while.
-        "[network]\nconnect_timeout = 5\nread_timeout = 30\ndeadline = 30\n"
+    # TCG is slow: Python starts in seconds, TLS handshakes take a while.
+    write_guest_agent_config(
+        directory, server, creds, "connect_timeout = 5\nread_timeout = 30\ndeadline = 30\n"
     )
 
 

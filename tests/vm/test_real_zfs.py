@@ -36,6 +36,7 @@ from tests.vm.vm import (
     VmError,
     build_image,
     progress_printer,
+    write_guest_agent_config,
 )
 
 pytestmark = pytest.mark.vm
@@ -83,20 +84,15 @@ class Outcome:
 def write_agent_files(directory: Path, server: KeyServer, creds: HostCreds) -> None:
     """The guest's /etc/zfs-unlock-agent: agent.toml, client.crt, client.key; and the
     server's certificate, server.crt, for ZFS's own keylocation=https:// (SSL_CA_CERT_FILE)."""
-    directory.mkdir(parents=True)
-    shutil.copyfile(server.data_dir / "server.crt", directory / "server.crt")
-    shutil.copyfile(creds.cert, directory / "client.crt")
-    shutil.copyfile(creds.key, directory / "client.key")
-    (directory / "client.key").chmod(0o400)
-    host, port = SERVER_ADDRESS
-    (directory / "agent.toml").write_text(
-        'machine_id_file = "/etc/machine-id"\n'
-        f'[[server]]\nurl = "https://{host}:{port}"\npins = ["{server.pin}"]\n'
-        '[client]\ncertificate = "client.crt"\nkey = "client.key"\n'
-        # TCG is slow; the deadline bounds the server-down scenario.
-        "[network]\nconnect_timeout = 5\nread_timeout = 30\ndeadline = 20\n"
-        "backoff_initial = 0.5\nbackoff_max = 2\n"
+    # TCG is slow; the deadline bounds the server-down scenario.
+    write_guest_agent_config(
+        directory,
+        server,
+        creds,
+        "connect_timeout = 5\nread_timeout = 30\ndeadline = 20\n"
+        "backoff_initial = 0.5\nbackoff_max = 2\n",
     )
+    shutil.copyfile(server.data_dir / "server.crt", directory / "server.crt")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -38,6 +39,8 @@ from zfs_unlock_agent import validate
 
 if TYPE_CHECKING:
     import pytest
+
+    from tests.keyserver import HostCreds, KeyServer
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-image.sh"
@@ -81,6 +84,24 @@ def progress_printer(config: pytest.Config, tag: str) -> Callable[[str], None]:
             print(f"[{tag}] {line}", file=sys.stderr, flush=True)
 
     return progress
+
+
+def write_guest_agent_config(
+    directory: Path, server: KeyServer, creds: HostCreds, network: str
+) -> None:
+    """A guest's /etc/zfs-unlock-agent: agent.toml reaching the server at SERVER_ADDRESS
+    with the NETWORK table's body, client.crt, client.key (0400)."""
+    directory.mkdir(parents=True)
+    shutil.copyfile(creds.cert, directory / "client.crt")
+    shutil.copyfile(creds.key, directory / "client.key")
+    (directory / "client.key").chmod(0o400)
+    host, port = SERVER_ADDRESS
+    (directory / "agent.toml").write_text(
+        'machine_id_file = "/etc/machine-id"\n'
+        f'[[server]]\nurl = "https://{host}:{port}"\npins = ["{server.pin}"]\n'
+        '[client]\ncertificate = "client.crt"\nkey = "client.key"\n'
+        f"[network]\n{network}"
+    )
 
 
 def run_build_script(
