@@ -33,7 +33,6 @@ from zfs_unlock_agent.unlock import read_machine_id
 # headers and JSON bodies may need. Everything else is imported when cli is.
 RUNTIME_IMPORTS = (
     "zfs_unlock_agent.cli",
-    "zfs_unlock_agent.__main__",
     "encodings.idna",
     "encodings.ascii",
     "encodings.latin_1",
@@ -44,8 +43,6 @@ RUNTIME_IMPORTS = (
 
 def _import_all() -> None:
     for name in RUNTIME_IMPORTS:
-        if name == "zfs_unlock_agent.__main__":
-            continue  # running it would start the agent; its file is listed below
         importlib.import_module(name)
 
 
@@ -67,6 +64,7 @@ def _module_files() -> set[Path]:
     for directory in {*site.getsitepackages(), site.getusersitepackages()}:
         if Path(directory) in map(Path, sys.path):
             files.update(Path(directory).glob("*.pth"))
+    # The entry point (python -m zfs_unlock_agent): found, not imported, which would run it.
     spec = importlib.util.find_spec("zfs_unlock_agent.__main__")
     if spec and spec.origin:
         files.add(Path(spec.origin))
