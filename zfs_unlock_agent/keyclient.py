@@ -130,6 +130,13 @@ class Answer:
     body: dict[str, Any]
 
 
+def retry_delay(network: Network, attempt: int, jitter: float, wait_hint: float = 0.0) -> float:
+    """The pause after failed round ATTEMPT (1, 2, ...): capped exponential backoff with
+    full jitter (JITTER in [0, 1)), never shorter than the server's Retry-After."""
+    ceiling = min(network.backoff_max, network.backoff_initial * 2.0 ** (attempt - 1))
+    return max(jitter * ceiling, wait_hint)
+
+
 class KeyClient:
     """Talks to the configured servers in turn, within one overall deadline.
 
@@ -225,10 +232,7 @@ class KeyClient:
                     raise ServerRefused(f"{server.url}: {path} not found (404); wrong URL?")
                 raise AgentError(f"{server.url}: unexpected HTTP {status} for {path}")
             attempt += 1
-            delay = self._jitter() * min(
-                self.network.backoff_max, self.network.backoff_initial * 2 ** (attempt - 1)
-            )
-            delay = max(delay, wait_hint)
+            delay = retry_delay(self.network, attempt, self._jitter(), wait_hint)
             if self._clock() + delay >= deadline:
                 last = problems[-1] if problems else "no server answered"
                 raise ServerUnavailable(

@@ -1,0 +1,280 @@
+"""What every benchmark shares: the build directory, statistics, timed child processes,
+and a real key server with enrolled hosts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from zfs_unlock_agent import pinning
+from zfs_unlock_server import admin
+from zfs_unlock_server.service import DatasetRef
+
+REPO = Path(__file__).resolve().parent.parent
+# Compiled helpers (loadgen, fakezfs) live here; bench/run.sh builds them.
+BUILD = Path(os.environ.get("ZUA_BENCH_BUILD", REPO / "build" / "bench"))
+VENV_BIN = Path(sys.executable).parent
+SERVER_BIN = VENV_BIN / "zfs-unlock-server"
+AGENT_BIN = VENV_BIN / "zfs-unlock-agent"
+ALLOW_ROOT = ("--allow-root",) if os.geteuid() == 0 else ()
+
+
+# Statistics
+
+
+@dataclass(frozen=True)
+class Summary:
+    median: float
+    low: float
+    high: float
+    n: int
+
+    def text(self, unit: str = "", digits: int = 1) -> str:
+        """'12.3 ms (11.9-13.0)': the median, then min-max."""
+        return f"{self.median:.{digits}f}{unit} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    if not values:
+        raise ValueError("no measurements")
+    return Summary(statistics.median(values), min(values), max(values), len(values))
+
+
+def ratio(ours: float, baseline: float) -> float:
+    return ours / baseline if baseline else float("inf")
+
+
+# Child processes
+
+
+@dataclass(frozen=True)
+class Timed:
+    seconds: float
+    max_rss_kib: int  # the child's peak resident set (getrusage ru_maxrss)
+    returncode: int
+    stdout: bytes
+
+
+def run_measured(
+    argv: Sequence[str | Path],
+    stdin_path: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Timed:
+    """Run ARGV once: wall time from fork to exit, and the peak RSS of that one child
+    (wait4; RUSAGE_CHILDREN would be the maximum over every child so far). Its output
+    goes to /dev/null; its stdin comes from STDIN_PATH."""
+    stdin = stdin_path.open("rb") if stdin_path else open(os.devnull, "rb")  # noqa: SIM115
+    with stdin, open(os.devnull, "wb") as null:
+        start = time.perf_counter()
+        process = subprocess.Popen([str(a) for a in argv], stdin=stdin, stdout=null, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Timed(seconds, int(usage.ru_maxrss), process.returncode, b"")
+
+
+def wait_for_port(port: int, address: str = "127.0.0.1", timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {address}:{port}") from None
+            time.sleep(0.05)
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of a running process: its peak resident set so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def raise_fd_limit() -> None:
+    """The storm opens thousands of sockets at once."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# The machine
+
+
+def machine() -> dict[str, str]:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = "?"
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        memory = f"{kib / 1024 / 1024:.1f} GiB"
+    openssl = subprocess.run(
+        ["openssl", "version"], check=False, capture_output=True, text=True
+    ).stdout
+    debian = Path("/etc/debian_version")
+    return {
+        "cpu": f"{os.cpu_count()} x {model}",
+        "memory": memory,
+        "kernel": platform.release(),
+        "os": f"Debian {debian.read_text().strip()}" if debian.exists() else platform.platform(),
+        "python": platform.python_version(),
+        "openssl": openssl.strip(),
+    }
+
+
+# A real key server
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    machine_id: str
+    cert: Path
+    key: Path
+    refs: tuple[DatasetRef, ...]
+
+
+def machine_id_for(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def pin_hex(pin: str) -> str:
+    """'sha256//BASE64' -> the hex digest the load generator takes."""
+    return pinning.parse_pin(pin).hex()
+
+
+class KeyServer:
+    """A data directory made with the project's own CA and admin code; EC P-256 throughout."""
+
+    def __init__(self, root: Path, rate_limits: dict[str, float] | None = None) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.hosts_dir = root / "hosts"
+        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        self.pin = admin.init_data_dir(self.data, ["localhost", "127.0.0.1"])
+        if rate_limits:
+            table = "\n".join(f"{k} = {float(v)}" for k, v in rate_limits.items())
+            (self.data / "server.toml").write_text(f"[rate_limits]\n{table}\n")
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.data / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.data / "server.key"
+
+    def add_hosts(self, names: Sequence[str], datasets_per_host: int = 1) -> list[Host]:
+        """Enrol hosts the way `host add --issue-key` does, each with active raw keys."""
+        hosts = []
+        session = admin.Admin.open(self.data)
+        try:
+            for name in names:
+                machine_id = machine_id_for(name)
+                directory = self.hosts_dir / name
+                session.add_host(name, machine_id, [], [], None, None, directory)
+                refs = []
+                for index in range(datasets_per_host):
+                    ref = DatasetRef(str(1000 + index), str(2000 + index))
+                    session.create_key(name, ref, f"tank/bench/d{index:03d}", "raw", None)
+                    refs.append(ref)
+                hosts.append(
+                    Host(
+                        name,
+                        machine_id,
+                        directory / "client.crt",
+                        directory / "client.key",
+                        tuple(refs),
+                    )
+                )
+        finally:
+            session.close()
+        return hosts
+
+    @contextlib.contextmanager
+    def serving(self, workers: int = 0) -> Iterator[KeyServer]:
+        """Serve on a free port of 127.0.0.1 (WORKERS 0: the server's default)."""
+        self.port = free_port()
+        log = (self.root / "server.log").open("ab")
+        command = [
+            str(SERVER_BIN),
+            "--data-dir",
+            str(self.data),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *ALLOW_ROOT,
+        ]
+        if workers:
+            command += ["--workers", str(workers)]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        try:
+            wait_for_port(self.port)
+            time.sleep(0.5)  # let every worker come up, not only the first
+            yield self
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def worker_pids(self) -> list[int]:
+        if self.process is None:
+            raise RuntimeError("the server is not running")
+        return children_of(self.process.pid)
+
+
+def release_request(host: Host) -> bytes:
+    """The agent's batch release, as raw HTTP/1.1 (Connection: close)."""
+    body = json.dumps(
+        {
+            "machine_id": host.machine_id,
+            "datasets": [
+                {"pool_guid": r.pool_guid, "dataset_guid": r.dataset_guid} for r in host.refs
+            ],
+        },
+        separators=(",", ":"),
+    ).encode()
+    head = (
+        "POST /v1/keys/release HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nAccept: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
