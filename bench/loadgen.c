@@ -137,10 +137,11 @@ static enum outcome exchange(SSL_CTX *ctx, const char *request, size_t request_l
     *retry_after = 0;
     int fd = connect_with_timeout(connect_timeout);
     if (fd < 0) return errno == ETIMEDOUT ? E_TIMEOUT : E_CONNECT;
-    set_io_timeout(fd, io_timeout);
     SSL *ssl = NULL;
     enum outcome result = E_IO;
     if (ctx) {
+        /* As urllib3 does: the handshake is part of connecting, under the connect timeout. */
+        set_io_timeout(fd, connect_timeout);
         ssl = SSL_new(ctx);
         SSL_set_fd(ssl, fd);
         if (SSL_connect(ssl) != 1) {
@@ -149,6 +150,9 @@ static enum outcome exchange(SSL_CTX *ctx, const char *request, size_t request_l
             goto out;
         }
         if (use_pin && !pin_matches(ssl)) { result = E_PIN; goto out; }
+    }
+    set_io_timeout(fd, io_timeout);
+    if (ctx) {
         if (SSL_write(ssl, request, (int)request_len) != (int)request_len) goto io_error;
     } else if (write(fd, request, request_len) != (ssize_t)request_len) {
         goto io_error;

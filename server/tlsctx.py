@@ -19,6 +19,7 @@ def server_context(layout: Layout) -> ssl.SSLContext:
     context.options |= (
         ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     )
+    context.num_tickets = 0
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cafile=str(layout.ca_cert))
     context.load_cert_chain(str(layout.server_cert), str(layout.server_key))
