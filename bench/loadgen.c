@@ -156,6 +156,10 @@ static enum outcome exchange(SSL_CTX *ctx, const char *request, size_t request_l
         if (SSL_write(ssl, request, (int)request_len) != (int)request_len) goto io_error;
     } else if (write(fd, request, request_len) != (ssize_t)request_len) {
         goto io_error;
+    } else {
+        /* tangd answers and then reads on until EOF (curl in clevis stops at Content-Length
+           and closes); our half-close lets it exit, so reading to EOF ends. */
+        shutdown(fd, SHUT_WR);
     }
     for (;;) { /* the request says Connection: close; read to EOF */
         int n = ssl ? SSL_read(ssl, buf + got, (int)(sizeof buf - 1 - got)) :
