@@ -72,14 +72,19 @@ def run_measured(
     argv: Sequence[str | Path],
     stdin_path: Path | None = None,
     env: dict[str, str] | None = None,
+    stderr_path: Path | None = None,
 ) -> Timed:
     """Run ARGV once: wall time from fork to exit, and the peak RSS of that one child
     (wait4; RUSAGE_CHILDREN would be the maximum over every child so far). Its output
-    goes to /dev/null; its stdin comes from STDIN_PATH."""
+    goes to /dev/null; its stdin comes from STDIN_PATH; its stderr is appended to
+    STDERR_PATH (default: ours)."""
     stdin = stdin_path.open("rb") if stdin_path else open(os.devnull, "rb")  # noqa: SIM115
-    with stdin, open(os.devnull, "wb") as null:
+    stderr = stderr_path.open("ab") if stderr_path else contextlib.nullcontext(None)
+    with stdin, open(os.devnull, "wb") as null, stderr as errors:
         start = time.perf_counter()
-        process = subprocess.Popen([str(a) for a in argv], stdin=stdin, stdout=null, env=env)
+        process = subprocess.Popen(
+            [str(a) for a in argv], stdin=stdin, stdout=null, stderr=errors, env=env
+        )
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
