@@ -11,6 +11,7 @@ import platform
 import resource
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,18 @@ def peak_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for {pid}")
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system time so far of PIDS and of the children they have reaped (a
+    listener that forks one process per connection); a process that is gone counts 0."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def children_of(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -157,6 +170,20 @@ def machine() -> dict[str, str]:
     }
 
 
+def package_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Debian's version of each installed package (dpkg-query); "not installed" otherwise."""
+    versions = {}
+    for package in packages:
+        answer = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", package],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        versions[package] = answer.stdout.strip() if answer.returncode == 0 else "not installed"
+    return versions
+
+
 # A real key server
 
 
@@ -181,12 +208,20 @@ def pin_hex(pin: str) -> str:
 class KeyServer:
     """A data directory made with the project's own CA and admin code; EC P-256 throughout."""
 
-    def __init__(self, root: Path, rate_limits: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, root: Path, rate_limits: dict[str, float] | None = None, *, reuse: bool = False
+    ) -> None:
+        """A new data directory under ROOT, or with REUSE the one an earlier run made there
+        (the storm caches its enrolled hosts; enrolling 10,000 takes longer than serving them)."""
         self.root = root
         self.data = root / "data"
         self.hosts_dir = root / "hosts"
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
-        self.pin = admin.init_data_dir(self.data, ["localhost", "127.0.0.1"])
+        if reuse:
+            cert = ssl.PEM_cert_to_DER_cert(self.server_cert.read_text())
+            self.pin = pinning.pin_of_certificate(cert)
+        else:
+            self.pin = admin.init_data_dir(self.data, ["localhost", "127.0.0.1"])
         if rate_limits:
             table = "\n".join(f"{k} = {float(v)}" for k, v in rate_limits.items())
             (self.data / "server.toml").write_text(f"[rate_limits]\n{table}\n")
@@ -214,23 +249,23 @@ class KeyServer:
                 machine_id = machine_id_for(name)
                 directory = self.hosts_dir / name
                 session.add_host(name, machine_id, [], [], None, None, directory)
-                refs = []
-                for index in range(datasets_per_host):
-                    ref = DatasetRef(str(1000 + index), str(2000 + index))
+                host = self.host(name, datasets_per_host)
+                for index, ref in enumerate(host.refs):
                     session.create_key(name, ref, f"tank/bench/d{index:03d}", "raw", None)
-                    refs.append(ref)
-                hosts.append(
-                    Host(
-                        name,
-                        machine_id,
-                        directory / "client.crt",
-                        directory / "client.key",
-                        tuple(refs),
-                    )
-                )
+                hosts.append(host)
         finally:
             session.close()
         return hosts
+
+    def host(self, name: str, datasets_per_host: int = 1) -> Host:
+        """The record of a host add_hosts enrolled (in this run or an earlier one)."""
+        directory = self.hosts_dir / name
+        refs = tuple(
+            DatasetRef(str(1000 + index), str(2000 + index)) for index in range(datasets_per_host)
+        )
+        return Host(
+            name, machine_id_for(name), directory / "client.crt", directory / "client.key", refs
+        )
 
     @contextlib.contextmanager
     def serving(self, workers: int = 0) -> Iterator[KeyServer]:
@@ -264,6 +299,12 @@ class KeyServer:
         if self.process is None:
             raise RuntimeError("the server is not running")
         return children_of(self.process.pid)
+
+    def pids(self) -> list[int]:
+        """The master and its workers: every process whose CPU time is the server's."""
+        if self.process is None:
+            raise RuntimeError("the server is not running")
+        return [self.process.pid, *children_of(self.process.pid)]
 
 
 def release_request(host: Host) -> bytes:
