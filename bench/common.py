@@ -15,6 +15,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,10 +62,17 @@ def ratio(ours: float, baseline: float) -> float:
 # Child processes
 
 
+# GNU time (Debian's package time) starts each measured command. A process forked from
+# this interpreter inherits its peak RSS as a floor (Linux keeps the larger of the peaks
+# before and after exec), so wait4 here would report this process's tens of MiB for even
+# `true`; a command forked by the small `time` starts from about 1 MiB.
+GNU_TIME = "/usr/bin/time"
+
+
 @dataclass(frozen=True)
 class Timed:
     seconds: float
-    max_rss_kib: int  # the child's peak resident set (getrusage ru_maxrss)
+    max_rss_kib: int  # the peak resident set of the command and the children it waited for
     returncode: int
     stdout: bytes
 
@@ -75,21 +83,30 @@ def run_measured(
     env: dict[str, str] | None = None,
     stderr_path: Path | None = None,
 ) -> Timed:
-    """Run ARGV once: wall time from fork to exit, and the peak RSS of that one child
-    (wait4; RUSAGE_CHILDREN would be the maximum over every child so far). Its output
-    goes to /dev/null; its stdin comes from STDIN_PATH; its stderr is appended to
-    STDERR_PATH (default: ours)."""
+    """Run ARGV once: wall time from fork to exit, and the peak RSS of that one command
+    (GNU time's %M: ru_maxrss from its wait4, so its floor is time's own 1 MiB, not ours).
+    Its output goes to /dev/null; its stdin comes from STDIN_PATH; its stderr is appended
+    to STDERR_PATH (default: ours)."""
+    if not os.access(GNU_TIME, os.X_OK):
+        raise RuntimeError(f"{GNU_TIME} is missing (Debian's package time; bench/prepare.sh)")
     stdin = stdin_path.open("rb") if stdin_path else open(os.devnull, "rb")  # noqa: SIM115
     stderr = stderr_path.open("ab") if stderr_path else contextlib.nullcontext(None)
-    with stdin, open(os.devnull, "wb") as null, stderr as errors:
+    with (
+        stdin,
+        open(os.devnull, "wb") as null,
+        stderr as errors,
+        tempfile.NamedTemporaryFile("r", prefix="zua-rss-") as peak,
+    ):
+        command = [GNU_TIME, "--quiet", "-o", peak.name, "-f", "%M", *(str(a) for a in argv)]
         start = time.perf_counter()
-        process = subprocess.Popen(
-            [str(a) for a in argv], stdin=stdin, stdout=null, stderr=errors, env=env
-        )
-        _, status, usage = os.wait4(process.pid, 0)
+        returncode = subprocess.run(
+            command, stdin=stdin, stdout=null, stderr=errors, env=env, check=False
+        ).returncode
         seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return Timed(seconds, int(usage.ru_maxrss), process.returncode, b"")
+        lines = peak.read().split()
+    # time prints nothing when it could not start the command at all.
+    max_rss = int(lines[-1]) if lines and lines[-1].isdigit() else 0
+    return Timed(seconds, max_rss, returncode, b"")
 
 
 def wait_for_port(port: int, address: str = "127.0.0.1", timeout: float = 20) -> None:
