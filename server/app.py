@@ -22,7 +22,7 @@ from typing import Any
 
 from zfs_unlock_agent import protocol, validate
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server.audit import AuditError, AuditLog
+from zfs_unlock_server.audit import AuditError, AuditLog, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import Conflict
 from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
@@ -34,6 +34,8 @@ log = logging.getLogger("zfs_unlock_server")
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
+# The environ key under which the worker passes the client certificate (DER) it verified.
+PEER_CERTIFICATE = "zfs_unlock_server.peer_certificate"
 
 _RELEASE_ONE = re.compile(r"/v1/hosts/([0-9a-f]{32})/keys/([0-9]{1,20})/([0-9]{1,20})")
 _LEGACY = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/([A-Za-z0-9_.:-]{1,255})")
@@ -167,13 +169,14 @@ class KeyServerApp:
         self._service: KeyService | None = None
         self._limiter: RateLimiter | None = None
         self._pid = 0
+        self._audit_sync = SharedSync()  # made before gunicorn forks the workers
 
     # Per-process resources
 
     def _resources(self) -> tuple[KeyService, RateLimiter]:
         if self._service is None or self._limiter is None or self._pid != os.getpid():
             store = SqliteStore(self.layout.database)
-            audit = AuditLog(server_config.audit_path(self.layout, self.config))
+            audit = AuditLog(server_config.audit_path(self.layout, self.config), self._audit_sync)
             sealer = load_master_key(self.layout.master_key)
             self._service = KeyService(store, sealer, audit, self.config.deadman_timeout)
             limits = self.config.rate_limits
@@ -262,10 +265,8 @@ class KeyServerApp:
         raise HttpError(404)
 
     def _caller(self, environ: Environ, request_id: str) -> Caller:
-        sock = environ.get("gunicorn.socket")
-        getpeercert = getattr(sock, "getpeercert", None)
-        der = getpeercert(binary_form=True) if getpeercert else None
-        if not der:
+        der = environ.get(PEER_CERTIFICATE)
+        if not isinstance(der, bytes) or not der:
             # Unreachable behind our TLS layer (it requires a certificate); fail closed anyway.
             raise HttpError(403)
         return Caller(

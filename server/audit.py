@@ -8,8 +8,11 @@ A failed write raises AuditError, and callers release nothing.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
+import mmap
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -30,14 +33,37 @@ def encode(record: AuditRecord) -> bytes:
     return json.dumps(line, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
+class SharedSync:
+    """What the server's workers share so that one fsync can cover several records.
+
+    Memory mapped before gunicorn forks, so every worker sees the same bytes: the
+    device, inode and size of the log that the last completed fsync covered.
+    """
+
+    _LAYOUT = struct.Struct("QQQ")
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, self._LAYOUT.size)  # anonymous and shared
+
+    def covered(self, identity: tuple[int, int], end: int) -> bool:
+        dev, ino, synced = self._LAYOUT.unpack_from(self._memory)
+        return (dev, ino) == identity and synced >= end
+
+    def record(self, identity: tuple[int, int], synced: int) -> None:
+        self._LAYOUT.pack_into(self._memory, 0, *identity, synced)
+
+
 class AuditLog:
     """Appends to PATH (mode 0600) with O_APPEND, so workers' lines never interleave.
 
     Reopens PATH when it no longer names the open file, like logging's WatchedFileHandler.
+    With SHARED (the server's workers), a durable write is a group commit: a record
+    that an fsync begun after it was written has covered needs no fsync of its own.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared: SharedSync | None = None) -> None:
         self.path = path
+        self._shared = shared
         self._fd: int | None = None
 
     def _open(self) -> int:
@@ -68,11 +94,29 @@ class AuditLog:
             written = os.write(fd, data)
             if written != len(data):
                 raise OSError("short write")
-            if durable:
+            if durable and self._shared is not None:
+                self._group_sync(fd, self._shared)
+            elif durable:
                 os.fsync(fd)
         except OSError as exc:
             self.close()
             raise AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}") from None
+
+    def _group_sync(self, fd: int, shared: SharedSync) -> None:
+        # O_APPEND left this descriptor's offset at the end of our record.
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        # The log's own lock serialises fsyncs: each worker opened the file itself,
+        # so each holds a separate open file description and flock excludes them.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            status = os.fstat(fd)
+            identity = (status.st_dev, status.st_ino)
+            if not shared.covered(identity, end):
+                # Every byte up to this size was written before this fsync began.
+                os.fsync(fd)
+                shared.record(identity, status.st_size)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._fd is not None:

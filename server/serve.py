@@ -2,7 +2,10 @@
 
 We hand gunicorn plain sockets and do the TLS handshake in our worker class, so
 that the context is built once per worker (gunicorn builds one per connection),
-the handshake has a deadline, and a failed handshake is audited.
+the handshake has a deadline, and a failed handshake is audited. The request
+itself is read by http1.py, not by gunicorn's parser: one small request per
+connection is all our clients send, and the general parser cost more CPU than
+the rest of a key release together.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import ssl
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
-from gunicorn.http import errors as http_errors
 from gunicorn.workers.sync import SyncWorker
 
-from zfs_unlock_server.app import KeyServerApp
+from zfs_unlock_server import http1
+from zfs_unlock_server.app import PEER_CERTIFICATE, KeyServerApp
 from zfs_unlock_server.audit import AuditError
 from zfs_unlock_server.tlsctx import server_context
 
@@ -26,7 +29,8 @@ log = logging.getLogger("zfs_unlock_server")
 
 
 class KeyServerWorker(SyncWorker):  # type: ignore[misc]
-    """gunicorn's sync worker with the TLS handshake done here."""
+    """gunicorn's sync worker, with the TLS handshake and our strict HTTP/1.1 (http1.py)
+    in place of gunicorn's parser. gunicorn still forks, supervises and replaces workers."""
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -35,29 +39,38 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
         self.tls = server_context(app.layout)
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
-        client.settimeout(self.key_server.config.io_timeout)
+        timeout = self.key_server.config.io_timeout
+        client.settimeout(timeout)
         try:
             tls_client = self.tls.wrap_socket(client, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             self._handshake_failed(addr, exc)
             client.close()
             return
-        super().handle(listener, tls_client, addr)
-
-    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """Requests gunicorn itself refuses get our fixed JSON body, never its HTML page
-        (which quotes the request line back)."""
-        status = error_status(exc)
-        body = ('{"error":"%s"}' % ("internal" if status >= 500 else "bad_request")).encode()
-        head = (
-            f"HTTP/1.1 {status} {'Error' if status >= 500 else 'Bad Request'}\r\n"
-            "Connection: close\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        if status >= 500:
-            log.error("error handling a request from %s", addr, exc_info=exc)
+        complete = False
+        try:
+            response, complete = http1.serve_one(
+                tls_client,
+                self.key_server,
+                {
+                    "REMOTE_ADDR": addr[0] if isinstance(addr, tuple) else str(addr),
+                    PEER_CERTIFICATE: tls_client.getpeercert(binary_form=True),
+                },
+            )
+        except http1.RequestError as exc:
+            response = http1.error_response(exc.status)
+        except (EOFError, OSError):  # gone, or silent past io_timeout: nobody to answer
+            tls_client.close()
+            return
+        except Exception:
+            log.exception("error handling a request from %s", addr)
+            response = http1.error_response(500)
+        self.nr += 1
+        if self.max_requests and self.nr >= self.max_requests:
+            self.alive = False
         with contextlib.suppress(OSError):  # the client is gone; nothing to tell it
-            client.sendall(head.encode("ascii") + body)
+            tls_client.sendall(response)
+        http1.close_after_response(tls_client, complete, min(timeout, 1.0))
 
     def _handshake_failed(self, addr: Any, exc: Exception) -> None:
         peer = addr[0] if isinstance(addr, tuple) else str(addr)
@@ -74,38 +87,6 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
             )
         except AuditError:
             log.warning("could not audit a failed TLS handshake from %s", peer)
-
-
-_CLIENT_ERRORS = tuple(
-    getattr(http_errors, name)
-    for name in (
-        "InvalidRequestLine",
-        "InvalidRequestMethod",
-        "InvalidHTTPVersion",
-        "InvalidHeader",
-        "InvalidHeaderName",
-        "InvalidSchemeHeaders",
-        "InvalidChunkSize",
-        "ChunkMissingTerminator",
-        "InvalidChunkExtension",
-        "ObsoleteFolding",
-        "ExpectationFailed",
-        "NoMoreData",
-    )
-    if hasattr(http_errors, name)  # the set varies between gunicorn releases
-)
-
-
-def error_status(exc: BaseException) -> int:
-    if isinstance(exc, http_errors.LimitRequestLine):
-        return 414
-    if isinstance(exc, http_errors.LimitRequestHeaders):
-        return 431
-    if isinstance(exc, getattr(http_errors, "UnsupportedTransferCoding", ())):
-        return 501
-    if isinstance(exc, (*_CLIENT_ERRORS, ssl.SSLError)):
-        return 400
-    return 500
 
 
 class KeyServerApplication(BaseApplication):  # type: ignore[misc]

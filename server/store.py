@@ -307,10 +307,18 @@ class SqliteStore:
         return key_count
 
     def touch_host(self, host_id: int, now: int) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE hosts SET last_seen = max(last_seen, ?) WHERE id = ?", (now, host_id)
-            )
+        # Not synced on its own: in WAL mode a synchronous=NORMAL commit becomes durable
+        # with the next synced commit or checkpoint. A crash can only make the host look
+        # a few moments staler to the dead-man switch, and a reboot storm of new hosts
+        # does not pay a disk sync per host for it.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._write() as db:
+                db.execute(
+                    "UPDATE hosts SET last_seen = max(last_seen, ?) WHERE id = ?", (now, host_id)
+                )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     # Keys
 

@@ -180,7 +180,7 @@ class Case:
     name: str
     request: bytes
     status: int
-    # The exact JSON body; None: gunicorn refused the request before our code saw it.
+    # The exact JSON body; None: the HTTP reader refused the request before our code saw it.
     body: dict[str, str] | None
     allow: str | None = None
     hostile: tuple[bytes, ...] = ()  # must not come back in the reply
@@ -240,8 +240,8 @@ PATH_CASES = [
     Case("legacy-name-space", get(f"{LEGACY}/a%20b"), 404, NOT_FOUND),
     Case("legacy-guid-zero", get(f"/{MID}/0/name"), 400, guid_error("guid")),
     Case("legacy-guid-leading-zero", get(f"/{MID}/0{POOL}/name"), 400, guid_error("guid")),
-    # Refused by gunicorn's parser before our application runs; the worker still
-    # answers with the fixed JSON body (serve.KeyServerWorker.handle_error).
+    # Refused by the HTTP reader (server/http1.py) before our application runs; the worker
+    # still answers with a fixed JSON body (http1.error_response).
     Case("segment-10k", get("/v1/hosts/" + "a" * 10_000), 414, None),
     Case("utf8-raw", get("/v1/chéckin"), 400, None),
     Case("nul-raw", get(b"/v1/checkin\x00"), 400, None),
@@ -630,7 +630,7 @@ def test_bad_input_is_refused_and_changes_nothing(input_server: InputServer, cas
         # Nothing made the server wait for bytes that were never sent.
         assert reply.seconds < IO_TIMEOUT, reply.seconds
     if case.body is None:
-        # gunicorn's parser refused it: our application never saw the request,
+        # The HTTP reader refused it: our application never saw the request,
         # but the answer is still our fixed, uncacheable JSON, echoing nothing.
         assert "x-request-id" not in reply.headers
         assert reply.headers["connection"] == "close"
