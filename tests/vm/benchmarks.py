@@ -1,4 +1,4 @@
-"""docs/benchmarks.md, from the data of the guest scenario bench_native_vs_agent.
+"""docs/benchmarks-vm.md, from the data of the guest scenario bench_native_vs_agent.
 
 test_real_zfs.py renders it after every run of the tier and writes it only when
 ZUA_WRITE_BENCHMARKS=1, so an ordinary run never rewrites the tracked file.
@@ -148,7 +148,7 @@ def render(data: Mapping[str, Any], machine: Machine) -> str:
     rule = "|---|" + "---|" * rounds
     setup = data.get("setup_seconds", {})
 
-    return reflow(f"""# Benchmarks
+    return reflow(f"""# Benchmarks in the test VM
 
 <!-- Written by the real-OpenZFS tier: ZUA_WRITE_BENCHMARKS=1 .venv/bin/pytest -q tests/vm
      (scenario bench_native_vs_agent in tests/vm/guest/scenarios.py; renderer
@@ -159,8 +159,8 @@ def render(data: Mapping[str, Any], machine: Machine) -> str:
 > **These are timings in a software-emulated guest** (QEMU TCG, no KVM): every guest
 > instruction, kernel and user space, is translated and emulated, so everything runs
 > many times slower than on real hardware, and not uniformly so. The ratio between the
-> columns is the result; the seconds are not what a real host sees. A later benchmark
-> suite (`bench/`) will measure on the host, without emulation.
+> columns is the result; the seconds are not what a real host sees. The benchmark
+> suite `bench/` measures on the host, without emulation: [benchmarks.md](benchmarks.md).
 
 Measured {machine.date}, as the last scenario of one boot of the real-OpenZFS tier
 ([tests/vm](../tests/vm/README.md)).
@@ -227,8 +227,8 @@ list them (the agent's inventory, `zfs load-key -a`'s walk). Set-up, not timed a
 - **How far to trust it.** One boot, {rounds} runs each, in an emulator that shares its
   {machine.host_cpus} CPUs with the key server; the min-max spread shows the noise.
   Without emulation both sides get faster, but not equally (Python's start-up is among
-  what emulation slows most), so the ratios may move as well; `bench/` will measure
-  that on the host.
+  what emulation slows most), so the ratios may move as well; `bench/` measures that
+  on the host ([benchmarks.md](benchmarks.md)).
 """)
 
 

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md's renderer, on made-up timings (no guest, fast)."""
+"""docs/benchmarks-vm.md's renderer, on made-up timings (no guest, fast)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ prints the guest's console. The tier fails when it cannot run (not root, no QEMU
 fails, the image does not build); ZUA_SKIP_VM=1 skips it instead, saying so.
 The first run builds the image (about 5-8 minutes, mostly the DKMS build of zfs.ko).
 The last scenario times native keylocation=https:// against the agent; with
-ZUA_WRITE_BENCHMARKS=1 the run writes those timings to docs/benchmarks.md.
+ZUA_WRITE_BENCHMARKS=1 the run writes those timings to docs/benchmarks-vm.md.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SCENARIOS = (
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 REPO = Path(__file__).resolve().parents[2]
 MACHINE_ID = machine_id_for("zfs-unlock-agent-vm-guest")
-BENCHMARKS = REPO / "docs" / "benchmarks.md"
+BENCHMARKS = REPO / "docs" / "benchmarks-vm.md"
 
 
 @dataclass
@@ -173,13 +173,13 @@ def host_cpu_model() -> str:
 
 
 def test_benchmarks_document(outcome: Outcome) -> None:
-    """The benchmark's timings render; written to docs/benchmarks.md only when asked."""
+    """The benchmark's timings render; written to docs/benchmarks-vm.md only when asked."""
     result = outcome.results.get("bench_native_vs_agent")
     write = os.environ.get("ZUA_WRITE_BENCHMARKS") == "1"
     if result is None or result["status"] != "PASS":
         message = "bench_native_vs_agent did not pass (its own test says why)"
         if write:
-            pytest.fail(f"docs/benchmarks.md not written: {message}")
+            pytest.fail(f"docs/benchmarks-vm.md not written: {message}")
         pytest.skip(message)
     machine = benchmarks.Machine(
         kernel=str(outcome.guest.get("kernel", "?")),

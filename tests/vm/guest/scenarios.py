@@ -943,7 +943,7 @@ def timed(ctx: Context, *argv: str, env: Mapping[str, str] | None = None, says: 
 
 
 def bench_native_vs_agent(ctx: Context) -> str:
-    """STRATEGY (timings for docs/benchmarks.md, which the host writes from this scenario's
+    """STRATEGY (timings for docs/benchmarks-vm.md, which the host writes from this scenario's
     data only when ZUA_WRITE_BENCHMARKS=1):
     1. Native: the host imports 20 SimpleZFSKeySystem-style keys ("legacy POOL_GUID
        bench-nNN", one control command each; no key crosses the channel). The server's
