@@ -309,6 +309,7 @@ struct host {
     double *delays;
     int n_delays;
     double served_at; /* seconds after the start; <0 when it gave up */
+    double gave_up_at; /* seconds after the start, when it gave up */
     int attempts;
     unsigned long outcomes[N_OUTCOMES];
 };
@@ -340,6 +341,7 @@ static void *storm_run(void *arg) {
             h->served_at = now() - storm_start;
             return NULL;
         }
+        h->gave_up_at = now() - storm_start;
         if (o == E_PIN || o == E_STATUS_OTHER) return NULL; /* the agent stops at once */
         double delay = h->delays[attempt < h->n_delays ? attempt : h->n_delays - 1];
         if (retry_after > delay) delay = retry_after;
@@ -381,17 +383,23 @@ static int storm(int argc, char **argv) {
     unsigned long outcomes[N_OUTCOMES] = {0};
     size_t served = 0, attempts = 0;
     double *times = malloc(n * sizeof(double));
+    double *gave_up = malloc(n * sizeof(double)); /* when each failed host stopped trying */
+    size_t failed = 0;
     for (size_t i = 0; i < n; i++) {
         pthread_join(hosts[i].thread, NULL);
         attempts += hosts[i].attempts;
         for (int k = 0; k < N_OUTCOMES; k++) outcomes[k] += hosts[i].outcomes[k];
         if (hosts[i].served_at >= 0) times[served++] = hosts[i].served_at;
+        else gave_up[failed++] = hosts[i].gave_up_at;
     }
     qsort(times, served, sizeof(double), compare_double);
+    qsort(gave_up, failed, sizeof(double), compare_double);
     printf("{\"mode\":\"storm\",\"hosts\":%zu,\"served\":%zu,\"failed\":%zu,\"attempts\":%zu,"
-           "\"makespan_s\":%.3f,\"p50_s\":%.3f,\"p99_s\":%.3f,\"outcomes\":{",
-           n, served, n - served, attempts, served ? times[served - 1] : 0, percentile(times, served, 50),
-           percentile(times, served, 99));
+           "\"makespan_s\":%.3f,\"p50_s\":%.3f,\"p99_s\":%.3f,"
+           "\"gave_up_min_s\":%.3f,\"gave_up_p50_s\":%.3f,\"gave_up_max_s\":%.3f,\"outcomes\":{",
+           n, served, failed, attempts, served ? times[served - 1] : 0, percentile(times, served, 50),
+           percentile(times, served, 99), failed ? gave_up[0] : 0, percentile(gave_up, failed, 50),
+           failed ? gave_up[failed - 1] : 0);
     for (int k = 0; k < N_OUTCOMES; k++) printf("%s\"%s\":%lu", k ? "," : "", outcome_names[k], outcomes[k]);
     printf("}}\n");
     return 0;
