@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# What the benchmarks need besides the virtual environment: Debian's baselines (nginx,
+# tang, clevis, jose, curl), systemd-socket-activate for tangd, the compiler and OpenSSL
+# headers for the C helpers; then the helpers themselves in build/bench. Installs only
+# what is missing (as root on Debian), builds only what is older than its source.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+[ -x /usr/libexec/tangd ] || need+=(tang)
+command -v clevis >/dev/null || need+=(clevis)
+command -v jose >/dev/null || need+=(jose)
+command -v curl >/dev/null || need+=(curl)
+# GNU time: the peak RSS of a measured command (bench/common.py run_measured).
+[ -x /usr/bin/time ] || need+=(time)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
+[ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing ${need[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+        # Installing nginx starts Debian's own instance on port 80; the benchmark runs its
+        # own and wants no other on the CPUs. -s quit signals only the packaged one's pid.
+        if [ -f /run/nginx.pid ]; then /usr/sbin/nginx -s quit || true; fi
+    else
+        echo "missing: ${need[*]} (install them, or run this as root on Debian)" >&2
+        exit 69
+    fi
+fi
+
+mkdir -p build/bench
+build() {  # build OUTPUT SOURCE LIBS...: when OUTPUT is missing or older than SOURCE
+    local output=$1 source=$2
+    shift 2
+    if [ ! -x "$output" ] || [ "$source" -nt "$output" ]; then
+        echo "== building $output" >&2
+        gcc -O2 -Wall -Wextra -Werror -o "$output" "$source" "$@"
+    fi
+}
+build build/bench/loadgen bench/loadgen.c -lssl -lcrypto -lpthread
+build build/bench/fakezfs bench/fakezfs.c

@@ -1,0 +1,623 @@
+"""docs/benchmarks.md from one run's Results: what ran, the machine, medians with min-max,
+the ratios, each target of issue 6 met or missed, and what the numbers say about a fleet.
+
+Ratios of a pair of servers are taken within each round (both measured minutes apart at
+most) and then summarised, so a noisy neighbour that slows one round slows both sides.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import agent, storm
+from bench.common import REPO, ratio, summarize
+from bench.results import Results
+from bench.throughput import Window
+
+CHANGES = REPO / "bench" / "changes.md"
+VM_REPORT = "benchmarks-vm.md"  # the real-OpenZFS timing, beside this report in docs/
+SYSTEMS = ("ours", "nginx", "tang")
+LABELS = {"ours": "key server", "nginx": "nginx", "tang": "tangd"}
+FLEET = 100_000
+
+# Targets from issue 6.
+MIN_OURS_VS_NGINX = 0.8  # releases per second at the highest concurrency
+MAX_P99_VS_NGINX = 2.0
+MIN_OURS_VS_TANG = 3.0
+MAX_STORM_VS_STEADY = 1.25  # storm makespan against hosts / steady throughput
+
+
+# Selections and arithmetic
+
+
+def series(
+    windows: Sequence[Window], system: str, concurrency: int, metric: Callable[[Window], float]
+) -> list[float]:
+    return [metric(w) for w in windows if w.system == system and w.concurrency == concurrency]
+
+
+def round_ratios(
+    windows: Sequence[Window],
+    ours: str,
+    baseline: str,
+    concurrency: int,
+    metric: Callable[[Window], float],
+) -> list[float]:
+    """METRIC of OURS over BASELINE within each round that measured both."""
+    by_round: dict[int, dict[str, float]] = {}
+    for w in windows:
+        if w.concurrency == concurrency and w.system in (ours, baseline):
+            by_round.setdefault(w.round, {})[w.system] = metric(w)
+    return [
+        ratio(pair[ours], pair[baseline])
+        for _, pair in sorted(by_round.items())
+        if ours in pair and baseline in pair
+    ]
+
+
+def rate(w: Window) -> float:
+    return w.rate
+
+
+def p50(w: Window) -> float:
+    return w.p50_ms
+
+
+def p99(w: Window) -> float:
+    return w.p99_ms
+
+
+def server_cpu_per_release(w: Window) -> float:
+    if w.server_cpu is None or not w.all_ok:
+        return math.nan
+    return w.server_cpu / w.all_ok
+
+
+def loadgen_cpu_per_release(w: Window) -> float:
+    return w.loadgen_cpu / w.all_ok if w.all_ok else math.nan
+
+
+def shares(w: Window, cores: int) -> tuple[float, float, float]:
+    """How much of the machine's cores the server, the load generator and everything else
+    (the kernel's loopback networking, other processes) kept busy during window W."""
+    capacity = w.wall * cores
+    server = (w.server_cpu or 0.0) / capacity
+    loadgen = w.loadgen_cpu / capacity
+    return server, loadgen, max(0.0, w.machine_cpu / capacity - server - loadgen)
+
+
+def finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def saturation(results: Results) -> int:
+    """The highest concurrency measured: where the targets are judged."""
+    return max(results.plan.concurrencies)
+
+
+# Targets
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    met: bool
+
+
+def storm_ideal(results: Results) -> float:
+    """Seconds the storm's hosts take at the steady rate of the highest concurrency."""
+    steady = summarize(series(results.windows, "ours", saturation(results), rate)).median
+    return results.storms.agent.hosts / steady if steady else math.inf
+
+
+def verdicts(results: Results) -> list[Verdict]:
+    top = saturation(results)
+    vs_nginx = summarize(round_ratios(results.windows, "ours", "nginx", top, rate))
+    p99_vs_nginx = summarize(round_ratios(results.windows, "ours", "nginx", top, p99))
+    vs_tang = summarize(round_ratios(results.windows, "ours", "tang", top, rate))
+    run = results.storms.agent
+    ideal = storm_ideal(results)
+    found = [
+        Verdict(
+            f"releases/s at c={top}: key server >= {MIN_OURS_VS_NGINX}x nginx",
+            f"{vs_nginx.text('x', 2)}",
+            vs_nginx.median >= MIN_OURS_VS_NGINX,
+        ),
+        Verdict(
+            f"p99 latency at c={top}: key server <= {MAX_P99_VS_NGINX:g}x nginx",
+            f"{p99_vs_nginx.text('x', 2)}",
+            p99_vs_nginx.median <= MAX_P99_VS_NGINX,
+        ),
+        Verdict(
+            f"releases/s at c={top}: key server >= {MIN_OURS_VS_TANG:g}x tangd",
+            f"{vs_tang.text('x', 2)}",
+            vs_tang.median >= MIN_OURS_VS_TANG,
+        ),
+        Verdict(
+            f"storm of {run.hosts} hosts: every host served, none failed",
+            f"{run.served} served, {run.failed} failed",
+            run.served == run.hosts and run.failed == 0,
+        ),
+        Verdict(
+            f"storm done within {MAX_STORM_VS_STEADY:g}x hosts / steady rate at c={top}",
+            f"{run.makespan:.1f} s = {ratio(run.makespan, ideal):.2f}x {ideal:.1f} s",
+            run.failed == 0 and run.makespan <= MAX_STORM_VS_STEADY * ideal,
+        ),
+    ]
+    found += agent_verdicts(results.agent)
+    return found
+
+
+def agent_verdicts(results: agent.AgentResults) -> list[Verdict]:
+    one = summarize(results.agent_1).median
+    many = summarize(results.agent_many).median
+    clevis = summarize(results.clevis).median
+    rss = summarize(results.agent_rss).median
+    return [
+        Verdict(
+            f"cold unlock of 1 root: agent <= {agent.TARGET_VS_CLEVIS:g}x clevis",
+            f"{ratio(one, clevis):.2f}x",
+            ratio(one, clevis) <= agent.TARGET_VS_CLEVIS,
+        ),
+        Verdict(
+            f"{results.roots_many} roots <= {agent.TARGET_MANY_VS_ONE:g}x 1 root",
+            f"{ratio(many, one):.2f}x",
+            ratio(many, one) <= agent.TARGET_MANY_VS_ONE,
+        ),
+        Verdict(
+            f"agent peak RSS <= {agent.TARGET_RSS_KIB / 1024:g} MiB",
+            f"{rss / 1024:.1f} MiB",
+            rss <= agent.TARGET_RSS_KIB,
+        ),
+    ]
+
+
+# Scale
+
+
+@dataclass(frozen=True)
+class Scale:
+    cores: int
+    rate: float  # median releases per second at the highest concurrency
+    machine_cpu: float  # CPU seconds of the whole machine per release: cores / rate
+    server_cpu: float  # of the key server's processes, measured
+    loadgen_cpu: float  # of the load generator, measured
+    dedicated_rate: float  # releases per second with every core the server's
+    storm_rate: float  # hosts served per second in the storm
+    storm_efficiency: float  # storm_rate / rate, at most 1 (see scale())
+    budget: float
+    hosts_per_server: int  # within the budget, in a storm like the one measured
+    servers: int | None  # for FLEET hosts; None when a server served none
+
+
+def scale(results: Results) -> Scale:
+    top = saturation(results)
+    steady = summarize(series(results.windows, "ours", top, rate)).median
+    server_cpu = summarize(
+        finite(series(results.windows, "ours", top, server_cpu_per_release)) or [math.nan]
+    ).median
+    loadgen_cpu = summarize(
+        finite(series(results.windows, "ours", top, loadgen_cpu_per_release)) or [math.nan]
+    ).median
+    run = results.storms.agent
+    storm_rate = run.served / run.makespan if run.makespan > 0 else 0.0
+    # A small storm can finish faster than the steady windows ran (noise, an idle moment);
+    # a storm is never planned to beat steady throughput.
+    efficiency = min(1.0, ratio(storm_rate, steady))
+    dedicated = results.cores / server_cpu if server_cpu > 0 else math.nan
+    budget = results.storms.budget
+    per_server = int(dedicated * efficiency * budget) if math.isfinite(dedicated) else 0
+    return Scale(
+        cores=results.cores,
+        rate=steady,
+        machine_cpu=results.cores / steady if steady else math.nan,
+        server_cpu=server_cpu,
+        loadgen_cpu=loadgen_cpu,
+        dedicated_rate=dedicated,
+        storm_rate=storm_rate,
+        storm_efficiency=efficiency,
+        budget=budget,
+        hosts_per_server=per_server,
+        servers=math.ceil(FLEET / per_server) if per_server > 0 else None,
+    )
+
+
+# Rendering
+
+
+def paragraph(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=90, break_on_hyphens=False) + "\n"
+
+
+def bullet(text: str) -> str:
+    return (
+        textwrap.fill(
+            " ".join(text.split()),
+            width=90,
+            initial_indent="- ",
+            subsequent_indent="  ",
+            break_on_hyphens=False,
+        )
+        + "\n"
+    )
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_word(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def summary_or_dash(values: Sequence[float], unit: str = "", digits: int = 1) -> str:
+    return summarize(values).text(unit, digits) if values else "-"
+
+
+def header(results: Results) -> str:
+    minutes = results.seconds / 60
+    text = [
+        "# Benchmarks\n",
+        (
+            "<!-- Generated by `make bench` (bench/report.py); the run's raw numbers are in\n"
+            "     build/bench/run/results.json. Edit bench/, or bench/changes.md for the\n"
+            "     section on changes, not this file. -->\n"
+        ),
+    ]
+    if results.quick:
+        text.append(
+            "> **A smoke run** (`make bench-quick`): windows of about a second, one round, a"
+            " small storm. It proves the harness works; its numbers are not for quoting.\n"
+        )
+    text.append(
+        paragraph(
+            f"Measured {results.date} on {results.machine['cpu']} ({results.cores} cores) in"
+            f" {minutes:.1f} minutes, set-up included. Everything ran on 127.0.0.1 of this one"
+            " machine, with the load generator on the same cores as the server it loads, and"
+            " the machine was shared: read the ratios, not the absolute numbers. Each value is"
+            " the median over interleaved rounds, with the minimum and maximum in brackets."
+        )
+    )
+    return "\n".join(text)
+
+
+def targets_section(results: Results) -> str:
+    rows = [[v.target, v.measured, verdict_word(v.met)] for v in verdicts(results)]
+    return "## Targets\n\n" + table(["target (issue 6)", "measured", "verdict"], rows)
+
+
+def what_ran_section(results: Results) -> str:
+    plan = results.plan
+    limits = ", ".join(f"{k} = {v:g}" for k, v in results.steady_limits.items())
+    net = results.storms.network
+    concurrencies = ", ".join(str(c) for c in plan.concurrencies)
+    bullets = [
+        (
+            "`make bench` runs `bench/run.sh`: the project's virtual environment"
+            " (`scripts/bootstrap.sh`), Debian's nginx, tang, clevis, jose, curl and the C"
+            " helpers (`bench/prepare.sh`), then `python -m bench`. `make bench-quick` is the"
+            " smoke run CI makes (`tests/bench/test_smoke.py`)."
+        ),
+        (
+            "The load generator is `bench/loadgen.c` (C, OpenSSL, one thread per client): a new"
+            " TCP connection, a full TLS handshake and one request per exchange, as booting hosts"
+            " make them. Over TLS it presents a client certificate, checks the server's key"
+            " against its pin (SHA-256 of the SubjectPublicKeyInfo) after the handshake, as the"
+            " agent does, and neither side resumes a session (no tickets, no cache)."
+        ),
+        (
+            "Certificates: EC P-256 throughout, from the project's own CA (`zfs-unlock-server"
+            " init`); nginx serves the key server's own certificate and key, so the pin is the"
+            " same, and requires client certificates from the same CA (`ssl_verify_client on`)."
+        ),
+        (
+            f"Part 1, each window: `loadgen steady 127.0.0.1 PORT C {plan.warmup:g}"
+            f" {plan.duration:g} REQUEST CERT KEY PIN` (tangd: without CERT KEY PIN), C in"
+            f" {concurrencies}: {plan.warmup:g} s of warm-up, then {plan.duration:g} s counted;"
+            f" {plan.rounds} rounds, each running every concurrency against the key server,"
+            " nginx and tangd in turn."
+        ),
+        (
+            "Key server: `zfs-unlock-server --data-dir DIR serve --listen 127.0.0.1:PORT`"
+            f" ({results.workers} workers, its default of two per core). The request is the"
+            " agent's batch release, `POST /v1/keys/release` for one raw 32-byte key; the server"
+            " checks the certificate, the host and its key, writes (and syncs) the audit record"
+            " and answers. For part 1 one host's certificate makes every request, so its"
+            f" per-certificate rate limit is raised in server.toml ({limits}); the limiter still"
+            " runs, with its shared SQLite bucket update per request. The storm runs on the"
+            " defaults."
+        ),
+        (
+            "nginx: Debian's, `worker_processes auto`, `GET /key` answering a static 64-byte body,"
+            " `keepalive_timeout 0`, `access_log off`, TLS 1.2 and 1.3 with the key server's"
+            " suites, session tickets and cache off (bench/baselines.py). It does no work but"
+            " TLS and the answer: the ceiling."
+        ),
+        (
+            "tangd: Debian's, one process per connection as Debian's tangd.socket runs it"
+            " (`systemd-socket-activate --accept --inetd`), plain HTTP, clevis's recovery"
+            " request `POST /rec/KID` with a P-521 key."
+        ),
+        (
+            f"Part 2, the storm: `loadgen storm 127.0.0.1 PORT HOSTS_FILE {net.connect_timeout:g}"
+            f" {net.read_timeout:g} {results.storms.budget:g} PIN`: one thread per host, each"
+            " with its own enrolled certificate and key, all released at once."
+        ),
+    ]
+    versions = ", ".join(f"{name} {version}" for name, version in results.versions.items())
+    bullets.append(f"Versions: {versions}.")
+    if results.storm_cached:
+        bullets.append(
+            "The storm's hosts were enrolled by an earlier run and reused from"
+            " build/bench/ (enrolling is not what is measured; the cache is remade when the"
+            " server's storage code changes)."
+        )
+    return "## What ran\n\n" + "".join(bullet(b) for b in bullets)
+
+
+def machine_section(results: Results) -> str:
+    rows = [[name, value] for name, value in results.machine.items()]
+    return "## The machine\n\n" + table(["", ""], rows)
+
+
+def throughput_section(results: Results) -> str:
+    windows = results.windows
+    concurrencies = results.plan.concurrencies
+    rate_rows = []
+    latency_rows = []
+    for c in concurrencies:
+        rates = [summary_or_dash(series(windows, s, c, rate), "", 0) for s in SYSTEMS]
+        vs_nginx = summary_or_dash(round_ratios(windows, "ours", "nginx", c, rate), "", 2)
+        vs_tang = summary_or_dash(round_ratios(windows, "ours", "tang", c, rate), "", 2)
+        rate_rows.append([str(c), *rates, vs_nginx, vs_tang])
+        latencies = []
+        for s in SYSTEMS:
+            latencies.append(summary_or_dash(series(windows, s, c, p50), "", 1))
+            latencies.append(summary_or_dash(series(windows, s, c, p99), "", 1))
+        p99_ratio = summary_or_dash(round_ratios(windows, "ours", "nginx", c, p99), "", 2)
+        latency_rows.append([str(c), *latencies, p99_ratio])
+    failed = {s: sum(w.failed for w in windows if w.system == s) for s in SYSTEMS}
+    counted = {s: sum(w.ok for w in windows if w.system == s) for s in SYSTEMS}
+    failures = ", ".join(f"{LABELS[s]} {failed[s]} of {failed[s] + counted[s]}" for s in SYSTEMS)
+    names = [LABELS[s] for s in SYSTEMS]
+    top = concurrencies[-1]
+    cpu = {
+        s: summary_or_dash(
+            [v * 1000 for v in finite(series(windows, s, top, server_cpu_per_release))], " ms", 2
+        )
+        for s in ("ours", "nginx")
+    }
+    loadgen_cpu = summary_or_dash(
+        [v * 1000 for v in finite(series(windows, "ours", top, loadgen_cpu_per_release))],
+        " ms",
+        2,
+    )
+    busy = [
+        shares(w, results.cores) for w in windows if w.system == "ours" and w.concurrency == top
+    ]
+    server_share, loadgen_share, rest_share = (
+        summarize([b[i] * 100 for b in busy]).text("%", 0) for i in range(3)
+    )
+    return (
+        "## Key releases per second, a new mutual-TLS connection per request\n\n"
+        + table(
+            [
+                "clients",
+                *(f"{n}, requests/s" for n in names),
+                "key server / nginx",
+                "key server / tangd",
+            ],
+            rate_rows,
+        )
+        + "\n"
+        + table(
+            [
+                "clients",
+                *(f"{n} {q} ms" for n in names for q in ("p50", "p99")),
+                "p99 key server / nginx",
+            ],
+            latency_rows,
+        )
+        + "\n"
+        + paragraph(
+            "Latency is per exchange, from connect to the end of the answer, handshake"
+            f" included. Failed exchanges in the counted windows: {failures}. CPU time per"
+            f" request at c={top} (user and system, from /proc, warm-up included): key server"
+            f" {cpu['ours']} (master and workers), nginx {cpu['nginx']} (master and"
+            f" workers), the load generator {loadgen_cpu} against the key server. Of the"
+            f" machine's {results.cores} cores, while the key server was loaded at c={top},"
+            f" the server kept {server_share} busy, the load generator {loadgen_share}, and"
+            f" everything else {rest_share} (the kernel's loopback networking, and other"
+            " processes on this shared machine)."
+        )
+    )
+
+
+def storm_section(results: Results) -> str:
+    storms = results.storms
+    net = storms.network
+    runs = [storms.agent, storms.fixed]
+    ideal = storm_ideal(results)
+
+    def row(name: str, value: Callable[[storm.Storm], str]) -> list[str]:
+        return [name, *(value(r) for r in runs)]
+
+    def events(r: storm.Storm) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(r.audit.items())) or "-"
+
+    def gave_up(r: storm.Storm) -> str:
+        low, median, high = r.gave_up
+        return f"{median:.1f} s ({low:.1f}-{high:.1f})" if r.failed else "-"
+
+    def rest(r: storm.Storm) -> str:
+        return f"{max(0.0, r.machine_cpu - r.server_cpu - r.loadgen_cpu):.1f} s"
+
+    def outcomes(r: storm.Storm) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if v) or "-"
+
+    rows = [
+        row("hosts", lambda r: str(r.hosts)),
+        row("served within the budget", lambda r: str(r.served)),
+        row("failed (a prompt at boot)", lambda r: str(r.failed)),
+        row("attempts (connections)", lambda r: str(r.attempts)),
+        row("attempts' outcomes", outcomes),
+        row("last host served after", lambda r: f"{r.makespan:.1f} s"),
+        row("half the hosts served after", lambda r: f"{r.p50:.1f} s"),
+        row("99% served after", lambda r: f"{r.p99:.1f} s"),
+        row("storm / (hosts / steady rate)", lambda r: f"{ratio(r.makespan, ideal):.2f}"),
+        row("server's audit events", events),
+        row("failed hosts gave up after", gave_up),
+        row("CPU: server", lambda r: f"{r.server_cpu:.1f} s"),
+        row("CPU: load generator", lambda r: f"{r.loadgen_cpu:.1f} s"),
+        row("CPU: everything else on the machine", rest),
+    ]
+    top = saturation(results)
+    return (
+        "## Reboot storm\n\n"
+        + paragraph(
+            f"{storms.agent.hosts} hosts, each enrolled with its own client certificate and"
+            " key, ask for their key at the same moment over real TLS and retry until the"
+            f" boot budget of {storms.budget:g} s runs out; a host not served by then falls"
+            " back to a passphrase prompt (failed). With the agent's policy each host pauses"
+            " as `KeyClient.call` does: `keyclient.retry_delay` with `config.Network`'s"
+            f" defaults (backoff from {net.backoff_initial:g} s doubling to"
+            f" {net.backoff_max:g} s, full random jitter, drawn per host from seed"
+            f" {storms.seed}), never shorter than Retry-After;"
+            f" connect (handshake included) {net.connect_timeout:g} s, read"
+            f" {net.read_timeout:g} s. The fixed loop waits {storm.CLEVIS_PAUSE:g} s after"
+            " every failure, as Clevis's unlockers do, with the same timeouts. The server"
+            " runs on its defaults (rate limits included), started afresh for each storm."
+            f" Steady throughput at c={top} in this run predicts {ideal:.1f} s for the"
+            " whole storm."
+        )
+        + "\n"
+        + table(["", "agent's retry policy", f"fixed {storm.CLEVIS_PAUSE:g} s loop"], rows)
+    )
+
+
+def kib_text(values: Sequence[int]) -> str:
+    return summarize([v / 1024 for v in values]).text(" MiB") if values else "-"
+
+
+def memory_section(results: Results) -> str:
+    memory = results.memory
+    storm_peaks = results.storms.agent.worker_peak_kib
+    rows = [
+        [
+            "key server, after part 1",
+            str(len(memory.ours_kib)),
+            kib_text(memory.ours_kib),
+            f"{sum(memory.ours_kib) / 1024:.1f} MiB",
+        ],
+        [
+            "key server, after the storm",
+            str(len(storm_peaks)),
+            kib_text(storm_peaks),
+            f"{sum(storm_peaks) / 1024:.1f} MiB",
+        ],
+        [
+            "nginx, after part 1",
+            str(len(memory.nginx_kib)),
+            kib_text(memory.nginx_kib),
+            f"{sum(memory.nginx_kib) / 1024:.1f} MiB",
+        ],
+    ]
+    per_worker = ratio(summarize(memory.ours_kib).median, summarize(memory.nginx_kib).median)
+    return (
+        "## Server memory\n\n"
+        + table(["", "workers", "peak RSS per worker (VmHWM)", "sum over workers"], rows)
+        + "\n"
+        + paragraph(
+            f"A key-server worker peaks at {per_worker:.1f} times an nginx worker's resident"
+            " set. VmHWM counts pages shared with the parent (the interpreter and the modules"
+            " gunicorn loaded before forking, nginx's binary and libraries) in every worker,"
+            " so the sums overstate what the workers take together."
+        )
+    )
+
+
+def scale_section(results: Results) -> str:
+    s = scale(results)
+    net = results.storms.network
+    top = saturation(results)
+    share = s.loadgen_cpu * s.rate / s.cores if math.isfinite(s.loadgen_cpu) else math.nan
+    text = paragraph(
+        f"At c={top} the key server released {s.rate:.0f} keys per second on {s.cores}"
+        f" cores: {s.machine_cpu * 1000:.2f} ms of the machine's CPU per release. The load"
+        f" generator ran on the same cores and took {s.loadgen_cpu * 1000:.2f} ms of CPU per"
+        f" release ({share:.0%} of the machine); the server's own processes took"
+        f" {s.server_cpu * 1000:.2f} ms (user and system time of the master and the workers,"
+        " from /proc, over every release of the window). With the cores to itself, one"
+        f" server of this size would release about {s.cores} / {s.server_cpu * 1000:.2f} ms"
+        f" = {s.dedicated_rate:.0f} keys per second."
+    )
+    text += "\n" + paragraph(
+        f"A storm is not steady load: in the storm above the server served"
+        f" {s.storm_rate:.0f} hosts per second, {s.storm_efficiency:.2f} of its steady rate"
+        " (counted as at most 1; what a storm loses is connections that wait in the listen"
+        " queue past the client's connect timeout, handshakes of hosts that already gave up,"
+        " and the pauses of the backoff). Within the boot budget of"
+        f" {s.budget:g} s one server of this size therefore unlocks about"
+        f" {s.dedicated_rate:.0f} x {s.storm_efficiency:.2f} x {s.budget:g} s ="
+        f" {s.hosts_per_server:,} hosts rebooting at once, with the agent's retry policy"
+        f" (pauses from {net.backoff_initial:g} s up to {net.backoff_max:g} s). That is a"
+        " linear extrapolation from a storm of"
+        f" {results.storms.agent.hosts} hosts: a larger storm queues longer, and more of its"
+        " hosts time out and retry."
+    )
+    if s.servers is None:
+        text += "\n" + paragraph(
+            f"No host was served in the storm, so nothing can be said about a fleet of {FLEET}."
+        )
+    else:
+        text += "\n" + paragraph(
+            f"A fleet of {FLEET:,} hosts that all reboot at once (a power cut) so needs"
+            f" {FLEET:,} / {s.hosts_per_server:,} = {s.servers} servers of this size to unlock"
+            f" every host within {s.budget:g} s, and {s.servers + 1} to survive losing one."
+            " Each host has to reach its own share: enrol each host on one server (a"
+            " partition of the fleet), or list several servers in agent.toml in a different"
+            " order on different hosts (the agent tries them in the order listed). This"
+            " counts CPU only; the network and the disks that sync every audit record come"
+            " on top."
+        )
+    return "## Scale beyond one machine\n\n" + text
+
+
+def changes_section(changes: str) -> str:
+    return "## Changes made for these numbers\n\n" + changes.strip() + "\n"
+
+
+def vm_section() -> str:
+    return "## Real OpenZFS in a VM\n\n" + paragraph(
+        f"ZFS's own `keylocation=https://` against the agent on real OpenZFS 2.3, inside the"
+        f" emulated test VM, is in [{VM_REPORT}]({VM_REPORT})."
+    )
+
+
+def render(results: Results, changes: str) -> str:
+    sections = [
+        header(results),
+        targets_section(results),
+        throughput_section(results),
+        storm_section(results),
+        memory_section(results),
+        agent.render_markdown(results.agent),
+        scale_section(results),
+        changes_section(changes),
+        what_ran_section(results),
+        machine_section(results),
+        vm_section(),
+    ]
+    return "\n".join(s.rstrip("\n") + "\n" for s in sections)
+
+
+def write(results: Results, out: Path, changes_file: Path = CHANGES) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, changes_file.read_text()))

@@ -1,0 +1,73 @@
+"""Everything one run measured, and its JSON form: the report can be rendered again from a
+saved run (`python -m bench --render build/bench/run/results.json`) without measuring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.agent import AgentResults
+from bench.memory import Memory
+from bench.storm import Storms
+from bench.throughput import Plan, Window
+
+
+@dataclass(frozen=True)
+class Results:
+    quick: bool
+    date: str  # UTC, ISO 8601, when the run started
+    seconds: float  # the whole run, set-up included
+    cores: int
+    machine: dict[str, str]
+    versions: dict[str, str]
+    workers: int  # the key server's worker processes (its default: two per core)
+    steady_limits: dict[str, float]  # the raised per-certificate rate limits of part 1
+    storm_cached: bool  # the storm's enrolled hosts came from an earlier run's cache
+    plan: Plan
+    windows: list[Window]
+    memory: Memory
+    storms: Storms
+    agent: AgentResults
+
+
+def save(results: Results, path: Path) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(results), indent=1) + "\n")
+
+
+def load(path: Path) -> Results:
+    results: Results = _build(Results, json.loads(path.read_text()))
+    return results
+
+
+def _build(kind: Any, data: Any) -> Any:
+    """DATA (parsed JSON) as an instance of the type KIND: dataclasses, lists, tuples,
+    dicts with string keys, optionals and plain values."""
+    if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+        hints = typing.get_type_hints(kind)
+        return kind(
+            **{
+                f.name: _build(hints[f.name], data[f.name])
+                for f in dataclasses.fields(kind)
+                if f.init and f.name in data
+            }
+        )
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if data is None:
+            return None
+        return _build(next(a for a in args if a is not type(None)), data)
+    if origin is list:
+        return [_build(args[0], item) for item in data]
+    if origin is tuple:
+        items = args if not (len(args) == 2 and args[1] is Ellipsis) else (args[0],) * len(data)
+        return tuple(_build(a, item) for a, item in zip(items, data, strict=True))
+    if origin is dict:
+        return {key: _build(args[1], value) for key, value in data.items()}
+    if kind is float:
+        return float(data)
+    return data

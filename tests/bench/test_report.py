@@ -1,0 +1,269 @@
+"""The report's arithmetic and rendering, on made-up results (no servers, fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.agent import AgentResults
+from bench.memory import Memory
+from bench.results import Results, load, save
+from bench.storm import Storm, Storms
+from bench.throughput import Plan, Window
+
+# Releases per second by system and concurrency, one value per round.
+RATES = {
+    "ours": {1: [400, 420, 410], 8: [700, 720, 710], 64: [800, 600, 700]},
+    "nginx": {1: [800, 800, 800], 8: [1000, 1000, 1000], 64: [1000, 500, 1000]},
+    "tang": {1: [150, 150, 150], 8: [200, 200, 200], 64: [250, 250, 200]},
+}
+P99 = {"ours": 100.0, "nginx": 40.0, "tang": 300.0}
+
+
+def window(system: str, concurrency: int, round_: int, rate: float) -> Window:
+    duration = 5.0
+    ok = int(rate * duration)
+    return Window(
+        system=system,
+        concurrency=concurrency,
+        round=round_,
+        rate=rate,
+        p50_ms=P99[system] / 2,
+        p99_ms=P99[system] * (1 + round_ / 10),
+        ok=ok,
+        failed=0,
+        all_ok=2 * ok,
+        loadgen_cpu=2 * ok * 0.0005,  # 0.5 ms per release
+        server_cpu=None if system == "tang" else 2 * ok * 0.001,  # 1 ms per release
+        machine_cpu=0.9 * 2 * 6.2,  # 90% of both cores
+        wall=6.2,
+    )
+
+
+def storm_run(policy: str, served: int, makespan: float) -> Storm:
+    return Storm(
+        policy=policy,
+        hosts=10_000,
+        served=served,
+        failed=10_000 - served,
+        attempts=12_000,
+        makespan=makespan,
+        p50=makespan / 2,
+        p99=makespan * 0.99,
+        gave_up=(20.5, 24.0, 29.0),
+        outcomes={"ok": served, "timeout": 2_000, "tls": 0},
+        audit={"release": served, "server_start": 1},
+        worker_peak_kib=[30_000, 31_000, 32_000, 33_000],
+        server_cpu=20.0,
+        loadgen_cpu=10.0,
+        machine_cpu=45.0,
+        wall=40.0,
+    )
+
+
+def agent_results() -> AgentResults:
+    return AgentResults(
+        rounds=3,
+        roots_many=100,
+        agent_1=[0.10, 0.12, 0.11],
+        agent_many=[0.13, 0.14, 0.12],
+        clevis=[0.10, 0.10, 0.10],
+        curl=[0.01, 0.01, 0.01],
+        agent_rss=[30_000, 30_000, 30_000],
+        agent_many_rss=[31_000, 31_000, 31_000],
+        curl_rss=[10_000, 10_000, 10_000],
+        clevis_rss=[8_000, 8_000, 8_000],
+        python_start=[0.02, 0.02, 0.02],
+        agent_version=[0.08, 0.08, 0.08],
+        imports=[("zfs_unlock_agent.cli", 60.0), ("site", 9.0)],
+    )
+
+
+def sample(agent_served: int = 10_000, agent_makespan: float = 16.0) -> Results:
+    windows = [
+        window(system, concurrency, round_ + 1, rate)
+        for system, by_concurrency in RATES.items()
+        for concurrency, rates in by_concurrency.items()
+        for round_, rate in enumerate(rates)
+    ]
+    return Results(
+        quick=False,
+        date="2026-01-01 00:00 UTC",
+        seconds=480.0,
+        cores=2,
+        machine={"cpu": "2 x A CPU", "memory": "4.0 GiB"},
+        versions={"nginx": "1.22.1", "gunicorn": "27.0.1"},
+        workers=4,
+        steady_limits={"per_certificate_burst": 1e6, "per_certificate_rate": 1e6},
+        storm_cached=True,
+        plan=Plan((1, 8, 64), rounds=3, warmup=1.0, duration=5.0),
+        windows=windows,
+        memory=Memory([30_720, 31_744, 32_768, 30_720], [10_240, 11_264]),
+        storms=Storms(
+            storm_run("agent", agent_served, agent_makespan),
+            storm_run("fixed", 9_000, 29.0),
+            seed=42,
+        ),
+        agent=agent_results(),
+    )
+
+
+def test_ratios_are_taken_within_each_round_then_summarised() -> None:
+    results = sample()
+    ratios = report.round_ratios(results.windows, "ours", "nginx", 64, report.rate)
+    assert ratios == pytest.approx([0.8, 1.2, 0.7])  # not 700 / 1000 from the medians
+
+
+def test_a_round_missing_one_side_gives_no_ratio() -> None:
+    windows = [w for w in sample().windows if not (w.system == "nginx" and w.round == 2)]
+    ratios = report.round_ratios(windows, "ours", "nginx", 64, report.rate)
+    assert ratios == pytest.approx([0.8, 0.7])
+
+
+def verdict(results: Results, start: str) -> report.Verdict:
+    found = [v for v in report.verdicts(results) if v.target.startswith(start)]
+    assert len(found) == 1, start
+    return found[0]
+
+
+def test_verdicts_of_the_throughput_targets() -> None:
+    results = sample()
+    # Per-round ratios at c=64: 0.8, 1.2, 0.7 -> median 0.8, exactly the target.
+    vs_nginx = verdict(results, "releases/s at c=64: key server >= 0.8x nginx")
+    assert vs_nginx.met and vs_nginx.measured == "0.80x (0.70-1.20)"
+    # p99 ours / nginx is 100/40 = 2.5 in every round.
+    assert not verdict(results, "p99 latency at c=64").met
+    # ours / tang at c=64: 3.2, 2.4, 3.5 -> median 3.2.
+    assert verdict(results, "releases/s at c=64: key server >= 3x tangd").met
+
+
+def test_storm_verdicts_compare_with_the_steady_rate_of_the_same_run() -> None:
+    # 10,000 hosts at the median c=64 rate of 700/s: 14.3 s; 1.25 of it is 17.9 s.
+    assert verdict(sample(agent_makespan=17.5), "storm done within").met
+    late = verdict(sample(agent_makespan=18.6), "storm done within")
+    assert not late.met and late.measured == "18.6 s = 1.30x 14.3 s"
+    assert verdict(sample(), "storm of 10000 hosts: every host served").met
+    partial = sample(agent_served=9_999, agent_makespan=10.0)
+    assert not verdict(partial, "storm of 10000 hosts: every host served").met
+    assert not verdict(partial, "storm done within").met  # fast, but one host failed
+
+
+def test_agent_verdicts_use_the_agent_parts_targets() -> None:
+    results = sample()
+    assert not verdict(results, "cold unlock of 1 root").met  # 0.11 / 0.10
+    assert verdict(results, "100 roots").met  # 0.13 / 0.11 = 1.18
+    memory = verdict(results, "agent peak RSS")
+    assert memory.met and memory.measured == "29.3 MiB"
+
+
+def test_scale_from_the_cpu_per_release_and_the_storms_efficiency() -> None:
+    scale = report.scale(sample(agent_makespan=20.0))
+    assert scale.rate == 700
+    assert scale.machine_cpu == pytest.approx(2 / 700)
+    assert scale.server_cpu == pytest.approx(0.001)
+    assert scale.loadgen_cpu == pytest.approx(0.0005)
+    assert scale.dedicated_rate == pytest.approx(2000)
+    assert scale.storm_rate == pytest.approx(500)  # 10,000 hosts in 20 s
+    assert scale.storm_efficiency == pytest.approx(500 / 700)
+    assert scale.hosts_per_server == int(2000 * 500 / 700 * 30)  # 42857
+    assert scale.servers == 3  # 100,000 / 42,857, rounded up
+
+
+def test_cpu_shares_of_a_window() -> None:
+    w = window("ours", 64, 1, 500.0)  # 5,000 releases in all; 6.2 s on 2 cores
+    server, loadgen, rest = report.shares(w, cores=2)
+    assert server == pytest.approx(5.0 / 12.4)
+    assert loadgen == pytest.approx(2.5 / 12.4)
+    assert rest == pytest.approx(0.9 - 7.5 / 12.4)
+
+
+def test_the_storm_table_says_when_failed_hosts_gave_up_and_who_used_the_cpu() -> None:
+    text = report.render(sample(agent_served=9_990), "")
+    assert "| failed hosts gave up after | 24.0 s (20.5-29.0) | 24.0 s (20.5-29.0) |" in text
+    assert "| CPU: everything else on the machine | 15.0 s | 15.0 s |" in text
+    served = report.render(sample(), "")
+    assert "| failed hosts gave up after | - | 24.0 s (20.5-29.0) |" in served
+
+
+def test_a_storm_faster_than_steady_load_is_planned_at_the_steady_rate() -> None:
+    scale = report.scale(sample(agent_makespan=5.0))  # 2,000 hosts/s against 700/s steady
+    assert scale.storm_efficiency == 1.0
+    assert scale.hosts_per_server == 60_000
+
+
+def test_a_storm_that_served_nobody_says_so() -> None:
+    results = sample(agent_served=0, agent_makespan=0.0)
+    assert report.scale(results).servers is None
+    text = report.render(results, "x")
+    assert "nothing can be said about a fleet" in " ".join(text.split())
+
+
+SECTIONS = [
+    "# Benchmarks",
+    "## Targets",
+    "## Key releases per second, a new mutual-TLS connection per request",
+    "## Reboot storm",
+    "## Server memory",
+    "## Unlocking: the agent against clevis and curl",
+    "## Scale beyond one machine",
+    "## Changes made for these numbers",
+    "## What ran",
+    "## The machine",
+    "## Real OpenZFS in a VM",
+]
+
+
+def test_render_has_every_section_in_order_with_medians_ranges_and_ratios() -> None:
+    text = report.render(sample(), "- The lead's note, verbatim.\n")
+    positions = [text.index(heading + "\n") for heading in SECTIONS]
+    assert positions == sorted(positions)
+    assert "| 64 | 700 (600-800) | 1000 (500-1000) | 250 (200-250) | 0.80 (0.70-1.20) |" in text
+    assert "| served within the budget | 10000 | 9000 |" in text
+    assert "| nginx, after part 1 | 2 | 10.5 MiB (10.0-11.0) | 21.0 MiB |" in text
+    assert "- The lead's note, verbatim.\n" in text
+    assert "[benchmarks-vm.md](benchmarks-vm.md)" in text
+    assert "A smoke run" not in text
+    prose = " ".join(text.split())
+    fleet = " ".join(report.render(sample(agent_makespan=20.0), "").split())
+    assert "about 2000 x 0.71 x 30 s = 42,857 hosts" in fleet
+    assert "needs 100,000 / 42,857 = 3 servers of this size" in fleet
+    assert "nan" not in prose and "inf" not in prose.replace("info", "")
+
+
+def test_a_quick_run_says_it_is_not_for_quoting() -> None:
+    text = report.render(dataclasses.replace(sample(), quick=True), "")
+    assert "A smoke run" in text and "not for quoting" in text
+
+
+def test_prose_lines_stay_short() -> None:
+    text = report.render(sample(), "")
+    start = text.index("## Targets")
+    end = text.index("## Unlocking")  # the agent part renders its own section
+    long = [
+        line
+        for line in text[start:end].splitlines() + text[text.index("## Scale") :].splitlines()
+        if len(line) > 90 and not line.startswith("|")
+    ]
+    assert long == []
+
+
+def test_results_survive_a_save_and_load(tmp_path: Path) -> None:
+    results = sample()
+    path = tmp_path / "results.json"
+    save(results, path)
+    loaded = load(path)
+    assert loaded == results
+    assert report.render(loaded, "x") == report.render(results, "x")
+
+
+def test_write_copies_the_changes_file(tmp_path: Path) -> None:
+    changes = tmp_path / "changes.md"
+    changes.write_text("- Workers keep their SQLite connections.\n")
+    out = tmp_path / "docs" / "benchmarks.md"
+    report.write(sample(), out, changes)
+    text = out.read_text()
+    assert re.search(r"## Changes made for these numbers\n\n- Workers keep", text)

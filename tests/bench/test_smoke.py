@@ -1,0 +1,67 @@
+"""The benchmark suite's smoke run (`make bench-quick`) for real, so the harness never rots:
+Debian's baselines, the C helpers, every part, and a report with every section."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import REPO
+from tests.bench.test_report import SECTIONS
+
+pytestmark = pytest.mark.slow
+
+SUMMARY = r"\d+(\.\d+)? \(\d+(\.\d+)?-\d+(\.\d+)?\)"  # median (min-max)
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first table after HEADING, its header and rule left out."""
+    rows: list[list[str]] = []
+    for line in text[text.index(heading) :].splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]
+
+
+def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path) -> None:
+    # bench/prepare.sh installs the baselines when they are missing (root on Debian, as in
+    # CI) and builds the load generator and the fake zfs.
+    subprocess.run(["bash", "bench/prepare.sh"], cwd=REPO, check=True)
+    out = tmp_path / "benchmarks.md"
+    subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        timeout=600,
+    )
+    text = out.read_text()
+
+    positions = [text.index(heading + "\n") for heading in SECTIONS]
+    assert positions == sorted(positions)
+    assert "A smoke run" in text
+    prose = " ".join(text.split())
+    assert not re.search(r"\b(nan|inf)\b", prose)
+
+    rates = table_rows(text, "## Key releases per second")
+    assert [row[0] for row in rates] == ["1", "8", "64"]
+    for row in rates:
+        assert all(re.fullmatch(SUMMARY, cell) for cell in row[1:]), row
+        assert float(row[1].split()[0]) > 0  # the key server answered
+
+    storm = {row[0]: row[1:] for row in table_rows(text, "## Reboot storm")}
+    assert storm["hosts"] == ["200", "200"]
+    assert storm["served within the budget"] == ["200", "200"]
+    assert storm["failed (a prompt at boot)"] == ["0", "0"]
+    assert "release 200" in storm["server's audit events"][0]
+
+    verdicts = table_rows(text, "## Targets")
+    assert len(verdicts) == 8
+    assert all(row[2] in {"met", "**missed**"} for row in verdicts)
+    by_target = {row[0]: row[2] for row in verdicts}
+    assert by_target["storm of 200 hosts: every host served, none failed"] == "met"
