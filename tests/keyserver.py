@@ -18,7 +18,8 @@ from typing import Any
 
 import requests
 
-from zfs_unlock_agent import keyclient, pinning
+from tests.pinned_requests import pinned_session
+from zfs_unlock_agent import pinning
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import admin, cli
 
@@ -191,7 +192,7 @@ class KeyServer:
         return f"https://127.0.0.1:{self.port}{path}"
 
     def session(self, host: HostCreds, source_address: str | None = None) -> requests.Session:
-        return keyclient.pinned_session(
+        return pinned_session(
             [pinning.parse_pin(self.pin)],
             host.cert,
             host.key,

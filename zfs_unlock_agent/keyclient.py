@@ -1,17 +1,16 @@
-"""The only module that talks HTTPS: a requests session that trusts nothing but a pinned key.
+"""The conversation with the key servers: retries, failover, strict parsing.
 
-The server's public key must match a configured pin right after the TLS
-handshake, before a single request byte is written; a certificate that a
-system CA signed gains nothing. The client certificate is always presented.
-No redirects, no proxies or CA bundles from the environment, https only.
+Each request goes out on its own pinned, mutually authenticated connection
+(zfs_unlock_agent.transport); this module decides what an answer means and when
+to try again.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import random
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,12 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPSConnection
-from urllib3.connectionpool import HTTPSConnectionPool
-
-from zfs_unlock_agent import pinning, protocol, validate
+from zfs_unlock_agent import protocol, transport, validate
 from zfs_unlock_agent.errors import (
     AgentError,
     BadKeyData,
@@ -36,65 +30,8 @@ from zfs_unlock_agent.secret import Secret
 if TYPE_CHECKING:
     from zfs_unlock_agent.config import Network, Server
 
-
-class PinMismatch(Exception):
-    """The server presented a public key that matches no configured pin."""
-
-
-class PinnedHTTPSConnection(HTTPSConnection):
-    pinned: tuple[bytes, ...] = ()
-
-    def connect(self) -> None:
-        super().connect()
-        sock = self.sock
-        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
-        if not der or not pinning.matches(der, self.pinned):
-            self.close()
-            raise PinMismatch(f"server {self.host}:{self.port} presented an unpinned public key")
-        # The pin is the verification; tell urllib3 so it does not warn.
-        self.is_verified = True
-
-
-def _pool_class(pins: Sequence[bytes]) -> type[HTTPSConnectionPool]:
-    connection = type("PinnedConnection", (PinnedHTTPSConnection,), {"pinned": tuple(pins)})
-    return type("PinnedPool", (HTTPSConnectionPool,), {"ConnectionCls": connection})
-
-
-class PinnedAdapter(HTTPAdapter):
-    def __init__(self, pins: Sequence[bytes], source_address: tuple[str, int] | None = None):
-        if not pins:
-            raise ValueError("at least one pin is required")
-        self._pins = tuple(pins)
-        self._source_address = source_address
-        super().__init__(max_retries=0)  # retries are the caller's policy, not urllib3's
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        # Trust comes from the pin alone: the server certificate is usually
-        # self-signed, so chain and hostname checks would only add a way to fail.
-        kwargs["cert_reqs"] = ssl.CERT_NONE
-        kwargs["assert_hostname"] = False
-        if self._source_address is not None:
-            kwargs["source_address"] = self._source_address
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"https": _pool_class(self._pins)}
-        self.poolmanager.key_fn_by_scheme = {"https": self.poolmanager.key_fn_by_scheme["https"]}
-
-
-def pinned_session(
-    pins: Sequence[bytes],
-    client_cert: Path,
-    client_key: Path,
-    source_address: tuple[str, int] | None = None,
-) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no proxies, CA bundles or netrc from the environment
-    session.cert = (str(client_cert), str(client_key))
-    session.verify = False  # replaced by the pin check in PinnedHTTPSConnection
-    session.max_redirects = 0
-    for prefix in list(session.adapters):
-        del session.adapters[prefix]
-    session.mount("https://", PinnedAdapter(pins, source_address))
-    return session
+# Answers carry at most a batch of keys; anything larger is not one of ours.
+MAX_ANSWER_BYTES = protocol.MAX_BODY_BYTES * 4
 
 
 def check_url(url: str) -> str:
@@ -103,10 +40,10 @@ def check_url(url: str) -> str:
         raise ValueError("server URL must be https://HOST[:PORT]")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("server URL must not carry credentials, a query or a fragment")
+    if not transport.URL_PATH.fullmatch(parts.path):
+        raise ValueError("server URL path must be plain segments (percent-encode the rest)")
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     return url.rstrip("/")
-
-
-# The conversation with the key servers: retries, failover, strict parsing.
 
 
 @dataclass(frozen=True)
@@ -160,12 +97,13 @@ class KeyClient:
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
-        self._sessions = [pinned_session(s.pins, client_cert, client_key) for s in servers]
+        # One context for every server: it holds this host's certificate and key.
+        context = transport.client_context(client_cert, client_key)
+        self._servers = [transport.PinnedServer(s.url, s.pins, context) for s in servers]
         self.requests_sent = 0
 
     def close(self) -> None:
-        for session in self._sessions:
-            session.close()
+        """Nothing stays open: every connection closes after its one request."""
 
     def __enter__(self) -> Self:
         return self
@@ -175,18 +113,15 @@ class KeyClient:
 
     def _send(
         self, index: int, method: str, path: str, body: dict[str, Any], remaining: float
-    ) -> requests.Response:
-        timeout = (
-            min(self.network.connect_timeout, remaining),
-            min(self.network.read_timeout, remaining),
-        )
+    ) -> transport.Response:
         self.requests_sent += 1
-        return self._sessions[index].request(
+        return self._servers[index].request(
             method,
-            self.servers[index].url + path,
-            json=body,
-            timeout=timeout,
-            allow_redirects=False,
+            path,
+            json.dumps(body, separators=(",", ":")).encode(),
+            connect_timeout=min(self.network.connect_timeout, remaining),
+            read_timeout=min(self.network.read_timeout, remaining),
+            max_body=MAX_ANSWER_BYTES,
         )
 
     def call(
@@ -203,19 +138,14 @@ class KeyClient:
                     break
                 try:
                     response = self._send(index, method, path, body, remaining)
-                except PinMismatch as exc:
+                except transport.PinMismatch as exc:
                     raise ServerRefused(f"{server.url}: {exc}; refusing to talk to it") from None
-                except requests.TooManyRedirects as exc:
-                    # max_redirects = 0 makes requests raise this for any 3xx with a
-                    # Location, even with allow_redirects=False: a redirect, not an outage.
-                    status = exc.response.status_code if exc.response is not None else 0
-                    raise ServerRefused(
-                        f"{server.url}: answered with a redirect ({status}); refused"
-                    ) from None
-                except requests.RequestException as exc:
-                    problems.append(f"{server.url}: {_describe(exc)}")
+                except transport.AnswerTooLarge:
+                    raise BadKeyData(f"{server.url}: answer is too large") from None
+                except transport.TransportError as exc:
+                    problems.append(f"{server.url}: {exc.reason}")
                     continue
-                status = response.status_code
+                status = response.status
                 if status in accept:
                     return Answer(status, _json_object(response, server.url))
                 if 300 <= status < 400:
@@ -262,10 +192,11 @@ class KeyClient:
         if not isinstance(keys, list) or not isinstance(denied, list):
             raise BadKeyData("server answer lacks 'keys' or 'denied'")
         released: dict[DatasetRef, ReleasedKey] = {}
+        asked = set(refs)
         try:
             for item in keys:
                 key = _released_key(item)
-                if key.ref not in refs:
+                if key.ref not in asked:
                     key.secret.wipe()
                     raise BadKeyData("server sent a key that was not asked for")
                 released[key.ref] = key
@@ -316,30 +247,21 @@ class KeyClient:
         self.call("POST", protocol.ROUTE_CHECKIN, {"machine_id": machine_id})
 
 
-def _describe(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS handshake failed"
-    if isinstance(exc, requests.ConnectionError):
-        return "cannot connect"
-    return type(exc).__name__
-
-
-def _retry_after(response: requests.Response) -> float:
-    value = response.headers.get("Retry-After", "")
+def _retry_after(response: transport.Response) -> float:
+    value = response.headers.get("retry-after", "")
     return float(value) if value.isdigit() and len(value) < 6 else 0.0
 
 
-def _json_object(response: requests.Response, url: str) -> dict[str, Any]:
-    if response.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-        raise BadKeyData(f"{url}: answer is not JSON")
-    if len(response.content) > protocol.MAX_BODY_BYTES * 4:
-        raise BadKeyData(f"{url}: answer is too large")
+def _json_object(response: transport.Response, url: str) -> dict[str, Any]:
     try:
-        body = response.json()
-    except ValueError:
-        raise BadKeyData(f"{url}: answer is not valid JSON") from None
+        if response.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise BadKeyData(f"{url}: answer is not JSON")
+        try:
+            body = json.loads(response.body)
+        except ValueError:  # UnicodeDecodeError included
+            raise BadKeyData(f"{url}: answer is not valid JSON") from None
+    finally:
+        response.body[:] = bytes(len(response.body))  # the keys' base64 was in it
     if not isinstance(body, dict):
         raise BadKeyData(f"{url}: answer is not a JSON object")
     return body

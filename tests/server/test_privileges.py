@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from tests.keyserver import SERVER_BIN, KeyServer, free_port
-from zfs_unlock_agent import keyclient, pinning
+from tests.pinned_requests import pinned_session
+from zfs_unlock_agent import pinning
 from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_server import audit, privileges, secretfile
 from zfs_unlock_server.config import DATA_DIR_ENV
@@ -391,7 +392,7 @@ def test_the_owner_serves_with_the_master_key_as_a_credential(runs_as_user: Owne
         os.chown(path, owned.user.pw_uid, owned.user.pw_gid)
     pin = must(owned, "pin").strip()
     with serving_as(owned, delivered) as port:
-        session = keyclient.pinned_session([pinning.parse_pin(pin)], cert, key, None)
+        session = pinned_session([pinning.parse_pin(pin)], cert, key, None)
         enrolled = session.post(
             f"https://127.0.0.1:{port}/v1/keys",
             json={

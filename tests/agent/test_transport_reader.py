@@ -1,0 +1,175 @@
+"""zfs_unlock_agent.transport on its own: the answer is read strictly and within bounds,
+and the request goes where the URL says, with nothing sent before the pin matched. (The
+whole conversation through the command line is in test_transport.py.)"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.stub_https import (
+    Reply,
+    StubHTTPS,
+    TlsFiles,
+    json_reply,
+    make_ca,
+    self_signed_cert,
+)
+from tests.keyserver import HostCreds, KeyServer
+from zfs_unlock_agent import pinning, transport
+
+MAX_BODY = 1024
+
+
+def answer(*chunks: bytes) -> transport.Response:
+    """read_response over a socket pair whose far end sends CHUNKS, then closes."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+
+        def send() -> None:
+            for chunk in chunks:
+                theirs.sendall(chunk)
+            theirs.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            return transport.read_response(ours, MAX_BODY)
+        finally:
+            sender.join()
+
+
+def test_a_well_formed_answer() -> None:
+    response = answer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n", b"Content-Length: 2\r\n\r\n{}"
+    )
+    assert (response.status, response.body) == (200, bytearray(b"{}"))
+    assert response.headers == {"content-type": "application/json", "content-length": "2"}
+
+
+def test_head_and_body_in_small_pieces_and_bytes_after_the_body_ignored() -> None:
+    whole = b"HTTP/1.0 404 Not Found\r\nContent-Length: 5\r\n\r\nhello, and more"
+    response = answer(*(whole[i : i + 3] for i in range(0, len(whole), 3)))
+    assert (response.status, bytes(response.body)) == (404, b"hello")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n",  # no Content-Length
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n",
+        b"HTTP/2 200\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n",
+        b"ICY 200 OK\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length 0\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 65 + b"Content-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (17 * 1024) + b"\r\nContent-Length: 0\r\n",
+    ],
+    ids=[
+        "no-length",
+        "chunked",
+        "repeated-header",
+        "negative-length",
+        "odd-length",
+        "http-2",
+        "status-4-digits",
+        "not-http",
+        "no-colon",
+        "space-in-name",
+        "too-many-headers",
+        "head-too-large",
+    ],
+)
+def test_a_malformed_head_is_refused(head: bytes) -> None:
+    with pytest.raises(transport.MalformedAnswer):
+        answer(head + b"\r\n")
+
+
+def test_a_body_larger_than_the_bound_is_refused_unread() -> None:
+    with pytest.raises(transport.AnswerTooLarge):
+        answer(f"HTTP/1.1 200 OK\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+
+
+@pytest.mark.parametrize(
+    "cut", [b"HTTP/1.1 200 OK\r\nContent-Le", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}"]
+)
+def test_an_answer_cut_short_is_a_lost_connection(cut: bytes) -> None:
+    with pytest.raises(transport.ConnectionLost):
+        answer(cut)
+
+
+# Against a TLS stub that demands a client certificate from the key server's CA
+
+
+@pytest.fixture
+def me(shared_keyserver: KeyServer, request: pytest.FixtureRequest) -> HostCreds:
+    return shared_keyserver.add_host(f"rd-{request.node.name[5:20]}")
+
+
+@pytest.fixture
+def stub_tls(tmp_path: Path) -> TlsFiles:
+    return self_signed_cert(tmp_path / "server", "stub")
+
+
+@pytest.fixture
+def stub(shared_keyserver: KeyServer, stub_tls: TlsFiles) -> Iterator[StubHTTPS]:
+    client_ca = shared_keyserver.data_dir / "ca.crt"
+    with StubHTTPS(stub_tls, [json_reply({"ok": True})], client_ca=client_ca) as server:
+        yield server
+
+
+def server_for(url: str, pin: str, me: HostCreds) -> transport.PinnedServer:
+    context = transport.client_context(me.cert, me.key)
+    return transport.PinnedServer(url, (pinning.parse_pin(pin),), context)
+
+
+def test_the_request_goes_below_the_urls_path_with_a_client_certificate(
+    stub: StubHTTPS, stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    server = server_for(stub.url + "/zfs/", stub_tls.pin, me)
+    response = server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY)
+    assert response.status == 200
+    [request] = stub.requests
+    assert (request.method, request.path, request.body) == ("POST", "/zfs/v1/keys/release", b"{}")
+    assert request.headers["connection"] == "close"
+    assert request.headers["content-type"] == "application/json"
+
+
+def test_an_unpinned_server_gets_no_request_byte(
+    stub: StubHTTPS, shared_keyserver: KeyServer, me: HostCreds
+) -> None:
+    server = server_for(stub.url, shared_keyserver.pin, me)  # the key server's pin, not the stub's
+    with pytest.raises(transport.PinMismatch):
+        server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY)
+    stub.wait_idle()
+    assert stub.handshakes == 1 and stub.requests == [] and stub.app_bytes == 0
+
+
+def test_a_server_that_trusts_another_ca_refuses_the_connection(
+    tmp_path: Path, stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    other_ca = make_ca(tmp_path / "other-ca")
+    with StubHTTPS(stub_tls, [Reply(200)], client_ca=other_ca.cert) as stub:
+        server = server_for(stub.url, stub_tls.pin, me)
+        # TLS 1.3: the server checks the client's certificate after the client's side of the
+        # handshake is done, so the refusal arrives as the answer is read.
+        with pytest.raises((transport.HandshakeFailed, transport.ConnectionLost)):
+            server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY)
+        assert stub.requests == []
+
+
+def test_nothing_listening_is_cannot_connect(stub_tls: TlsFiles, me: HostCreds) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    server = server_for(f"https://127.0.0.1:{port}", stub_tls.pin, me)
+    with pytest.raises(transport.ConnectFailed):
+        server.request("POST", "/", b"{}", 5, 5, MAX_BODY)

@@ -1,0 +1,204 @@
+"""The only module that opens connections: one pinned, mutually authenticated TLS
+connection per request, with the standard library's ssl and socket alone.
+
+The server's public key must match a configured pin right after the TLS handshake,
+before a single request byte is written; a certificate that a system CA signed gains
+nothing, and no CA store is ever loaded. The client certificate is always presented.
+Nothing comes from the environment (no proxies, no CA bundles), nothing is followed
+(a redirect is an answer like any other), and the answer is read strictly and within
+bounds: one HTTP/1.x response framed by Content-Length, the connection closed after it.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from zfs_unlock_agent import __version__, pinning
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADER_LINES = 64
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [\x20-\x7e\t]*)?")
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DIGITS = re.compile(rb"[0-9]{1,9}")
+# The path of a server URL, written into the request line as it is: RFC 3986 segments.
+URL_PATH = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)*")
+
+
+class TransportError(Exception):
+    """The exchange failed before a whole answer arrived; worth another try."""
+
+    reason = "the connection failed"
+
+
+class ConnectFailed(TransportError):
+    reason = "cannot connect"
+
+
+class TimedOut(TransportError):
+    reason = "timed out"
+
+
+class HandshakeFailed(TransportError):
+    reason = "TLS handshake failed"
+
+
+class ConnectionLost(TransportError):
+    reason = "the connection broke before the whole answer"
+
+
+class MalformedAnswer(TransportError):
+    reason = "answer is not well-formed HTTP"
+
+
+class PinMismatch(Exception):
+    """The server presented a public key that matches no configured pin."""
+
+
+class AnswerTooLarge(Exception):
+    """The answer announced a body larger than the caller accepts."""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytearray  # the caller wipes it once parsed: it may hold keys
+
+
+def client_context(client_cert: Path, client_key: Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer with this host's certificate; no CA store and no chain or name
+    check, because the pin is the whole of the server's verification."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No session is ever resumed (one connection per request), so no tickets are wanted.
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
+    context.load_cert_chain(str(client_cert), str(client_key))
+    return context
+
+
+class PinnedServer:
+    """One configured server: https://HOST[:PORT] and the digests its key may match."""
+
+    def __init__(
+        self,
+        url: str,
+        pins: tuple[bytes, ...],
+        context: ssl.SSLContext,
+        source_address: tuple[str, int] | None = None,
+    ) -> None:
+        if not pins:
+            raise ValueError("at least one pin is required")
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or not URL_PATH.fullmatch(parts.path):
+            raise ValueError("server URL must be https://HOST[:PORT][/PATH]")
+        self.host = parts.hostname
+        self.port = parts.port or 443
+        self.authority = parts.netloc  # the Host header; config refused credentials in it
+        self.prefix = parts.path.rstrip("/")  # a server may live below a path
+        self.pins = pins
+        self.context = context
+        self.source_address = source_address
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        connect_timeout: float,
+        read_timeout: float,
+        max_body: int,
+    ) -> Response:
+        """One exchange on a new connection; the TLS handshake counts as connecting."""
+        try:
+            raw = socket.create_connection(
+                (self.host, self.port), timeout=connect_timeout, source_address=self.source_address
+            )
+        except TimeoutError:
+            raise TimedOut() from None
+        except OSError:
+            raise ConnectFailed() from None
+        with raw:
+            try:
+                connection = self.context.wrap_socket(raw, server_hostname=self.host)
+            except TimeoutError:
+                raise TimedOut() from None
+            except ssl.SSLError:
+                raise HandshakeFailed() from None
+            except OSError:
+                raise ConnectFailed() from None
+            with connection:
+                der = connection.getpeercert(binary_form=True)
+                if not der or not pinning.matches(der, self.pins):
+                    raise PinMismatch(
+                        f"server {self.host}:{self.port} presented an unpinned public key"
+                    )
+                connection.settimeout(read_timeout)
+                try:
+                    connection.sendall(self._head(method, path, len(body)) + body)
+                    return read_response(connection, max_body)
+                except TimeoutError:
+                    raise TimedOut() from None
+                except OSError:  # ssl.SSLError included
+                    raise ConnectionLost() from None
+
+    def _head(self, method: str, path: str, length: int) -> bytes:
+        return (
+            f"{method} {self.prefix}{path} HTTP/1.1\r\n"
+            f"Host: {self.authority}\r\n"
+            f"User-Agent: zfs-unlock-agent/{__version__}\r\n"
+            "Accept: application/json\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+
+
+def read_response(connection: socket.socket, max_body: int) -> Response:
+    """One HTTP/1.x answer: a status line, at most MAX_HEADER_LINES headers in at most
+    MAX_HEAD_BYTES, and a body of exactly Content-Length bytes (required, and at most
+    MAX_BODY). A transfer coding or a repeated or malformed header is a MalformedAnswer, an
+    early end of the connection ConnectionLost; what follows the body is ignored."""
+    buffered = bytearray()
+    while (end := buffered.find(b"\r\n\r\n")) < 0:
+        if len(buffered) > MAX_HEAD_BYTES:
+            raise MalformedAnswer()
+        chunk = connection.recv(16384)
+        if not chunk:
+            raise ConnectionLost()
+        buffered += chunk
+    if end > MAX_HEAD_BYTES:
+        raise MalformedAnswer()
+    lines = bytes(buffered[:end]).split(b"\r\n")
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None or len(lines) - 1 > MAX_HEADER_LINES:
+        raise MalformedAnswer()
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _HEADER_NAME.fullmatch(name) is None:
+            raise MalformedAnswer()
+        key = name.decode("ascii").lower()
+        if key in headers:  # two values could mean two things
+            raise MalformedAnswer()
+        headers[key] = value.strip(b" \t").decode("latin-1")
+    length = headers.get("content-length", "").encode("ascii", "replace")
+    if "transfer-encoding" in headers or _DIGITS.fullmatch(length) is None:
+        raise MalformedAnswer()
+    size = int(length)
+    if size > max_body:
+        raise AnswerTooLarge()
+    body = buffered[end + 4 : end + 4 + size]
+    buffered[:] = bytes(len(buffered))  # what we own, we wipe
+    while len(body) < size:
+        chunk = connection.recv(min(65536, size - len(body)))
+        if not chunk:
+            raise ConnectionLost()
+        body += chunk
+    return Response(int(status.group(1)), headers, body)
