@@ -155,10 +155,7 @@ class Unlocker:
                     root.name, "available", message="key already loaded"
                 )
         keys = self._fetch(inventory, locked, results) if locked else {}
-        for root in locked:
-            key = keys.get(root.name)
-            if key is not None:
-                results[root.name] = self._load(root, key, inventory)
+        results |= self._load([(r, keys[r.name]) for r in locked if r.name in keys], inventory)
         if mount:
             self._mount([(r, results[r.name]) for r in roots if results[r.name].ok], inventory)
         ordered = [results[r.name] for r in roots]
@@ -166,31 +163,38 @@ class Unlocker:
             self._report(result)
         return ordered
 
-    def _load(self, root: Dataset, key: ReleasedKey, inventory: Inventory) -> RootResult:
+    def _load(
+        self, fetched: Sequence[tuple[Dataset, ReleasedKey]], inventory: Inventory
+    ) -> dict[str, RootResult]:
+        """Check each key against its root's keyformat, load the good ones (side by side),
+        wipe them all, then finish the enrolment of pending keys that loaded."""
+        results: dict[str, RootResult] = {}
+        loadable: list[tuple[Dataset, ReleasedKey]] = []
         try:
-            if key.keyformat != root.keyformat:
-                return RootResult(
-                    root.name,
-                    "failed",
-                    EX_DATAERR,
-                    f"the server's key is {key.keyformat} but the dataset's keyformat is"
-                    f" {root.keyformat}",
-                )
-            try:
-                protocol.check_key_material(key.secret.buffer(), root.keyformat)
-            except protocol.KeyMaterialError as exc:
-                return RootResult(root.name, "failed", EX_DATAERR, f"server sent a bad key: {exc}")
-            try:
-                self.zfs.load_key(root.name, key.secret)
-            except KeyAlreadyLoaded:
-                return RootResult(root.name, "available", message="key was loaded meanwhile")
-            except ZfsError as exc:
-                return RootResult(root.name, "failed", exc.exit_code, _zfs_reason(exc))
+            for root, key in fetched:
+                problem = _key_problem(root, key)
+                if problem:
+                    results[root.name] = RootResult(root.name, "failed", EX_DATAERR, problem)
+                else:
+                    loadable.append((root, key))
+            outcomes = self.zfs.load_keys([(root.name, key.secret) for root, key in loadable])
         finally:
-            key.secret.wipe()
-        if key.state == "pending":
-            self._activate(inventory, root, key)
-        return RootResult(root.name, "unlocked", message="key loaded")
+            for _, key in fetched:
+                key.secret.wipe()
+        for (root, key), error in zip(loadable, outcomes, strict=True):
+            if isinstance(error, KeyAlreadyLoaded):
+                results[root.name] = RootResult(
+                    root.name, "available", message="key was loaded meanwhile"
+                )
+            elif error is not None:
+                results[root.name] = RootResult(
+                    root.name, "failed", error.exit_code, _zfs_reason(error)
+                )
+            else:
+                if key.state == "pending":
+                    self._activate(inventory, root, key)
+                results[root.name] = RootResult(root.name, "unlocked", message="key loaded")
+        return results
 
     def _activate(self, inventory: Inventory, root: Dataset, key: ReleasedKey) -> None:
         """A pending key that opened the dataset is proven: finish an interrupted enrolment.
@@ -275,6 +279,19 @@ class Unlocker:
             log.info("%s: %s (%s%s)", result.root, result.outcome, result.message, mounted)
         else:
             log.error("%s: %s", result.root, result.message)
+
+
+def _key_problem(root: Dataset, key: ReleasedKey) -> str:
+    """Why KEY must not go to zfs for ROOT, or "" when it may."""
+    if key.keyformat != root.keyformat:
+        return (
+            f"the server's key is {key.keyformat} but the dataset's keyformat is {root.keyformat}"
+        )
+    try:
+        protocol.check_key_material(key.secret.buffer(), root.keyformat)
+    except protocol.KeyMaterialError as exc:
+        return f"server sent a bad key: {exc}"
+    return ""
 
 
 def _zfs_reason(exc: ZfsError) -> str:

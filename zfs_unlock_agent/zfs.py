@@ -8,17 +8,18 @@ only ever written to the child's standard input.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
-from zfs_unlock_agent import validate
+from zfs_unlock_agent import processes, validate
 from zfs_unlock_agent.config import MANAGED_PROPERTY
 from zfs_unlock_agent.errors import IncorrectKey, KeyAlreadyLoaded, ZfsError, ZfsUnavailable
 from zfs_unlock_agent.secret import Secret
 
 COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
+# Roots' keys load side by side: each `zfs load-key` is a process of its own (and, for a
+# passphrase, a key derivation that keeps one CPU busy), so a host with many roots gains.
+PARALLEL = max(2, min(8, os.cpu_count() or 1))
 
 # What libzfs reads from its environment to fetch a keylocation=https:// key (CA file or
 # directory, client certificate and key: get_key_material_https() in libzfs_crypto.c).
@@ -77,6 +78,21 @@ class Dataset:
         )
 
 
+def _output(argv: Sequence[str], finished: processes.Finished) -> str:
+    """The command's stdout, or the ZfsError its status and stderr say."""
+    command = " ".join(argv[:2])
+    if finished.timed_out:
+        raise ZfsError(command, -9, f"timed out after {COMMAND_TIMEOUT:.0f} s")
+    err = finished.stderr.decode("utf-8", "replace")
+    if finished.returncode != 0:
+        if "Incorrect key provided" in err:
+            raise IncorrectKey(command, finished.returncode, err)
+        if "Key already loaded" in err:
+            raise KeyAlreadyLoaded(command, finished.returncode, err)
+        raise ZfsError(command, finished.returncode, err)
+    return finished.stdout.decode("utf-8", "replace")
+
+
 def _field(value: str) -> str:
     return "" if value == "-" else value
 
@@ -130,37 +146,21 @@ class Zfs:
     def _run(
         self, argv: Sequence[str], stdin: Secret | None = None, passed_env: Sequence[str] = ()
     ) -> str:
-        command = " ".join(argv[:2])
+        finished = self._run_all([processes.Command(argv, stdin)], passed_env)[0]
+        return _output(argv, finished)
+
+    def _run_all(
+        self, commands: Sequence[processes.Command], passed_env: Sequence[str] = ()
+    ) -> list[processes.Finished]:
+        program = commands[0].argv[0] if commands else ""
         try:
-            process = subprocess.Popen(  # noqa: S603 - argv list, validated names
-                list(argv),
-                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._environment(passed_env),
+            return processes.run_all(
+                commands, self._environment(passed_env), COMMAND_TIMEOUT, PARALLEL
             )
         except FileNotFoundError:
-            raise ZfsUnavailable(f"{argv[0]}: not found") from None
+            raise ZfsUnavailable(f"{program}: not found") from None
         except PermissionError:
-            raise ZfsUnavailable(f"{argv[0]}: not executable") from None
-        try:
-            # communicate() writes through a memoryview: no copy of the key in Python,
-            # and a zfs that exits early (broken pipe) is reported by its status.
-            key = cast(bytes, stdin.view()) if stdin is not None else None  # any buffer works
-            stdout, stderr = process.communicate(input=key, timeout=COMMAND_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise ZfsError(command, -9, f"timed out after {COMMAND_TIMEOUT:.0f} s") from None
-        out = stdout.decode("utf-8", "replace")
-        err = stderr.decode("utf-8", "replace")
-        if process.returncode != 0:
-            if "Incorrect key provided" in err:
-                raise IncorrectKey(command, process.returncode, err)
-            if "Key already loaded" in err:
-                raise KeyAlreadyLoaded(command, process.returncode, err)
-            raise ZfsError(command, process.returncode, err)
-        return out
+            raise ZfsUnavailable(f"{program}: not executable") from None
 
     # Reading
 
@@ -215,6 +215,23 @@ class Zfs:
         validate.dataset_name(root)
         flags = ["-n"] if dry_run else []
         self._run([self.zfs, "load-key", *flags, "-L", "prompt", root], stdin=key)
+
+    def load_keys(self, keys: Sequence[tuple[str, Secret]]) -> list[ZfsError | None]:
+        """`zfs load-key -L prompt ROOT` for every (ROOT, KEY), up to PARALLEL at once:
+        each is its own command with its own key on its stdin, as load_key runs it.
+        Returns, in order, None for a key loaded or the ZfsError that zfs reported."""
+        commands = []
+        for root, key in keys:
+            validate.dataset_name(root)
+            commands.append(processes.Command([self.zfs, "load-key", "-L", "prompt", root], key))
+        outcomes: list[ZfsError | None] = []
+        for command, finished in zip(commands, self._run_all(commands), strict=True):
+            try:
+                _output(command.argv, finished)
+                outcomes.append(None)
+            except ZfsError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def load_key_from_location(self, root: str) -> None:
         """`zfs load-key ROOT` from the dataset's own keylocation (file:// or https://),
