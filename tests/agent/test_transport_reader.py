@@ -5,6 +5,7 @@ whole conversation through the command line is in test_transport.py.)"""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,3 +174,28 @@ def test_nothing_listening_is_cannot_connect(stub_tls: TlsFiles, me: HostCreds) 
     server = server_for(f"https://127.0.0.1:{port}", stub_tls.pin, me)
     with pytest.raises(transport.ConnectFailed):
         server.request("POST", "/", b"{}", 5, 5, MAX_BODY)
+
+
+def test_the_request_is_not_held_back_by_nagle(
+    stub: StubHTTPS, stub_tls: TlsFiles, me: HostCreds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request follows the handshake's last flight at once; with Nagle it would wait for
+    that flight's ACK, which a server with nothing to send delays by up to 40 ms."""
+    server = server_for(stub.url, stub_tls.pin, me)
+    seen: list[int] = []
+    wrap = server.context.wrap_socket
+
+    def recording_wrap(sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return wrap(sock, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "context", _Wrapping(recording_wrap))
+    assert server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY).status == 200
+    assert seen == [1]
+
+
+class _Wrapping:
+    """Stands in for an SSLContext that only needs wrap_socket."""
+
+    def __init__(self, wrap: object) -> None:
+        self.wrap_socket = wrap
