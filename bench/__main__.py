@@ -35,14 +35,16 @@ class Settings:
     quick: bool
     plan: throughput.Plan
     storm_hosts: int
+    storm_rounds: int
 
 
-FULL = Settings(False, throughput.Plan((1, 8, 64), rounds=3, warmup=1.0, duration=5.0), 10_000)
-QUICK = Settings(True, throughput.Plan((1, 8, 64), rounds=1, warmup=0.3, duration=1.0), 200)
+FULL = Settings(False, throughput.Plan((1, 8, 64), rounds=3, warmup=1.0, duration=4.0), 10_000, 2)
+QUICK = Settings(True, throughput.Plan((1, 8, 64), rounds=1, warmup=0.3, duration=1.0), 200, 1)
+STARTED = time.monotonic()
 
 
 def step(text: str) -> None:
-    print(f"== {text}", file=sys.stderr, flush=True)
+    print(f"== [{time.monotonic() - STARTED:5.0f} s] {text}", file=sys.stderr, flush=True)
 
 
 def versions() -> dict[str, str]:
@@ -105,7 +107,7 @@ def measure(settings: Settings, work: Path) -> Results:
         fleet_root, reuse = common.BUILD / f"storm-{settings.storm_hosts}", True
     cached = reuse and (fleet_root / "complete").exists()
     fleet = storm.fleet(settings.storm_hosts, fleet_root, reuse)
-    storms = storm.measure(fleet, work, secrets.randbits(32))
+    storms = storm.measure(fleet, work, secrets.randbits(32), settings.storm_rounds)
     cores = os.cpu_count() or 1
     return Results(
         quick=settings.quick,

@@ -15,7 +15,8 @@
  * released at once. A host retries after a failed attempt (no connection, timeout, TLS
  * failure, HTTP 429 or 5xx) waiting max(Dk, Retry-After), and gives up when that wait
  * would pass DEADLINE_S: the retry loop of the agent's KeyClient.call, with the delays
- * Dk drawn by the Python side from the agent's own policy.
+ * Dk drawn by the Python side from the agent's own policy. A host answered after
+ * DEADLINE_S is counted as failed ("late"): its boot has fallen back to a prompt.
  * Both print one JSON object on stdout. Exit status 0 unless the tool itself failed.
  */
 #define _GNU_SOURCE
@@ -311,6 +312,7 @@ struct host {
     double served_at; /* seconds after the start; <0 when it gave up */
     double gave_up_at; /* seconds after the start, when it gave up */
     int attempts;
+    int late; /* answered, but after DEADLINE_S: the boot had already fallen back to a prompt */
     unsigned long outcomes[N_OUTCOMES];
 };
 
@@ -337,11 +339,18 @@ static void *storm_run(void *arg) {
         enum outcome o = exchange(h->ctx, h->request, h->request_len, ct, rt, &status, &retry_after);
         h->attempts++;
         h->outcomes[o]++;
-        if (o == OK) {
-            h->served_at = now() - storm_start;
+        double at = now() - storm_start;
+        if (o == OK && at <= deadline) {
+            h->served_at = at;
             return NULL;
         }
-        h->gave_up_at = now() - storm_start;
+        /* Timeouts bound each socket operation, as in the agent, not the whole exchange, so
+           an answer can come after the deadline; it counts as a failure. */
+        h->gave_up_at = at;
+        if (o == OK) {
+            h->late = 1;
+            return NULL;
+        }
         if (o == E_PIN || o == E_STATUS_OTHER) return NULL; /* the agent stops at once */
         double delay = h->delays[attempt < h->n_delays ? attempt : h->n_delays - 1];
         if (retry_after > delay) delay = retry_after;
@@ -384,20 +393,21 @@ static int storm(int argc, char **argv) {
     size_t served = 0, attempts = 0;
     double *times = malloc(n * sizeof(double));
     double *gave_up = malloc(n * sizeof(double)); /* when each failed host stopped trying */
-    size_t failed = 0;
+    size_t failed = 0, late = 0;
     for (size_t i = 0; i < n; i++) {
         pthread_join(hosts[i].thread, NULL);
         attempts += hosts[i].attempts;
         for (int k = 0; k < N_OUTCOMES; k++) outcomes[k] += hosts[i].outcomes[k];
+        late += hosts[i].late;
         if (hosts[i].served_at >= 0) times[served++] = hosts[i].served_at;
         else gave_up[failed++] = hosts[i].gave_up_at;
     }
     qsort(times, served, sizeof(double), compare_double);
     qsort(gave_up, failed, sizeof(double), compare_double);
-    printf("{\"mode\":\"storm\",\"hosts\":%zu,\"served\":%zu,\"failed\":%zu,\"attempts\":%zu,"
+    printf("{\"mode\":\"storm\",\"hosts\":%zu,\"served\":%zu,\"failed\":%zu,\"late\":%zu,\"attempts\":%zu,"
            "\"makespan_s\":%.3f,\"p50_s\":%.3f,\"p99_s\":%.3f,"
            "\"gave_up_min_s\":%.3f,\"gave_up_p50_s\":%.3f,\"gave_up_max_s\":%.3f,\"outcomes\":{",
-           n, served, failed, attempts, served ? times[served - 1] : 0, percentile(times, served, 50),
+           n, served, failed, late, attempts, served ? times[served - 1] : 0, percentile(times, served, 50),
            percentile(times, served, 99), failed ? gave_up[0] : 0, percentile(gave_up, failed, 50),
            failed ? gave_up[failed - 1] : 0);
     for (int k = 0; k < N_OUTCOMES; k++) printf("%s\"%s\":%lu", k ? "," : "", outcome_names[k], outcomes[k]);

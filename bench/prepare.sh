@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the benchmarks need besides the virtual environment: Debian's baselines (nginx,
 # tang, clevis, jose, curl), systemd-socket-activate for tangd, the compiler and OpenSSL
-# headers for the C helpers; then the helpers themselves in build/bench. Installs only
+# headers for the C helpers; then the helpers themselves (in build/bench). Installs only
 # what is missing (as root on Debian), builds only what is older than its source.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,9 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
-mkdir -p build/bench
+# The same place bench/common.py looks (ZUA_BENCH_BUILD, or build/bench).
+out=${ZUA_BENCH_BUILD:-build/bench}
+mkdir -p "$out"
 build() {  # build OUTPUT SOURCE LIBS...: when OUTPUT is missing or older than SOURCE
     local output=$1 source=$2
     shift 2
@@ -40,5 +42,5 @@ build() {  # build OUTPUT SOURCE LIBS...: when OUTPUT is missing or older than S
         gcc -O2 -Wall -Wextra -Werror -o "$output" "$source" "$@"
     fi
 }
-build build/bench/loadgen bench/loadgen.c -lssl -lcrypto -lpthread
-build build/bench/fakezfs bench/fakezfs.c
+build "$out/loadgen" bench/loadgen.c -lssl -lcrypto -lpthread
+build "$out/fakezfs" bench/fakezfs.c

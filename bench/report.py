@@ -112,7 +112,12 @@ class Verdict:
 def storm_ideal(results: Results) -> float:
     """Seconds the storm's hosts take at the steady rate of the highest concurrency."""
     steady = summarize(series(results.windows, "ours", saturation(results), rate)).median
-    return results.storms.agent.hosts / steady if steady else math.inf
+    return results.storms.agent[0].hosts / steady if steady else math.inf
+
+
+def storm_rate(run: storm.Storm) -> float:
+    """Hosts served per second of the storm."""
+    return run.served / run.makespan if run.makespan > 0 else 0.0
 
 
 def verdicts(results: Results) -> list[Verdict]:
@@ -120,8 +125,11 @@ def verdicts(results: Results) -> list[Verdict]:
     vs_nginx = summarize(round_ratios(results.windows, "ours", "nginx", top, rate))
     p99_vs_nginx = summarize(round_ratios(results.windows, "ours", "nginx", top, p99))
     vs_tang = summarize(round_ratios(results.windows, "ours", "tang", top, rate))
-    run = results.storms.agent
+    runs = results.storms.agent
+    hosts = runs[0].hosts
+    failed = sum(r.failed for r in runs)
     ideal = storm_ideal(results)
+    slowdown = summarize([ratio(r.makespan, ideal) for r in runs]).median
     found = [
         Verdict(
             f"releases/s at c={top}: key server >= {MIN_OURS_VS_NGINX}x nginx",
@@ -139,14 +147,15 @@ def verdicts(results: Results) -> list[Verdict]:
             vs_tang.median >= MIN_OURS_VS_TANG,
         ),
         Verdict(
-            f"storm of {run.hosts} hosts: every host served, none failed",
-            f"{run.served} served, {run.failed} failed",
-            run.served == run.hosts and run.failed == 0,
+            f"storm of {hosts} hosts: every host served, none failed",
+            "served " + ", ".join(str(r.served) for r in runs) + f" of {hosts}",
+            failed == 0,
         ),
         Verdict(
             f"storm done within {MAX_STORM_VS_STEADY:g}x hosts / steady rate at c={top}",
-            f"{run.makespan:.1f} s = {ratio(run.makespan, ideal):.2f}x {ideal:.1f} s",
-            run.failed == 0 and run.makespan <= MAX_STORM_VS_STEADY * ideal,
+            f"{over(runs, lambda r: r.makespan, ' s', 1)}"
+            f" = {over(runs, lambda r: ratio(r.makespan, ideal), 'x', 2)} {ideal:.1f} s",
+            failed == 0 and slowdown <= MAX_STORM_VS_STEADY,
         ),
     ]
     found += agent_verdicts(results.agent)
@@ -204,11 +213,10 @@ def scale(results: Results) -> Scale:
     loadgen_cpu = summarize(
         finite(series(results.windows, "ours", top, loadgen_cpu_per_release)) or [math.nan]
     ).median
-    run = results.storms.agent
-    storm_rate = run.served / run.makespan if run.makespan > 0 else 0.0
+    in_storm = summarize([storm_rate(r) for r in results.storms.agent]).median
     # A small storm can finish faster than the steady windows ran (noise, an idle moment);
     # a storm is never planned to beat steady throughput.
-    efficiency = min(1.0, ratio(storm_rate, steady))
+    efficiency = min(1.0, ratio(in_storm, steady))
     dedicated = results.cores / server_cpu if server_cpu > 0 else math.nan
     budget = results.storms.budget
     per_server = int(dedicated * efficiency * budget) if math.isfinite(dedicated) else 0
@@ -219,7 +227,7 @@ def scale(results: Results) -> Scale:
         server_cpu=server_cpu,
         loadgen_cpu=loadgen_cpu,
         dedicated_rate=dedicated,
-        storm_rate=storm_rate,
+        storm_rate=in_storm,
         storm_efficiency=efficiency,
         budget=budget,
         hosts_per_server=per_server,
@@ -440,14 +448,33 @@ def throughput_section(results: Results) -> str:
     )
 
 
+def over(
+    runs: Sequence[storm.Storm],
+    value: Callable[[storm.Storm], float],
+    unit: str = "",
+    digits: int = 0,
+) -> str:
+    """VALUE of one round, or its median (min-max) over several."""
+    values = [value(r) for r in runs]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}{unit}"
+    return summarize(values).text(unit, digits)
+
+
+def each(runs: Sequence[storm.Storm], value: Callable[[storm.Storm], str]) -> str:
+    """VALUE of every round, in order, where a summary would hide what happened."""
+    return "; ".join(value(r) for r in runs)
+
+
 def storm_section(results: Results) -> str:
     storms = results.storms
     net = storms.network
-    runs = [storms.agent, storms.fixed]
+    columns = [storms.agent, storms.fixed]
     ideal = storm_ideal(results)
+    rounds = len(storms.agent)
 
-    def row(name: str, value: Callable[[storm.Storm], str]) -> list[str]:
-        return [name, *(value(r) for r in runs)]
+    def row(name: str, value: Callable[[Sequence[storm.Storm]], str]) -> list[str]:
+        return [name, *(value(runs) for runs in columns)]
 
     def events(r: storm.Storm) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(r.audit.items())) or "-"
@@ -456,46 +483,57 @@ def storm_section(results: Results) -> str:
         low, median, high = r.gave_up
         return f"{median:.1f} s ({low:.1f}-{high:.1f})" if r.failed else "-"
 
-    def rest(r: storm.Storm) -> str:
-        return f"{max(0.0, r.machine_cpu - r.server_cpu - r.loadgen_cpu):.1f} s"
+    def rest(r: storm.Storm) -> float:
+        return max(0.0, r.machine_cpu - r.server_cpu - r.loadgen_cpu)
 
     def outcomes(r: storm.Storm) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if v) or "-"
 
     rows = [
-        row("hosts", lambda r: str(r.hosts)),
-        row("served within the budget", lambda r: str(r.served)),
-        row("failed (a prompt at boot)", lambda r: str(r.failed)),
-        row("attempts (connections)", lambda r: str(r.attempts)),
-        row("attempts' outcomes", outcomes),
-        row("last host served after", lambda r: f"{r.makespan:.1f} s"),
-        row("half the hosts served after", lambda r: f"{r.p50:.1f} s"),
-        row("99% served after", lambda r: f"{r.p99:.1f} s"),
-        row("storm / (hosts / steady rate)", lambda r: f"{ratio(r.makespan, ideal):.2f}"),
-        row("server's audit events", events),
-        row("failed hosts gave up after", gave_up),
-        row("CPU: server", lambda r: f"{r.server_cpu:.1f} s"),
-        row("CPU: load generator", lambda r: f"{r.loadgen_cpu:.1f} s"),
-        row("CPU: everything else on the machine", rest),
+        row("hosts", lambda runs: str(runs[0].hosts)),
+        row("served within the budget", lambda runs: over(runs, lambda r: r.served)),
+        row("failed (a prompt at boot)", lambda runs: over(runs, lambda r: r.failed)),
+        row("of which answered after the budget", lambda runs: over(runs, lambda r: r.late)),
+        row("attempts (connections)", lambda runs: over(runs, lambda r: r.attempts)),
+        row("attempts' outcomes", lambda runs: each(runs, outcomes)),
+        row("last host served after", lambda runs: over(runs, lambda r: r.makespan, " s", 1)),
+        row("half the hosts served after", lambda runs: over(runs, lambda r: r.p50, " s", 1)),
+        row("99% served after", lambda runs: over(runs, lambda r: r.p99, " s", 1)),
+        row(
+            "storm / (hosts / steady rate)",
+            lambda runs: over(runs, lambda r: ratio(r.makespan, ideal), "", 2),
+        ),
+        row("failed hosts gave up after", lambda runs: each(runs, gave_up)),
+        row("server's audit events", lambda runs: each(runs, events)),
+        row("CPU: server", lambda runs: over(runs, lambda r: r.server_cpu, " s", 1)),
+        row("CPU: load generator", lambda runs: over(runs, lambda r: r.loadgen_cpu, " s", 1)),
+        row("CPU: everything else on the machine", lambda runs: over(runs, rest, " s", 1)),
     ]
     top = saturation(results)
+    how_many = (
+        "One storm of each."
+        if rounds == 1
+        else f"{rounds} storms of each, interleaved; median (min-max) over them, or each"
+        " storm's value in turn, separated by semicolons."
+    )
     return (
         "## Reboot storm\n\n"
         + paragraph(
-            f"{storms.agent.hosts} hosts, each enrolled with its own client certificate and"
-            " key, ask for their key at the same moment over real TLS and retry until the"
+            f"{storms.agent[0].hosts} hosts, each enrolled with its own client certificate"
+            " and key, ask for their key at the same moment over real TLS and retry until the"
             f" boot budget of {storms.budget:g} s runs out; a host not served by then falls"
-            " back to a passphrase prompt (failed). With the agent's policy each host pauses"
-            " as `KeyClient.call` does: `keyclient.retry_delay` with `config.Network`'s"
-            f" defaults (backoff from {net.backoff_initial:g} s doubling to"
-            f" {net.backoff_max:g} s, full random jitter, drawn per host from seed"
-            f" {storms.seed}), never shorter than Retry-After;"
-            f" connect (handshake included) {net.connect_timeout:g} s, read"
-            f" {net.read_timeout:g} s. The fixed loop waits {storm.CLEVIS_PAUSE:g} s after"
-            " every failure, as Clevis's unlockers do, with the same timeouts. The server"
-            " runs on its defaults (rate limits included), started afresh for each storm."
-            f" Steady throughput at c={top} in this run predicts {ideal:.1f} s for the"
-            " whole storm."
+            " back to a passphrase prompt (failed), and so does one answered later. With the"
+            " agent's policy each host pauses as `KeyClient.call` does:"
+            " `keyclient.retry_delay` with `config.Network`'s defaults (backoff from"
+            f" {net.backoff_initial:g} s doubling to {net.backoff_max:g} s, full random"
+            f" jitter, drawn per host from seed {storms.seed}), never shorter than"
+            " Retry-After, giving up when the next pause would end past the budget; connect"
+            f" (handshake included) {net.connect_timeout:g} s, read {net.read_timeout:g} s,"
+            " each for one socket operation, as the agent sets them. The fixed loop waits"
+            f" {storm.CLEVIS_PAUSE:g} s after every failure, as Clevis's unlockers do, with"
+            " the same timeouts. The server runs on its defaults (rate limits included),"
+            f" started afresh for each storm. {how_many} Steady throughput at c={top} in this"
+            f" run predicts {ideal:.1f} s for the whole storm."
         )
         + "\n"
         + table(["", "agent's retry policy", f"fixed {storm.CLEVIS_PAUSE:g} s loop"], rows)
@@ -508,7 +546,7 @@ def kib_text(values: Sequence[int]) -> str:
 
 def memory_section(results: Results) -> str:
     memory = results.memory
-    storm_peaks = results.storms.agent.worker_peak_kib
+    storm_peaks = [kib for run in results.storms.agent for kib in run.worker_peak_kib]
     rows = [
         [
             "key server, after part 1",
@@ -569,7 +607,7 @@ def scale_section(results: Results) -> str:
         f" {s.hosts_per_server:,} hosts rebooting at once, with the agent's retry policy"
         f" (pauses from {net.backoff_initial:g} s up to {net.backoff_max:g} s). That is a"
         " linear extrapolation from a storm of"
-        f" {results.storms.agent.hosts} hosts: a larger storm queues longer, and more of its"
+        f" {results.storms.agent[0].hosts} hosts: a larger storm queues longer, and more of its"
         " hosts time out and retry."
     )
     if s.servers is None:

@@ -45,8 +45,8 @@ def load(path: Path) -> Results:
 
 
 def _build(kind: Any, data: Any) -> Any:
-    """DATA (parsed JSON) as an instance of the type KIND: dataclasses, lists, tuples,
-    dicts with string keys, optionals and plain values."""
+    """DATA (parsed JSON) as an instance of the type KIND: dataclasses, named tuples,
+    lists, tuples, dicts with string keys, optionals and plain values."""
     if dataclasses.is_dataclass(kind) and isinstance(kind, type):
         hints = typing.get_type_hints(kind)
         return kind(
@@ -56,6 +56,11 @@ def _build(kind: Any, data: Any) -> Any:
                 if f.init and f.name in data
             }
         )
+    if isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields"):
+        hints = typing.get_type_hints(kind)  # a NamedTuple, saved as a list
+        # Not strict: fields added since the run was saved keep their defaults.
+        pairs = zip(kind._fields, data, strict=False)
+        return kind(*(_build(hints[name], item) for name, item in pairs))
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (types.UnionType, typing.Union):
         if data is None:

@@ -102,8 +102,9 @@ def fleet(count: int, root: Path, reuse: bool) -> Fleet:
 class Storm:
     policy: str
     hosts: int
-    served: int
-    failed: int
+    served: int  # within the budget
+    failed: int  # gave up, or answered after the budget (late)
+    late: int
     attempts: int
     makespan: float  # seconds from the start to the last host served
     p50: float  # seconds until half the hosts were served
@@ -178,6 +179,7 @@ def run(
         hosts=int(out["hosts"]),
         served=int(out["served"]),
         failed=int(out["failed"]),
+        late=int(out["late"]),
         attempts=int(out["attempts"]),
         makespan=float(out["makespan_s"]),
         p50=float(out["p50_s"]),
@@ -199,18 +201,30 @@ def run(
 
 @dataclass(frozen=True)
 class Storms:
-    agent: Storm
-    fixed: Storm
+    agent: list[Storm]  # one per round
+    fixed: list[Storm]
     seed: int  # of the jitter, so a run's pauses can be drawn again
     budget: float = BOOT_BUDGET
     network: Network = field(default_factory=Network)
 
 
-def measure(flt: Fleet, work: Path, seed: int) -> Storms:
+def measure(flt: Fleet, work: Path, seed: int, rounds: int) -> Storms:
+    """ROUNDS storms of each policy, interleaved (agent, fixed, agent, ...)."""
     network = Network()
     jitter = random.Random(seed).random  # noqa: S311 - backoff jitter, as the agent draws it
-    print(f"   storm of {len(flt.hosts)} hosts, the agent's retry policy", file=sys.stderr)
-    agent = run(flt, "agent", lambda: agent_pauses(network, BOOT_BUDGET, jitter), work, network)
-    print(f"   storm of {len(flt.hosts)} hosts, a fixed {CLEVIS_PAUSE:g} s loop", file=sys.stderr)
-    fixed = run(flt, "fixed", lambda: fixed_pauses(CLEVIS_PAUSE, BOOT_BUDGET), work, network)
+    agent: list[Storm] = []
+    fixed: list[Storm] = []
+    for number in range(1, rounds + 1):
+        agent.append(
+            run(flt, "agent", lambda: agent_pauses(network, BOOT_BUDGET, jitter), work, network)
+        )
+        fixed.append(
+            run(flt, "fixed", lambda: fixed_pauses(CLEVIS_PAUSE, BOOT_BUDGET), work, network)
+        )
+        for result in (agent[-1], fixed[-1]):
+            print(
+                f"   round {number} {result.policy:<6} {result.served} of {result.hosts} served,"
+                f" the last after {result.makespan:.1f} s",
+                file=sys.stderr,
+            )
     return Storms(agent, fixed, seed)

@@ -50,6 +50,7 @@ def storm_run(policy: str, served: int, makespan: float) -> Storm:
         hosts=10_000,
         served=served,
         failed=10_000 - served,
+        late=0,
         attempts=12_000,
         makespan=makespan,
         p50=makespan / 2,
@@ -104,8 +105,8 @@ def sample(agent_served: int = 10_000, agent_makespan: float = 16.0) -> Results:
         windows=windows,
         memory=Memory([30_720, 31_744, 32_768, 30_720], [10_240, 11_264]),
         storms=Storms(
-            storm_run("agent", agent_served, agent_makespan),
-            storm_run("fixed", 9_000, 29.0),
+            [storm_run("agent", agent_served, agent_makespan)],
+            [storm_run("fixed", 9_000, 29.0)],
             seed=42,
         ),
         agent=agent_results(),
@@ -150,6 +151,22 @@ def test_storm_verdicts_compare_with_the_steady_rate_of_the_same_run() -> None:
     partial = sample(agent_served=9_999, agent_makespan=10.0)
     assert not verdict(partial, "storm of 10000 hosts: every host served").met
     assert not verdict(partial, "storm done within").met  # fast, but one host failed
+
+
+def test_storm_rounds_are_all_judged_and_summarised() -> None:
+    results = sample(agent_makespan=14.0)
+    second = storm_run("agent", 9_990, 20.0)
+    results = dataclasses.replace(
+        results, storms=dataclasses.replace(results.storms, agent=[*results.storms.agent, second])
+    )
+    served = verdict(results, "storm of 10000 hosts: every host served")
+    assert not served.met and served.measured == "served 10000, 9990 of 10000"
+    done = verdict(results, "storm done within")
+    assert not done.met  # the median is 17.0 s (1.19x), but a host failed
+    assert done.measured == "17.0 s (14.0-20.0) = 1.19x (0.98-1.40) 14.3 s"
+    text = report.render(results, "")
+    assert "| failed (a prompt at boot) | 5 (0-10) | 1000 |" in text
+    assert "| failed hosts gave up after | -; 24.0 s (20.5-29.0) |" in text
 
 
 def test_agent_verdicts_use_the_agent_parts_targets() -> None:
