@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import json
 import logging
 import os
@@ -51,9 +50,7 @@ def _unlocker(cfg: config.Config) -> Unlocker:
 def cmd_unlock(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.deadline is not None:
-        cfg = dataclasses.replace(
-            cfg, network=dataclasses.replace(cfg.network, deadline=args.deadline)
-        )
+        cfg = cfg._replace(network=cfg.network._replace(deadline=args.deadline))
     unlocker = _unlocker(cfg)
     inventory = unlocker.zfs.inventory()
     roots = select_roots(inventory, cfg, args.dataset, args.all)

@@ -1,4 +1,4 @@
-"""The agent's TOML configuration, read strictly into frozen dataclasses.
+"""The agent's TOML configuration, read strictly into immutable named tuples.
 
 Unknown keys, wrong types, http:// URLs, malformed pins, invalid dataset names
 and a client key that others may read are all errors that name the key and the
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from zfs_unlock_agent import keyclient, pinning, privatefile, validate
 from zfs_unlock_agent.errors import ConfigError
@@ -22,14 +21,12 @@ CONFIG_ENV = "ZFS_UNLOCK_AGENT_CONFIG"
 MANAGED_PROPERTY = "zfs-unlock-agent:managed"
 
 
-@dataclass(frozen=True)
-class Server:
+class Server(NamedTuple):
     url: str
     pins: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
-class Network:
+class Network(NamedTuple):
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
     deadline: float = 60.0  # overall bound for fetching keys, retries included
@@ -37,22 +34,19 @@ class Network:
     backoff_max: float = 10.0
 
 
-@dataclass(frozen=True)
-class Datasets:
+class Datasets(NamedTuple):
     property: bool = True  # manage encryption roots with zfs-unlock-agent:managed=on
     include: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Zfs:
+class Zfs(NamedTuple):
     zfs: str = "zfs"
     zpool: str = "zpool"
     volume_link_timeout: float = 30.0
     zvol_dir: Path = Path("/dev/zvol")  # where udev creates volume links
 
 
-@dataclass(frozen=True)
-class Daemon:
+class Daemon(NamedTuple):
     """`zfs-unlock-agent daemon`: how long boot may wait, and how often to try again."""
 
     boot_deadline: float = 30.0  # the first pass's network budget: boot waits at most this
@@ -62,8 +56,7 @@ class Daemon:
     checkin_interval: float = 900.0  # tell the server we are alive (dead-man switch); 0 = off
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     path: Path
     servers: tuple[Server, ...]
     client_certificate: Path
@@ -168,13 +161,8 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
     client.done()
 
     net = _Reader(top.take("network", dict, {}), "network", file)
-    network = Network(
-        connect_timeout=net.number("connect_timeout", Network.connect_timeout),
-        read_timeout=net.number("read_timeout", Network.read_timeout),
-        deadline=net.number("deadline", Network.deadline),
-        backoff_initial=net.number("backoff_initial", Network.backoff_initial),
-        backoff_max=net.number("backoff_max", Network.backoff_max),
-    )
+    # Every [network] setting is a number of seconds greater than 0.
+    network = Network(**{k: net.number(k, v) for k, v in Network._field_defaults.items()})
     net.done()
 
     ds = _Reader(top.take("datasets", dict, {}), "datasets", file)
@@ -190,21 +178,23 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
     ds.done()
 
     z = _Reader(top.take("zfs", dict, {}), "zfs", file)
+    defaults = Zfs._field_defaults
     zfs = Zfs(
-        zfs=z.take("zfs", str, Zfs.zfs),
-        zpool=z.take("zpool", str, Zfs.zpool),
-        volume_link_timeout=z.number("volume_link_timeout", Zfs.volume_link_timeout),
-        zvol_dir=_relative(Path(z.take("zvol_dir", str, str(Zfs.zvol_dir))), file),
+        zfs=z.take("zfs", str, defaults["zfs"]),
+        zpool=z.take("zpool", str, defaults["zpool"]),
+        volume_link_timeout=z.number("volume_link_timeout", defaults["volume_link_timeout"]),
+        zvol_dir=_relative(Path(z.take("zvol_dir", str, str(defaults["zvol_dir"]))), file),
     )
     z.done()
 
     d = _Reader(top.take("daemon", dict, {}), "daemon", file)
+    defaults = Daemon._field_defaults
     daemon = Daemon(
-        boot_deadline=d.number("boot_deadline", Daemon.boot_deadline),
-        retry_initial=d.number("retry_initial", Daemon.retry_initial),
-        retry_max=d.number("retry_max", Daemon.retry_max),
-        rescan_interval=d.number("rescan_interval", Daemon.rescan_interval),
-        checkin_interval=d.interval("checkin_interval", Daemon.checkin_interval),
+        boot_deadline=d.number("boot_deadline", defaults["boot_deadline"]),
+        retry_initial=d.number("retry_initial", defaults["retry_initial"]),
+        retry_max=d.number("retry_max", defaults["retry_max"]),
+        rescan_interval=d.number("rescan_interval", defaults["rescan_interval"]),
+        checkin_interval=d.interval("checkin_interval", defaults["checkin_interval"]),
     )
     d.done()
     if daemon.retry_max < daemon.retry_initial:

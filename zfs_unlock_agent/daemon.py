@@ -8,7 +8,6 @@ that for an unreachable server; roots still locked are retried afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import select
@@ -159,7 +158,7 @@ class Daemon:
 
     def _unlocker(self, deadline: float) -> Unlocker:
         cfg = self.config
-        network = dataclasses.replace(cfg.network, deadline=deadline)
+        network = cfg.network._replace(deadline=deadline)
         return Unlocker(
             Zfs(cfg.zfs.zfs, cfg.zfs.zpool),
             lambda: KeyClient(

@@ -13,9 +13,8 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 from urllib.parse import urlsplit
 
 from zfs_unlock_agent import protocol, transport, validate
@@ -46,14 +45,12 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-@dataclass(frozen=True)
-class DatasetRef:
+class DatasetRef(NamedTuple):
     pool_guid: str
     dataset_guid: str
 
 
-@dataclass
-class ReleasedKey:
+class ReleasedKey(NamedTuple):
     ref: DatasetRef
     key_id: str
     keyformat: str
@@ -61,8 +58,7 @@ class ReleasedKey:
     secret: Secret
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     status: int
     body: dict[str, Any]
 

@@ -14,22 +14,19 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from zfs_unlock_agent.secret import Secret
 
 READ_CHUNK = 65536
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     argv: Sequence[str]
     stdin: Secret | None = None  # written whole, then the pipe is closed
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(NamedTuple):
     returncode: int  # negative: killed by that signal
     stdout: bytes
     stderr: bytes

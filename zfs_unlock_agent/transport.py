@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from zfs_unlock_agent import __version__, pinning
@@ -63,8 +63,7 @@ class AnswerTooLarge(Exception):
     """The answer announced a body larger than the caller accepts."""
 
 
-@dataclass
-class Response:
+class Response(NamedTuple):
     status: int
     headers: dict[str, str]  # names in lower case
     body: bytearray  # the caller wipes it once parsed: it may hold keys

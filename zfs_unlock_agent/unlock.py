@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from zfs_unlock_agent import protocol, validate
@@ -34,13 +33,23 @@ log = logging.getLogger("zfs_unlock_agent")
 ZVOL_DIR = Path("/dev/zvol")
 
 
-@dataclass
 class RootResult:
-    root: str
-    outcome: str  # unlocked, available, verified, failed
-    exit_code: int = EX_OK
-    message: str = ""
-    mounted: list[str] = field(default_factory=list)
+    """What became of one encryption root; mounting may still turn it into a failure."""
+
+    __slots__ = ("exit_code", "message", "mounted", "outcome", "root")
+
+    def __init__(self, root: str, outcome: str, exit_code: int = EX_OK, message: str = "") -> None:
+        self.root = root
+        self.outcome = outcome  # unlocked, available, verified, failed
+        self.exit_code = exit_code
+        self.message = message
+        self.mounted: list[str] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"RootResult({self.root!r}, {self.outcome!r}, {self.exit_code}, {self.message!r},"
+            f" mounted={self.mounted!r})"
+        )
 
     @property
     def ok(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from zfs_unlock_agent import processes, validate
 from zfs_unlock_agent.config import MANAGED_PROPERTY
@@ -46,8 +46,7 @@ LIST_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class Dataset:
+class Dataset(NamedTuple):
     name: str
     type: str  # filesystem or volume
     guid: str
@@ -97,8 +96,7 @@ def _field(value: str) -> str:
     return "" if value == "-" else value
 
 
-@dataclass(frozen=True)
-class Inventory:
+class Inventory(NamedTuple):
     datasets: dict[str, Dataset]
     pool_guids: dict[str, str]
 

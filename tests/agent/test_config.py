@@ -7,10 +7,10 @@ Each invalid sample says which setting is wrong in its first line: `# error: KEY
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -67,7 +67,7 @@ def test_relative_paths_are_relative_to_the_file() -> None:
     assert cfg.client_key == path.parent / "tls" / "client.key"
     assert [len(s.pins) for s in cfg.servers] == [2, 1]
     assert cfg.network.deadline == 20
-    assert cfg.network.connect_timeout == config.Network.connect_timeout
+    assert cfg.network.connect_timeout == config.Network().connect_timeout
 
 
 def test_full_sample_sets_every_setting() -> None:
@@ -84,8 +84,8 @@ def test_example_documents_every_setting_with_its_default() -> None:
     """examples/agent.toml spells out every setting, and each value it shows is the default."""
     document = tomllib.loads(EXAMPLE.read_text())
 
-    def names(cls: type) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+    def names(cls: type[NamedTuple]) -> set[str]:
+        return set(cls._fields)  # the settings a named tuple holds
 
     assert set(document) == {
         "machine_id_file",
