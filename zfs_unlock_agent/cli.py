@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -12,10 +13,9 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from zfs_unlock_agent import __version__, config, validate
-from zfs_unlock_agent.enroll import enroll
 from zfs_unlock_agent.errors import EX_LOCKED, EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.logsetup import setup as setup_logging
@@ -192,6 +192,8 @@ def _seconds(text: str) -> float:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent.enroll import enroll  # noqa: PLC0415 - not on the unlock path
+
     cfg = _load(args)
     validate.dataset_name(args.dataset)
     zfs = Zfs(cfg.zfs.zfs, cfg.zfs.zpool)
@@ -202,8 +204,27 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _terminal_columns() -> int:
+    """What shutil.get_terminal_size() says, without importing shutil (and with it the
+    compression modules) on every run: argparse asks as soon as an argument is added."""
+    with contextlib.suppress(KeyError, ValueError):
+        return int(os.environ["COLUMNS"])
+    with contextlib.suppress(OSError):
+        return os.get_terminal_size(1).columns  # standard output, as shutil asks
+    return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a bad command line; the documented status is EX_USAGE (64)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
