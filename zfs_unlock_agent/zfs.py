@@ -155,24 +155,35 @@ class Zfs:
             return processes.run_all(
                 commands, self._environment(passed_env), COMMAND_TIMEOUT, PARALLEL
             )
-        except FileNotFoundError:
-            raise ZfsUnavailable(f"{program}: not found") from None
-        except PermissionError:
-            raise ZfsUnavailable(f"{program}: not executable") from None
+        except FileNotFoundError as exc:
+            raise ZfsUnavailable(f"{exc.filename or program}: not found") from None
+        except PermissionError as exc:
+            raise ZfsUnavailable(f"{exc.filename or program}: not executable") from None
 
     # Reading
 
     def inventory(self) -> Inventory:
+        # Both lists at once: two read-only queries that do not depend on each other.
+        pool_list = [self.zpool, "list", "-H", "-p", "-o", "name,guid"]
+        dataset_list = [
+            self.zfs,
+            "list",
+            "-H",
+            "-p",
+            "-t",
+            "filesystem,volume",
+            "-o",
+            ",".join(LIST_COLUMNS),
+        ]
+        finished = self._run_all([processes.Command(pool_list), processes.Command(dataset_list)])
         pools: dict[str, str] = {}
-        for line in self._run([self.zpool, "list", "-H", "-p", "-o", "name,guid"]).splitlines():
+        for line in _output(pool_list, finished[0]).splitlines():
             name, guid = line.split("\t")
             pools[name] = guid
         datasets: dict[str, Dataset] = {}
         if not pools:
             return Inventory(datasets, pools)
-        output = self._run(
-            [self.zfs, "list", "-H", "-p", "-t", "filesystem,volume", "-o", ",".join(LIST_COLUMNS)]
-        )
+        output = _output(dataset_list, finished[1])
         for line in output.splitlines():
             fields = line.split("\t")
             if len(fields) != len(LIST_COLUMNS):
