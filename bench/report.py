@@ -193,18 +193,23 @@ def agent_verdicts(results: agent.AgentResults) -> list[Verdict]:
 class Scale:
     cores: int
     rate: float  # median releases per second at the highest concurrency
-    machine_cpu: float  # CPU seconds of the whole machine per release: cores / rate
+    machine_cpu: float  # CPU seconds of the machine per release: cores / rate
     server_cpu: float  # of the key server's processes, measured
     loadgen_cpu: float  # of the load generator, measured
-    dedicated_rate: float  # releases per second with every core the server's
-    storm_rate: float  # hosts served per second in the storm
+    dedicated_rate: float  # releases per second without the load generator's share
+    storm_rate: float  # hosts served per second in the storm (median over rounds)
     storm_efficiency: float  # storm_rate / rate, at most 1 (see scale())
     budget: float
     hosts_per_server: int  # within the budget, in a storm like the one measured
     servers: int | None  # for FLEET hosts; None when a server served none
+    storm_hosts: int
+    storm_served: float  # median over rounds, within the budget, load generator included
 
 
 def scale(results: Results) -> Scale:
+    """Per release at saturation the machine spends cores / rate of CPU; take away the load
+    generator's measured share and a server alone manages cores / that. A storm runs at
+    some fraction of that rate (measured); within the budget that many hosts get keys."""
     top = saturation(results)
     steady = summarize(series(results.windows, "ours", top, rate)).median
     server_cpu = summarize(
@@ -213,17 +218,20 @@ def scale(results: Results) -> Scale:
     loadgen_cpu = summarize(
         finite(series(results.windows, "ours", top, loadgen_cpu_per_release)) or [math.nan]
     ).median
-    in_storm = summarize([storm_rate(r) for r in results.storms.agent]).median
+    machine_cpu = results.cores / steady if steady else math.nan
+    alone = machine_cpu - loadgen_cpu
+    dedicated = results.cores / alone if alone > 0 else math.nan
+    runs = results.storms.agent
+    in_storm = summarize([storm_rate(r) for r in runs]).median
     # A small storm can finish faster than the steady windows ran (noise, an idle moment);
     # a storm is never planned to beat steady throughput.
     efficiency = min(1.0, ratio(in_storm, steady))
-    dedicated = results.cores / server_cpu if server_cpu > 0 else math.nan
     budget = results.storms.budget
     per_server = int(dedicated * efficiency * budget) if math.isfinite(dedicated) else 0
     return Scale(
         cores=results.cores,
         rate=steady,
-        machine_cpu=results.cores / steady if steady else math.nan,
+        machine_cpu=machine_cpu,
         server_cpu=server_cpu,
         loadgen_cpu=loadgen_cpu,
         dedicated_rate=dedicated,
@@ -232,6 +240,8 @@ def scale(results: Results) -> Scale:
         budget=budget,
         hosts_per_server=per_server,
         servers=math.ceil(FLEET / per_server) if per_server > 0 else None,
+        storm_hosts=runs[0].hosts,
+        storm_served=summarize([r.served for r in runs]).median,
     )
 
 
@@ -546,7 +556,8 @@ def kib_text(values: Sequence[int]) -> str:
 
 def memory_section(results: Results) -> str:
     memory = results.memory
-    storm_peaks = [kib for run in results.storms.agent for kib in run.worker_peak_kib]
+    runs = results.storms.agent
+    storm_peaks = [kib for run in runs for kib in run.worker_peak_kib]
     rows = [
         [
             "key server, after part 1",
@@ -555,10 +566,10 @@ def memory_section(results: Results) -> str:
             f"{sum(memory.ours_kib) / 1024:.1f} MiB",
         ],
         [
-            "key server, after the storm",
-            str(len(storm_peaks)),
+            "key server, after the storm" + ("s" if len(runs) > 1 else ""),
+            str(len(runs[0].worker_peak_kib)),
             kib_text(storm_peaks),
-            f"{sum(storm_peaks) / 1024:.1f} MiB",
+            f"{summarize([sum(r.worker_peak_kib) for r in runs]).median / 1024:.1f} MiB",
         ],
         [
             "nginx, after part 1",
@@ -585,34 +596,38 @@ def scale_section(results: Results) -> str:
     s = scale(results)
     net = results.storms.network
     top = saturation(results)
-    share = s.loadgen_cpu * s.rate / s.cores if math.isfinite(s.loadgen_cpu) else math.nan
+    share = ratio(s.loadgen_cpu, s.machine_cpu)
     text = paragraph(
         f"At c={top} the key server released {s.rate:.0f} keys per second on {s.cores}"
-        f" cores: {s.machine_cpu * 1000:.2f} ms of the machine's CPU per release. The load"
-        f" generator ran on the same cores and took {s.loadgen_cpu * 1000:.2f} ms of CPU per"
-        f" release ({share:.0%} of the machine); the server's own processes took"
-        f" {s.server_cpu * 1000:.2f} ms (user and system time of the master and the workers,"
-        " from /proc, over every release of the window). With the cores to itself, one"
-        f" server of this size would release about {s.cores} / {s.server_cpu * 1000:.2f} ms"
-        f" = {s.dedicated_rate:.0f} keys per second."
+        f" cores: {s.cores} / {s.rate:.0f} = {s.machine_cpu * 1000:.2f} ms of the machine's"
+        " CPU per release. The load generator ran on the same cores and took"
+        f" {s.loadgen_cpu * 1000:.2f} ms of it ({share:.0%}); the server's own processes"
+        f" {s.server_cpu * 1000:.2f} ms (user and system time of the master and the workers"
+        " from /proc); the rest is the kernel's loopback networking, idle moments and"
+        " whatever else ran on the machine. Without the load generator, one server of this"
+        f" size would release about {s.cores} / {(s.machine_cpu - s.loadgen_cpu) * 1000:.2f}"
+        f" ms = {s.dedicated_rate:.0f} keys per second (at most {s.cores} /"
+        f" {s.server_cpu * 1000:.2f} ms = {ratio(s.cores, s.server_cpu):.0f} if nothing but"
+        " its own processes used the CPU)."
     )
     text += "\n" + paragraph(
-        f"A storm is not steady load: in the storm above the server served"
+        "A storm is not steady load: in the storms above the server served"
         f" {s.storm_rate:.0f} hosts per second, {s.storm_efficiency:.2f} of its steady rate"
-        " (counted as at most 1; what a storm loses is connections that wait in the listen"
-        " queue past the client's connect timeout, handshakes of hosts that already gave up,"
-        " and the pauses of the backoff). Within the boot budget of"
-        f" {s.budget:g} s one server of this size therefore unlocks about"
+        " (counted as at most 1). What a storm loses: connections that wait in the listen"
+        " queue past the client's connect timeout, handshakes for hosts that have already"
+        " given up, and the server idle while hosts sit out their backoff. Within the boot"
+        f" budget of {s.budget:g} s one server of this size therefore unlocks about"
         f" {s.dedicated_rate:.0f} x {s.storm_efficiency:.2f} x {s.budget:g} s ="
         f" {s.hosts_per_server:,} hosts rebooting at once, with the agent's retry policy"
-        f" (pauses from {net.backoff_initial:g} s up to {net.backoff_max:g} s). That is a"
-        " linear extrapolation from a storm of"
-        f" {results.storms.agent[0].hosts} hosts: a larger storm queues longer, and more of its"
-        " hosts time out and retry."
+        f" (pauses from {net.backoff_initial:g} s doubling up to {net.backoff_max:g} s). The"
+        f" storm itself, load generator included, had {s.storm_served:,.0f} of its"
+        f" {s.storm_hosts:,} hosts served within the budget. Beyond the storm measured, this"
+        " is a linear extrapolation: a larger storm queues longer, and more of its hosts"
+        " time out and retry."
     )
     if s.servers is None:
         text += "\n" + paragraph(
-            f"No host was served in the storm, so nothing can be said about a fleet of {FLEET}."
+            f"No host was served in the storm, so nothing can be said about a fleet of {FLEET:,}."
         )
     else:
         text += "\n" + paragraph(

@@ -167,6 +167,7 @@ def test_storm_rounds_are_all_judged_and_summarised() -> None:
     text = report.render(results, "")
     assert "| failed (a prompt at boot) | 5 (0-10) | 1000 |" in text
     assert "| failed hosts gave up after | -; 24.0 s (20.5-29.0) |" in text
+    assert "| key server, after the storms | 4 | 30.8 MiB (29.3-32.2) | 123.0 MiB |" in text
 
 
 def test_agent_verdicts_use_the_agent_parts_targets() -> None:
@@ -180,14 +181,16 @@ def test_agent_verdicts_use_the_agent_parts_targets() -> None:
 def test_scale_from_the_cpu_per_release_and_the_storms_efficiency() -> None:
     scale = report.scale(sample(agent_makespan=20.0))
     assert scale.rate == 700
-    assert scale.machine_cpu == pytest.approx(2 / 700)
+    assert scale.machine_cpu == pytest.approx(2 / 700)  # cores / throughput
     assert scale.server_cpu == pytest.approx(0.001)
     assert scale.loadgen_cpu == pytest.approx(0.0005)
-    assert scale.dedicated_rate == pytest.approx(2000)
+    # Without the load generator's 0.5 ms: 2 / (2.857 - 0.5) ms = 848.5 per second.
+    assert scale.dedicated_rate == pytest.approx(2 / (2 / 700 - 0.0005))
     assert scale.storm_rate == pytest.approx(500)  # 10,000 hosts in 20 s
     assert scale.storm_efficiency == pytest.approx(500 / 700)
-    assert scale.hosts_per_server == int(2000 * 500 / 700 * 30)  # 42857
-    assert scale.servers == 3  # 100,000 / 42,857, rounded up
+    assert scale.hosts_per_server == 18_181  # 848.5 x 0.714 x 30 s
+    assert scale.servers == 6  # 100,000 / 18,181, rounded up
+    assert scale.storm_served == 10_000
 
 
 def test_cpu_shares_of_a_window() -> None:
@@ -209,7 +212,7 @@ def test_the_storm_table_says_when_failed_hosts_gave_up_and_who_used_the_cpu() -
 def test_a_storm_faster_than_steady_load_is_planned_at_the_steady_rate() -> None:
     scale = report.scale(sample(agent_makespan=5.0))  # 2,000 hosts/s against 700/s steady
     assert scale.storm_efficiency == 1.0
-    assert scale.hosts_per_server == 60_000
+    assert scale.hosts_per_server == 25_454  # 848.5 x 30 s
 
 
 def test_a_storm_that_served_nobody_says_so() -> None:
@@ -246,8 +249,8 @@ def test_render_has_every_section_in_order_with_medians_ranges_and_ratios() -> N
     assert "A smoke run" not in text
     prose = " ".join(text.split())
     fleet = " ".join(report.render(sample(agent_makespan=20.0), "").split())
-    assert "about 2000 x 0.71 x 30 s = 42,857 hosts" in fleet
-    assert "needs 100,000 / 42,857 = 3 servers of this size" in fleet
+    assert "about 848 x 0.71 x 30 s = 18,181 hosts" in fleet
+    assert "needs 100,000 / 18,181 = 6 servers of this size" in fleet
     assert "nan" not in prose and "inf" not in prose.replace("info", "")
 
 
