@@ -19,7 +19,9 @@ from zfs_unlock_agent.secret import Secret
 COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
 # Roots' keys load side by side: each `zfs load-key` is a process of its own (and, for a
 # passphrase, a key derivation that keeps one CPU busy), so a host with many roots gains.
-PARALLEL = max(2, min(8, os.cpu_count() or 1))
+# Twice the CPUs: a starting process leaves its CPU idle while the kernel maps it (100
+# roots on 2 CPUs: 2 at once 181 ms, 4 at once 151 ms, 8 no better).
+PARALLEL = min(16, max(4, 2 * (os.cpu_count() or 1)))
 
 # What libzfs reads from its environment to fetch a keylocation=https:// key (CA file or
 # directory, client certificate and key: get_key_material_https() in libzfs_crypto.c).
