@@ -7,6 +7,7 @@ A failed write raises AuditError, and callers release nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -36,21 +37,43 @@ def encode(record: AuditRecord) -> bytes:
 class SharedSync:
     """What the server's workers share so that one fsync can cover several records.
 
-    Memory mapped before gunicorn forks, so every worker sees the same bytes: the
-    device, inode and size of the log that the last completed fsync covered.
+    Made before gunicorn forks, so every worker sees the same memory: the device,
+    inode and size of the log that the last completed fsync covered, behind a lock of
+    its own (during a rotation two workers may sync two different files at once).
     """
 
     _LAYOUT = struct.Struct("QQQ")
 
     def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, self._LAYOUT.size)  # anonymous and shared
+        # A memfd: no file system needed (the server's unit has little), and its POSIX
+        # record lock belongs to each process, so the forked workers exclude each other.
+        self._fd = os.memfd_create("zfs-unlock-audit-sync", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, self._LAYOUT.size)
+        self._memory = mmap.mmap(self._fd, self._LAYOUT.size)
 
-    def covered(self, identity: tuple[int, int], end: int) -> bool:
-        dev, ino, synced = self._LAYOUT.unpack_from(self._memory)
-        return (dev, ino) == identity and synced >= end
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def covered(self, identity: tuple[int, int], end: int, size: int) -> bool:
+        """Did an fsync that covered byte END of this file complete? A file now shorter
+        than what was synced was truncated or replaced (an inode number can be reused),
+        so nothing recorded for it counts."""
+        with self._locked():
+            dev, ino, synced = self._LAYOUT.unpack_from(self._memory)
+        return (dev, ino) == identity and end <= synced <= size
 
     def record(self, identity: tuple[int, int], synced: int) -> None:
-        self._LAYOUT.pack_into(self._memory, 0, *identity, synced)
+        with self._locked():
+            self._LAYOUT.pack_into(self._memory, 0, *identity, synced)
+
+    def forget(self) -> None:
+        """A log file was (re)opened: whatever was recorded may name a deleted file."""
+        self.record((0, 0), 0)
 
 
 class AuditLog:
@@ -77,6 +100,8 @@ class AuditLog:
                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                 0o600,
             )
+            if self._shared is not None:
+                self._shared.forget()
         return self._fd
 
     def _is_current(self, fd: int) -> bool:
@@ -111,7 +136,7 @@ class AuditLog:
         try:
             status = os.fstat(fd)
             identity = (status.st_dev, status.st_ino)
-            if not shared.covered(identity, end):
+            if not shared.covered(identity, end, status.st_size):
                 # Every byte up to this size was written before this fsync began.
                 os.fsync(fd)
                 shared.record(identity, status.st_size)
