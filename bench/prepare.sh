@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# What the benchmarks need besides the virtual environment: Debian's baselines (nginx,
-# tang, clevis, jose, curl), systemd-socket-activate for tangd, the compiler and OpenSSL
-# headers for the C helpers; then the helpers themselves (in build/bench). Installs only
-# what is missing (as root on Debian), builds only what is older than its source.
+# What the benchmarks need besides the virtual environment (.venv, which
+# scripts/bootstrap.sh makes): Debian's baselines (nginx, tang, clevis, jose, curl),
+# systemd-socket-activate for tangd, GNU time, the compiler and OpenSSL headers; then the
+# C helpers (in build/bench). Installs only what is missing (as root on Debian), builds
+# only what is older than its source. The one place the benchmarks' packages are listed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,4 +44,5 @@ build() {  # build OUTPUT SOURCE LIBS...: when OUTPUT is missing or older than S
     fi
 }
 build "$out/loadgen" bench/loadgen.c -lssl -lcrypto -lpthread
-build "$out/fakezfs" bench/fakezfs.c
+# The fake zfs is built by the code that runs it, with its flags (static: no loader work).
+ZUA_BENCH_BUILD=$out .venv/bin/python -c 'from bench.agent import ensure_fakezfs; ensure_fakezfs()'
