@@ -30,9 +30,13 @@ from zfs_unlock_agent.errors import EX_SOFTWARE, AgentError
 from zfs_unlock_agent.unlock import read_machine_id
 
 # Imported at run time, after start-up, on the unlock path: codecs that hostnames,
-# headers and JSON bodies may need. Everything else is imported when cli is.
+# headers and JSON bodies may need; what argparse needs to print usage, help and the
+# version; the traceback of a -v run that hit a bug. Everything else is imported when
+# cli is.
 RUNTIME_IMPORTS = (
     "zfs_unlock_agent.cli",
+    "textwrap",
+    "traceback",
     "encodings.idna",
     "encodings.ascii",
     "encodings.latin_1",

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import ctypes
 import json
-import logging
 import os
 import resource
 import socket
@@ -18,11 +17,9 @@ from typing import Any, NoReturn
 from zfs_unlock_agent import __version__, config, validate
 from zfs_unlock_agent.errors import EX_LOCKED, EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
 from zfs_unlock_agent.keyclient import KeyClient
-from zfs_unlock_agent.logsetup import setup as setup_logging
+from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import Unlocker, exit_code, read_machine_id, select_roots
 from zfs_unlock_agent.zfs import Zfs
-
-log = logging.getLogger("zfs_unlock_agent")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -321,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "config" not in args:
         args.config = config.default_path()
-    setup_logging(getattr(args, "verbose", False))
+    log.setup(getattr(args, "verbose", False))
     if not hardened:
         log.warning("could not mark the process non-dumpable (prctl); core dumps are still off")
     handler: Command | None = getattr(args, "handler", None)
@@ -341,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception:  # a bug: say so, without local variables that might hold a key
+    except Exception:  # noqa: BLE001 - a bug: say so, without local variables that might hold a key
         log.error("internal error (run with -v for details)")
         log.debug("traceback", exc_info=True)
         return EX_SOFTWARE

@@ -8,7 +8,6 @@ that for an unreachable server; roots still locked are retried afterwards.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
@@ -21,12 +20,11 @@ from types import FrameType
 from zfs_unlock_agent import config
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.keyclient import KeyClient
+from zfs_unlock_agent.log import log
 from zfs_unlock_agent.notify import Notifier
 from zfs_unlock_agent.udev import PoolDiskWatch
 from zfs_unlock_agent.unlock import RootResult, Unlocker, read_machine_id, select_roots
 from zfs_unlock_agent.zfs import Zfs
-
-log = logging.getLogger("zfs_unlock_agent")
 
 # After a disk with a ZFS label appears, look for its pool this often, for this long:
 # someone (an admin, an import rule) imports it a moment later.

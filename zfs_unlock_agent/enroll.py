@@ -20,16 +20,14 @@ and enrol again.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 from zfs_unlock_agent.config import MANAGED_PROPERTY
 from zfs_unlock_agent.errors import KeyAlreadyLoaded, UsageError, ZfsError
 from zfs_unlock_agent.keyclient import DatasetRef, KeyClient
+from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
 from zfs_unlock_agent.zfs import Dataset, Zfs
-
-log = logging.getLogger("zfs_unlock_agent")
 
 MIGRATABLE_LOCATIONS = ("file://", "https://", "http://")
 

@@ -6,7 +6,6 @@ its own: one that fails never stops the others, and its result says why.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from zfs_unlock_agent.errors import (
     ZfsUnavailable,
 )
 from zfs_unlock_agent.keyclient import DatasetRef, KeyClient, ReleasedKey
+from zfs_unlock_agent.log import log
 from zfs_unlock_agent.udev import wait_for_links
 from zfs_unlock_agent.zfs import Dataset, Inventory, Zfs
-
-log = logging.getLogger("zfs_unlock_agent")
 
 ZVOL_DIR = Path("/dev/zvol")
 
