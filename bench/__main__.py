@@ -130,10 +130,15 @@ def measure(settings: Settings, work: Path) -> Results:
 @contextlib.contextmanager
 def work_directory(quick: bool) -> Iterator[Path]:
     """A full run keeps its files in build/bench/run for a look afterwards; a smoke run
-    leaves nothing behind."""
+    leaves nothing behind unless it failed."""
     if quick:
-        with tempfile.TemporaryDirectory(prefix="zua-bench-") as temporary:
-            yield Path(temporary)
+        work = Path(tempfile.mkdtemp(prefix="zua-bench-"))
+        try:
+            yield work
+        except BaseException:
+            step(f"failed; the servers' logs are in {work}")
+            raise
+        shutil.rmtree(work)
         return
     work = common.BUILD / "run"
     shutil.rmtree(work, ignore_errors=True)
