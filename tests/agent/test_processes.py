@@ -4,6 +4,8 @@ past its time is killed, and one that cannot start raises."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -71,3 +73,36 @@ def test_a_child_that_ignores_its_stdin_is_no_error() -> None:
 def test_a_program_that_cannot_start_raises() -> None:
     with pytest.raises(FileNotFoundError):
         run_all([Command(["true"]), Command(["/nonexistent/zfs"])], ENV, timeout=10)
+
+
+def test_a_bare_name_is_found_in_the_given_path_only(tmp_path: Path) -> None:
+    program = tmp_path / "say-hello"
+    program.write_text("#!/bin/sh\necho hello\n")
+    program.chmod(0o755)
+    env = {**ENV, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    [finished] = run_all([Command(["say-hello"])], env, timeout=10)
+    assert finished.stdout == b"hello\n"
+    with pytest.raises(FileNotFoundError):
+        run_all([Command(["say-hello"])], ENV, timeout=10)
+
+
+def test_a_file_that_is_not_executable_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "zfs").write_text("#!/bin/sh\n")
+    with pytest.raises(PermissionError):
+        run_all([Command(["zfs"])], {**ENV, "PATH": str(tmp_path)}, timeout=10)
+
+
+def test_no_descriptor_of_ours_reaches_the_child_and_sigpipe_is_default() -> None:
+    inherited = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(inherited, True)  # as if our own parent had passed it on
+    try:
+        script = (
+            f"test -e /proc/$$/fd/{inherited} && echo leaked || echo closed;"
+            " sed -n 's/^SigIgn:\\t//p' /proc/$$/status"
+        )
+        [finished] = run_all([Command(["sh", "-c", script], Secret(b"k"))], ENV, timeout=10)
+    finally:
+        os.close(inherited)
+    descriptor, ignored = finished.stdout.decode().splitlines()
+    assert descriptor == "closed"
+    assert not int(ignored, 16) & (1 << (signal.SIGPIPE - 1))  # Python ignores it; zfs must not
