@@ -169,6 +169,7 @@ def sample_results(agent_1: float) -> agent.AgentResults:
     results.python_start += [0.02, 0.02]
     results.agent_version += [0.05, 0.05]
     results.imports = [("ssl", 4.0)]
+    results.process_start += [0.0004, 0.0004]
     return results
 
 
@@ -179,6 +180,9 @@ def test_the_report_gives_ratios_of_medians_against_the_targets() -> None:
     assert "| agent 1 root / curl | 8.00 |" in text
     assert "| agent peak RSS | 20.0 MiB | <= 35 MiB: met |" in text
     assert "`ssl` 4.0 ms" in text
+    # (0.12 - 0.08) s over 99 roots; 0.3 x 0.08 s over 99 roots allowed
+    assert "Each root beyond the first costs the agent 0.40 ms" in text
+    assert "takes 0.40 ms here" in text and "leaves 0.24 ms per root" in text
     assert "| agent 1 root / clevis | 1.20 | <= 1: **missed** |" in agent.render_markdown(
         sample_results(0.12)
     )
@@ -199,5 +203,6 @@ def test_a_quick_run_measures_every_kind(tmp_path: Path) -> None:
     for sizes in (results.agent_rss, results.agent_many_rss, results.clevis_rss, results.curl_rss):
         assert len(sizes) == rounds and all(1024 < s < 1024 * 1024 for s in sizes)
     assert len(results.python_start) == len(results.agent_version) == rounds
+    assert len(results.process_start) == rounds and all(0 < s < 1 for s in results.process_start)
     assert results.imports and all(ms > 0 for _, ms in results.imports)
     assert "| agent 1 root / clevis |" in agent.render_markdown(results)
