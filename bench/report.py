@@ -204,6 +204,8 @@ class Scale:
     servers: int | None  # for FLEET hosts; None when a server served none
     storm_hosts: int
     storm_served: float  # median over rounds, within the budget, load generator included
+    steady_busy: float  # share of the cores the server's processes used at saturation
+    storm_busy: float  # and during the storms
 
 
 def scale(results: Results) -> Scale:
@@ -242,7 +244,22 @@ def scale(results: Results) -> Scale:
         servers=math.ceil(FLEET / per_server) if per_server > 0 else None,
         storm_hosts=runs[0].hosts,
         storm_served=summarize([r.served for r in runs]).median,
+        steady_busy=summarize(
+            [
+                shares(w, results.cores)[0]
+                for w in results.windows
+                if w.system == "ours" and w.concurrency == top
+            ]
+        ).median,
+        storm_busy=summarize([storm_busy(r, results.cores) for r in runs]).median,
     )
+
+
+def storm_busy(run: storm.Storm, cores: int) -> float:
+    """The share of the cores the server's processes used while hosts were asking: from
+    the start until the last host was served or gave up."""
+    length = max(run.makespan, run.gave_up[2] if run.failed else 0.0)
+    return run.server_cpu / (length * cores) if length > 0 else 0.0
 
 
 # Rendering
@@ -621,9 +638,12 @@ def scale_section(results: Results) -> str:
         f" {s.hosts_per_server:,} hosts rebooting at once, with the agent's retry policy"
         f" (pauses from {net.backoff_initial:g} s doubling up to {net.backoff_max:g} s). The"
         f" storm itself, load generator included, had {s.storm_served:,.0f} of its"
-        f" {s.storm_hosts:,} hosts served within the budget. Beyond the storm measured, this"
-        " is a linear extrapolation: a larger storm queues longer, and more of its hosts"
-        " time out and retry."
+        f" {s.storm_hosts:,} hosts served within the budget, and its server kept"
+        f" {s.storm_busy:.0%} of the cores busy, against {s.steady_busy:.0%} at c={top}:"
+        " in a storm it waits more than it computes, so taking the load generator away may"
+        " buy less than this estimate assumes. Beyond the storm measured, this is a linear"
+        " extrapolation: a larger storm queues longer, and more of its hosts time out and"
+        " retry."
     )
     if s.servers is None:
         text += "\n" + paragraph(

@@ -191,6 +191,13 @@ def test_scale_from_the_cpu_per_release_and_the_storms_efficiency() -> None:
     assert scale.hosts_per_server == 18_181  # 848.5 x 0.714 x 30 s
     assert scale.servers == 6  # 100,000 / 18,181, rounded up
     assert scale.storm_served == 10_000
+    assert scale.steady_busy == pytest.approx(7 / 12.4)  # median round: 7 s of CPU in 6.2 s x 2
+    assert scale.storm_busy == pytest.approx(20 / 40)  # 20 s of server CPU in 20 s x 2
+
+
+def test_a_storm_with_failures_lasts_until_the_last_host_gave_up() -> None:
+    run = dataclasses.replace(storm_run("agent", 9_000, 25.0), gave_up=(20.0, 28.0, 31.0))
+    assert report.storm_busy(run, cores=2) == pytest.approx(20 / 62)
 
 
 def test_cpu_shares_of_a_window() -> None:
