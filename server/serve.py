@@ -41,10 +41,16 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         timeout = self.key_server.config.io_timeout
         client.settimeout(timeout)
+        if client_gone(client):
+            # It waited in the listen queue past its own timeout and left: a handshake
+            # now would be spent on nobody, and in a reboot storm such work snowballs.
+            self._handshake_failed(addr, "closed_before_handshake")
+            client.close()
+            return
         try:
             tls_client = self.tls.wrap_socket(client, server_side=True)
         except (ssl.SSLError, OSError) as exc:
-            self._handshake_failed(addr, exc)
+            self._handshake_failed(addr, str(getattr(exc, "reason", None) or type(exc).__name__))
             client.close()
             return
         complete = False
@@ -72,21 +78,32 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
             tls_client.sendall(response)
         http1.close_after_response(tls_client, complete, min(timeout, 1.0))
 
-    def _handshake_failed(self, addr: Any, exc: Exception) -> None:
+    def _handshake_failed(self, addr: Any, reason: str) -> None:
         peer = addr[0] if isinstance(addr, tuple) else str(addr)
-        reason = getattr(exc, "reason", None) or type(exc).__name__
         try:
             self.key_server.audit_log().write(
                 {
                     "event": "tls_handshake_failed",
                     "decision": "deny",
                     "source_ip": peer,
-                    "reason": str(reason),
+                    "reason": reason,
                 },
                 durable=False,
             )
         except AuditError:
             log.warning("could not audit a failed TLS handshake from %s", peer)
+
+
+_TCP_CLOSE_WAIT = 8  # tcp_states.h; the first byte of struct tcp_info is the state
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """Has the peer already closed its side (the connection is in CLOSE_WAIT)?"""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return False
+    return info[0] == _TCP_CLOSE_WAIT
 
 
 class KeyServerApplication(BaseApplication):  # type: ignore[misc]

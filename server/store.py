@@ -357,7 +357,10 @@ class SqliteStore:
     def key_for_dataset(self, host_id: int, pool_guid: str, dataset_guid: str) -> KeyRecord | None:
         row = self._db.execute(
             f"SELECT {_KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
-            " WHERE k.host_id = ? AND k.pool_guid = ? AND k.dataset_guid = ?",
+            " WHERE k.host_id = ? AND k.pool_guid = ? AND k.dataset_guid = ?"
+            # Repeats the partial index's condition: without it SQLite cannot use
+            # keys_dataset and scans every key (found by the reboot-storm benchmark).
+            " AND k.dataset_guid <> ''",
             (host_id, pool_guid, dataset_guid),
         ).fetchone()
         return None if row is None else _key(row)
@@ -365,7 +368,8 @@ class SqliteStore:
     def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None:
         row = self._db.execute(
             f"SELECT {_KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
-            " WHERE k.host_id = ? AND k.pool_guid = ? AND k.legacy_name = ?",
+            " WHERE k.host_id = ? AND k.pool_guid = ? AND k.legacy_name = ?"
+            " AND k.legacy_name <> ''",  # so that keys_legacy is used, as above
             (host_id, pool_guid, name),
         ).fetchone()
         return None if row is None else _key(row)

@@ -395,6 +395,28 @@ def test_store_is_wal_with_full_sync_at_the_current_schema(keyserver: KeyServer)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_release_lookups_use_an_index_not_a_scan_of_every_key(keyserver: KeyServer) -> None:
+    """A release looks up one key; scanning the table made each release cost O(keys),
+    which a reboot storm of 10,000 hosts turned into most of the server's time."""
+    store = SqliteStore(Layout(keyserver.data_dir).database)
+    statements: list[str] = []
+    try:
+        store._db.set_trace_callback(statements.append)
+        store.key_for_dataset(1, "1000", "2000")
+        store.key_for_legacy_name(1, "1000", "name")
+        store._db.set_trace_callback(None)
+        lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(lookups) == 2
+        for statement in lookups:
+            plan = " | ".join(
+                str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + statement)
+            )
+            assert "SCAN" not in plan, plan
+            assert "USING INDEX keys_" in plan, plan
+    finally:
+        store.close()
+
+
 def test_newer_schema_is_refused_with_a_clear_error(keyserver: KeyServer) -> None:
     with db(keyserver) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
