@@ -23,7 +23,6 @@ TANGD = "/usr/libexec/tangd"
 TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
 # systemd's own per-connection launcher (package systemd), see tangd() for why.
 SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
-DEBIAN_NGINX_PID = Path("/run/nginx.pid")
 KEY_BODY_BYTES = 64
 
 
@@ -40,14 +39,6 @@ def _stop(process: subprocess.Popen[bytes], first_signal: int, timeout: float = 
 
 
 # nginx
-
-
-def stop_debian_nginx() -> None:
-    """Stop the system instance that installing Debian's nginx starts (port 80), if any.
-    Ours never uses it; it only takes CPU and a port. `nginx -s quit` without -c signals
-    the pid in Debian's default pid file, that is only the packaged service."""
-    if DEBIAN_NGINX_PID.exists():
-        subprocess.run([NGINX, "-s", "quit"], check=False, capture_output=True)
 
 
 @dataclass(frozen=True)
