@@ -6,8 +6,13 @@ server in turn, then the next round) so that a noisy neighbour hits all of them 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,7 @@ class Target:
     request: Path  # the raw HTTP request each connection sends
     client: loadgen.Client | None  # None: plain HTTP (tangd)
     server_pids: Callable[[], list[int]]  # whose CPU time is counted; [] when unknown
+    concurrencies: Collection[int] | None = None  # measured only at these; None: at all
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[Window]:
     for round_ in range(1, plan.rounds + 1):
         for concurrency in plan.concurrencies:
             for target in targets:
+                if target.concurrencies is not None and concurrency not in target.concurrencies:
+                    continue
                 window = measure_window(target, concurrency, round_, plan)
                 print(
                     f"   round {round_} c={concurrency:<3} {target.name:<6}"
@@ -93,3 +101,54 @@ def measure(targets: Sequence[Target], plan: Plan) -> list[Window]:
                 )
                 windows.append(window)
     return windows
+
+
+@dataclass(frozen=True)
+class Floor:
+    port: int
+    master_pid: int
+
+    def pids(self) -> list[int]:
+        return [self.master_pid, *common.children_of(self.master_pid)]
+
+
+@contextlib.contextmanager
+def python_floor(root: Path, server: common.KeyServer, workers: int) -> Iterator[Floor]:
+    """bench/pyfloor.py on a free port of 127.0.0.1 with SERVER's data directory (its
+    certificate, key and CA) and WORKERS processes; stopped with SIGTERM, which its master
+    passes on to the workers."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = common.free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "bench.pyfloor",
+        str(server.data),
+        str(port),
+        str(workers),
+    ]
+    log = (root / "stderr.log").open("ab")
+    process = subprocess.Popen(
+        command, cwd=common.REPO, stdout=log, stderr=log, start_new_session=True
+    )
+    log.close()
+    try:
+        common.wait_for_port(port)
+        floor = Floor(port, process.pid)
+        deadline = time.monotonic() + 10
+        # The listener exists before the workers do: wait for all of them.
+        while len(floor.pids()) < 1 + workers:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Python floor did not start {workers} workers")
+            time.sleep(0.02)
+        yield floor
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+        # Whatever is left of its process group: a master that hung, or workers of one
+        # that died before it could stop them.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
