@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import agent, baselines, common, loadgen, memory, report, storm, throughput
 from bench.results import Results, load, save
+from zfs_unlock_server.serve import default_workers
 
 # Part 1 makes every request with one host's certificate: its bucket must not be what
 # is measured. The limiter still runs (a shared SQLite update per request).
@@ -70,7 +71,7 @@ def commit() -> str:
 def measure(settings: Settings, work: Path) -> Results:
     started = time.monotonic()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    step("part 1: releases per second (key server, nginx, tangd, interleaved)")
+    step("part 1: releases per second (key server, nginx, tangd, Python floor, interleaved)")
     ours = common.KeyServer(work / "keyserver", rate_limits=STEADY_LIMITS)
     host = ours.add_hosts(["steady"])[0]
     requests = work / "requests"
@@ -80,6 +81,9 @@ def measure(settings: Settings, work: Path) -> Results:
         serving = stack.enter_context(ours.serving())
         nginx = stack.enter_context(baselines.nginx(work / "nginx", ours))
         tang = stack.enter_context(baselines.tangd(work / "tang"))
+        # As many workers as the key server runs by default (serving() passes none).
+        floor_workers = default_workers()
+        floor = stack.enter_context(throughput.python_floor(work / "floor", ours, floor_workers))
         (requests / "ours.http").write_bytes(common.release_request(host))
         (requests / "nginx.http").write_bytes(nginx.request())
         (requests / "tang.http").write_bytes(tang.recovery_request())
@@ -93,6 +97,15 @@ def measure(settings: Settings, work: Path) -> Results:
                 lambda: [nginx.master_pid, *nginx.worker_pids()],
             ),
             throughput.Target("tang", tang.port, requests / "tang.http", None, list),
+            # Only where the targets are judged: it explains a gap, it is not one of them.
+            throughput.Target(
+                "floor",
+                floor.port,
+                requests / "nginx.http",  # it answers any request with 64 bytes
+                client,
+                floor.pids,
+                concurrencies=(max(settings.plan.concurrencies),),
+            ),
         ]
         windows = throughput.measure(targets, settings.plan)
         workers = serving.worker_pids()
@@ -124,6 +137,7 @@ def measure(settings: Settings, work: Path) -> Results:
         memory=peaks,
         storms=storms,
         agent=agent_results,
+        floor_workers=floor_workers,
     )
 
 

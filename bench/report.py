@@ -21,7 +21,10 @@ from bench.throughput import Window
 CHANGES = REPO / "bench" / "changes.md"
 VM_REPORT = "benchmarks-vm.md"  # the real-OpenZFS timing, beside this report in docs/
 SYSTEMS = ("ours", "nginx", "tang")
-LABELS = {"ours": "key server", "nginx": "nginx", "tang": "tangd"}
+# bench/pyfloor.py, measured at the highest concurrency only (runs saved before it was
+# added have none): what Python's TLS and process model cost without the application.
+FLOOR = "floor"
+LABELS = {"ours": "key server", "nginx": "nginx", "tang": "tangd", FLOOR: "Python floor"}
 FLEET = 100_000
 
 # Targets from issue 6.
@@ -97,6 +100,15 @@ def finite(values: Sequence[float]) -> list[float]:
 def saturation(results: Results) -> int:
     """The highest concurrency measured: where the targets are judged."""
     return max(results.plan.concurrencies)
+
+
+def systems(windows: Sequence[Window]) -> tuple[str, ...]:
+    """The systems of part 1 in the report's order; the floor only if it was measured."""
+    return SYSTEMS + ((FLOOR,) if any(w.system == FLOOR for w in windows) else ())
+
+
+def median_or_nan(values: Sequence[float]) -> float:
+    return summarize(values).median if values else math.nan
 
 
 # Targets
@@ -333,6 +345,8 @@ def what_ran_section(results: Results) -> str:
     limits = ", ".join(f"{k} = {v:g}" for k, v in results.steady_limits.items())
     net = results.storms.network
     concurrencies = ", ".join(str(c) for c in plan.concurrencies)
+    floor = FLOOR in systems(results.windows)
+    also_floor = f" (and, at c={saturation(results)} only, the Python floor)" if floor else ""
     bullets = [
         (
             "`make bench` runs `bench/run.sh`: the project's virtual environment"
@@ -357,7 +371,7 @@ def what_ran_section(results: Results) -> str:
             f" {plan.duration:g} REQUEST CERT KEY PIN` (tangd: without CERT KEY PIN), C in"
             f" {concurrencies}: {plan.warmup:g} s of warm-up, then {plan.duration:g} s counted;"
             f" {plan.rounds} rounds, each running every concurrency against the key server,"
-            " nginx and tangd in turn."
+            f" nginx and tangd{also_floor} in turn."
         ),
         (
             "Key server: `zfs-unlock-server --data-dir DIR serve --listen 127.0.0.1:PORT`"
@@ -374,6 +388,22 @@ def what_ran_section(results: Results) -> str:
             " `keepalive_timeout 0`, `access_log off`, TLS 1.2 and 1.3 with the key server's"
             " suites, session tickets and cache off (bench/baselines.py). It does no work but"
             " TLS and the answer: the ceiling."
+        ),
+        *(
+            [
+                (
+                    "Python floor: `python -m bench.pyfloor DATA_DIR PORT"
+                    f" {results.floor_workers}` (bench/pyfloor.py), with the key server's data"
+                    " directory and its default number of workers: pre-forked processes that"
+                    " each accept a connection, complete the same mutual-TLS handshake with the"
+                    " key server's own SSLContext (`tlsctx.server_context`), read the request"
+                    " head and answer 64 bytes; the request is nginx's. No HTTP parser, rate"
+                    " limit, database or audit record: what the key server's TLS and process"
+                    " model cost in Python, a diagnostic with no target of its own."
+                )
+            ]
+            if floor
+            else []
         ),
         (
             "tangd: Debian's, one process per connection as Debian's tangd.socket runs it"
@@ -405,23 +435,24 @@ def machine_section(results: Results) -> str:
 def throughput_section(results: Results) -> str:
     windows = results.windows
     concurrencies = results.plan.concurrencies
+    shown = systems(windows)
     rate_rows = []
     latency_rows = []
     for c in concurrencies:
-        rates = [summary_or_dash(series(windows, s, c, rate), "", 0) for s in SYSTEMS]
+        rates = [summary_or_dash(series(windows, s, c, rate), "", 0) for s in shown]
         vs_nginx = summary_or_dash(round_ratios(windows, "ours", "nginx", c, rate), "", 2)
         vs_tang = summary_or_dash(round_ratios(windows, "ours", "tang", c, rate), "", 2)
         rate_rows.append([str(c), *rates, vs_nginx, vs_tang])
         latencies = []
-        for s in SYSTEMS:
+        for s in shown:
             latencies.append(summary_or_dash(series(windows, s, c, p50), "", 1))
             latencies.append(summary_or_dash(series(windows, s, c, p99), "", 1))
         p99_ratio = summary_or_dash(round_ratios(windows, "ours", "nginx", c, p99), "", 2)
         latency_rows.append([str(c), *latencies, p99_ratio])
-    failed = {s: sum(w.failed for w in windows if w.system == s) for s in SYSTEMS}
-    counted = {s: sum(w.ok for w in windows if w.system == s) for s in SYSTEMS}
-    failures = ", ".join(f"{LABELS[s]} {failed[s]} of {failed[s] + counted[s]}" for s in SYSTEMS)
-    names = [LABELS[s] for s in SYSTEMS]
+    failed = {s: sum(w.failed for w in windows if w.system == s) for s in shown}
+    counted = {s: sum(w.ok for w in windows if w.system == s) for s in shown}
+    failures = ", ".join(f"{LABELS[s]} {failed[s]} of {failed[s] + counted[s]}" for s in shown)
+    names = [LABELS[s] for s in shown]
     top = concurrencies[-1]
     cpu = {
         s: summary_or_dash(
@@ -472,7 +503,52 @@ def throughput_section(results: Results) -> str:
             f" everything else {rest_share} (the kernel's loopback networking, and other"
             " processes on this shared machine)."
         )
+        + where_the_time_goes(results)
     )
+
+
+def where_the_time_goes(results: Results) -> str:
+    """The key server's gap to nginx at the highest concurrency, split at the Python floor:
+    nginx to the floor is Python's TLS and process model, the floor to the key server is
+    the release itself. Empty when the run measured no floor."""
+    windows = results.windows
+    top = saturation(results)
+    if not series(windows, FLOOR, top, rate):
+        return ""
+    cpu = {
+        s: median_or_nan(finite(series(windows, s, top, server_cpu_per_release))) * 1000
+        for s in ("nginx", FLOOR, "ours")
+    }
+    floor_vs_nginx = round_ratios(windows, FLOOR, "nginx", top, rate)
+    ours_vs_floor = round_ratios(windows, "ours", FLOOR, top, rate)
+    ours_vs_nginx = round_ratios(windows, "ours", "nginx", top, rate)
+    text = (
+        f"At c={top}, per request, nginx's processes used {cpu['nginx']:.2f} ms of CPU, the"
+        f" Python floor's {cpu[FLOOR]:.2f} ms and the key server's {cpu['ours']:.2f} ms"
+        " (medians; user and system time of the master and the workers). The floor answered"
+        f" {summary_or_dash(floor_vs_nginx, 'x', 2)} nginx's requests per second, the key"
+        f" server {summary_or_dash(ours_vs_floor, 'x', 2)} the floor's and"
+        f" {summary_or_dash(ours_vs_nginx, 'x', 2)} nginx's."
+    )
+    if floor_vs_nginx and ours_vs_nginx:
+        python = 1 - median_or_nan(floor_vs_nginx)
+        gap = 1 - median_or_nan(ours_vs_nginx)
+        release = gap - python
+        if gap > 0:
+            text += (
+                f" The key server fell short of nginx by {gap:.2f} of nginx's rate. Of that,"
+                f" {python:.2f} ({ratio(python, gap):.0%}; {cpu[FLOOR] - cpu['nginx']:.2f} ms"
+                " more CPU per request than nginx) is Python's TLS and process model, the"
+                " floor against nginx: the same handshake through Python's ssl module in"
+                f" {results.floor_workers} pre-forked processes. The other {release:.2f}"
+                f" ({ratio(release, gap):.0%}; {cpu['ours'] - cpu[FLOOR]:.2f} ms more CPU per"
+                " request than the floor) is the release itself, the key server against the"
+                " floor: its HTTP reader, the rate limit, the database, unsealing the key and"
+                " the durable audit record."
+            )
+        else:
+            text += " The key server kept up with nginx in this run: there is no gap to split."
+    return "\n### Where the time goes\n\n" + paragraph(text)
 
 
 def over(

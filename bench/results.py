@@ -33,6 +33,7 @@ class Results:
     memory: Memory
     storms: Storms
     agent: AgentResults
+    floor_workers: int = 0  # bench/pyfloor.py's processes; 0 in runs saved before it
 
 
 def save(results: Results, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -20,8 +21,11 @@ RATES = {
     "ours": {1: [400, 420, 410], 8: [700, 720, 710], 64: [800, 600, 700]},
     "nginx": {1: [800, 800, 800], 8: [1000, 1000, 1000], 64: [1000, 500, 1000]},
     "tang": {1: [150, 150, 150], 8: [200, 200, 200], 64: [250, 250, 200]},
+    "floor": {64: [900, 800, 950]},  # bench/pyfloor.py: at the top concurrency only
 }
-P99 = {"ours": 100.0, "nginx": 40.0, "tang": 300.0}
+P99 = {"ours": 100.0, "nginx": 40.0, "tang": 300.0, "floor": 60.0}
+# Server CPU seconds per release (tangd's is not measured).
+CPU = {"ours": 0.001, "nginx": 0.0004, "tang": None, "floor": 0.0006}
 
 
 def window(system: str, concurrency: int, round_: int, rate: float) -> Window:
@@ -38,7 +42,7 @@ def window(system: str, concurrency: int, round_: int, rate: float) -> Window:
         failed=0,
         all_ok=2 * ok,
         loadgen_cpu=2 * ok * 0.0005,  # 0.5 ms per release
-        server_cpu=None if system == "tang" else 2 * ok * 0.001,  # 1 ms per release
+        server_cpu=None if (cpu := CPU[system]) is None else 2 * ok * cpu,
         machine_cpu=0.9 * 2 * 6.2,  # 90% of both cores
         wall=6.2,
     )
@@ -110,7 +114,14 @@ def sample(agent_served: int = 10_000, agent_makespan: float = 16.0) -> Results:
             seed=42,
         ),
         agent=agent_results(),
+        floor_workers=4,
     )
+
+
+def without_floor(results: Results) -> Results:
+    """RESULTS as a run saved before the Python floor was measured."""
+    windows = [w for w in results.windows if w.system != "floor"]
+    return dataclasses.replace(results, windows=windows, floor_workers=0)
 
 
 def test_ratios_are_taken_within_each_round_then_summarised() -> None:
@@ -248,7 +259,10 @@ def test_render_has_every_section_in_order_with_medians_ranges_and_ratios() -> N
     text = report.render(sample(), "- The lead's note, verbatim.\n")
     positions = [text.index(heading + "\n") for heading in SECTIONS]
     assert positions == sorted(positions)
-    assert "| 64 | 700 (600-800) | 1000 (500-1000) | 250 (200-250) | 0.80 (0.70-1.20) |" in text
+    assert (
+        "| 64 | 700 (600-800) | 1000 (500-1000) | 250 (200-250) | 900 (800-950)"
+        " | 0.80 (0.70-1.20) |"
+    ) in text
     assert "| served within the budget | 10000 | 9000 |" in text
     assert "| nginx, after part 1 | 2 | 10.5 MiB (10.0-11.0) | 21.0 MiB |" in text
     assert "- The lead's note, verbatim.\n" in text
@@ -294,3 +308,76 @@ def test_write_copies_the_changes_file(tmp_path: Path) -> None:
     report.write(sample(), out, changes)
     text = out.read_text()
     assert re.search(r"## Changes made for these numbers\n\n- Workers keep", text)
+
+
+def table_after(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first table after HEADING, its header included, its rule not."""
+    rows: list[list[str]] = []
+    for line in text[text.index(heading) :].splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    return [rows[0], *rows[2:]]
+
+
+def test_the_python_floor_has_a_column_with_values_at_the_top_concurrency_only() -> None:
+    text = report.render(sample(), "")
+    rates = table_after(text, "## Key releases per second")
+    column = rates[0].index("Python floor, requests/s")
+    assert [row[column] for row in rates[1:]] == ["-", "-", "900 (800-950)"]
+    latencies = table_after(text, "| clients | key server p50 ms")
+    p99 = latencies[0].index("Python floor p99 ms")
+    assert [row[p99] for row in latencies[1:]] == ["-", "-", "72.0 (66.0-78.0)"]
+    assert "Python floor 0 of 13250" in " ".join(text.split())  # 900, 800, 950/s for 5 s
+
+
+def test_where_the_time_goes_splits_the_gap_to_nginx_at_the_floor() -> None:
+    prose = " ".join(report.render(sample(), "").split())
+    section = prose[prose.index("### Where the time goes") : prose.index("## Reboot storm")]
+    assert (
+        "nginx's processes used 0.40 ms of CPU, the Python floor's 0.60 ms and the key"
+        " server's 1.00 ms"
+    ) in section
+    # Per round at c=64, floor / nginx: 0.9, 1.6, 0.95; key server / floor: 0.89, 0.75, 0.74.
+    assert "The floor answered 0.95x (0.90-1.60) nginx's requests per second" in section
+    assert "the key server 0.75x (0.74-0.89) the floor's and 0.80x (0.70-1.20) nginx's" in section
+    # 1 - 0.80 = 0.20 of nginx's rate in all; 1 - 0.95 = 0.05 of it below nginx already.
+    assert "fell short of nginx by 0.20 of nginx's rate" in section
+    assert "0.05 (25%; 0.20 ms more CPU per request than nginx) is Python's TLS" in section
+    assert "The other 0.15 (75%; 0.40 ms more CPU per request than the floor)" in section
+    assert "in 4 pre-forked processes" in section
+
+
+def test_no_gap_to_split_when_the_key_server_keeps_up_with_nginx() -> None:
+    results = sample()
+    faster = [
+        dataclasses.replace(w, rate=w.rate * 3) if w.system == "ours" else w
+        for w in results.windows
+    ]
+    prose = " ".join(report.render(dataclasses.replace(results, windows=faster), "").split())
+    assert "there is no gap to split" in prose
+    assert "fell short" not in prose
+
+
+def test_the_floor_changes_no_target() -> None:
+    assert report.verdicts(sample()) == report.verdicts(without_floor(sample()))
+
+
+def test_a_run_without_the_floor_renders_without_it() -> None:
+    text = report.render(without_floor(sample()), "")
+    assert "Python floor" not in text and "pyfloor" not in text
+    assert "### Where the time goes" not in text
+    assert "| 64 | 700 (600-800) | 1000 (500-1000) | 250 (200-250) | 0.80 (0.70-1.20) |" in text
+    assert "nginx and tangd in turn" in " ".join(text.split())
+
+
+def test_a_results_file_saved_before_the_floor_still_renders(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    save(without_floor(sample()), path)
+    saved = json.loads(path.read_text())
+    del saved["floor_workers"]  # what such a file lacks
+    path.write_text(json.dumps(saved))
+    old = load(path)
+    assert old == without_floor(sample())
+    assert report.render(old, "x") == report.render(without_floor(sample()), "x")

@@ -51,9 +51,17 @@ def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path
 
     rates = table_rows(text, "## Key releases per second")
     assert [row[0] for row in rates] == ["1", "8", "64"]
+    floor = 4  # the Python floor's column, measured at the top concurrency only
     for row in rates:
-        assert all(re.fullmatch(SUMMARY, cell) for cell in row[1:]), row
+        cells = row[1:floor] + row[floor + 1 :]
+        assert all(re.fullmatch(SUMMARY, cell) for cell in cells), row
         assert float(row[1].split()[0]) > 0  # the key server answered
+    assert [row[floor] for row in rates[:-1]] == ["-", "-"]
+    assert re.fullmatch(SUMMARY, rates[-1][floor]) and float(rates[-1][floor].split()[0]) > 0
+    assert re.search(r"Python floor \d+ of [1-9]", prose)  # its exchanges are counted
+    where = prose[prose.index("### Where the time goes") : prose.index("## Reboot storm")]
+    assert re.search(r"the Python floor's \d+\.\d\d ms", where)
+    assert re.search(r"The floor answered \d+\.\d\dx", where)
 
     storm = {row[0]: row[1:] for row in table_rows(text, "## Reboot storm")}
     assert storm["hosts"] == ["200", "200"]
