@@ -730,11 +730,12 @@ def scale_section(results: Results) -> str:
             f"A fleet of {FLEET:,} hosts that all reboot at once (a power cut) so needs"
             f" {FLEET:,} / {s.hosts_per_server:,} = {s.servers} servers of this size to unlock"
             f" every host within {s.budget:g} s, and {s.servers + 1} to survive losing one."
-            " Each host has to reach its own share: enrol each host on one server (a"
-            " partition of the fleet), or list several servers in agent.toml in a different"
-            " order on different hosts (the agent tries them in the order listed). This"
-            " counts CPU only; the network and the disks that sync every audit record come"
-            " on top."
+            " Servers do not replicate each other, so the fleet is partitioned: each host is"
+            " enrolled on one server. To survive losing a server, each host's keys must also"
+            " be held by a second one (imported there with `zfs-unlock-server key create"
+            " --import`, that server listed second in the host's agent.toml: the agent tries"
+            " them in order), the second copies spread over the other servers. This counts"
+            " CPU only; the network and the disks that sync every audit record come on top."
         )
     return "## Scale beyond one machine\n\n" + text
 
