@@ -15,6 +15,7 @@ from bench.memory import Memory
 from bench.results import Results, load, save
 from bench.storm import Storm, Storms
 from bench.throughput import Plan, Window
+from tests.bench.markdown import table_after
 
 # Releases per second by system and concurrency, one value per round.
 RATES = {
@@ -308,17 +309,6 @@ def test_write_copies_the_changes_file(tmp_path: Path) -> None:
     report.write(sample(), out, changes)
     text = out.read_text()
     assert re.search(r"## Changes made for these numbers\n\n- Workers keep", text)
-
-
-def table_after(text: str, heading: str) -> list[list[str]]:
-    """The cells of the first table after HEADING, its header included, its rule not."""
-    rows: list[list[str]] = []
-    for line in text[text.index(heading) :].splitlines():
-        if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip("|").split("|")])
-        elif rows:
-            break
-    return [rows[0], *rows[2:]]
 
 
 def test_the_python_floor_has_a_column_with_values_at_the_top_concurrency_only() -> None:

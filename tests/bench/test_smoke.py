@@ -11,22 +11,12 @@ from pathlib import Path
 import pytest
 
 from bench.common import REPO
+from tests.bench.markdown import table_after
 from tests.bench.test_report import SECTIONS
 
 pytestmark = pytest.mark.slow
 
 SUMMARY = r"\d+(\.\d+)? \(\d+(\.\d+)?-\d+(\.\d+)?\)"  # median (min-max)
-
-
-def table_rows(text: str, heading: str) -> list[list[str]]:
-    """The cells of the first table after HEADING, its header and rule left out."""
-    rows: list[list[str]] = []
-    for line in text[text.index(heading) :].splitlines():
-        if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip("|").split("|")])
-        elif rows:
-            break
-    return rows[2:]
 
 
 @pytest.mark.usefixtures("bench_prepared")
@@ -49,7 +39,7 @@ def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path
     prose = " ".join(text.split())
     assert not re.search(r"\b(nan|inf)\b", prose)
 
-    rates = table_rows(text, "## Key releases per second")
+    rates = table_after(text, "## Key releases per second")[1:]
     assert [row[0] for row in rates] == ["1", "8", "64"]
     floor = 4  # the Python floor's column, measured at the top concurrency only
     for row in rates:
@@ -63,13 +53,13 @@ def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path
     assert re.search(r"the Python floor's \d+\.\d\d ms", where)
     assert re.search(r"The floor answered \d+\.\d\dx", where)
 
-    storm = {row[0]: row[1:] for row in table_rows(text, "## Reboot storm")}
+    storm = {row[0]: row[1:] for row in table_after(text, "## Reboot storm")[1:]}
     assert storm["hosts"] == ["200", "200"]
     assert storm["served within the budget"] == ["200", "200"]
     assert storm["failed (a prompt at boot)"] == ["0", "0"]
     assert "release 200" in storm["server's audit events"][0]
 
-    verdicts = table_rows(text, "## Targets")
+    verdicts = table_after(text, "## Targets")[1:]
     assert len(verdicts) == 8
     assert all(row[2] in {"met", "**missed**"} for row in verdicts)
     by_target = {row[0]: row[2] for row in verdicts}
