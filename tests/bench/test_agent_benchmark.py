@@ -4,7 +4,6 @@ report hold what they say. The end-to-end run needs Debian's tang, clevis and GN
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,8 @@ from bench import agent, baselines, common
 
 
 @pytest.fixture(scope="module")
-def fakezfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not shutil.which("gcc"):
-        pytest.skip("needs gcc")
+def fakezfs(tmp_path_factory: pytest.TempPathFactory, bench_prepared: None) -> Path:
+    # bench_prepared: bench/prepare.sh installs gcc and the baselines when missing.
     return agent.ensure_fakezfs(tmp_path_factory.mktemp("build"))
 
 
@@ -190,10 +188,7 @@ def test_the_report_gives_ratios_of_medians_against_the_targets() -> None:
     )
 
 
-@pytest.mark.skipif(
-    not all(shutil.which(t) for t in (baselines.TANGD, "clevis", common.GNU_TIME, "gcc")),
-    reason="needs Debian's tang, clevis and time (bench/run.sh installs them)",
-)
+@pytest.mark.usefixtures("bench_prepared")  # Debian's tang, clevis, GNU time, gcc
 def test_a_quick_run_measures_every_kind(tmp_path: Path) -> None:
     server = common.KeyServer(tmp_path / "keyserver")
     with baselines.tangd(tmp_path / "tang") as tang:
