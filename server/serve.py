@@ -134,6 +134,11 @@ def gunicorn_options(app: KeyServerApp, listen: list[str], workers: int) -> dict
         "timeout": config.request_timeout,
         "graceful_timeout": 10,
         "keepalive": 0,
+        # A reboot storm queues here. Each SYN dropped on a full queue costs its host a
+        # 1-3 s retransmission or a whole retry; a deeper queue served 10,000 hosts in
+        # every storm tried, a shallower one not (docs/benchmarks.md). The kernel caps it
+        # at net.core.somaxconn (4096 by default).
+        "backlog": 4096,
         # Requests are small and fixed in shape; anything larger is hostile.
         "limit_request_line": 1024,
         "limit_request_fields": 32,
