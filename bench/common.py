@@ -222,6 +222,7 @@ class Host:
 
 
 def machine_id_for(name: str) -> str:
+    """A machine-id unique to NAME (names sharing a prefix must not collide)."""
     return hashlib.sha256(name.encode()).hexdigest()[:32]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import signal
@@ -18,6 +17,8 @@ from typing import Any
 
 import requests
 
+# One definition of each, shared with the benchmarks.
+from bench.common import free_port, machine_id_for
 from tests.pinned_requests import pinned_session
 from zfs_unlock_agent import pinning
 from zfs_unlock_agent.identity import new_key_and_csr
@@ -34,18 +35,6 @@ class HostCreds:
     machine_id: str
     cert: Path
     key: Path
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def machine_id_for(name: str) -> str:
-    """A machine-id unique to NAME (names sharing a prefix must not collide)."""
-    return hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 def toml_value(value: Any) -> str:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import machine_id_for
 from tests.chroot import Image
-from tests.keyserver import machine_id_for
 
 ROOT = Path(__file__).parents[1]
 INITRAMFS = ROOT / "initramfs"

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 
 import zfs_unlock_agent
+from bench.common import machine_id_for
 from tests.agent.harness import AgentHost
 from tests.chroot import Image
 from tests.fakes import FakeZfs, sha256
-from tests.keyserver import KeyServer, machine_id_for
+from tests.keyserver import KeyServer
 
 ROOT = Path(__file__).parents[2]
 FAKES = ROOT / "tests" / "fakes"

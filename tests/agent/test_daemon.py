@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 
+from bench.common import free_port, machine_id_for
 from tests.agent.daemon_harness import WAIT, DaemonProcess, Daemons, Message, daemon_table
 from tests.agent.harness import AgentHost
 from tests.agent.test_transport import assert_absent
-from tests.keyserver import KeyServer, free_port, machine_id_for
+from tests.keyserver import KeyServer
 from zfs_unlock_agent import config, pinning
 from zfs_unlock_agent.daemon import Daemon, Signals
 from zfs_unlock_agent.notify import Notifier

@@ -26,6 +26,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
+from bench.common import free_port
 from tests.agent.harness import AgentHost
 from tests.fakes.stub_https import (
     Reply,
@@ -36,7 +37,7 @@ from tests.fakes.stub_https import (
     make_ca,
     self_signed_cert,
 )
-from tests.keyserver import KeyServer, free_port
+from tests.keyserver import KeyServer
 
 EX_OK, EX_DATAERR, EX_TEMPFAIL, EX_NOPERM = 0, 65, 75, 77
 KEY_ID = "k-" + "0123456789abcdef01234567"

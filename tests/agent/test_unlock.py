@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from bench.common import free_port
 from tests.agent.harness import AgentHost
 from tests.fakes import sha256
-from tests.keyserver import KeyServer, free_port
+from tests.keyserver import KeyServer
 from zfs_unlock_agent import errors, pinning
 
 MAN_PAGE = Path(__file__).parents[2] / "docs" / "man" / "zfs-unlock-agent.8"

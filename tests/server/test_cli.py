@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench.common import machine_id_for
 from tests.keyserver import (
     ROOT_ONLY,
     SERVER_BIN,
     HostCreds,
     KeyServer,
-    machine_id_for,
     release,
 )
 from zfs_unlock_agent import pinning

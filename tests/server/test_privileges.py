@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.keyserver import SERVER_BIN, KeyServer, free_port
+from bench.common import free_port
+from tests.keyserver import SERVER_BIN, KeyServer
 from tests.pinned_requests import pinned_session
 from zfs_unlock_agent import pinning
 from zfs_unlock_agent.identity import new_key_and_csr

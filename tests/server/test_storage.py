@@ -27,13 +27,13 @@ from typing import Any
 import pytest
 import requests
 
+from bench.common import free_port
 from tests.keyserver import (
     ROOT_ONLY,
     SERVER_BIN,
     HostCreds,
     KeyServer,
     enrol,
-    free_port,
     release,
 )
 from zfs_unlock_agent.identity import new_key_and_csr

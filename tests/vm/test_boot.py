@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from tests.keyserver import HostCreds, KeyServer, machine_id_for, release
+from bench.common import machine_id_for
+from tests.keyserver import HostCreds, KeyServer, release
 from tests.vm.rootonzfs import (
     INSTALLER,
     REPO,

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, machine_id_for
+from bench.common import machine_id_for
+from tests.keyserver import SERVER_BIN, HostCreds, KeyServer
 from tests.vm import benchmarks
 from tests.vm.vm import (
     GIB,
