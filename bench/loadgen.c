@@ -141,8 +141,9 @@ static enum outcome exchange(SSL_CTX *ctx, const char *request, size_t request_l
     SSL *ssl = NULL;
     enum outcome result = E_IO;
     if (ctx) {
-        /* As urllib3 does: the handshake is part of connecting, under the connect timeout. */
-        set_io_timeout(fd, connect_timeout);
+        /* As the agent does (transport.py): once TCP is connected, the handshake waits
+           under the read timeout, however long the server's listen queue is. */
+        set_io_timeout(fd, io_timeout);
         ssl = SSL_new(ctx);
         SSL_set_fd(ssl, fd);
         if (SSL_connect(ssl) != 1) {

@@ -483,7 +483,7 @@ def test_boot_pass_leaves_mounting_to_a_queued_zfs_mount_service(
 def test_a_ping_that_fell_due_during_a_slow_try_does_not_kill_the_daemon(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:
-    """A server that accepts connections and never answers: each try lasts connect_timeout
+    """A server that accepts connections and never answers: each try lasts read_timeout
     (1.5 s), longer than the ping interval (1 s). The daemon must go on retrying and pinging."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,6 +193,64 @@ def test_the_request_is_not_held_back_by_nagle(
     monkeypatch.setattr(server, "context", _Wrapping(recording_wrap))
     assert server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY).status == 200
     assert seen == [1]
+
+
+def test_the_handshake_waits_under_the_read_timeout(
+    stub: StubHTTPS, stub_tls: TlsFiles, me: HostCreds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = server_for(stub.url, stub_tls.pin, me)
+    timeouts: list[float | None] = []
+    wrap = server.context.wrap_socket
+
+    def recording_wrap(sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
+        timeouts.append(sock.gettimeout())
+        return wrap(sock, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "context", _Wrapping(recording_wrap))
+    assert server.request("POST", "/", b"{}", 0.5, 7.0, MAX_BODY).status == 200
+    assert timeouts == [7.0]
+
+
+def test_a_connection_queued_past_the_connect_timeout_is_still_served(
+    stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    """A busy server (a reboot storm) accepts late: the kernel has completed the TCP
+    connection, and the handshake waits its turn instead of giving up after connect_timeout."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(stub_tls.cert, stub_tls.key)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+
+        def serve_late() -> None:
+            time.sleep(0.8)  # four connect timeouts
+            conn, _ = listener.accept()
+            with tls.wrap_socket(conn, server_side=True) as secure:
+                secure.recv(4096)
+                secure.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+        late = threading.Thread(target=serve_late)
+        late.start()
+        try:
+            server = server_for(f"https://127.0.0.1:{listener.getsockname()[1]}", stub_tls.pin, me)
+            response = server.request("POST", "/", b"{}", 0.2, 5.0, MAX_BODY)
+        finally:
+            late.join()
+    assert (response.status, bytes(response.body)) == (200, b"{}")
+
+
+def test_a_server_that_never_handshakes_times_out_after_the_read_timeout(
+    stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the TCP handshake; nobody ever accepts
+        server = server_for(f"https://127.0.0.1:{silent.getsockname()[1]}", stub_tls.pin, me)
+        started = time.monotonic()
+        with pytest.raises(transport.TimedOut):
+            server.request("POST", "/", b"{}", 0.1, 0.6, MAX_BODY)
+        # A socket timeout never fires early; the connect timeout alone would be 0.1 s.
+        assert time.monotonic() - started >= 0.6
 
 
 class _Wrapping:
