@@ -706,9 +706,10 @@ def scale_section(results: Results) -> str:
     text += "\n" + paragraph(
         "A storm is not steady load: in the storms above the server served"
         f" {s.storm_rate:.0f} hosts per second, {s.storm_efficiency:.2f} of its steady rate"
-        " (counted as at most 1). What a storm loses: connections that wait in the listen"
-        " queue past the client's connect timeout, handshakes for hosts that have already"
-        " given up, and the server idle while hosts sit out their backoff. Within the boot"
+        " (counted as at most 1). What a storm loses: connections refused while the listen"
+        " queue is full (each costs its host a connect timeout and a pause), handshakes for"
+        " hosts that have already given up, and the server idle while hosts sit out their"
+        " backoff. Within the boot"
         f" budget of {s.budget:g} s one server of this size therefore unlocks about"
         f" {s.dedicated_rate:.0f} x {s.storm_efficiency:.2f} x {s.budget:g} s ="
         f" {s.hosts_per_server:,} hosts rebooting at once, with the agent's retry policy"
