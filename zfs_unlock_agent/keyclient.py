@@ -70,6 +70,16 @@ def retry_delay(network: Network, attempt: int, jitter: float, wait_hint: float 
     return max(jitter * ceiling, wait_hint)
 
 
+def summarize(problems: Sequence[str]) -> str:
+    """Each distinct problem once, in the order first seen, with how often it happened.
+    The last attempt may have had only the deadline's last moments and timed out; what
+    the servers said before must still reach the operator."""
+    counts = dict.fromkeys(problems, 0)
+    for problem in problems:
+        counts[problem] += 1
+    return "; ".join(p if n == 1 else f"{p} (x{n})" for p, n in counts.items()) or "none"
+
+
 class KeyClient:
     """Talks to the configured servers in turn, within one overall deadline.
 
@@ -160,10 +170,9 @@ class KeyClient:
             attempt += 1
             delay = retry_delay(self.network, attempt, self._jitter(), wait_hint)
             if self._clock() + delay >= deadline:
-                last = problems[-1] if problems else "no server answered"
                 raise ServerUnavailable(
                     f"no key server answered within {self.network.deadline:g} s"
-                    f" ({len(problems)} failed attempt(s); last: {last})"
+                    f" ({len(problems)} failed attempt(s): {summarize(problems)})"
                 )
             self._sleep(delay)
 
