@@ -19,7 +19,7 @@ from typing import Protocol
 
 from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates from version N-1 to N; never edit a released step.
 MIGRATIONS: tuple[str, ...] = (
@@ -63,6 +63,12 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE dataset_guid <> '';
     CREATE UNIQUE INDEX keys_legacy ON keys(host_id, pool_guid, legacy_name)
         WHERE legacy_name <> '';
+    """,
+    # A host's keys (key list --host, host remove and its foreign-key check) were found by
+    # scanning every key: the unique indexes above are partial, so no query by host alone
+    # can use them.
+    """
+    CREATE INDEX keys_host ON keys(host_id);
     """,
 )
 

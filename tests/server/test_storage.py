@@ -41,7 +41,7 @@ from zfs_unlock_server import audit, cli, sealing, secretfile
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, IntegrityError
 from zfs_unlock_server.sealing import KeyContext, Sealer
-from zfs_unlock_server.store import SCHEMA_VERSION, SqliteStore
+from zfs_unlock_server.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 POOL = "3333333333333333333"
 _guids = itertools.count(7000)
@@ -417,10 +417,59 @@ def test_release_lookups_use_an_index_not_a_scan_of_every_key(keyserver: KeyServ
         store.close()
 
 
+def test_a_hosts_keys_are_found_through_an_index(keyserver: KeyServer) -> None:
+    """key list --host and host remove ask for one host's keys; the partial unique indexes
+    cannot answer that, so without keys_host each scanned every key."""
+    store = SqliteStore(Layout(keyserver.data_dir).database)
+    statements: list[str] = []
+    try:
+        store._db.set_trace_callback(statements.append)
+        store.keys(1)
+        store._db.set_trace_callback(None)
+        [lookup] = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        plan = " | ".join(str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + lookup))
+        assert "USING INDEX keys_host" in plan, plan
+        plan = " | ".join(
+            str(row[-1])
+            for row in store._db.execute(
+                "EXPLAIN QUERY PLAN SELECT count(*) FROM keys WHERE host_id = 1"
+            )
+        )
+        assert "keys_host" in plan and "SCAN keys" not in plan, plan
+    finally:
+        store.close()
+
+
+def test_a_schema_1_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute(
+            "INSERT INTO hosts (id, name, machine_id, created_at, last_seen)"
+            " VALUES (1, 'old', '0123456789abcdef0123456789abcdef', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, dataset, keyformat,"
+            " state, origin, sealed, created_at, updated_at)"
+            " VALUES ('k-1', 1, '1', '2', 'tank/a', 'raw', 'active', 'generated', x'00', 1, 1)"
+        )
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    store = SqliteStore(path)
+    try:
+        assert store.pragma("user_version") == SCHEMA_VERSION
+        assert [k.key_id for k in store.keys(1)] == ["k-1"]
+        names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master")}
+        assert "keys_host" in names
+    finally:
+        store.close()
+
+
 def test_newer_schema_is_refused_with_a_clear_error(keyserver: KeyServer) -> None:
     with db(keyserver) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(ConfigError, match=r"schema 2 is newer than this server \(1\)"):
+    newer = rf"schema {SCHEMA_VERSION + 1} is newer than this server \({SCHEMA_VERSION}\)"
+    with pytest.raises(ConfigError, match=newer):
         SqliteStore(Layout(keyserver.data_dir).database)
     code, _, err = keyserver.admin("key", "list")
     assert code == EX_CONFIG
