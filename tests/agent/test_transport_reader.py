@@ -8,8 +8,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +26,7 @@ from tests.keyserver import HostCreds, KeyServer
 from zfs_unlock_agent import pinning, transport
 
 MAX_BODY = 1024
+T = TypeVar("T")
 
 
 def answer(*chunks: bytes) -> transport.Response:
@@ -183,14 +185,9 @@ def test_the_request_is_not_held_back_by_nagle(
     """The request follows the handshake's last flight at once; with Nagle it would wait for
     that flight's ACK, which a server with nothing to send delays by up to 40 ms."""
     server = server_for(stub.url, stub_tls.pin, me)
-    seen: list[int] = []
-    wrap = server.context.wrap_socket
-
-    def recording_wrap(sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
-        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        return wrap(sock, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(server, "context", _Wrapping(recording_wrap))
+    seen = at_handshake(
+        server, monkeypatch, lambda sock: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    )
     assert server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY).status == 200
     assert seen == [1]
 
@@ -199,14 +196,7 @@ def test_the_handshake_waits_under_the_read_timeout(
     stub: StubHTTPS, stub_tls: TlsFiles, me: HostCreds, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = server_for(stub.url, stub_tls.pin, me)
-    timeouts: list[float | None] = []
-    wrap = server.context.wrap_socket
-
-    def recording_wrap(sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
-        timeouts.append(sock.gettimeout())
-        return wrap(sock, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(server, "context", _Wrapping(recording_wrap))
+    timeouts = at_handshake(server, monkeypatch, lambda sock: sock.gettimeout())
     assert server.request("POST", "/", b"{}", 0.5, 7.0, MAX_BODY).status == 200
     assert timeouts == [7.0]
 
@@ -251,6 +241,23 @@ def test_a_server_that_never_handshakes_times_out_after_the_read_timeout(
             server.request("POST", "/", b"{}", 0.1, 0.6, MAX_BODY)
         # A socket timeout never fires early; the connect timeout alone would be 0.1 s.
         assert time.monotonic() - started >= 0.6
+
+
+def at_handshake(
+    server: transport.PinnedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    probe: Callable[[socket.socket], T],
+) -> list[T]:
+    """What PROBE finds on the plain socket each time SERVER begins a TLS handshake."""
+    seen: list[T] = []
+    wrap = server.context.wrap_socket
+
+    def recording_wrap(sock: socket.socket, **kwargs: object) -> ssl.SSLSocket:
+        seen.append(probe(sock))
+        return wrap(sock, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "context", _Wrapping(recording_wrap))
+    return seen
 
 
 class _Wrapping:

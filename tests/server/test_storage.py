@@ -395,22 +395,32 @@ def test_store_is_wal_with_full_sync_at_the_current_schema(keyserver: KeyServer)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def selects_of(store: SqliteStore, action: Callable[[], object]) -> list[str]:
+    """The SELECT statements ACTION runs on STORE, as SQLite expanded them."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        action()
+    finally:
+        store._db.set_trace_callback(None)
+    return [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+
+
+def query_plan(store: SqliteStore, statement: str) -> str:
+    rows = store._db.execute("EXPLAIN QUERY PLAN " + statement)
+    return " | ".join(str(row[-1]) for row in rows)
+
+
 def test_release_lookups_use_an_index_not_a_scan_of_every_key(keyserver: KeyServer) -> None:
     """A release looks up one key; scanning the table made each release cost O(keys),
     which a reboot storm of 10,000 hosts turned into most of the server's time."""
     store = SqliteStore(Layout(keyserver.data_dir).database)
-    statements: list[str] = []
     try:
-        store._db.set_trace_callback(statements.append)
-        store.key_for_dataset(1, "1000", "2000")
-        store.key_for_legacy_name(1, "1000", "name")
-        store._db.set_trace_callback(None)
-        lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        lookups = selects_of(store, lambda: store.key_for_dataset(1, "1000", "2000"))
+        lookups += selects_of(store, lambda: store.key_for_legacy_name(1, "1000", "name"))
         assert len(lookups) == 2
         for statement in lookups:
-            plan = " | ".join(
-                str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + statement)
-            )
+            plan = query_plan(store, statement)
             assert "SCAN" not in plan, plan
             assert "USING INDEX keys_" in plan, plan
     finally:
@@ -421,20 +431,11 @@ def test_a_hosts_keys_are_found_through_an_index(keyserver: KeyServer) -> None:
     """key list --host and host remove ask for one host's keys; the partial unique indexes
     cannot answer that, so without keys_host each scanned every key."""
     store = SqliteStore(Layout(keyserver.data_dir).database)
-    statements: list[str] = []
     try:
-        store._db.set_trace_callback(statements.append)
-        store.keys(1)
-        store._db.set_trace_callback(None)
-        [lookup] = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-        plan = " | ".join(str(row[-1]) for row in store._db.execute("EXPLAIN QUERY PLAN " + lookup))
+        [lookup] = selects_of(store, lambda: store.keys(1))
+        plan = query_plan(store, lookup)
         assert "USING INDEX keys_host" in plan, plan
-        plan = " | ".join(
-            str(row[-1])
-            for row in store._db.execute(
-                "EXPLAIN QUERY PLAN SELECT count(*) FROM keys WHERE host_id = 1"
-            )
-        )
+        plan = query_plan(store, "SELECT count(*) FROM keys WHERE host_id = 1")
         assert "keys_host" in plan and "SCAN keys" not in plan, plan
     finally:
         store.close()
