@@ -11,7 +11,7 @@ lint: venv
 	$(VENV)/ruff format --check .
 
 type: venv
-	$(VENV)/mypy -p zfs_unlock_agent -p zfs_unlock_server
+	$(VENV)/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 	$(VENV)/mypy tests scripts bench
 
 unit: venv

@@ -34,7 +34,7 @@ from bench.common import (
     run_measured,
     summarize,
 )
-from zfs_unlock_agent.protocol import ROUTE_RELEASE_BATCH
+from zfs_unlock_common.protocol import ROUTE_RELEASE_BATCH
 
 FAKEZFS_SOURCE = REPO / "bench" / "fakezfs.c"
 FAKEZFS_BUILD = ("gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-static")

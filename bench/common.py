@@ -21,9 +21,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zfs_unlock_agent import pinning
+from zfs_unlock_common import pinning
+from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import admin
-from zfs_unlock_server.service import DatasetRef
 
 REPO = Path(__file__).resolve().parent.parent
 # Compiled helpers (loadgen, fakezfs) live here; bench/run.sh builds them.
@@ -267,7 +267,7 @@ class KeyServer:
         return self.data / "server.key"
 
     def add_hosts(self, names: Sequence[str], datasets_per_host: int = 1) -> list[Host]:
-        """Enrol hosts the way `host add --issue-key` does, each with active raw keys."""
+        """Enroll hosts the way `host add --issue-key` does, each with active raw keys."""
         hosts = []
         session = admin.Admin.open(self.data)
         try:

@@ -627,7 +627,7 @@ def storm_section(results: Results) -> str:
             f" boot budget of {storms.budget:g} s runs out; a host not served by then falls"
             " back to a passphrase prompt (failed), and so does one answered later. With the"
             " agent's policy each host pauses as `KeyClient.call` does:"
-            " `keyclient.retry_delay` with `config.Network`'s defaults (backoff from"
+            " `keyclient.retry_delay` with `config.NetworkSettings`'s defaults (backoff from"
             f" {net.backoff_initial:g} s doubling to {net.backoff_max:g} s, full random"
             f" jitter, drawn per host from seed {storms.seed}), never shorter than"
             " Retry-After, giving up when the next pause would end past the budget; TCP"

@@ -3,7 +3,7 @@ certificate and key, asks for its key at the same moment, over real TLS, and ret
 the agent does (or as a fixed 5-second loop does) until the boot budget runs out.
 
 Each host's pauses are drawn here from the agent's own policy (keyclient.retry_delay,
-config.Network's defaults, random jitter); the load generator honours Retry-After on top,
+config.NetworkSettings's defaults, random jitter); the load generator honours Retry-After on top,
 as KeyClient.call does.
 """
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import common, loadgen
-from zfs_unlock_agent.config import Daemon, Network
+from zfs_unlock_agent.config import DaemonSettings, NetworkSettings
 from zfs_unlock_agent.keyclient import retry_delay
 
 # The boot waits this long for keys before it falls back to a prompt: the daemon's
 # boot_deadline, and the initramfs hook's --deadline.
-BOOT_BUDGET = Daemon().boot_deadline
+BOOT_BUDGET = DaemonSettings().boot_deadline
 CLEVIS_PAUSE = 5.0  # a fixed retry loop, as Clevis's unlockers run
 MAX_PAUSES = 1000  # bounds the list if jitter keeps drawing (almost) zero
 
@@ -36,7 +36,9 @@ _FLEET_CODE = ("store.py", "admin.py", "pki.py", "sealing.py", "config.py")
 # Pauses
 
 
-def agent_pauses(network: Network, budget: float, jitter: Callable[[], float]) -> list[float]:
+def agent_pauses(
+    network: NetworkSettings, budget: float, jitter: Callable[[], float]
+) -> list[float]:
     """The pauses after failed attempts 1, 2, ... of one host, until together they pass
     BUDGET (no host can use more: attempts take time too)."""
     pauses: list[float] = []
@@ -73,7 +75,7 @@ def code_stamp() -> str:
 
 
 def fleet(count: int, root: Path, reuse: bool) -> Fleet:
-    """COUNT enrolled hosts under ROOT. With REUSE, an enrolment an earlier run finished
+    """COUNT enrolled hosts under ROOT. With REUSE, an enrollment an earlier run finished
     there with the same code is taken as it is; anything else is made afresh."""
     stamp_file = root / "complete"
     names = host_names(count)
@@ -145,7 +147,11 @@ def audit_events(log: Path, offset: int) -> dict[str, int]:
 
 
 def run(
-    flt: Fleet, policy: str, pauses: Callable[[], Sequence[float]], work: Path, network: Network
+    flt: Fleet,
+    policy: str,
+    pauses: Callable[[], Sequence[float]],
+    work: Path,
+    network: NetworkSettings,
 ) -> Storm:
     server = flt.server
     # Each storm starts with full rate-limit buckets, as after a restart of the server.
@@ -205,12 +211,12 @@ class Storms:
     fixed: list[Storm]
     seed: int  # of the jitter, so a run's pauses can be drawn again
     budget: float = BOOT_BUDGET
-    network: Network = field(default_factory=Network)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
 
 
 def measure(flt: Fleet, work: Path, seed: int, rounds: int) -> Storms:
     """ROUNDS storms of each policy, interleaved (agent, fixed, agent, ...)."""
-    network = Network()
+    network = NetworkSettings()
     jitter = random.Random(seed).random  # noqa: S311 - backoff jitter, as the agent draws it
     agent: list[Storm] = []
     fixed: list[Storm] = []

@@ -7,7 +7,7 @@ OpenZFS (tests/vm: the image is built once, then cached). Either way the host ru
 steps, scripts/demo_zfs_host.py, with the real agent command line on a throw-away pool
 named `zuademo` on a sparse file; it never touches another pool.
 
-The host asks for the admin's actions (enrol it, revoke and restore its key, show the
+The host asks for the admin's actions (enroll it, revoke and restore its key, show the
 audit log) over the admin channel: a TCP port on 127.0.0.1 (in the VM, 10.0.2.101:9000,
 the guest's control address) that takes one JSON request per connection, runs the
 `zfs-unlock-server` command it names (from a short list) and answers with its output.

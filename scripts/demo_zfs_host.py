@@ -7,7 +7,7 @@ QEMU guest (through scripts/demo_guest.sh). It drives the real agent command lin
 imports, exports or destroys any other pool, and refuses to start when a pool of that
 name exists. The agent's configuration confines it to the demo's dataset.
 
-What the admin does on the key server (enrol this host, revoke and restore its key, read
+What the admin does on the key server (enroll this host, revoke and restore its key, read
 the audit log) goes over the demo's admin channel: a JSON line with the
 `zfs-unlock-server` command to scripts/demo.py, which runs it there and answers with
 what it ran, its exit status, its output and the files it wrote.
@@ -204,7 +204,7 @@ class Host:
             f'url = "{self.server_url}"\n'
             f'pins = ["{self.pin}"]        # the server is trusted on its public key alone\n\n'
             "[client]\n"
-            'certificate = "client.crt"   # from the admin, after enrolment\n'
+            'certificate = "client.crt"   # from the admin, after enrollment\n'
             'key = "client.key"           # made by identity; never leaves this host\n\n'
             "[datasets]\n"
             "property = false             # only the demo's dataset, not this host's others\n"
@@ -230,9 +230,9 @@ class Host:
         check("identity", mode == 0o400, f"{key.name} mode {mode:04o}, client.csr for the admin")
         return lines[0]
 
-    def enrol(self, line: str) -> None:
+    def enroll(self, line: str) -> None:
         step(
-            "The admin enrols the host: runs the line 'identity' printed, on the key server,"
+            "The admin enrolls the host: runs the line 'identity' printed, on the key server,"
             " with the host's CSR (the server signs it and binds it to the machine-id)"
         )
         argv = shlex.split(line)[1:]
@@ -241,7 +241,7 @@ class Host:
         cert = files.get("client.crt", b"")
         if rc != 0 or not cert:
             check("enrolled", False, f"host add exited {rc}")
-            raise Failure("the admin could not enrol the host")
+            raise Failure("the admin could not enroll the host")
         (self.config.parent / "client.crt").write_bytes(cert)
         say(f"the admin sends the certificate back: {self.config.parent / 'client.crt'}")
         self.agent("configcheck")
@@ -351,7 +351,7 @@ class Host:
     def demo(self) -> None:
         self.make_pool()
         self.write_config()
-        self.enrol(self.identity())
+        self.enroll(self.identity())
         key_id = self.enroll_dataset()
         digest = self.write_data()
         self.reboot()

@@ -7,7 +7,7 @@ echo "== ruff" >&2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "== mypy --strict" >&2
-.venv/bin/mypy -p zfs_unlock_agent -p zfs_unlock_server
+.venv/bin/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 .venv/bin/mypy tests scripts bench
 echo "== pytest" >&2
 .venv/bin/pytest "$@"

@@ -17,15 +17,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zfs_unlock_agent import pinning, protocol, validate
-from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_common import pinning, protocol, validate
+from zfs_unlock_common.csr import new_key_and_csr
+from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server import pki, privileges, secretfile
 from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
 from zfs_unlock_server.sealing import KeyContext, Sealer, load_master_key, new_master_key
-from zfs_unlock_server.service import DatasetRef, KeyService, expire_silent_hosts, new_key_id
+from zfs_unlock_server.service import KeyService, expire_silent_hosts, new_key_id
 from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
 
 
@@ -276,7 +277,7 @@ class Admin:
         keyformat: str,
         imported: bytes | None,
     ) -> KeyRecord:
-        """Admin enrolment: the key is active at once (the admin vouches for it)."""
+        """Admin enrollment: the key is active at once (the admin vouches for it)."""
         host = self.store.host_by_name(host_name)
         validate.dataset_name(dataset)
         if keyformat not in protocol.KEY_FORMATS:

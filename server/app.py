@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zfs_unlock_agent import protocol, validate
+from zfs_unlock_common import protocol, validate
+from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.audit import AuditError, AuditLog, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import Conflict
 from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
 from zfs_unlock_server.sealing import load_master_key
-from zfs_unlock_server.service import Caller, DatasetRef, Denied, KeyService, Released
+from zfs_unlock_server.service import Caller, Denied, KeyService, Released
 from zfs_unlock_server.store import KeyRecord, SqliteStore
 
 log = logging.getLogger("zfs_unlock_server")
@@ -41,7 +42,7 @@ _RELEASE_ONE = re.compile(r"/v1/hosts/([0-9a-f]{32})/keys/([0-9]{1,20})/([0-9]{1
 _LEGACY = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/([A-Za-z0-9_.:-]{1,255})")
 _POST_ROUTES = (
     protocol.ROUTE_CHECKIN,
-    protocol.ROUTE_ENROL,
+    protocol.ROUTE_ENROLL,
     protocol.ROUTE_ACTIVATE,
     protocol.ROUTE_RELEASE_BATCH,
 )
@@ -246,7 +247,7 @@ class KeyServerApp:
                 raise HttpError(405, headers=[("Allow", "POST")])
             return {
                 protocol.ROUTE_CHECKIN: self._checkin,
-                protocol.ROUTE_ENROL: self._enrol,
+                protocol.ROUTE_ENROLL: self._enroll,
                 protocol.ROUTE_ACTIVATE: self._activate,
                 protocol.ROUTE_RELEASE_BATCH: self._release_batch,
             }[path]
@@ -375,7 +376,7 @@ class KeyServerApp:
         released = service.release_legacy(caller, machine_id, pool, name)
         return Response(200, released.material, content_type="application/octet-stream")
 
-    def _enrol(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
+    def _enroll(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
         body = _fields(
             self._json_body(environ),
             {"machine_id", "pool_guid", "dataset_guid", "dataset", "keyformat"},
@@ -393,7 +394,7 @@ class KeyServerApp:
             raise validate.InvalidInput("a passphrase key must be imported (field 'key')")
         if imported is not None:
             protocol.check_key_material(imported, keyformat)  # before any state is looked at
-        released, created = service.enrol(caller, machine_id, ref, dataset, keyformat, imported)
+        released, created = service.enroll(caller, machine_id, ref, dataset, keyformat, imported)
         return json_response(201 if created else 200, key_json(released))
 
     def _activate(self, service: KeyService, caller: Caller, environ: Environ) -> Response:

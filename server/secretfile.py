@@ -7,7 +7,7 @@ import stat
 import struct
 from pathlib import Path
 
-from zfs_unlock_agent import privatefile
+from zfs_unlock_common import privatefile
 from zfs_unlock_server.errors import ConfigError
 
 

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from zfs_unlock_agent import protocol
+from zfs_unlock_common import protocol
+from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.errors import Conflict, IntegrityError
 from zfs_unlock_server.sealing import KeyContext, Sealer
@@ -40,12 +41,6 @@ class Caller:
     fingerprint: str
     source_ip: str
     request_id: str
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    pool_guid: str
-    dataset_guid: str
 
 
 @dataclass(frozen=True)
@@ -282,7 +277,7 @@ class KeyService:
                 raise Denied(str(audit_record["reason"]))
         return result
 
-    def enrol(
+    def enroll(
         self,
         caller: Caller,
         machine_id: str,
@@ -297,10 +292,10 @@ class KeyService:
         still pending returns that same key, so a lost response can be retried;
         a dataset whose key is active or revoked is a Conflict: never a second key.
         """
-        with self.serving(caller, machine_id, "enrol") as host:
-            return self._enrol(caller, host, ref, dataset, keyformat, imported)
+        with self.serving(caller, machine_id, "enroll") as host:
+            return self._enroll(caller, host, ref, dataset, keyformat, imported)
 
-    def _enrol(
+    def _enroll(
         self,
         caller: Caller,
         host: Host,
@@ -316,15 +311,15 @@ class KeyService:
             "dataset": dataset,
         }
         if not pool_allowed(host, ref.pool_guid):
-            raise self.deny(caller, "enrol", "pool_not_allowed", **fields)
+            raise self.deny(caller, "enroll", "pool_not_allowed", **fields)
         existing = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         if existing is not None:
             return self._repeat_enrolment(caller, existing, keyformat, imported, fields)
-        # Recorded before the key exists: an enrolment that cannot be audited creates nothing.
+        # Recorded before the key exists: an enrollment that cannot be audited creates nothing.
         key_id = new_key_id()
         created = self._record(
             caller,
-            "enrol",
+            "enroll",
             decision="allow",
             reason="created",
             key_id=key_id,
@@ -361,7 +356,7 @@ class KeyService:
             self.audit.write(
                 self._record(
                     caller,
-                    "enrol",
+                    "enroll",
                     decision="deny",
                     reason="key_exists",
                     key_id=existing.key_id,
@@ -373,13 +368,13 @@ class KeyService:
             material = self.sealer.open(existing.sealed, context_of(existing))
         except IntegrityError:
             raise self.deny(
-                caller, "enrol", "integrity_failure", key_id=existing.key_id, **fields
+                caller, "enroll", "integrity_failure", key_id=existing.key_id, **fields
             ) from None
         if imported is not None and imported != material:
             self.audit.write(
                 self._record(
                     caller,
-                    "enrol",
+                    "enroll",
                     decision="deny",
                     reason="key_exists",
                     key_id=existing.key_id,
@@ -390,7 +385,7 @@ class KeyService:
         self.audit.write(
             self._record(
                 caller,
-                "enrol",
+                "enroll",
                 decision="allow",
                 reason="repeated",
                 key_id=existing.key_id,

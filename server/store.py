@@ -1,7 +1,7 @@
 """The only module that touches the database: hosts, their certificates, sealed keys.
 
 SQLite in WAL mode with synchronous=FULL: a commit that returned is on disk, so
-an acknowledged enrolment survives a crash or power loss. Every method is one
+an acknowledged enrollment survives a crash or power loss. Every method is one
 transaction. The `Store` protocol is what the rest of the server uses, narrow
 enough for another backend (PostgreSQL) to implement.
 """

@@ -20,8 +20,8 @@ import requests
 # One definition of each, shared with the benchmarks.
 from bench.common import free_port, machine_id_for
 from tests.pinned_requests import pinned_session
-from zfs_unlock_agent import pinning
-from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_common import pinning
+from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import admin, cli
 
 SERVER_BIN = Path(sys.executable).with_name("zfs-unlock-server")
@@ -92,7 +92,7 @@ class KeyServer:
         (self.data_dir / "server.toml").write_text("\n".join(lines) + "\n")
 
     def add_host(self, name: str, *options: str, machine_id: str | None = None) -> HostCreds:
-        """Enrol a host the way an operator would: the host makes a CSR, the server signs it."""
+        """Enroll a host the way an operator would: the host makes a CSR, the server signs it."""
         machine_id = machine_id or machine_id_for(name)
         host_dir = self.hosts_dir / name
         host_dir.mkdir()
@@ -203,7 +203,7 @@ def running(server: KeyServer, **kwargs: Any) -> Iterator[KeyServer]:
         server.stop()
 
 
-def enrol(
+def enroll(
     session: requests.Session,
     server: KeyServer,
     host: HostCreds,

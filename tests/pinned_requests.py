@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from zfs_unlock_agent import pinning
+from zfs_unlock_common import pinning
 
 
 class PinMismatch(Exception):

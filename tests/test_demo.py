@@ -56,7 +56,7 @@ def test_the_admin_channel_runs_only_what_the_demo_admin_does(
 def test_the_admin_enrols_a_host_from_its_csr_and_sends_the_certificate_back(
     admin: AdminChannel, keyserver: KeyServer
 ) -> None:
-    from zfs_unlock_agent.identity import new_key_and_csr
+    from zfs_unlock_common.csr import new_key_and_csr
 
     _, csr = new_key_and_csr("web1")
     line = "host add web1 --machine-id " + "ab" * 16 + " --csr client.csr --cert-out client.crt"

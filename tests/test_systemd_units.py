@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.keyserver import KeyServer, enrol, release, running, wait_for
+from tests.keyserver import KeyServer, enroll, release, running, wait_for
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server import sealing
 
@@ -296,7 +296,7 @@ def test_the_server_works_without_writable_executable_memory(keyserver: KeyServe
     host = keyserver.add_host("web1")
     with running(keyserver, launcher=(sys.executable, "-c", MDWE_LAUNCHER)):
         session = keyserver.session(host)
-        assert enrol(session, keyserver, host, "77", "1").status_code == 201
+        assert enroll(session, keyserver, host, "77", "1").status_code == 201
         assert release(session, keyserver, host, "77", "1").status_code == 200
         session.close()
         assert keyserver.process is not None
@@ -322,7 +322,7 @@ def test_reload_replaces_the_workers_and_keeps_serving(keyserver: KeyServer) -> 
         os.kill(master, signal.SIGHUP)
         wait_for(lambda: len(workers(master)) == 2 and not workers(master) & before, 30)
         session = keyserver.session(host)
-        assert enrol(session, keyserver, host, "77", "2").status_code == 201
+        assert enroll(session, keyserver, host, "77", "2").status_code == 201
         session.close()
         assert keyserver.process.poll() is None
 

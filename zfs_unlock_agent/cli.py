@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from zfs_unlock_agent import __version__, config, validate
+from zfs_unlock_agent import __version__, config
 from zfs_unlock_agent.errors import EX_LOCKED, EX_OK, EX_SOFTWARE, EX_USAGE, AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import Unlocker, exit_code, read_machine_id, select_roots
 from zfs_unlock_agent.zfs import Zfs
+from zfs_unlock_common import validate
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -36,7 +37,7 @@ def _client_factory(cfg: config.Config) -> Callable[[], KeyClient]:
 
 def _unlocker(cfg: config.Config) -> Unlocker:
     return Unlocker(
-        Zfs(cfg.zfs.zfs, cfg.zfs.zpool),
+        Zfs(cfg.zfs),
         _client_factory(cfg),
         read_machine_id(cfg.machine_id_file),
         cfg.zfs.volume_link_timeout,
@@ -70,7 +71,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args, check_files=False)
-    zfs = Zfs(cfg.zfs.zfs, cfg.zfs.zpool)
+    zfs = Zfs(cfg.zfs)
     inventory = zfs.inventory()
     roots = select_roots(inventory, cfg, [], True)
     rows = []
@@ -110,7 +111,7 @@ def cmd_identity(args: argparse.Namespace) -> int:
         print(f"# client key {key_path} exists; not replaced", file=sys.stderr)
     else:
         # Only here: the X.509 library is large, and unlock (in an initramfs) never needs it.
-        from zfs_unlock_agent.identity import new_key_and_csr  # noqa: PLC0415
+        from zfs_unlock_common.csr import new_key_and_csr  # noqa: PLC0415
 
         key_pem, csr_pem = new_key_and_csr(name)
         key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def cmd_identity(args: argparse.Namespace) -> int:
         )
     pools: list[str] = []
     try:
-        inventory = Zfs(cfg.zfs.zfs, cfg.zfs.zpool).inventory()
+        inventory = Zfs(cfg.zfs).inventory()
         pools = sorted(inventory.pool_guids.values())
         for pool, guid in sorted(inventory.pool_guids.items()):
             print(f"# pool {pool}: guid {guid}", file=sys.stderr)
@@ -145,7 +146,7 @@ def cmd_needs_prompt(args: argparse.Namespace) -> int:
     server answers. Any doubt exits 0: the prompt appears, never a lock-out."""
     try:
         cfg = _load(args, check_files=False)
-        inventory = Zfs(cfg.zfs.zfs, cfg.zfs.zpool).inventory()
+        inventory = Zfs(cfg.zfs).inventory()
         root = inventory.root_of(validate.dataset_name(args.dataset))
         managed = {r.name for r in select_roots(inventory, cfg, [], True, on_missing=log.debug)}
     except (AgentError, validate.InvalidInput) as exc:
@@ -193,7 +194,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     validate.dataset_name(args.dataset)
-    zfs = Zfs(cfg.zfs.zfs, cfg.zfs.zpool)
+    zfs = Zfs(cfg.zfs)
     with _client_factory(cfg)() as client:
         print(
             enroll(zfs, client, read_machine_id(cfg.machine_id_file), args.dataset, args.keyformat)

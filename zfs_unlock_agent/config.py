@@ -13,20 +13,20 @@ import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from zfs_unlock_agent import keyclient, pinning, privatefile, validate
+from zfs_unlock_agent import transport
 from zfs_unlock_agent.errors import ConfigError
+from zfs_unlock_common import pinning, privatefile, validate
 
 DEFAULT_PATH = Path("/etc/zfs-unlock-agent/agent.toml")
 CONFIG_ENV = "ZFS_UNLOCK_AGENT_CONFIG"
-MANAGED_PROPERTY = "zfs-unlock-agent:managed"
 
 
-class Server(NamedTuple):
+class ServerSettings(NamedTuple):
     url: str
     pins: tuple[bytes, ...]
 
 
-class Network(NamedTuple):
+class NetworkSettings(NamedTuple):
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
     deadline: float = 60.0  # overall bound for fetching keys, retries included
@@ -34,19 +34,19 @@ class Network(NamedTuple):
     backoff_max: float = 10.0
 
 
-class Datasets(NamedTuple):
+class DatasetSettings(NamedTuple):
     property: bool = True  # manage encryption roots with zfs-unlock-agent:managed=on
     include: tuple[str, ...] = ()
 
 
-class Zfs(NamedTuple):
+class ZfsSettings(NamedTuple):
     zfs: str = "zfs"
     zpool: str = "zpool"
     volume_link_timeout: float = 30.0
     zvol_dir: Path = Path("/dev/zvol")  # where udev creates volume links
 
 
-class Daemon(NamedTuple):
+class DaemonSettings(NamedTuple):
     """`zfs-unlock-agent daemon`: how long boot may wait, and how often to try again."""
 
     boot_deadline: float = 30.0  # the first pass's network budget: boot waits at most this
@@ -58,14 +58,14 @@ class Daemon(NamedTuple):
 
 class Config(NamedTuple):
     path: Path
-    servers: tuple[Server, ...]
+    servers: tuple[ServerSettings, ...]
     client_certificate: Path
     client_key: Path
     machine_id_file: Path = Path("/etc/machine-id")
-    network: Network = Network()
-    datasets: Datasets = Datasets()
-    zfs: Zfs = Zfs()
-    daemon: Daemon = Daemon()
+    network: NetworkSettings = NetworkSettings()
+    datasets: DatasetSettings = DatasetSettings()
+    zfs: ZfsSettings = ZfsSettings()
+    daemon: DaemonSettings = DaemonSettings()
 
 
 class _Reader:
@@ -115,11 +115,11 @@ class _Reader:
             raise ConfigError(f"{self.file}: unknown setting(s): {unknown}")
 
 
-def _server(table: Any, index: int, file: Path) -> Server:
+def _server(table: Any, index: int, file: Path) -> ServerSettings:
     reader = _Reader(table, f"server[{index}]", file)
     url = reader.take("url", str)
     try:
-        url = keyclient.check_url(url)
+        url = transport.check_url(url)
     except ValueError as exc:
         raise reader.fail("url", str(exc)) from None
     pins = reader.take("pins", list)
@@ -134,7 +134,7 @@ def _server(table: Any, index: int, file: Path) -> Server:
         except pinning.PinError as exc:
             raise reader.fail("pins", str(exc)) from None
     reader.done()
-    return Server(url, tuple(parsed))
+    return ServerSettings(url, tuple(parsed))
 
 
 def check_private_key_file(path: Path, what: str) -> None:
@@ -162,7 +162,9 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
 
     net = _Reader(top.take("network", dict, {}), "network", file)
     # Every [network] setting is a number of seconds greater than 0.
-    network = Network(**{k: net.number(k, v) for k, v in Network._field_defaults.items()})
+    network = NetworkSettings(
+        **{k: net.number(k, v) for k, v in NetworkSettings._field_defaults.items()}
+    )
     net.done()
 
     ds = _Reader(top.take("datasets", dict, {}), "datasets", file)
@@ -172,14 +174,14 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
             validate.dataset_name(name)
         except validate.InvalidInput as exc:
             raise ds.fail("include", str(exc)) from None
-    datasets = Datasets(
+    datasets = DatasetSettings(
         property=ds.take("property", bool, True), include=tuple(dict.fromkeys(include))
     )
     ds.done()
 
     z = _Reader(top.take("zfs", dict, {}), "zfs", file)
-    defaults = Zfs._field_defaults
-    zfs = Zfs(
+    defaults = ZfsSettings._field_defaults
+    zfs = ZfsSettings(
         zfs=z.take("zfs", str, defaults["zfs"]),
         zpool=z.take("zpool", str, defaults["zpool"]),
         volume_link_timeout=z.number("volume_link_timeout", defaults["volume_link_timeout"]),
@@ -188,8 +190,8 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
     z.done()
 
     d = _Reader(top.take("daemon", dict, {}), "daemon", file)
-    defaults = Daemon._field_defaults
-    daemon = Daemon(
+    defaults = DaemonSettings._field_defaults
+    daemon = DaemonSettings(
         boot_deadline=d.number("boot_deadline", defaults["boot_deadline"]),
         retry_initial=d.number("retry_initial", defaults["retry_initial"]),
         retry_max=d.number("retry_max", defaults["retry_max"]),

@@ -158,7 +158,7 @@ class Daemon:
         cfg = self.config
         network = cfg.network._replace(deadline=deadline)
         return Unlocker(
-            Zfs(cfg.zfs.zfs, cfg.zfs.zpool),
+            Zfs(cfg.zfs),
             lambda: KeyClient(
                 cfg.servers,
                 cfg.client_certificate,

@@ -12,9 +12,9 @@ Order of operations, and what an interruption at each point leaves behind:
    An unlock that opens a dataset with a pending key completes this step itself.
 
 A new dataset is first created with a throw-away random key (its GUID is needed
-to enrol), then moved to the server key the same way. If the machine restarts
+to enroll), then moved to the server key the same way. If the machine restarts
 between those two steps the new, empty dataset cannot be opened: destroy it
-and enrol again.
+and enroll again.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from __future__ import annotations
 import contextlib
 import os
 
-from zfs_unlock_agent.config import MANAGED_PROPERTY
 from zfs_unlock_agent.errors import KeyAlreadyLoaded, UsageError, ZfsError
-from zfs_unlock_agent.keyclient import DatasetRef, KeyClient
+from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
-from zfs_unlock_agent.zfs import Dataset, Zfs
+from zfs_unlock_agent.zfs import MANAGED_PROPERTY, Dataset, Zfs
+from zfs_unlock_common.protocol import DatasetRef
 
 MIGRATABLE_LOCATIONS = ("file://", "https://", "http://")
 
 
 def enroll(zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: str) -> str:
-    """Enrol dataset NAME (creating it when absent); return what was done."""
+    """Enroll dataset NAME (creating it when absent); return what was done."""
     inventory = zfs.inventory()
     created = False
     if name not in inventory.datasets:
@@ -48,14 +48,14 @@ def enroll(zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: s
         )
     if not dataset.is_encryption_root:
         raise UsageError(
-            f"{name}: its key is inherited from {dataset.encryption_root}; enrol that instead"
+            f"{name}: its key is inherited from {dataset.encryption_root}; enroll that instead"
         )
     _ensure_key_loaded(zfs, dataset)
     ref = DatasetRef(inventory.pool_guid(dataset), dataset.guid)
-    key = client.enrol(machine_id, ref, name, keyformat)
+    key = client.enroll(machine_id, ref, name, keyformat)
     try:
         if _already_moved(zfs, dataset, key.secret, keyformat):
-            log.info("%s: already uses the server key (resuming an interrupted enrolment)", name)
+            log.info("%s: already uses the server key (resuming an interrupted enrollment)", name)
         else:
             zfs.change_key(name, key.secret, keyformat)
             log.info("%s: now wrapped with the server key %s", name, key.key_id)
@@ -83,7 +83,7 @@ def _ensure_key_loaded(zfs: Zfs, dataset: Dataset) -> None:
     if dataset.managed or dataset.keylocation == "prompt":
         hint = (
             f"load it first: 'zfs load-key {dataset.name}' with its passphrase, or, if an"
-            f" earlier enrolment was interrupted, 'zfs-unlock-agent --dataset {dataset.name}'"
+            f" earlier enrollment was interrupted, 'zfs-unlock-agent --dataset {dataset.name}'"
             " (the server's pending key opens it)"
         )
     else:

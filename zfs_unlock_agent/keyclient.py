@@ -15,9 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
-from urllib.parse import urlsplit
 
-from zfs_unlock_agent import protocol, transport, validate
+from zfs_unlock_agent import transport
 from zfs_unlock_agent.errors import (
     AgentError,
     BadKeyData,
@@ -25,29 +24,14 @@ from zfs_unlock_agent.errors import (
     ServerUnavailable,
 )
 from zfs_unlock_agent.secret import Secret
+from zfs_unlock_common import protocol, validate
+from zfs_unlock_common.protocol import DatasetRef
 
 if TYPE_CHECKING:
-    from zfs_unlock_agent.config import Network, Server
+    from zfs_unlock_agent.config import NetworkSettings, ServerSettings
 
 # Answers carry at most a batch of keys; anything larger is not one of ours.
 MAX_ANSWER_BYTES = protocol.MAX_BODY_BYTES * 4
-
-
-def check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname:
-        raise ValueError("server URL must be https://HOST[:PORT]")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError("server URL must not carry credentials, a query or a fragment")
-    if not transport.URL_PATH.fullmatch(parts.path):
-        raise ValueError("server URL path must be plain segments (percent-encode the rest)")
-    parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    return url.rstrip("/")
-
-
-class DatasetRef(NamedTuple):
-    pool_guid: str
-    dataset_guid: str
 
 
 class ReleasedKey(NamedTuple):
@@ -63,7 +47,9 @@ class Answer(NamedTuple):
     body: dict[str, Any]
 
 
-def retry_delay(network: Network, attempt: int, jitter: float, wait_hint: float = 0.0) -> float:
+def retry_delay(
+    network: NetworkSettings, attempt: int, jitter: float, wait_hint: float = 0.0
+) -> float:
     """The pause after failed round ATTEMPT (1, 2, ...): capped exponential backoff with
     full jitter (JITTER in [0, 1)), never shorter than the server's Retry-After."""
     ceiling = min(network.backoff_max, network.backoff_initial * 2.0 ** (attempt - 1))
@@ -90,10 +76,10 @@ class KeyClient:
 
     def __init__(
         self,
-        servers: Sequence[Server],
+        servers: Sequence[ServerSettings],
         client_cert: Path,
         client_key: Path,
-        network: Network,
+        network: NetworkSettings,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         jitter: Callable[[], float] = random.random,
@@ -212,10 +198,10 @@ class KeyClient:
             raise
         return released, refused
 
-    def enrol(self, machine_id: str, ref: DatasetRef, dataset: str, keyformat: str) -> ReleasedKey:
+    def enroll(self, machine_id: str, ref: DatasetRef, dataset: str, keyformat: str) -> ReleasedKey:
         answer = self.call(
             "POST",
-            protocol.ROUTE_ENROL,
+            protocol.ROUTE_ENROLL,
             {
                 "machine_id": machine_id,
                 "pool_guid": ref.pool_guid,

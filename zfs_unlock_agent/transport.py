@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from zfs_unlock_agent import __version__, pinning
+from zfs_unlock_agent import __version__
+from zfs_unlock_common import pinning
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 64
@@ -69,6 +70,21 @@ class Response(NamedTuple):
     body: bytearray  # the caller wipes it once parsed: it may hold keys
 
 
+def check_url(url: str) -> str:
+    """The one check of a server URL, made when the configuration is read and again by
+    PinnedServer: https://HOST[:PORT][/PATH], no credentials, query or fragment, a path
+    written as it goes on the wire. Returns it without a trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("server URL must be https://HOST[:PORT]")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("server URL must not carry credentials, a query or a fragment")
+    if not URL_PATH.fullmatch(parts.path):
+        raise ValueError("server URL path must be plain segments (percent-encode the rest)")
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    return url.rstrip("/")
+
+
 def client_context(client_cert: Path, client_key: Path) -> ssl.SSLContext:
     """TLS 1.2 or newer with this host's certificate; no CA store and no chain or name
     check, because the pin is the whole of the server's verification."""
@@ -94,13 +110,11 @@ class PinnedServer:
     ) -> None:
         if not pins:
             raise ValueError("at least one pin is required")
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname or not URL_PATH.fullmatch(parts.path):
-            raise ValueError("server URL must be https://HOST[:PORT][/PATH]")
-        self.host = parts.hostname
+        parts = urlsplit(check_url(url))
+        self.host = parts.hostname or ""  # check_url refused a URL without one
         self.port = parts.port or 443
         self.authority = parts.netloc  # the Host header; config refused credentials in it
-        self.prefix = parts.path.rstrip("/")  # a server may live below a path
+        self.prefix = parts.path  # a server may live below a path
         self.pins = pins
         self.context = context
         self.source_address = source_address

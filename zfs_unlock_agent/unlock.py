@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from zfs_unlock_agent import protocol, validate
-from zfs_unlock_agent.config import MANAGED_PROPERTY, Config
+from zfs_unlock_agent.config import Config
 from zfs_unlock_agent.errors import (
     EX_BADKEY,
     EX_DATAERR,
@@ -23,10 +22,12 @@ from zfs_unlock_agent.errors import (
     ZfsError,
     ZfsUnavailable,
 )
-from zfs_unlock_agent.keyclient import DatasetRef, KeyClient, ReleasedKey
+from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.udev import wait_for_links
-from zfs_unlock_agent.zfs import Dataset, Inventory, Zfs
+from zfs_unlock_agent.zfs import MANAGED_PROPERTY, Dataset, Inventory, Zfs
+from zfs_unlock_common import protocol, validate
+from zfs_unlock_common.protocol import DatasetRef
 
 ZVOL_DIR = Path("/dev/zvol")
 
@@ -174,7 +175,7 @@ class Unlocker:
         self, fetched: Sequence[tuple[Dataset, ReleasedKey]], inventory: Inventory
     ) -> dict[str, RootResult]:
         """Check each key against its root's keyformat, load the good ones (side by side),
-        wipe them all, then finish the enrolment of pending keys that loaded."""
+        wipe them all, then finish the enrollment of pending keys that loaded."""
         results: dict[str, RootResult] = {}
         loadable: list[tuple[Dataset, ReleasedKey]] = []
         try:
@@ -204,19 +205,19 @@ class Unlocker:
         return results
 
     def _activate(self, inventory: Inventory, root: Dataset, key: ReleasedKey) -> None:
-        """A pending key that opened the dataset is proven: finish an interrupted enrolment.
+        """A pending key that opened the dataset is proven: finish an interrupted enrollment.
 
-        That is enrolment's last step: the key becomes active and the dataset managed.
+        That is enrollment's last step: the key becomes active and the dataset managed.
         """
         try:
             with self.client() as client:
                 client.activate(self.machine_id, key.ref, key.key_id)
             if not root.managed:
                 self.zfs.set_property(root.name, MANAGED_PROPERTY, "on")
-            log.info("%s: enrolment completed (key %s is now active)", root.name, key.key_id)
+            log.info("%s: enrollment completed (key %s is now active)", root.name, key.key_id)
         except AgentError as exc:
             log.warning(
-                "%s: could not complete the enrolment of key %s: %s", root.name, key.key_id, exc
+                "%s: could not complete the enrollment of key %s: %s", root.name, key.key_id, exc
             )
 
     def _mount(self, unlocked: Sequence[tuple[Dataset, RootResult]], inventory: Inventory) -> None:

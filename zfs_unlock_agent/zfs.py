@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from zfs_unlock_agent import processes, validate
-from zfs_unlock_agent.config import MANAGED_PROPERTY
+from zfs_unlock_agent import processes
 from zfs_unlock_agent.errors import IncorrectKey, KeyAlreadyLoaded, ZfsError, ZfsUnavailable
 from zfs_unlock_agent.secret import Secret
+from zfs_unlock_common import validate
+
+# The user property that marks an encryption root as the agent's to unlock.
+MANAGED_PROPERTY = "zfs-unlock-agent:managed"
 
 COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
 # Roots' keys load side by side: each `zfs load-key` is a process of its own (and, for a
@@ -130,10 +133,20 @@ class Inventory(NamedTuple):
             raise ZfsUnavailable(f"{dataset.name}: pool {dataset.pool} is not imported") from None
 
 
+class Programs(Protocol):
+    """Which zfs and zpool to run ([zfs] in agent.toml: config.ZfsSettings)."""
+
+    @property
+    def zfs(self) -> str: ...
+
+    @property
+    def zpool(self) -> str: ...
+
+
 class Zfs:
-    def __init__(self, zfs: str = "zfs", zpool: str = "zpool") -> None:
-        self.zfs = zfs
-        self.zpool = zpool
+    def __init__(self, programs: Programs) -> None:
+        self.zfs = programs.zfs
+        self.zpool = programs.zpool
 
     @staticmethod
     def _environment(passed: Sequence[str] = ()) -> dict[str, str]:

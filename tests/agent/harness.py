@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes import FakeZfs
-from tests.keyserver import HostCreds, KeyServer, enrol, toml_value
+from tests.keyserver import HostCreds, KeyServer, enroll, toml_value
 
 AGENT_BIN = Path(sys.executable).with_name("zfs-unlock-agent")
 
@@ -94,10 +94,10 @@ class AgentHost:
         keyformat: str = "raw",
         key: bytes | None = None,
     ) -> bytes:
-        """Enrol (and activate) a key on the server for a dataset; return its bytes."""
+        """Enroll (and activate) a key on the server for a dataset; return its bytes."""
         extra = {"key": base64.b64encode(key).decode()} if key is not None else {}
         with self.server.session(self.creds) as session:
-            response = enrol(
+            response = enroll(
                 session,
                 self.server,
                 self.creds,

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import zfs_unlock_agent
+import zfs_unlock_common
 from bench.common import machine_id_for
 from tests.agent.harness import AgentHost
 from tests.chroot import Image
@@ -132,8 +133,11 @@ def test_every_module_the_unlock_path_imports_is_listed(listed: list[tuple[str, 
         if path.suffix == ".py" and cached.is_file():
             assert cached in paths, f"{path}'s bytecode"
     package = Path(zfs_unlock_agent.__file__).parent
-    for name in ("__main__.py", "cli.py", "keyclient.py", "pinning.py", "unlock.py", "zfs.py"):
+    for name in ("__main__.py", "cli.py", "keyclient.py", "unlock.py", "zfs.py"):
         assert package / name in paths
+    common = Path(zfs_unlock_common.__file__).parent
+    for name in ("pinning.py", "protocol.py", "validate.py"):
+        assert common / name in paths
     assert Path(os.__file__) in paths  # the interpreter's landmark for its standard library
 
 
@@ -143,8 +147,9 @@ def test_the_large_libraries_are_not_listed(listed: list[tuple[str, Path]]) -> N
         assert not parts & set(NOT_ON_THE_UNLOCK_PATH), path
         assert "zfs_unlock_server" not in str(path) and "gunicorn" not in str(path), path
     package = Path(zfs_unlock_agent.__file__).parent
-    for name in ("identity.py", "daemon.py", "notify.py"):  # X.509 and the daemon's modules
+    for name in ("daemon.py", "notify.py"):  # the daemon's modules
         assert ("file", package / name) not in listed
+    assert ("file", Path(zfs_unlock_common.__file__).parent / "csr.py") not in listed  # X.509
 
 
 # With --config
@@ -325,9 +330,9 @@ def copied_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ).stdout.strip()
     )
     ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(
-        Path(zfs_unlock_agent.__file__).parent, site_dir / "zfs_unlock_agent", ignore=ignore
-    )
+    for package in (zfs_unlock_agent, zfs_unlock_common):
+        source = Path(package.__file__ or "").parent
+        shutil.copytree(source, site_dir / source.name, ignore=ignore)
     for name in DEPENDENCIES:
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin is not None, name

@@ -17,8 +17,8 @@ import pytest
 from tests.agent.harness import AGENT_BIN
 from zfs_unlock_agent import config
 from zfs_unlock_agent.errors import EX_CONFIG, EX_OK, ConfigError
-from zfs_unlock_agent.identity import new_key_and_csr
 from zfs_unlock_agent.secret import Secret
+from zfs_unlock_common.csr import new_key_and_csr
 
 REPO = Path(__file__).parents[2]
 EXAMPLE = REPO / "examples" / "agent.toml"
@@ -67,7 +67,7 @@ def test_relative_paths_are_relative_to_the_file() -> None:
     assert cfg.client_key == path.parent / "tls" / "client.key"
     assert [len(s.pins) for s in cfg.servers] == [2, 1]
     assert cfg.network.deadline == 20
-    assert cfg.network.connect_timeout == config.Network().connect_timeout
+    assert cfg.network.connect_timeout == config.NetworkSettings().connect_timeout
 
 
 def test_full_sample_sets_every_setting() -> None:
@@ -75,9 +75,9 @@ def test_full_sample_sets_every_setting() -> None:
 
     assert cfg.servers[0].url == "https://keys.example.net:8443"  # trailing slash dropped
     assert cfg.machine_id_file == Path("/run/machine-id")
-    assert cfg.network == config.Network(2, 4.5, 120, 1, 30)
-    assert cfg.datasets == config.Datasets(False, ("tank/secret", "backup/vm disk:0"))
-    assert cfg.zfs == config.Zfs("/usr/sbin/zfs", "/usr/sbin/zpool", 5, Path("/run/zvol"))
+    assert cfg.network == config.NetworkSettings(2, 4.5, 120, 1, 30)
+    assert cfg.datasets == config.DatasetSettings(False, ("tank/secret", "backup/vm disk:0"))
+    assert cfg.zfs == config.ZfsSettings("/usr/sbin/zfs", "/usr/sbin/zpool", 5, Path("/run/zvol"))
 
 
 def test_example_documents_every_setting_with_its_default() -> None:
@@ -98,16 +98,16 @@ def test_example_documents_every_setting_with_its_default() -> None:
     }
     assert set(document["server"][0]) == {"url", "pins"}
     assert set(document["client"]) == {"certificate", "key"}
-    assert set(document["network"]) == names(config.Network)
-    assert set(document["datasets"]) == {"include"} | {"property"} == names(config.Datasets)
-    assert set(document["zfs"]) == names(config.Zfs)
-    assert set(document["daemon"]) == names(config.Daemon)
+    assert set(document["network"]) == names(config.NetworkSettings)
+    assert set(document["datasets"]) == {"include"} | {"property"} == names(config.DatasetSettings)
+    assert set(document["zfs"]) == names(config.ZfsSettings)
+    assert set(document["daemon"]) == names(config.DaemonSettings)
 
     cfg = config.load(EXAMPLE, check_files=False)
-    assert cfg.network == config.Network()
-    assert cfg.datasets == config.Datasets()
-    assert cfg.zfs == config.Zfs()
-    assert cfg.daemon == config.Daemon()
+    assert cfg.network == config.NetworkSettings()
+    assert cfg.datasets == config.DatasetSettings()
+    assert cfg.zfs == config.ZfsSettings()
+    assert cfg.daemon == config.DaemonSettings()
     assert cfg.machine_id_file == Path("/etc/machine-id")
     assert (cfg.client_certificate, cfg.client_key) == (
         EXAMPLE.parent / "client.crt",

@@ -28,11 +28,12 @@ from tests.agent.daemon_harness import WAIT, DaemonProcess, Daemons, Message, da
 from tests.agent.harness import AgentHost
 from tests.agent.test_transport import assert_absent
 from tests.keyserver import KeyServer
-from zfs_unlock_agent import config, pinning
+from zfs_unlock_agent import config
 from zfs_unlock_agent.daemon import Daemon, Signals
 from zfs_unlock_agent.notify import Notifier
 from zfs_unlock_agent.udev import PoolDiskWatch
 from zfs_unlock_agent.unlock import RootResult
+from zfs_unlock_common import pinning
 
 WATCHDOG_USEC = 2_000_000  # the daemon pets it every second
 EX_CONFIG = 78

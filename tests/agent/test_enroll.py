@@ -1,4 +1,4 @@
-"""Enrolment against the real key server, with the fake zfs.
+"""Enrollment against the real key server, with the fake zfs.
 
 A dataset is moved to a server key (or created with one), and an interruption at
 any point leaves a key that opens the data: the old one before `change-key`, the
@@ -18,7 +18,7 @@ import pytest
 from tests.agent.harness import AgentHost
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import errors
-from zfs_unlock_agent.config import MANAGED_PROPERTY
+from zfs_unlock_agent.zfs import MANAGED_PROPERTY
 
 
 def new_host(server: KeyServer, tmp_path: Path, name: str) -> AgentHost:
@@ -80,7 +80,7 @@ def crashing_zfs(host: AgentHost, tmp_path: Path, after: str) -> None:
     host.write_config(zfs_settings={"zfs": str(wrapper)})
 
 
-def test_enrol_new_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
+def test_enroll_new_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     host = new_host(shared_keyserver, tmp_path, "new")
 
     result = host.run("enroll", "--dataset", "tank/new")
@@ -101,7 +101,7 @@ def test_enrol_new_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("keyformat", ["raw", "hex"])
-def test_enrol_dataset_with_a_key_file(
+def test_enroll_dataset_with_a_key_file(
     shared_keyserver: KeyServer, tmp_path: Path, keyformat: str
 ) -> None:
     host = new_host(shared_keyserver, tmp_path, f"keyfile-{keyformat}")
@@ -124,7 +124,7 @@ def test_enrol_dataset_with_a_key_file(
     assert_boot_unlock_opens(host, "tank/data")
 
 
-def test_enrol_passes_the_https_keylocation_variables_to_load_key(
+def test_enroll_passes_the_https_keylocation_variables_to_load_key(
     shared_keyserver: KeyServer, tmp_path: Path
 ) -> None:
     """libzfs fetches a keylocation=https:// key with SSL_CA_CERT_FILE, SSL_CLIENT_CERT_FILE
@@ -152,7 +152,7 @@ def test_enrol_passes_the_https_keylocation_variables_to_load_key(
     assert others and not [c for c in others if any(k.startswith("SSL_") for k in c["env"])]
 
 
-def test_enrol_loaded_passphrase_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
+def test_enroll_loaded_passphrase_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     host = new_host(shared_keyserver, tmp_path, "passphrase")
     host.zfs.add_encrypted(
         "tank/home", b"correct horse battery staple", "passphrase", "available", managed=False
@@ -181,14 +181,14 @@ def test_key_not_loaded_with_prompt_is_a_usage_error(
     assert "tank/home" in result.stderr
     assert "not loaded" in result.stderr
     assert "zfs load-key tank/home" in result.stderr
-    # keylocation=prompt may also mean an interrupted enrolment: say how to resume.
+    # keylocation=prompt may also mean an interrupted enrollment: say how to resume.
     assert "zfs-unlock-agent --dataset tank/home" in result.stderr
     assert host.zfs.load() == before
     assert server_keys(host) == []
     requests = [
         r
         for r in shared_keyserver.audit_records()
-        if r.get("host") == "notloaded" and r.get("event") in ("enrol", "release", "activate")
+        if r.get("host") == "notloaded" and r.get("event") in ("enroll", "release", "activate")
     ]
     assert requests == []  # refused before the server was asked for anything
 
@@ -216,7 +216,7 @@ def test_interrupted_enrolment_leaves_a_key_that_opens_the_data(
     assert result.returncode == 0, result.stderr
     assert host.zfs.keystatus("tank/data") == "available"
     assert host.zfs.dataset("tank/data")["mounted"]
-    # That unlock proved the key, so it completed the enrolment: active, and managed.
+    # That unlock proved the key, so it completed the enrollment: active, and managed.
     assert server_key_for(host, "tank/data")["state"] == "active"
     assert managed(host, "tank/data") == "on"
     assert_boot_unlock_opens(host, "tank/data")
@@ -248,7 +248,7 @@ def test_rerunning_an_interrupted_enrolment_completes_it(
 def test_interrupted_creation_is_completed_by_boot_unlock(
     shared_keyserver: KeyServer, tmp_path: Path
 ) -> None:
-    """A new dataset is managed from birth, so a plain unlock finishes its enrolment."""
+    """A new dataset is managed from birth, so a plain unlock finishes its enrollment."""
     host = new_host(shared_keyserver, tmp_path, "crash-new")
     crashing_zfs(host, tmp_path, "change-key")
     assert host.run("enroll", "--dataset", "tank/new").returncode != 0

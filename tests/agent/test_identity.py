@@ -1,4 +1,4 @@
-"""`identity` makes the host's key pair once and tells the admin how to enrol it; logs suit journald."""
+"""`identity` makes the host's key pair once and tells the admin how to enroll it; logs suit journald."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_identity_creates_a_private_key_and_csr_once(
     assert again.returncode == 0 and "not replaced" in again.stderr
     assert fresh_key.read_bytes() == key_before
 
-    # The printed command enrols the host as written (CSR in, certificate out);
+    # The printed command enrolls the host as written (CSR in, certificate out);
     # the harness had enrolled this machine-id under another name already.
     shared_keyserver.must("host", "remove", "identity-host")
     argv = command.split()[1:]

@@ -9,7 +9,7 @@ import pytest
 
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import transport
-from zfs_unlock_agent.config import Network, Server
+from zfs_unlock_agent.config import NetworkSettings, ServerSettings
 from zfs_unlock_agent.errors import ServerUnavailable
 from zfs_unlock_agent.keyclient import KeyClient, summarize
 
@@ -38,9 +38,9 @@ def test_a_last_attempt_cut_short_does_not_hide_what_the_server_said(
     times out: the error names both, the 500s first."""
     me = shared_keyserver.add_host("kc-summary")
     time = FakeTime()
-    network = Network(deadline=10, backoff_initial=1, backoff_max=1)
+    network = NetworkSettings(deadline=10, backoff_initial=1, backoff_max=1)
     client = KeyClient(
-        [Server("https://127.0.0.1:9", (b"\0" * 32,))],
+        [ServerSettings("https://127.0.0.1:9", (b"\0" * 32,))],
         me.cert,
         me.key,
         network,

@@ -1,4 +1,4 @@
-"""The pin walker: zfs_unlock_agent.pinning finds the SubjectPublicKeyInfo by position.
+"""The pin walker: zfs_unlock_common.pinning finds the SubjectPublicKeyInfo by position.
 
 It must hash exactly the bytes cryptography calls the SubjectPublicKeyInfo, for every
 key type a server may use, with and without the version field (v1 certificates) and
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from zfs_unlock_agent import pinning
+from zfs_unlock_common import pinning
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

@@ -23,7 +23,8 @@ from tests.fakes.stub_https import (
     self_signed_cert,
 )
 from tests.keyserver import HostCreds, KeyServer
-from zfs_unlock_agent import pinning, transport
+from zfs_unlock_agent import transport
+from zfs_unlock_common import pinning
 
 MAX_BODY = 1024
 T = TypeVar("T")

@@ -22,7 +22,8 @@ from bench.common import free_port
 from tests.agent.harness import AgentHost
 from tests.fakes import sha256
 from tests.keyserver import KeyServer
-from zfs_unlock_agent import errors, pinning
+from zfs_unlock_agent import errors
+from zfs_unlock_common import pinning
 
 MAN_PAGE = Path(__file__).parents[2] / "docs" / "man" / "zfs-unlock-agent.8"
 

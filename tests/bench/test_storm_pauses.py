@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from bench import common, storm
-from zfs_unlock_agent.config import Network
+from zfs_unlock_agent.config import NetworkSettings
 from zfs_unlock_agent.keyclient import retry_delay
 
 
 def test_agent_pauses_are_the_agents_backoff_with_the_drawn_jitter() -> None:
-    network = Network()
+    network = NetworkSettings()
     draws = iter([0.5, 0.9, 0.1, 0.99, 0.7, 0.3, 0.8, 0.6, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5])
     drawn: list[float] = []
 
@@ -32,7 +32,7 @@ def test_agent_pauses_are_the_agents_backoff_with_the_drawn_jitter() -> None:
 
 
 def test_agent_pauses_never_pass_backoff_max_and_cover_the_budget() -> None:
-    network = Network()
+    network = NetworkSettings()
     jitter = random.Random(7).random  # noqa: S311 - not a secret
     for _ in range(200):
         pauses = storm.agent_pauses(network, 30.0, jitter)
@@ -41,13 +41,13 @@ def test_agent_pauses_never_pass_backoff_max_and_cover_the_budget() -> None:
 
 
 def test_the_ceiling_doubles_from_backoff_initial() -> None:
-    network = Network(backoff_initial=0.5, backoff_max=10.0)
+    network = NetworkSettings(backoff_initial=0.5, backoff_max=10.0)
     almost_one = storm.agent_pauses(network, 30.0, lambda: 0.999999)
     assert almost_one == pytest.approx([0.5, 1, 2, 4, 8, 10, 10], rel=1e-5)
 
 
 def test_zero_jitter_ends_at_the_bound_instead_of_looping() -> None:
-    assert storm.agent_pauses(Network(), 30.0, lambda: 0.0) == [0.0] * storm.MAX_PAUSES
+    assert storm.agent_pauses(NetworkSettings(), 30.0, lambda: 0.0) == [0.0] * storm.MAX_PAUSES
 
 
 def test_fixed_pauses_cover_the_budget() -> None:

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from zfs_unlock_agent import pinning
+from zfs_unlock_common import pinning
 from zfs_unlock_server import pki
 
 MAX_HEAD = 64 * 1024

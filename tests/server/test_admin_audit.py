@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from tests.keyserver import KeyServer, enrol, release
-from zfs_unlock_agent.identity import new_key_and_csr
+from tests.keyserver import KeyServer, enroll, release
+from zfs_unlock_common.csr import new_key_and_csr
 
 POOL = "4444444444444444444"
 EX_DATAERR, EX_IOERR = 65, 74
@@ -96,7 +96,7 @@ def test_removed_certificate_stops_working_and_the_other_one_keeps_working(
     )
     keyserver.start()
     with keyserver.session(first) as session:
-        assert enrol(session, keyserver, first, POOL, "77").status_code == 201
+        assert enroll(session, keyserver, first, POOL, "77").status_code == 201
     fingerprints = [
         line.split('"sha256": "')[1].split('"')[0]
         for line in keyserver.must("host", "show", "renewed", "--json").splitlines()
@@ -113,18 +113,18 @@ def test_removed_certificate_stops_working_and_the_other_one_keeps_working(
     assert "certificate_removed" in events(keyserver)
 
 
-def test_only_a_revoked_key_can_be_deleted_and_then_the_dataset_may_enrol_again(
+def test_only_a_revoked_key_can_be_deleted_and_then_the_dataset_may_enroll_again(
     keyserver: KeyServer,
 ) -> None:
     host = keyserver.add_host("deleter")
     keyserver.start()
     with keyserver.session(host) as session:
-        key_id = enrol(session, keyserver, host, POOL, "88").json()["key_id"]
+        key_id = enroll(session, keyserver, host, POOL, "88").json()["key_id"]
         assert keyserver.admin("key", "delete", key_id)[0] == EX_DATAERR  # still live
         keyserver.must("key", "revoke", key_id)
-        assert enrol(session, keyserver, host, POOL, "88").status_code == 409
+        assert enroll(session, keyserver, host, POOL, "88").status_code == 409
         keyserver.must("key", "delete", key_id)
-        again = enrol(session, keyserver, host, POOL, "88")
+        again = enroll(session, keyserver, host, POOL, "88")
     assert again.status_code == 201 and again.json()["key_id"] != key_id
     assert "key_deleted" in events(keyserver)
 
@@ -164,14 +164,14 @@ def test_a_tampered_pending_key_is_not_handed_out_again(keyserver: KeyServer) ->
     host = keyserver.add_host("tampered")
     keyserver.start()
     with keyserver.session(host) as session:
-        assert enrol(session, keyserver, host, POOL, "1").status_code == 201
-        assert enrol(session, keyserver, host, POOL, "2").status_code == 201
+        assert enroll(session, keyserver, host, POOL, "1").status_code == 201
+        assert enroll(session, keyserver, host, POOL, "2").status_code == 201
         db = sqlite3.connect(keyserver.data_dir / "keys.db")
         with db:
             rows = dict(db.execute("SELECT dataset_guid, sealed FROM keys").fetchall())
             db.execute("UPDATE keys SET sealed = ? WHERE dataset_guid = '1'", (rows["2"],))
         db.close()
-        repeated = enrol(session, keyserver, host, POOL, "1")
+        repeated = enroll(session, keyserver, host, POOL, "1")
     assert repeated.status_code == 403 and "key" not in repeated.json()
     assert keyserver.audit_records()[-1]["reason"] == "integrity_failure"
 
@@ -185,7 +185,7 @@ def test_enrolment_and_checkin_that_cannot_be_audited_change_nothing(
     time.sleep(1.1)  # so a touched last_seen would differ
     keyserver.start()
     with keyserver.session(host) as session:
-        assert enrol(session, keyserver, host, POOL, "31").status_code == 503
+        assert enroll(session, keyserver, host, POOL, "31").status_code == 503
         checkin = session.post(
             keyserver.url("/v1/checkin"), json={"machine_id": host.machine_id}, timeout=10
         )

@@ -28,8 +28,8 @@ from tests.keyserver import (
     KeyServer,
     release,
 )
-from zfs_unlock_agent import pinning
-from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_common import pinning
+from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import pki
 from zfs_unlock_server.config import DATA_DIR_ENV, Layout
 from zfs_unlock_server.tlsctx import server_context

@@ -1,6 +1,6 @@
-"""An acknowledged key survives any crash: kill -9 mid-enrolment, over and over; SIGTERM is clean.
+"""An acknowledged key survives any crash: kill -9 mid-enrollment, over and over; SIGTERM is clean.
 
-The server commits every enrolment (synchronous=FULL) and its audit record
+The server commits every enrollment (synchronous=FULL) and its audit record
 before it answers 201, so whatever a client was told exists must still exist,
 intact and openable, after the whole process group is killed at a random moment.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from tests.keyserver import HostCreds, KeyServer, enrol
+from tests.keyserver import HostCreds, KeyServer, enroll
 from zfs_unlock_server import sealing
 from zfs_unlock_server.sealing import KeyContext, Sealer
 
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:unclosed <ssl\.SSLSocket:Resour
 
 @dataclass
 class Enroller:
-    """Enrols keys back to back until the server goes away; remembers every 201."""
+    """Enrolls keys back to back until the server goes away; remembers every 201."""
 
     server: KeyServer
     host: HostCreds
@@ -64,7 +64,7 @@ class Enroller:
                 guid = str(next(_guids))
                 keyformat = "raw" if int(guid) % 2 else "hex"
                 try:
-                    response = enrol(
+                    response = enroll(
                         session,
                         self.server,
                         self.host,
@@ -95,7 +95,7 @@ class Enroller:
         finally:
             self.stopping.set()
             thread.join(timeout=30)
-            assert not thread.is_alive(), "the enrolment thread hung"
+            assert not thread.is_alive(), "the enrollment thread hung"
             gc.collect()  # while the warning filter above applies
 
 
@@ -208,7 +208,7 @@ def test_sigterm_stops_the_server_cleanly_within_seconds(keyserver: KeyServer) -
     assert keyserver.process is not None
     pid = keyserver.process.pid
     with Enroller(keyserver, host).running() as enroller:
-        time.sleep(0.3)  # under load: enrolments in flight
+        time.sleep(0.3)  # under load: enrollments in flight
         enroller.stopping.set()
         began = time.monotonic()
         code = keyserver.stop(signal.SIGTERM)

@@ -387,7 +387,7 @@ def test_a_20_digit_content_length_reaches_the_application() -> None:
     # The application answers 413 from the header alone, reading nothing.
     length = b"9" * 20
     app = RecordingApp(read=0, status="413 Payload Too Large")
-    data = request(b"POST", b"/v1/enrol", [b"Content-Length: " + length], b"{")
+    data = request(b"POST", b"/v1/enroll", [b"Content-Length: " + length], b"{")
     response, complete, app = serve(data, app)
     assert app.environ is not None
     assert app.environ["CONTENT_LENGTH"] == length.decode()

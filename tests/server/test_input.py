@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.keyserver import HostCreds, KeyServer
-from zfs_unlock_agent import protocol, validate
+from zfs_unlock_common import protocol, validate
 
 MID = "5eed" * 8  # the enrolled host's machine-id
 POOL = "1111111111111111111"
@@ -137,7 +137,7 @@ def post_json(target: str, payload: Any) -> bytes:
     return post(target, json.dumps(payload).encode("utf-8"))
 
 
-def enrol_body(**overrides: Any) -> dict[str, Any]:
+def enroll_body(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "machine_id": MID,
         "pool_guid": POOL,
@@ -149,8 +149,8 @@ def enrol_body(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not _ABSENT}
 
 
-def enrol_with(**overrides: Any) -> bytes:
-    return post_json(protocol.ROUTE_ENROL, enrol_body(**overrides))
+def enroll_with(**overrides: Any) -> bytes:
+    return post_json(protocol.ROUTE_ENROLL, enroll_body(**overrides))
 
 
 def b64(data: bytes) -> str:
@@ -261,10 +261,10 @@ METHOD_CASES = [
     Case("put-on-release-one", get(RELEASE_ONE, "PUT"), 405, METHOD, allow="GET"),
     Case("post-on-legacy", post(f"{LEGACY}/name", b"{}"), 405, METHOD, allow="GET"),
     Case("get-on-checkin", get(protocol.ROUTE_CHECKIN), 405, METHOD, allow="POST"),
-    Case("get-on-enrol", get(protocol.ROUTE_ENROL), 405, METHOD, allow="POST"),
+    Case("get-on-enroll", get(protocol.ROUTE_ENROLL), 405, METHOD, allow="POST"),
     Case(
-        "put-on-enrol",
-        post(protocol.ROUTE_ENROL, b"{}").replace(b"POST", b"PUT", 1),
+        "put-on-enroll",
+        post(protocol.ROUTE_ENROLL, b"{}").replace(b"POST", b"PUT", 1),
         405,
         METHOD,
         allow="POST",
@@ -284,7 +284,7 @@ FRAMING_CASES = [
     Case("no-content-type", post(protocol.ROUTE_CHECKIN, CHECKIN_BODY, None), 415, MEDIA),
     Case("text-plain", post(protocol.ROUTE_CHECKIN, CHECKIN_BODY, "text/plain"), 415, MEDIA),
     Case(
-        "form", post(protocol.ROUTE_ENROL, b"a=b", "application/x-www-form-urlencoded"), 415, MEDIA
+        "form", post(protocol.ROUTE_ENROLL, b"a=b", "application/x-www-form-urlencoded"), 415, MEDIA
     ),
     Case(
         "json-lookalike",
@@ -308,8 +308,8 @@ FRAMING_CASES = [
     # 1 KiB of body; a server that tried to read the rest would stall for its
     # io_timeout and the case would fail on time).
     Case("length-max+1", post(protocol.ROUTE_CHECKIN, FILLER, length=MAX + 1), 413, TOO_LARGE),
-    Case("length-huge", post(protocol.ROUTE_ENROL, FILLER, length=10**12), 413, TOO_LARGE),
-    Case("length-2**64", post(protocol.ROUTE_ENROL, FILLER, length=U64), 413, TOO_LARGE),
+    Case("length-huge", post(protocol.ROUTE_ENROLL, FILLER, length=10**12), 413, TOO_LARGE),
+    Case("length-2**64", post(protocol.ROUTE_ENROLL, FILLER, length=U64), 413, TOO_LARGE),
     Case(
         "body-max+1",
         post(protocol.ROUTE_CHECKIN, b" " * (MAX + 1)),
@@ -392,92 +392,96 @@ JSON_CASES = [
     ),
 ]
 
-ENROL_CASES = [
+ENROLL_CASES = [
     # Dataset names ZFS would refuse (or read as an option).
-    Case("name-empty", enrol_with(dataset=""), 400, NAME_LENGTH),
-    Case("name-300", enrol_with(dataset="tank/" + "x" * 295), 400, NAME_LENGTH),
-    Case("name-int", enrol_with(dataset=7), 400, NAME_LENGTH),
-    Case("name-null", enrol_with(dataset=None), 400, NAME_LENGTH),
-    Case("name-option", enrol_with(dataset="-o"), 400, NAME_START, hostile=(b"-o",)),
-    Case("name-digit-first", enrol_with(dataset="1tank/x"), 400, NAME_START),
-    Case("name-leading-slash", enrol_with(dataset="/tank"), 400, NAME_START),
-    Case("name-non-ascii-pool", enrol_with(dataset="ëtank/x"), 400, NAME_START),
-    Case("name-reserved-pool", enrol_with(dataset="mirror/x"), 400, NAME_RESERVED),
-    Case("name-double-slash", enrol_with(dataset="pool//x"), 400, NAME_COMPONENT),
-    Case("name-trailing-slash", enrol_with(dataset="tank/"), 400, NAME_COMPONENT),
+    Case("name-empty", enroll_with(dataset=""), 400, NAME_LENGTH),
+    Case("name-300", enroll_with(dataset="tank/" + "x" * 295), 400, NAME_LENGTH),
+    Case("name-int", enroll_with(dataset=7), 400, NAME_LENGTH),
+    Case("name-null", enroll_with(dataset=None), 400, NAME_LENGTH),
+    Case("name-option", enroll_with(dataset="-o"), 400, NAME_START, hostile=(b"-o",)),
+    Case("name-digit-first", enroll_with(dataset="1tank/x"), 400, NAME_START),
+    Case("name-leading-slash", enroll_with(dataset="/tank"), 400, NAME_START),
+    Case("name-non-ascii-pool", enroll_with(dataset="ëtank/x"), 400, NAME_START),
+    Case("name-reserved-pool", enroll_with(dataset="mirror/x"), 400, NAME_RESERVED),
+    Case("name-double-slash", enroll_with(dataset="pool//x"), 400, NAME_COMPONENT),
+    Case("name-trailing-slash", enroll_with(dataset="tank/"), 400, NAME_COMPONENT),
     Case(
-        "name-snapshot", enrol_with(dataset="tank/a@snap"), 400, NAME_COMPONENT, hostile=(b"@snap",)
+        "name-snapshot",
+        enroll_with(dataset="tank/a@snap"),
+        400,
+        NAME_COMPONENT,
+        hostile=(b"@snap",),
     ),
-    Case("name-bookmark", enrol_with(dataset="tank/a#mark"), 400, NAME_COMPONENT),
-    Case("name-dotdot", enrol_with(dataset="tank/../x"), 400, NAME_COMPONENT),
-    Case("name-non-ascii", enrol_with(dataset="tank/dätä"), 400, NAME_COMPONENT),
-    Case("name-newline", enrol_with(dataset="tank/x\nrm"), 400, NAME_COMPONENT),
-    Case("name-percent", enrol_with(dataset="tank/x%y"), 400, NAME_COMPONENT),
+    Case("name-bookmark", enroll_with(dataset="tank/a#mark"), 400, NAME_COMPONENT),
+    Case("name-dotdot", enroll_with(dataset="tank/../x"), 400, NAME_COMPONENT),
+    Case("name-non-ascii", enroll_with(dataset="tank/dätä"), 400, NAME_COMPONENT),
+    Case("name-newline", enroll_with(dataset="tank/x\nrm"), 400, NAME_COMPONENT),
+    Case("name-percent", enroll_with(dataset="tank/x%y"), 400, NAME_COMPONENT),
     # GUIDs in bodies.
-    Case("pool-zero", enrol_with(pool_guid="0"), 400, guid_error("pool_guid")),
-    Case("pool-leading-zero", enrol_with(pool_guid="0" + POOL), 400, guid_error("pool_guid")),
-    Case("pool-2**64", enrol_with(pool_guid=str(U64)), 400, guid_error("pool_guid")),
-    Case("pool-negative", enrol_with(pool_guid="-1"), 400, guid_error("pool_guid")),
-    Case("pool-non-digit", enrol_with(pool_guid="1e3"), 400, guid_error("pool_guid")),
-    Case("pool-int", enrol_with(pool_guid=int(POOL)), 400, guid_error("pool_guid")),
-    Case("dataset-guid-empty", enrol_with(dataset_guid=""), 400, guid_error("dataset_guid")),
+    Case("pool-zero", enroll_with(pool_guid="0"), 400, guid_error("pool_guid")),
+    Case("pool-leading-zero", enroll_with(pool_guid="0" + POOL), 400, guid_error("pool_guid")),
+    Case("pool-2**64", enroll_with(pool_guid=str(U64)), 400, guid_error("pool_guid")),
+    Case("pool-negative", enroll_with(pool_guid="-1"), 400, guid_error("pool_guid")),
+    Case("pool-non-digit", enroll_with(pool_guid="1e3"), 400, guid_error("pool_guid")),
+    Case("pool-int", enroll_with(pool_guid=int(POOL)), 400, guid_error("pool_guid")),
+    Case("dataset-guid-empty", enroll_with(dataset_guid=""), 400, guid_error("dataset_guid")),
     Case(
         "dataset-guid-fullwidth",
-        enrol_with(dataset_guid="\uff11\uff12\uff13"),
+        enroll_with(dataset_guid="\uff11\uff12\uff13"),
         400,
         guid_error("dataset_guid"),
     ),
     # Key formats and imported keys.
-    Case("keyformat-unknown", enrol_with(keyformat="aes"), 400, KEYFORMAT),
-    Case("keyformat-uppercase", enrol_with(keyformat="RAW"), 400, KEYFORMAT),
-    Case("keyformat-missing", enrol_with(keyformat=_ABSENT), 400, missing("keyformat")),
-    Case("passphrase-without-key", enrol_with(keyformat="passphrase"), 400, PASSPHRASE_NEEDS_KEY),
-    Case("key-not-base64", enrol_with(key="not base64!"), 400, NOT_BASE64),
-    Case("key-base64-unpadded", enrol_with(key="AAA"), 400, NOT_BASE64),
-    Case("key-non-ascii", enrol_with(key="ÄÄÄÄ"), 400, NOT_BASE64),
-    Case("key-int", enrol_with(key=12345), 400, NOT_BASE64),
-    Case("key-null", enrol_with(key=None), 400, NOT_BASE64),
-    Case("key-too-long-text", enrol_with(key="A" * 1028), 400, NOT_BASE64),
-    Case("raw-key-empty", enrol_with(key=""), 400, raw_key_length(0)),
-    Case("raw-key-31", enrol_with(key=b64(b"\x01" * 31)), 400, raw_key_length(31)),
-    Case("raw-key-33", enrol_with(key=b64(b"\x01" * 33)), 400, raw_key_length(33)),
-    Case("hex-key-63", enrol_with(keyformat="hex", key=b64(b"a" * 63)), 400, HEX_KEY),
-    Case("hex-key-65", enrol_with(keyformat="hex", key=b64(b"a" * 65)), 400, HEX_KEY),
-    Case("hex-key-non-hex", enrol_with(keyformat="hex", key=b64(b"g" * 64)), 400, HEX_KEY),
-    Case("hex-key-as-raw", enrol_with(keyformat="hex", key=b64(b"\x01" * 32)), 400, HEX_KEY),
+    Case("keyformat-unknown", enroll_with(keyformat="aes"), 400, KEYFORMAT),
+    Case("keyformat-uppercase", enroll_with(keyformat="RAW"), 400, KEYFORMAT),
+    Case("keyformat-missing", enroll_with(keyformat=_ABSENT), 400, missing("keyformat")),
+    Case("passphrase-without-key", enroll_with(keyformat="passphrase"), 400, PASSPHRASE_NEEDS_KEY),
+    Case("key-not-base64", enroll_with(key="not base64!"), 400, NOT_BASE64),
+    Case("key-base64-unpadded", enroll_with(key="AAA"), 400, NOT_BASE64),
+    Case("key-non-ascii", enroll_with(key="ÄÄÄÄ"), 400, NOT_BASE64),
+    Case("key-int", enroll_with(key=12345), 400, NOT_BASE64),
+    Case("key-null", enroll_with(key=None), 400, NOT_BASE64),
+    Case("key-too-long-text", enroll_with(key="A" * 1028), 400, NOT_BASE64),
+    Case("raw-key-empty", enroll_with(key=""), 400, raw_key_length(0)),
+    Case("raw-key-31", enroll_with(key=b64(b"\x01" * 31)), 400, raw_key_length(31)),
+    Case("raw-key-33", enroll_with(key=b64(b"\x01" * 33)), 400, raw_key_length(33)),
+    Case("hex-key-63", enroll_with(keyformat="hex", key=b64(b"a" * 63)), 400, HEX_KEY),
+    Case("hex-key-65", enroll_with(keyformat="hex", key=b64(b"a" * 65)), 400, HEX_KEY),
+    Case("hex-key-non-hex", enroll_with(keyformat="hex", key=b64(b"g" * 64)), 400, HEX_KEY),
+    Case("hex-key-as-raw", enroll_with(keyformat="hex", key=b64(b"\x01" * 32)), 400, HEX_KEY),
     Case(
         "passphrase-7",
-        enrol_with(keyformat="passphrase", key=b64(b"x" * 7)),
+        enroll_with(keyformat="passphrase", key=b64(b"x" * 7)),
         400,
         passphrase_length(7),
     ),
     Case(
         "passphrase-513",
-        enrol_with(keyformat="passphrase", key=b64(b"x" * 513)),
+        enroll_with(keyformat="passphrase", key=b64(b"x" * 513)),
         400,
         passphrase_length(513),
     ),
     Case(
         "passphrase-newline",
-        enrol_with(keyformat="passphrase", key=b64(b"EVILpass\nword")),
+        enroll_with(keyformat="passphrase", key=b64(b"EVILpass\nword")),
         400,
         PASSPHRASE_CHARS,
         hostile=(b"EVIL",),
     ),
     Case(
         "passphrase-cr",
-        enrol_with(keyformat="passphrase", key=b64(b"password\r")),
+        enroll_with(keyformat="passphrase", key=b64(b"password\r")),
         400,
         PASSPHRASE_CHARS,
     ),
     Case(
         "passphrase-nul",
-        enrol_with(keyformat="passphrase", key=b64(b"pass\0word")),
+        enroll_with(keyformat="passphrase", key=b64(b"pass\0word")),
         400,
         PASSPHRASE_CHARS,
     ),
-    Case("enrol-unknown-field", enrol_with(owner="root"), 400, UNKNOWN),
-    Case("enrol-mid-uppercase", enrol_with(machine_id=MID.upper()), 400, MACHINE_ID),
+    Case("enroll-unknown-field", enroll_with(owner="root"), 400, UNKNOWN),
+    Case("enroll-mid-uppercase", enroll_with(machine_id=MID.upper()), 400, MACHINE_ID),
 ]
 
 ACTIVATE_CASES = [
@@ -529,7 +533,7 @@ CASES = (
     + METHOD_CASES
     + FRAMING_CASES
     + JSON_CASES
-    + ENROL_CASES
+    + ENROLL_CASES
     + ACTIVATE_CASES
     + BATCH_CASES
 )
@@ -667,9 +671,9 @@ def test_the_whole_table_changed_nothing_and_the_server_still_works(
     # No case reached the catch-all: no 500, no traceback in the server's log.
     log = server.log_path.read_text()
     assert "Traceback" not in log and "internal error" not in log
-    # The host is still served: a good enrolment for the very dataset the table
+    # The host is still served: a good enrollment for the very dataset the table
     # kept attacking succeeds, and it does show up in the digest.
-    reply = send(server, host, enrol_with())
+    reply = send(server, host, enroll_with())
     assert reply.status == 201, reply.raw[:400]
     assert json.loads(reply.body)["dataset_guid"] == DS
     assert database_digest(server) != input_server.digest_before_table

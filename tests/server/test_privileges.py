@@ -28,8 +28,8 @@ import pytest
 from bench.common import free_port
 from tests.keyserver import SERVER_BIN, KeyServer
 from tests.pinned_requests import pinned_session
-from zfs_unlock_agent import pinning
-from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_common import pinning
+from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import audit, privileges, secretfile
 from zfs_unlock_server.config import DATA_DIR_ENV
 from zfs_unlock_server.errors import ConfigError
@@ -133,7 +133,7 @@ def init_with_master_key_out(owned: Owned) -> Path:
 
 
 def add_host(owned: Owned, name: str = "web1") -> tuple[Path, Path]:
-    """Enrol a host from a CSR only root can read; the certificate comes on stdout."""
+    """Enroll a host from a CSR only root can read; the certificate comes on stdout."""
     key_pem, csr_pem = new_key_and_csr(name)
     key, csr, cert = (owned.private / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
     secretfile.write_new(key, key_pem, 0o400)

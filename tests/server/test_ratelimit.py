@@ -12,7 +12,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.keyserver import HostCreds, KeyServer, enrol, release
+from tests.keyserver import HostCreds, KeyServer, enroll, release
 from zfs_unlock_server.ratelimit import (
     Bucket,
     BucketPolicy,
@@ -217,9 +217,9 @@ def assert_limited(response: requests.Response, max_wait: float) -> int:
     return seconds
 
 
-def enrol_and_activate(session: requests.Session, server: KeyServer, host: HostCreds) -> bytes:
-    """Two requests: enrol a raw key for dataset 5000 and activate it. Returns the key."""
-    enrolled = enrol(session, server, host, POOL, "5000")
+def enroll_and_activate(session: requests.Session, server: KeyServer, host: HostCreds) -> bytes:
+    """Two requests: enroll a raw key for dataset 5000 and activate it. Returns the key."""
+    enrolled = enroll(session, server, host, POOL, "5000")
     assert enrolled.status_code == 201, enrolled.text
     body = enrolled.json()
     activated = session.post(
@@ -251,7 +251,7 @@ def test_a_flooding_host_is_limited_and_its_neighbour_is_not(keyserver: KeyServe
     keyserver.start()
 
     with keyserver.session(flooder) as session:
-        key = enrol_and_activate(session, keyserver, flooder)
+        key = enroll_and_activate(session, keyserver, flooder)
         statuses = []
         for _ in range(burst + 2):
             response = release(session, keyserver, flooder, POOL, "5000")
@@ -259,7 +259,7 @@ def test_a_flooding_host_is_limited_and_its_neighbour_is_not(keyserver: KeyServe
             if response.status_code == 429:
                 break
             assert base64.b64decode(response.json()["key"]) == key
-        # Exactly the burst (two went on enrolment), then refused.
+        # Exactly the burst (two went on enrollment), then refused.
         assert statuses == [200] * (burst - 2) + [429]
         assert_limited(response, 1 / rate)
 
@@ -274,7 +274,7 @@ def test_a_flooding_host_is_limited_and_its_neighbour_is_not(keyserver: KeyServe
 
     # The neighbour, same address and same server, is served while the flooder is not.
     with keyserver.session(neighbour) as session:
-        own_key = enrol_and_activate(session, keyserver, neighbour)
+        own_key = enroll_and_activate(session, keyserver, neighbour)
         response = release(session, keyserver, neighbour, POOL, "5000")
         assert response.status_code == 200, response.text
         assert base64.b64decode(response.json()["key"]) == own_key != key
@@ -323,7 +323,7 @@ def test_unenrolled_certificates_are_limited_per_address_not_the_hosts_behind_it
             keyserver.url("/v1/checkin"), json={"machine_id": resident.machine_id}, timeout=10
         )
         assert checkin.status_code == 200, checkin.text
-        key = enrol_and_activate(session, keyserver, resident)
+        key = enroll_and_activate(session, keyserver, resident)
         for _ in range(2):
             response = release(session, keyserver, resident, POOL, "5000")
             assert response.status_code == 200, response.text

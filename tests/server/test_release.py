@@ -16,8 +16,8 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.keyserver import HostCreds, KeyServer, enrol, release
-from zfs_unlock_agent.identity import new_key_and_csr
+from tests.keyserver import HostCreds, KeyServer, enroll, release
+from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import pki
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.tlsctx import server_context
@@ -31,10 +31,10 @@ def new_guid() -> str:
 
 
 def enrolled_key(server: KeyServer, host: HostCreds, pool: str = POOL) -> tuple[str, str, bytes]:
-    """Enrol and activate a key; return (dataset_guid, key_id, key bytes)."""
+    """Enroll and activate a key; return (dataset_guid, key_id, key bytes)."""
     dataset_guid = new_guid()
     with server.session(host) as session:
-        response = enrol(session, server, host, pool, dataset_guid)
+        response = enroll(session, server, host, pool, dataset_guid)
         assert response.status_code == 201, response.text
         body = response.json()
         activated = session.post(
@@ -112,8 +112,8 @@ def test_repeated_enrolment_returns_the_pending_key_and_never_a_second(
     host = shared_keyserver.add_host("retrier")
     dataset_guid = new_guid()
     with shared_keyserver.session(host) as session:
-        first = enrol(session, shared_keyserver, host, POOL, dataset_guid)
-        again = enrol(session, shared_keyserver, host, POOL, dataset_guid)
+        first = enroll(session, shared_keyserver, host, POOL, dataset_guid)
+        again = enroll(session, shared_keyserver, host, POOL, dataset_guid)
         assert (first.status_code, again.status_code) == (201, 200)
         assert first.json() == again.json()
         session.post(
@@ -126,7 +126,7 @@ def test_repeated_enrolment_returns_the_pending_key_and_never_a_second(
             },
             timeout=10,
         ).raise_for_status()
-        assert enrol(session, shared_keyserver, host, POOL, dataset_guid).status_code == 409
+        assert enroll(session, shared_keyserver, host, POOL, dataset_guid).status_code == 409
 
 
 def test_another_hosts_certificate_is_refused(shared_keyserver: KeyServer) -> None:
@@ -159,8 +159,8 @@ def test_pool_outside_the_enrolment_is_refused(shared_keyserver: KeyServer) -> N
     host = shared_keyserver.add_host("pooled", "--pool", POOL)
     other_pool = "2222222222222222222"
     with shared_keyserver.session(host) as session:
-        assert_forbidden(enrol(session, shared_keyserver, host, other_pool, new_guid()))
-        assert last_decision(shared_keyserver, "enrol")["reason"] == "pool_not_allowed"
+        assert_forbidden(enroll(session, shared_keyserver, host, other_pool, new_guid()))
+        assert last_decision(shared_keyserver, "enroll")["reason"] == "pool_not_allowed"
     # An admin-made key on another pool is still not released.
     dataset_guid = new_guid()
     shared_keyserver.must(
@@ -212,7 +212,7 @@ def test_revoked_key_is_refused_at_once_and_restore_brings_it_back(
         assert_forbidden(release(session, shared_keyserver, host, POOL, dataset_guid))
         assert last_decision(shared_keyserver)["reason"] == "key_revoked"
         # Revoked is not gone: the host cannot mint a replacement either.
-        assert enrol(session, shared_keyserver, host, POOL, dataset_guid).status_code == 409
+        assert enroll(session, shared_keyserver, host, POOL, dataset_guid).status_code == 409
         shared_keyserver.must("key", "restore", key_id)
         response = release(session, shared_keyserver, host, POOL, dataset_guid)
     assert base64.b64decode(response.json()["key"]) == key

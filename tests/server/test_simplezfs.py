@@ -95,7 +95,7 @@ def every_file_in(directory: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
 
 
-def enrol_machines(server: KeyServer) -> dict[str, HostCreds]:
+def enroll_machines(server: KeyServer) -> dict[str, HostCreds]:
     return {
         MACHINE_ALPHA: server.add_host("alpha", machine_id=MACHINE_ALPHA),
         MACHINE_BETA: server.add_host("beta", machine_id=MACHINE_BETA),
@@ -106,7 +106,7 @@ def enrol_machines(server: KeyServer) -> dict[str, HostCreds]:
 
 
 def test_import_takes_every_key_with_its_state(keyserver: KeyServer, tmp_path: Path) -> None:
-    enrol_machines(keyserver)
+    enroll_machines(keyserver)
     rows = seed_keys()
     seed = write_seed(tmp_path / "keys.db", rows)
     code, _, err = keyserver.admin("import-simplezfs", str(seed))
@@ -154,7 +154,7 @@ def test_redbean_column_types_are_read_as_text(keyserver: KeyServer, tmp_path: P
 def test_second_import_of_the_same_file_conflicts_and_changes_nothing(
     keyserver: KeyServer, tmp_path: Path
 ) -> None:
-    enrol_machines(keyserver)
+    enroll_machines(keyserver)
     rows = seed_keys()
     seed = write_seed(tmp_path / "keys.db", rows)
     keyserver.must("import-simplezfs", str(seed))
@@ -226,7 +226,7 @@ def test_unenrolled_machine_fails_the_whole_import(keyserver: KeyServer, tmp_pat
 def test_invalid_row_rejects_the_whole_file(
     keyserver: KeyServer, tmp_path: Path, field: str, value: str
 ) -> None:
-    enrol_machines(keyserver)
+    enroll_machines(keyserver)
     rows = seed_keys()
     bad = replace(SeedKey("bad", MACHINE_ALPHA, POOL_A, secrets.token_hex(16)), **{field: value})
     seed = write_seed(tmp_path / "keys.db", [*rows, bad])
@@ -281,7 +281,7 @@ class Legacy:
 def legacy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Legacy]:
     root = tmp_path_factory.mktemp("simplezfs")
     server = KeyServer(root)
-    hosts = enrol_machines(server)
+    hosts = enroll_machines(server)
     outsider = server.add_host("outsider")
     rows = seed_keys()
     server.must("import-simplezfs", str(write_seed(root / "seed.db", rows)))
@@ -444,7 +444,7 @@ def test_curl_gets_nothing_without_the_right_certificate_or_pin(legacy: Legacy) 
 
 
 def test_route_is_off_by_default(keyserver: KeyServer, tmp_path: Path) -> None:
-    hosts = enrol_machines(keyserver)
+    hosts = enroll_machines(keyserver)
     rows = seed_keys()
     keyserver.must("import-simplezfs", str(write_seed(tmp_path / "seed.db", rows)))
     keyserver.start(workers=1)

@@ -33,10 +33,10 @@ from tests.keyserver import (
     SERVER_BIN,
     HostCreds,
     KeyServer,
-    enrol,
+    enroll,
     release,
 )
-from zfs_unlock_agent.identity import new_key_and_csr
+from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import audit, cli, sealing, secretfile
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, IntegrityError
@@ -65,13 +65,13 @@ def configure(server: KeyServer, **settings: Any) -> None:
     server.configure(rate_limits=NO_RATE_LIMITS, **settings)
 
 
-def enrol_key(
+def enroll_key(
     server: KeyServer, host: HostCreds, keyformat: str = "raw", **extra: Any
 ) -> tuple[str, bytes]:
-    """Enrol a (pending, releasable) key over HTTPS; return (dataset_guid, key bytes)."""
+    """Enroll a (pending, releasable) key over HTTPS; return (dataset_guid, key bytes)."""
     dataset_guid = new_guid()
     with server.session(host) as session:
-        response = enrol(
+        response = enroll(
             session,
             server,
             host,
@@ -204,11 +204,11 @@ def test_stolen_data_directory_reveals_no_key(keyserver: KeyServer) -> None:
     for number in range(44):
         host = hosts[number % 2]
         if number < 2:
-            guid, key = enrol_key(
+            guid, key = enroll_key(
                 keyserver, host, "raw", key=base64.b64encode(os.urandom(32)).decode()
             )
         else:
-            guid, key = enrol_key(keyserver, host, "raw" if number % 3 else "hex")
+            guid, key = enroll_key(keyserver, host, "raw" if number % 3 else "hex")
         expected[host.name][guid] = key
     # Six imported by the admin CLI, the key on stdin.
     imports: list[tuple[str, bytes, bytes]] = [
@@ -343,8 +343,8 @@ def test_sealed_value_moved_to_another_row_fails_closed(
     alice = keyserver.add_host("alice")
     bob = keyserver.add_host("bob")
     keyserver.start()
-    alice_guid, alice_key = enrol_key(keyserver, alice)
-    bob_keys = dict(enrol_key(keyserver, bob) for _ in range(3))
+    alice_guid, alice_key = enroll_key(keyserver, alice)
+    bob_keys = dict(enroll_key(keyserver, bob) for _ in range(3))
     bob_guids = list(bob_keys)
     victims = bob_guids[:2] if tampering == "swapped_within_a_host" else bob_guids[:1]
     intact = [g for g in bob_guids if g not in victims]
@@ -668,9 +668,9 @@ def test_every_decision_and_change_is_one_audit_line(keyserver: KeyServer) -> No
         url, payload = keyserver.url(path), {"machine_id": me.machine_id, **body}
         return lambda: session.post(url, json=payload, timeout=10).status_code
 
-    def enrol_once(session: requests.Session) -> Callable[[], object]:
+    def enroll_once(session: requests.Session) -> Callable[[], object]:
         def action() -> None:
-            response = enrol(session, keyserver, me, POOL, guid, dataset="tank/audited")
+            response = enroll(session, keyserver, me, POOL, guid, dataset="tank/audited")
             assert response.status_code in {200, 201}
             key_ids.append(response.json()["key_id"])
             keys.append(base64.b64decode(response.json()["key"]))
@@ -691,8 +691,8 @@ def test_every_decision_and_change_is_one_audit_line(keyserver: KeyServer) -> No
     allow, deny = "allow", "deny"
     with keyserver.session(me) as session:
         assert audited(keyserver, post(session, "/v1/checkin")) == [("checkin", allow)]
-        assert audited(keyserver, enrol_once(session)) == [("enrol", allow)]
-        assert audited(keyserver, enrol_once(session)) == [("enrol", allow)]  # a retry
+        assert audited(keyserver, enroll_once(session)) == [("enroll", allow)]
+        assert audited(keyserver, enroll_once(session)) == [("enroll", allow)]  # a retry
         activation = {"pool_guid": POOL, "dataset_guid": guid, "key_id": key_ids[0]}
         assert audited(keyserver, post(session, "/v1/keys/activate", **activation)) == [
             ("activate", allow)
@@ -784,7 +784,7 @@ def test_unwritable_audit_log_means_no_key_is_released(keyserver: KeyServer) -> 
     configure(keyserver)
     host = keyserver.add_host("unaudited")
     keyserver.start()
-    owned = dict(enrol_key(keyserver, host, f) for f in ("raw", "hex"))
+    owned = dict(enroll_key(keyserver, host, f) for f in ("raw", "hex"))
     keyserver.stop()
 
     configure(keyserver, audit_log="/dev/full")  # every write fails: ENOSPC
@@ -793,7 +793,7 @@ def test_unwritable_audit_log_means_no_key_is_released(keyserver: KeyServer) -> 
         for guid in owned:
             assert_unavailable(release(session, keyserver, host, POOL, guid), owned.values())
         assert_unavailable(release_batch(session, keyserver, host, owned), owned.values())
-        assert_unavailable(enrol(session, keyserver, host, POOL, new_guid()), owned.values())
+        assert_unavailable(enroll(session, keyserver, host, POOL, new_guid()), owned.values())
         checkin = session.post(
             keyserver.url("/v1/checkin"), json={"machine_id": host.machine_id}, timeout=10
         )
@@ -822,7 +822,7 @@ def test_audit_directory_lost_while_serving_means_no_key_is_released(
     host = keyserver.add_host("dirlost")
     # One worker, so the worker that opened the log is the one asked afterwards.
     keyserver.start(workers=1)
-    guid, key = enrol_key(keyserver, host)
+    guid, key = enroll_key(keyserver, host)
     with keyserver.session(host) as session:
         assert release(session, keyserver, host, POOL, guid).status_code == 200
         shutil.rmtree(audit_dir)
@@ -848,7 +848,7 @@ def test_audit_log_moved_away_continues_in_a_new_file(keyserver: KeyServer) -> N
     configure(keyserver)
     host = keyserver.add_host("rotated")
     keyserver.start(workers=1)
-    guid, key = enrol_key(keyserver, host)
+    guid, key = enroll_key(keyserver, host)
     log_path = keyserver.data_dir / "audit.log"
     rotated = log_path.with_name("audit.log.1")
     log_path.rename(rotated)

@@ -109,7 +109,7 @@ def build_wheel(dest: Path, log: Path) -> Path:
         source.mkdir()
         for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy2(REPO / name, source / name)
-        for package in ("zfs_unlock_agent", "server"):
+        for package in ("zfs_unlock_agent", "zfs_unlock_common", "server"):
             shutil.copytree(
                 REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
             )

@@ -8,7 +8,7 @@ data pool before zfs-mount.service and a hot-plugged pool afterwards. One run:
 1. build-image.sh and build-rootfs.sh (both cached), a wheel of this checkout;
 2. both trees prepared (rootonzfs.prepare), initramfs sizes recorded;
 3. the install guest (the minimal test guest as the target's installer) creates rpool, tank
-   and usb on three disks, enrols their encryption roots, unpacks the root tree;
+   and usb on three disks, enrolls their encryption roots, unpacks the root tree;
 4. boots from those disks, one after the other:
    A  initramfs-tools, server up: key from the server, multi-user, the daemon's work,
       hot-plug, systemd-analyze, the server's unit (tests 1 and 3);
@@ -169,7 +169,7 @@ def write_agent_config(directory: Path, server: KeyServer, creds: HostCreds) -> 
 
 
 def install(tier: Tier, tar: Path) -> None:
-    """The install guest: pools, enrolment, the root tree; its disks are kept for the boots."""
+    """The install guest: pools, enrollment, the root tree; its disks are kept for the boots."""
     share = tier.root / "share"
     (share / "hostid").write_bytes(HOSTID.to_bytes(4, "little"))
     guest = Guest(

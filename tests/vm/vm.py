@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from tests.vm.relay import relay
-from zfs_unlock_agent import validate
+from zfs_unlock_common import validate
 
 if TYPE_CHECKING:
     import pytest

@@ -257,7 +257,7 @@ def import_keys(ctx: Context, materials: Mapping[str, bytes], keyformat: str) ->
     """Give the server each dataset's MATERIALS as its key, as a host moving an existing
     key does: POST /v1/keys with `key` (pending), then /v1/keys/activate; mark the
     datasets managed. Returns the key ids, by dataset."""
-    from zfs_unlock_agent import protocol
+    from zfs_unlock_common import protocol
 
     out = ctx.must("zfs", "list", "-H", "-p", "-o", "name,guid", *materials)
     dataset_guids = dict(line.split("\t") for line in out.splitlines())
@@ -274,7 +274,7 @@ def import_keys(ctx: Context, materials: Mapping[str, bytes], keyformat: str) ->
             }
             answer = client.call(
                 "POST",
-                protocol.ROUTE_ENROL,
+                protocol.ROUTE_ENROLL,
                 {
                     **ids,
                     "dataset": dataset,
@@ -303,7 +303,7 @@ def import_keys(ctx: Context, materials: Mapping[str, bytes], keyformat: str) ->
 
 def server_keys(ctx: Context, *datasets: str) -> dict[str, tuple[str, str]]:
     """(key id, state) of each dataset's key on the server, via the batch release."""
-    from zfs_unlock_agent.keyclient import DatasetRef
+    from zfs_unlock_common.protocol import DatasetRef
 
     refs = {name: DatasetRef(*guids(ctx, name)) for name in datasets}
     with agent_client() as client:
@@ -370,7 +370,7 @@ def enroll_unlock_mount(ctx: Context) -> str:
 
 def server_down_then_up(ctx: Context) -> str:
     """STRATEGY:
-    1. Enrol tank2/outage (on the second pool), write a file, and lock every managed
+    1. Enroll tank2/outage (on the second pool), write a file, and lock every managed
        encryption root.
     2. Switch the key server down: `zfs-unlock-agent unlock` exits 75 (EX_TEMPFAIL)
        and every managed root stays locked.
@@ -449,7 +449,7 @@ def zfs_as_the_agent_expects(ctx: Context) -> str:
 
 def volume_link_and_wrong_key(ctx: Context) -> str:
     """STRATEGY:
-    1. Enrol tank/vols, give it a volume, lock it: no /dev/zvol link while locked.
+    1. Enroll tank/vols, give it a volume, lock it: no /dev/zvol link while locked.
     2. `zfs-unlock-agent --dataset tank/vols` exits 0 once udev has made the link
        /dev/zvol/tank/vols/vol (the agent waits for it).
     3. Re-key the dataset behind the agent's back (`zfs change-key`) and lock it:
@@ -476,7 +476,7 @@ def volume_link_and_wrong_key(ctx: Context) -> str:
 
 def unlock_all_two_pools(ctx: Context) -> str:
     """STRATEGY:
-    1. Enrol four encryption roots with `enroll`: tank/ua, tank/ub (mountpoint /srv/ub),
+    1. Enroll four encryption roots with `enroll`: tank/ua, tank/ub (mountpoint /srv/ub),
        tank2/uc, and tank/ua/nest/inner, a root nested inside tank/ua's tree.
     2. Give them children with inherited keys: tank/ua/docs(/deep), tank/ua/none
        (mountpoint=none), tank/ua/legacy (mountpoint=legacy), tank/ua/noauto
@@ -815,7 +815,7 @@ exit "$rc"
 
 
 def enroll_interrupted(ctx: Context) -> str:
-    """STRATEGY (the agent is SIGKILLed mid-enrolment by a wrapper zfs, configured in a
+    """STRATEGY (the agent is SIGKILLed mid-enrollment by a wrapper zfs, configured in a
     second agent configuration with [zfs] zfs = "/run/zfs-wrap"):
     1. After change-key, recovered by unlock: tank/int-a (own raw key, a file) is
        enrolled through the wrapper, killed right after change-key. keylocation is
@@ -824,7 +824,7 @@ def enroll_interrupted(ctx: Context) -> str:
        becomes active on the server and the dataset managed; data intact.
     2. After change-key, recovered by enroll: tank/int-b, the same crash; re-running
        `enroll` exits 0 with the same key id, now active; managed.
-    3. Before change-key: tank/int-c, killed on the first zfs call after the enrolment
+    3. Before change-key: tank/int-c, killed on the first zfs call after the enrollment
        request (the 'load-key -n' probe). The server key is pending; the old key still
        opens the data (lock, zfs load-key with it, mount, file intact); re-running
        `enroll` exits 0 with that same key, now active.

@@ -7,11 +7,11 @@ only change in one place.
 from __future__ import annotations
 
 import string
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 API_PREFIX: Final = "/v1"
 ROUTE_CHECKIN: Final = "/v1/checkin"
-ROUTE_ENROL: Final = "/v1/keys"
+ROUTE_ENROLL: Final = "/v1/keys"
 ROUTE_ACTIVATE: Final = "/v1/keys/activate"
 ROUTE_RELEASE_BATCH: Final = "/v1/keys/release"
 # GET /v1/hosts/{machine_id}/keys/{pool_guid}/{dataset_guid}
@@ -19,6 +19,14 @@ ROUTE_RELEASE_ONE_PREFIX: Final = "/v1/hosts/"
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_BATCH: Final = 256
+
+
+class DatasetRef(NamedTuple):
+    """Which dataset a key belongs to, as both sides name it: its pool's GUID and its own."""
+
+    pool_guid: str
+    dataset_guid: str
+
 
 KeyFormat = Literal["raw", "hex", "passphrase"]
 KEY_FORMATS: Final[tuple[KeyFormat, ...]] = ("raw", "hex", "passphrase")

@@ -1,4 +1,5 @@
-"""The host's secret identity: an EC key pair whose private half never leaves the host."""
+"""A new EC key pair and its certificate signing request: the host's secret identity
+(made by the agent's `identity` command) or one the server issues with `host add --issue-key`."""
 
 from __future__ import annotations
 
