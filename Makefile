@@ -9,13 +9,15 @@ venv:
 lint: venv
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports --no-cache
 
 type: venv
 	$(VENV)/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 	$(VENV)/mypy tests scripts bench
 
+# The fast loop: every tier but the real-OpenZFS VMs and the slow crash loops.
 unit: venv
-	$(VENV)/pytest -m "not slow"
+	$(VENV)/pytest -m "not slow and not vm"
 
 test:
 	bash scripts/test.sh
@@ -23,7 +25,7 @@ test:
 demo:
 	bash scripts/demo.sh
 
-# The benchmark suite (issue 6): under 10 minutes; writes docs/benchmarks.md.
+# The benchmark suite: under 10 minutes; writes docs/benchmarks.md (its targets are listed there).
 bench:
 	bash bench/run.sh
 

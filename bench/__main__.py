@@ -1,6 +1,6 @@
 """python -m bench [--quick] [--out PATH] | --render RESULTS_JSON [--out PATH]
 
-Every benchmark of issue 6 on 127.0.0.1, then docs/benchmarks.md. bench/run.sh (make
+Every benchmark on 127.0.0.1, then docs/benchmarks.md. bench/run.sh (make
 bench) installs what this needs first; --quick is the smoke run CI makes.
 """
 

@@ -45,7 +45,7 @@ WARMUP_ROUNDS = 1  # compiles bytecode, fills the page cache; an operator's host
 RAW_KEY_BYTES = 32
 TOP_IMPORTS = 8
 
-# Targets from issue 6.
+# The agent's targets (the Targets table of docs/benchmarks.md).
 TARGET_VS_CLEVIS = 1.0
 TARGET_MANY_VS_ONE = 1.3
 TARGET_RSS_KIB = 35 * 1024

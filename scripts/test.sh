@@ -6,6 +6,8 @@ bash scripts/bootstrap.sh
 echo "== ruff" >&2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "== import contracts (pyproject.toml [tool.importlinter])" >&2
+.venv/bin/lint-imports --no-cache
 echo "== mypy --strict" >&2
 .venv/bin/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 .venv/bin/mypy tests scripts bench
