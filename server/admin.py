@@ -1,4 +1,4 @@
-"""Local administration: data directory creation, hosts, keys, imports. Every change is audited.
+"""Local administration: data directory creation, hosts and keys. Every change is audited.
 
 These run on the server machine with direct access to the data directory; none
 of them is reachable over HTTP. A running server sees each change on its next
@@ -11,7 +11,6 @@ import contextlib
 import ipaddress
 import os
 import pwd
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from zfs_unlock_server import pki, privileges, secretfile
 from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
-from zfs_unlock_server.sealing import KeyContext, Sealer, load_master_key, new_master_key
+from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
 from zfs_unlock_server.service import KeyService, expire_silent_hosts, new_key_id
 from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
 
@@ -341,124 +340,9 @@ class Admin:
             dataset=record.dataset,
         )
 
-    def import_simplezfs(self, path: Path, rows: Sequence[SimpleZfsRow] | None = None) -> int:
-        """Import every key of a SimpleZFSKeySystem database, all or nothing. ROWS, when
-        given, were read from PATH already (with the rights of the admin who named it)."""
-        rows = read_simplezfs(path) if rows is None else rows
-        sealer = self.sealer()
-        now = int(time.time())
-        records: list[KeyRecord] = []
-        missing = sorted({r.machine for r in rows} - {h.machine_id for h in self.store.hosts()})
-        if missing:
-            raise DataError(
-                "no host is enrolled for machine-id(s) "
-                + ", ".join(missing)
-                + "; add them first with 'zfs-unlock-server host add'"
-            )
-        for row in rows:
-            host = self.store.host_by_machine_id(row.machine)
-            if host is None:  # removed since the check above
-                raise DataError(f"no host is enrolled for machine-id {row.machine}")
-            if self.store.key_for_legacy_name(host.id, row.pool, row.name) is not None:
-                raise Conflict(f"key {row.name!r} of pool {row.pool} was imported before")
-            key_id = new_key_id()
-            context = KeyContext(host.name, row.pool, "", row.name, key_id, row.keyformat)
-            records.append(
-                KeyRecord(
-                    key_id=key_id,
-                    host_id=host.id,
-                    host=host.name,
-                    pool_guid=row.pool,
-                    dataset_guid="",
-                    legacy_name=row.name,
-                    dataset=row.name,
-                    keyformat=row.keyformat,
-                    state="active" if row.active else "revoked",
-                    origin="imported",
-                    sealed=sealer.seal(row.keyvalue, context),
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-        with self.granting("import_simplezfs", keys=len(records), file=str(path)):
-            for record in records:  # before the insert: a record that fails imports nothing
-                self.record(
-                    "key_imported",
-                    host=record.host,
-                    pool=record.pool_guid,
-                    legacy_name=record.legacy_name,
-                    key_id=record.key_id,
-                    keyformat=record.keyformat,
-                    origin="simplezfs",
-                    state=record.state,
-                )
-            self.store.insert_keys(records)
-        return len(records)
-
 
 def write_host_bundle(directory: Path, key_pem: bytes, cert_pem: bytes) -> None:
     """Write a host's new key (0400) and certificate, for the convenience path."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     secretfile.write_new(directory / "client.key", key_pem, 0o400)
     secretfile.write_new(directory / "client.crt", cert_pem, 0o644)
-
-
-@dataclass(frozen=True)
-class SimpleZfsRow:
-    name: str
-    machine: str
-    pool: str
-    keyvalue: bytes
-    keyformat: str
-    active: bool
-
-
-def read_simplezfs(path: Path) -> list[SimpleZfsRow]:
-    """Read and validate the RedBean table `key` (name, machine, pool, keyvalue, active)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    uri = path.resolve().as_uri() + "?mode=ro"
-    try:
-        db = sqlite3.connect(uri, uri=True)
-        try:
-            cursor = db.execute("SELECT name, machine, pool, keyvalue, active FROM key")
-            raw_rows = cursor.fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise DataError(f"{path}: not a SimpleZFSKeySystem database ({exc})") from None
-    rows = []
-    for number, (name, machine, pool, keyvalue, active) in enumerate(raw_rows, start=1):
-        where = f"{path}: row {number}"
-        try:
-            material = keyvalue.encode("utf-8") if isinstance(keyvalue, str) else bytes(keyvalue)
-            keyformat = classify_key(material)
-            rows.append(
-                SimpleZfsRow(
-                    name=validate.label(str(name), "name"),
-                    machine=validate.machine_id(str(machine)),
-                    pool=validate.guid(str(pool), "pool"),
-                    keyvalue=material,
-                    keyformat=keyformat,
-                    active=str(active).strip().lower() in {"1", "true", "yes"},
-                )
-            )
-        except (validate.InvalidInput, protocol.KeyMaterialError, TypeError) as exc:
-            raise DataError(f"{where}: {exc}") from None
-    return rows
-
-
-def classify_key(material: bytes) -> str:
-    """The keyformat a stored key must have been used with.
-
-    The proof of concept stores 32 hex characters and its datasets use
-    keyformat=raw, so 32 bytes of anything is raw; 64 hex digits is hex.
-    """
-    if len(material) == protocol.RAW_KEY_BYTES:
-        return "raw"
-    try:
-        protocol.check_key_material(material, "hex")
-        return "hex"
-    except protocol.KeyMaterialError:
-        protocol.check_key_material(material, "passphrase")
-        return "passphrase"

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import admin, audit, privileges, sealing
+from zfs_unlock_server import admin, audit, privileges, sealing, simplezfs
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
 from zfs_unlock_server.service import deadman_timeout
@@ -312,7 +312,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_import_simplezfs(args: argparse.Namespace) -> int:
     ops = admin.Admin.open(args.data_dir, args.master)
     try:
-        count = ops.import_simplezfs(Path(args.file), args.rows)
+        count = simplezfs.import_simplezfs(ops, Path(args.file), args.rows)
     finally:
         ops.close()
     print(f"imported {count} key(s)", file=sys.stderr)
@@ -332,7 +332,7 @@ def enter_data_dir(args: argparse.Namespace) -> None:
     if getattr(args, "csr", None):
         args.csr_pem = _read_input(args.csr)
     args.rows = (
-        admin.read_simplezfs(Path(args.file)) if args.handler is cmd_import_simplezfs else None
+        simplezfs.read_simplezfs(Path(args.file)) if args.handler is cmd_import_simplezfs else None
     )
     args.master = None
     if privileges.owner_to_become(args.data_dir) is None:
