@@ -23,9 +23,10 @@ from zfs_unlock_server import config as server_config
 from zfs_unlock_server import pki, privileges, secretfile
 from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.config import Layout, ServerConfig
+from zfs_unlock_server.deadman import expire_silent_hosts
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
 from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
-from zfs_unlock_server.service import KeyService, expire_silent_hosts, new_key_id
+from zfs_unlock_server.service import KeyService, new_key_id
 from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
 
 

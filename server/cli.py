@@ -16,8 +16,8 @@ from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import admin, audit, privileges, sealing, simplezfs
 from zfs_unlock_server import config as server_config
+from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
-from zfs_unlock_server.service import deadman_timeout
 from zfs_unlock_server.store import Host, KeyRecord
 
 Handler = Callable[[argparse.Namespace], int]

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
+from zfs_unlock_server.deadman import (
+    TOUCH_INTERVAL,
+    deadman_expired,
+    deadman_timeout,
+    disable_silent_host,
+)
 from zfs_unlock_server.errors import Conflict, IntegrityError
 from zfs_unlock_server.sealing import KeyContext, Sealer
 from zfs_unlock_server.store import Host, KeyRecord, Store
-
-# Writing last_seen on every request would cost a disk sync each; the dead-man
-# timeout is measured in minutes or more, so this much staleness is harmless.
-TOUCH_INTERVAL = 10
 
 LIVE_STATES = ("pending", "active")
 
@@ -41,6 +43,14 @@ class Caller:
     fingerprint: str
     source_ip: str
     request_id: str
+
+    def audit_fields(self) -> dict[str, str]:
+        """What names this caller in each audit record of its request."""
+        return {
+            "cert_fp": self.fingerprint,
+            "source_ip": self.source_ip,
+            "request_id": self.request_id,
+        }
 
 
 @dataclass(frozen=True)
@@ -87,48 +97,6 @@ def pool_allowed(host: Host, pool_guid: str) -> bool:
     return not host.pools or pool_guid in host.pools
 
 
-def deadman_timeout(host: Host, default: int) -> int:
-    """Seconds HOST may stay unseen; 0 means never disabled."""
-    return default if host.deadman_timeout is None else host.deadman_timeout
-
-
-def deadman_expired(host: Host, default: int, now: int) -> bool:
-    timeout = deadman_timeout(host, default)
-    return bool(host.enabled and timeout and now - host.last_seen > timeout)
-
-
-def disable_silent_host(
-    store: Store, audit: AuditLog, host: Host, default: int, caller: Caller | None = None
-) -> None:
-    """The dead-man switch fires: disable HOST until an admin enables it. Audited."""
-    store.set_host_enabled(host.id, False, "deadman")
-    record: AuditRecord = {
-        "event": "host_disabled",
-        "decision": "allow",
-        "reason": "deadman",
-        "host": host.name,
-        "last_seen": host.last_seen,
-        "timeout": deadman_timeout(host, default),
-        "actor": "deadman-switch",
-    }
-    if caller is not None:
-        record = {
-            **record,
-            "cert_fp": caller.fingerprint,
-            "source_ip": caller.source_ip,
-            "request_id": caller.request_id,
-        }
-    audit.write(record)
-
-
-def expire_silent_hosts(store: Store, audit: AuditLog, default: int, now: int) -> list[str]:
-    """Apply the dead-man switch to every host at once (admin commands do, before listing)."""
-    expired = [h for h in store.hosts() if deadman_expired(h, default, now)]
-    for host in expired:
-        disable_silent_host(store, audit, host, default)
-    return [h.name for h in expired]
-
-
 class KeyService:
     def __init__(
         self,
@@ -147,13 +115,7 @@ class KeyService:
     # The host-level gate, shared by every route.
 
     def _record(self, caller: Caller, event: str, **fields: str | int | None) -> AuditRecord:
-        return {
-            "event": event,
-            "cert_fp": caller.fingerprint,
-            "source_ip": caller.source_ip,
-            "request_id": caller.request_id,
-            **fields,
-        }
+        return {"event": event, **caller.audit_fields(), **fields}
 
     def deny(self, caller: Caller, event: str, reason: str, **fields: str | int | None) -> Denied:
         """Audit a refusal and return the exception to raise. Audit errors propagate."""
@@ -176,7 +138,9 @@ class KeyService:
             raise self.deny(caller, event, "host_disabled", **named)
         now = int(self.clock())
         if deadman_expired(host, self.default_deadman_timeout, now):
-            disable_silent_host(self.store, self.audit, host, self.default_deadman_timeout, caller)
+            disable_silent_host(
+                self.store, self.audit, host, self.default_deadman_timeout, caller.audit_fields()
+            )
             raise self.deny(caller, event, "deadman_expired", **named)
         if not address_allowed(caller.source_ip, host.allowed_networks):
             raise self.deny(caller, event, "source_address_not_allowed", **named)
