@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import admin, audit, privileges, sealing, simplezfs
+from zfs_unlock_server import admin, audit, prestart, privileges, sealing, simplezfs
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
@@ -85,31 +85,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"cannot serve: {exc.name} is not installed (pip install 'zfs-unlock-agent[server]')"
         ) from None
-    from zfs_unlock_server import tlsctx  # noqa: PLC0415
     from zfs_unlock_server.app import build_app  # noqa: PLC0415
-    from zfs_unlock_server.sealing import load_master_key  # noqa: PLC0415
-    from zfs_unlock_server.store import SqliteStore  # noqa: PLC0415
 
     layout = server_config.Layout(args.data_dir)
     config = server_config.load(layout)
-    # Check everything a worker will need before binding, so a bad data
-    # directory fails here with a clear message and not in every worker.
-    load_master_key(layout.master_key)
-    tlsctx.server_context(layout)
-    SqliteStore(layout.database).close()
-    audit_log = audit.AuditLog(server_config.audit_path(layout, config))
-    try:
-        audit_log.write(
-            {"event": "server_start", "decision": "allow", "actor": admin.actor()}, durable=False
-        )
-    except audit.AuditError as exc:
-        # Serve anyway: every request checks the log, so none is answered (503)
-        # until it is writable again, and then none needs a restart.
-        logging.getLogger("zfs_unlock_server").warning(
-            "%s; refusing every request until fixed", exc
-        )
-    finally:
-        audit_log.close()  # the workers open their own
+    prestart.check_data_dir(layout, config)
     listen = args.listen or list(config.listen)
     serve.run(build_app(args.data_dir, config), listen, args.workers or config.workers)
     return 0
