@@ -1,6 +1,7 @@
-"""docs/benchmarks-vm.md, from the data of the guest scenario bench_native_vs_agent.
+"""docs/benchmarks-vm.md, from the data of the benchmark case bench_native_vs_agent, which
+runs inside the real-OpenZFS test guest (tests/vm/guest/cases/bench_native_vs_agent.py).
 
-test_real_zfs.py renders it after every run of the tier and writes it only when
+tests/vm/test_real_zfs.py renders it after every run of that tier and writes it only when
 ZUA_WRITE_BENCHMARKS=1, so an ordinary run never rewrites the tracked file.
 """
 
@@ -151,8 +152,8 @@ def render(data: Mapping[str, Any], machine: Machine) -> str:
     return reflow(f"""# Benchmarks in the test VM
 
 <!-- Written by the real-OpenZFS tier: ZUA_WRITE_BENCHMARKS=1 .venv/bin/pytest -q tests/vm
-     (scenario bench_native_vs_agent in tests/vm/guest/scenarios.py; renderer
-     tests/vm/benchmarks.py). Edit those, not this file. -->
+     (the benchmark case tests/vm/guest/cases/bench_native_vs_agent.py; renderer
+     bench/vm.py). Edit those, not this file. -->
 
 ## Native `keylocation=https://` against the agent, in the test guest
 

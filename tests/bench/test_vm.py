@@ -1,4 +1,4 @@
-"""docs/benchmarks-vm.md's renderer, on made-up timings (no guest, fast)."""
+"""bench/vm.py, docs/benchmarks-vm.md's renderer, on made-up timings (no guest, fast)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from tests.vm import benchmarks
+from bench import vm
 
-MACHINE = benchmarks.Machine("6.1.0-x", "zfs-2.3.2", 2, "a CPU", "2026-01-01")
+MACHINE = vm.Machine("6.1.0-x", "zfs-2.3.2", 2, "a CPU", "2026-01-01")
 
 
 def sample() -> dict[str, Any]:
@@ -34,7 +34,7 @@ def sample() -> dict[str, Any]:
 
 
 def test_medians_ranges_and_ratios() -> None:
-    text = benchmarks.render(sample(), MACHINE)
+    text = vm.render(sample(), MACHINE)
     assert "| 1 | 0.70 s (0.60-0.80) | 4.20 s (4.00-4.40) | 6.00 |" in text
     assert "| 20 | 8.60 s (8.40-9.00) | 5.90 s (5.80-6.10) | 0.69 |" in text
     assert "| native_1 | 0.700 | 0.600 | 0.800 |" in text
@@ -47,7 +47,7 @@ def test_medians_ranges_and_ratios() -> None:
 def test_no_crossing_when_the_agent_is_not_cheaper_per_root() -> None:
     data = sample()
     data["seconds"]["agent_20"] = [20.0, 20.0, 20.0]
-    prose = " ".join(benchmarks.render(data, MACHINE).split())
+    prose = " ".join(vm.render(data, MACHINE).split())
     assert "native stays faster" in prose and "lines cross" not in prose
 
 
@@ -55,4 +55,4 @@ def test_missing_timings_are_an_error() -> None:
     data = sample()
     data["seconds"]["agent_20"] = [5.9]
     with pytest.raises(ValueError, match="agent_20"):
-        benchmarks.render(data, MACHINE)
+        vm.render(data, MACHINE)

@@ -1,12 +1,13 @@
 """The real-OpenZFS tier: the agent on OpenZFS 2.3 in a QEMU guest, against the real key server.
 
-One guest boots for the module and runs every scenario of tests/vm/guest/scenarios.py;
-each test here asserts on one scenario's result, so a failure names the scenario and
-prints the guest's console. The tier fails when it cannot run (not root, no QEMU and apt
-fails, the image does not build); ZUA_SKIP_VM=1 skips it instead, saying so.
+One guest boots for the module and runs every scenario of tests/vm/guest/cases, in the
+order of their one list (cases/__init__.py, which this module reads too); each test here
+asserts on one scenario's result, so a failure names the scenario and prints the guest's
+console. The tier fails when it cannot run (not root, no QEMU and apt fails, the image
+does not build); ZUA_SKIP_VM=1 skips it instead, saying so.
 The first run builds the image (about 5-8 minutes, mostly the DKMS build of zfs.ko).
-The last scenario times native keylocation=https:// against the agent; with
-ZUA_WRITE_BENCHMARKS=1 the run writes those timings to docs/benchmarks-vm.md.
+The last scenario is a benchmark: native keylocation=https:// against the agent; bench/vm.py
+renders its timings, which ZUA_WRITE_BENCHMARKS=1 writes to docs/benchmarks-vm.md.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 import pytest
 
+import bench.vm
 from bench.common import machine_id_for
 from tests.keyserver import SERVER_BIN, HostCreds, KeyServer
-from tests.vm import benchmarks
+from tests.vm.guest.cases import SCENARIOS
 from tests.vm.vm import (
     GIB,
     SERVER_ADDRESS,
@@ -42,22 +44,6 @@ from tests.vm.vm import (
 
 pytestmark = pytest.mark.vm
 
-SCENARIOS = (
-    "enroll_unlock_mount",
-    "server_down_then_up",
-    "zfs_as_the_agent_expects",
-    "volume_link_and_wrong_key",
-    "unlock_all_two_pools",
-    "key_formats",
-    "wrong_key_partial",
-    "verify_mismatch",
-    "migrate_from_file",
-    "migrate_from_passphrase",
-    "migrate_from_native_https",
-    "enroll_interrupted",
-    "export_import_rename",
-    "bench_native_vs_agent",
-)
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 REPO = Path(__file__).resolve().parents[2]
 MACHINE_ID = machine_id_for("zfs-unlock-agent-vm-guest")
@@ -161,7 +147,7 @@ def test_scenario(outcome: Outcome, name: str) -> None:
 def test_every_scenario_ran_and_guest_exited_cleanly(outcome: Outcome) -> None:
     if list(outcome.results) != list(SCENARIOS) or outcome.run.rc != 0:
         print(outcome.report())
-    assert list(outcome.results) == list(SCENARIOS), "scenarios.py and this list differ"
+    assert list(outcome.results) == list(SCENARIOS), "not the scenarios cases/__init__.py lists"
     assert outcome.run.rc == 0
 
 
@@ -182,13 +168,13 @@ def test_benchmarks_document(outcome: Outcome) -> None:
         if write:
             pytest.fail(f"docs/benchmarks-vm.md not written: {message}")
         pytest.skip(message)
-    machine = benchmarks.Machine(
+    machine = bench.vm.Machine(
         kernel=str(outcome.guest.get("kernel", "?")),
         zfs_version=" / ".join(outcome.guest.get("zfs_version", [])),
         host_cpus=os.cpu_count() or 0,
         host_cpu_model=host_cpu_model(),
         date=time.strftime("%Y-%m-%d"),
     )
-    text = benchmarks.render(result.get("data", {}), machine)
+    text = bench.vm.render(result.get("data", {}), machine)
     if write:
         BENCHMARKS.write_text(text)

@@ -19,4 +19,5 @@ echo "ZFSVM: machine-id $(cat /etc/machine-id); $(zfs version | tr '\n' ' ')"
 zpool create -f -o cachefile=none tank /dev/vda1 || exit 91
 zpool create -f -o cachefile=none tank2 /dev/vdb1 || exit 91
 
-python3 /mnt/src/tests/vm/guest/scenarios.py --results /mnt/host/results.json
+# The cases are modules of the package tests.vm.guest (cases/__init__.py lists them).
+python3 -m tests.vm.guest.runner --results /mnt/host/results.json

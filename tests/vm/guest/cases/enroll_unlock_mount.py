@@ -1,0 +1,55 @@
+"""STRATEGY:
+1. `zfs-unlock-agent enroll --dataset tank/secret` creates tank/secret, encrypted,
+   and moves it to a key the server issued (raw, keylocation=prompt, managed=on).
+2. Write a file; `zfs unmount` and `zfs unload-key`: the key is unavailable.
+3. `zfs-unlock-agent --dataset tank/secret` loads the key and mounts the dataset.
+4. The file is intact, keystatus is available; `status --json` agrees and
+   `verify` proves the server's key with `zfs load-key -n`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.vm.guest.harness import (
+    Context,
+    check,
+    expect_props,
+    lock,
+)
+
+
+def run(ctx: Context) -> str:
+    done = ctx.agent("enroll", "--dataset", "tank/secret")
+    check("created and enrolled" in done.stdout, f"enroll said {done.stdout.strip()!r}")
+    expect_props(
+        ctx,
+        "tank/secret",
+        encryption="aes-256-gcm",
+        encryptionroot="tank/secret",
+        keyformat="raw",
+        keylocation="prompt",
+        keystatus="available",
+        mounted="yes",
+        zfs_unlock_agent__managed="on",
+    )
+    data = os.urandom(4096).hex()
+    Path("/tank/secret/file").write_text(data)
+    ctx.must("sync")
+    lock(ctx, "tank/secret")
+    check(not Path("/tank/secret/file").exists(), "the file is visible while locked")
+
+    ctx.agent("--dataset", "tank/secret")
+    expect_props(ctx, "tank/secret", keystatus="available", mounted="yes")
+    check(Path("/tank/secret/file").read_text() == data, "the file changed")
+
+    rows = json.loads(ctx.agent("status", "--json").stdout)
+    check(
+        [(r["encryption_root"], r["keystatus"]) for r in rows] == [("tank/secret", "available")],
+        f"status --json said {rows}",
+    )
+    check(rows[0]["mounted"] == ["tank/secret"], f"status: mounted {rows[0]['mounted']}")
+    ctx.agent("verify")
+    return "enrolled, locked, unlocked and mounted; data intact"
