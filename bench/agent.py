@@ -14,18 +14,21 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zfs_unlock_agent
+import zfs_unlock_common
 from bench import baselines
 from bench.common import (
     AGENT_BIN,
     BUILD,
     REPO,
-    VENV_BIN,
     Host,
     KeyServer,
     Timed,
@@ -55,18 +58,23 @@ TARGET_RSS_KIB = 35 * 1024
 class AgentResults:
     """Raw measurements, one entry per round unless said otherwise.
 
-    agent_1, agent_many: seconds of `zfs-unlock-agent -c CONFIG unlock --no-mount` for a
-        host with 1 and with ROOTS_MANY (100) locked, managed encryption roots: process
-        start to exit, after every key went into the fake zfs.
+    agent_1, agent_many: seconds of `python3 -I -m zfs_unlock_agent -c CONFIG unlock
+        --no-mount` (the initramfs's own command line) from a regular install of the agent
+        (ensure_installed_agent) for a host with 1 and with ROOTS_MANY (100) locked,
+        managed encryption roots: process start to exit, after every key went into the
+        fake zfs.
+    agent_1_editable: the same as agent_1 with the development venv's `zfs-unlock-agent`,
+        an editable install, whose import hook runs from site at every start.
     clevis: seconds of `clevis decrypt < JWE` of a secret bound to tangd (cold).
     curl: seconds of one curl fetching one key from the key server with the agent's
         request (pinned key, client certificate).
     agent_rss, agent_many_rss, curl_rss, clevis_rss: peak resident set in KiB of the same
         runs, as GNU time reports it (common.run_measured): the largest of the process and
         of the children it waited for (fake zfs, or clevis's jose and curl).
-    python_start: seconds of `python -c pass` with the agent's interpreter (site included).
-    agent_version: seconds of `zfs-unlock-agent --version`: the interpreter and every
-        module the command line imports, no work.
+    python_start: seconds of `python -I -c pass` with the installed agent's interpreter
+        (site included).
+    agent_version: seconds of `python -I -m zfs_unlock_agent --version`: the interpreter and
+        every module the command line imports, no work.
     imports: the top-level modules the unlock path imports, slowest first, as (name,
         cumulative milliseconds) from one `python -X importtime` unlock of 1 root.
     process_start: seconds one start of the fake zfs costs, to its exit and reaping, one
@@ -78,6 +86,7 @@ class AgentResults:
     roots_many: int
     agent_1: list[float] = field(default_factory=list)
     agent_many: list[float] = field(default_factory=list)
+    agent_1_editable: list[float] = field(default_factory=list)
     clevis: list[float] = field(default_factory=list)
     curl: list[float] = field(default_factory=list)
     agent_rss: list[int] = field(default_factory=list)
@@ -93,6 +102,37 @@ class AgentResults:
     def agent_100(self) -> list[float]:
         """agent_many under the name the issue uses (ROOTS_MANY is 100)."""
         return self.agent_many
+
+
+# The agent as a host installs it
+
+
+def ensure_installed_agent(build: Path = BUILD) -> Path:
+    """BUILD/agent-installed: a virtual environment holding a regular copy of the agent's
+    packages (what `pip install` or a Debian package leaves), made afresh from this
+    checkout; returns its interpreter. The unlock path imports nothing from other packages.
+    The development venv holds the project as an editable install, whose import hook
+    (a .pth file) runs from site at every start of its interpreter; no host has it."""
+    venv = build / "agent-installed"
+    shutil.rmtree(venv, ignore_errors=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dir = Path(
+        subprocess.run(
+            [str(python), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    for package in (zfs_unlock_agent, zfs_unlock_common):
+        source = Path(package.__file__ or "").parent
+        shutil.copytree(
+            source, site_dir / source.name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run([str(python), "-I", "-m", "compileall", "-q", str(site_dir)], check=True)
+    return python
 
 
 # The fake zfs
@@ -136,9 +176,12 @@ class AgentHost:
 
     directory: Path
     host: Host
+    python: Path  # the installed agent's interpreter (ensure_installed_agent)
 
     @classmethod
-    def create(cls, directory: Path, host: Host, server: KeyServer, fakezfs: Path) -> AgentHost:
+    def create(
+        cls, directory: Path, host: Host, server: KeyServer, fakezfs: Path, python: Path
+    ) -> AgentHost:
         bin_dir = directory / "bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
         for name in ("zfs", "zpool"):
@@ -171,7 +214,7 @@ class AgentHost:
             f'zfs = "{bin_dir / "zfs"}"\n'
             f'zpool = "{bin_dir / "zpool"}"\n'
         )
-        return cls(directory, host)
+        return cls(directory, host, python)
 
     @property
     def config(self) -> Path:
@@ -186,8 +229,15 @@ class AgentHost:
         return self.directory / "agent.log"
 
     def argv(self) -> list[str]:
-        """As an operator runs it; keys only (mounting is not the comparison)."""
-        return [str(AGENT_BIN), "-c", str(self.config), "unlock", "--no-mount"]
+        """As the initramfs runs it; keys only (mounting is not the comparison)."""
+        return [str(self.python), "-I", "-m", "zfs_unlock_agent", *self.arguments()]
+
+    def editable_argv(self) -> list[str]:
+        """The same from the development venv's editable install."""
+        return [str(AGENT_BIN), *self.arguments()]
+
+    def arguments(self) -> list[str]:
+        return ["-c", str(self.config), "unlock", "--no-mount"]
 
     def take_calls(self) -> list[str]:
         """The fake zfs's calls since the last take."""
@@ -296,7 +346,7 @@ def top_imports(stderr: str, count: int = TOP_IMPORTS) -> list[tuple[str, float]
 
 def importtime(agent: AgentHost) -> list[tuple[str, float]]:
     completed = subprocess.run(
-        [str(VENV_BIN / "python"), "-X", "importtime", *agent.argv()],
+        [str(agent.python), "-X", "importtime", *agent.argv()[1:]],
         check=False,
         capture_output=True,
         text=True,
@@ -340,11 +390,12 @@ class _Kind:
 def _measure(root: Path, server: KeyServer, tang: baselines.Tang, rounds: int) -> AgentResults:
     root.mkdir(parents=True, exist_ok=True)
     fakezfs = ensure_fakezfs()
+    python = ensure_installed_agent()
     one = AgentHost.create(
-        root / "agent-1", server.add_hosts(["bench-agent-1"])[0], server, fakezfs
+        root / "agent-1", server.add_hosts(["bench-agent-1"])[0], server, fakezfs, python
     )
     many_host = server.add_hosts(["bench-agent-many"], datasets_per_host=ROOTS_MANY)[0]
-    many = AgentHost.create(root / "agent-many", many_host, server, fakezfs)
+    many = AgentHost.create(root / "agent-many", many_host, server, fakezfs, python)
     curl_host = server.add_hosts(["bench-curl"])[0]
     body = root / "release.json"
     body.write_bytes(release_body(curl_host))
@@ -358,6 +409,14 @@ def _measure(root: Path, server: KeyServer, tang: baselines.Tang, rounds: int) -
             one.log,
             results.agent_1,
             results.agent_rss,
+            check=one.check_every_key_loaded,
+        ),
+        _Kind(
+            "agent (1 root, editable install)",
+            one.editable_argv(),
+            one.log,
+            results.agent_1_editable,
+            [],
             check=one.check_every_key_loaded,
         ),
         _Kind(
@@ -393,10 +452,12 @@ def _measure(root: Path, server: KeyServer, tang: baselines.Tang, rounds: int) -
                 kind.seconds.clear()
                 kind.rss.clear()
 
-    python = [str(VENV_BIN / "python"), "-c", "pass"]
-    version = [str(AGENT_BIN), "--version"]
+    python_start = [str(python), "-I", "-c", "pass"]
+    version = [str(python), "-I", "-m", "zfs_unlock_agent", "--version"]
     for _ in range(rounds):
-        results.python_start.append(_checked(run_measured(python), "python -c pass").seconds)
+        results.python_start.append(
+            _checked(run_measured(python_start), "python -I -c pass").seconds
+        )
         results.agent_version.append(_checked(run_measured(version), "agent --version").seconds)
         results.process_start.append(process_start_seconds(many))
     results.imports = importtime(one)
@@ -444,16 +505,6 @@ def _per_root(results: AgentResults) -> str:
     return text
 
 
-def _editable_note(results: AgentResults) -> str:
-    if any(name.startswith("__editable__") for name, _ in results.imports):
-        return (
-            " The `__editable__` finder is there because the virtual environment holds the"
-            " project as an editable install; a regular `pip install` has none (most of what"
-            " it imports, pathlib above all, the agent imports anyway)."
-        )
-    return ""
-
-
 def render_markdown(results: AgentResults) -> str:
     """The agent's section of docs/benchmarks.md: medians (min-max), ratios of medians
     with the issue's targets, the slowest imports."""
@@ -469,15 +520,30 @@ def render_markdown(results: AgentResults) -> str:
         (
             f"Each a new process, {results.rounds} interleaved rounds after one warm-up round;"
             " median (min-max). ZFS is a stand-in that answers from canned output and drains"
-            " each key (bench/fakezfs.c), so the agent's own work is what is timed."
+            " each key (bench/fakezfs.c), so the agent's own work is what is timed. The agent"
+            " runs from a regular install of its packages (what pip or a Debian package"
+            " leaves), as the initramfs runs it; the development venv's editable install adds"
+            " an import hook that site runs at every start."
         ),
         "",
         _row("what", "wall time", "peak RSS"),
         _row("---", "---", "---"),
         _row(
-            "agent, 1 root: `zfs-unlock-agent unlock --no-mount`",
+            "agent, 1 root: `python3 -I -m zfs_unlock_agent unlock --no-mount`",
             _ms(results.agent_1),
             _mib(results.agent_rss),
+        ),
+        *(
+            # Runs saved before this row was measured have none.
+            [
+                _row(
+                    "the same from the development venv (an editable install)",
+                    _ms(results.agent_1_editable),
+                    "",
+                )
+            ]
+            if results.agent_1_editable
+            else []
         ),
         _row(
             f"agent, {n} roots: one request, {n} `zfs load-key`",
@@ -494,8 +560,12 @@ def render_markdown(results: AgentResults) -> str:
             _ms(results.curl),
             _mib(results.curl_rss),
         ),
-        _row("`python -c pass`, the agent's interpreter", _ms(results.python_start), ""),
-        _row("`zfs-unlock-agent --version`: its imports, no work", _ms(results.agent_version), ""),
+        _row("`python3 -I -c pass`, the agent's interpreter", _ms(results.python_start), ""),
+        _row(
+            "`python3 -I -m zfs_unlock_agent --version`: its imports, no work",
+            _ms(results.agent_version),
+            "",
+        ),
         "",
         _row("ratio of medians", "value", "target"),
         _row("---", "---", "---"),
@@ -519,8 +589,7 @@ def render_markdown(results: AgentResults) -> str:
         "",
         _per_root(results),
         "",
-        f"Slowest imports of one unlock (`python -X importtime`, cumulative): {imports}."
-        + _editable_note(results),
+        f"Slowest imports of one unlock (`python -X importtime`, cumulative): {imports}.",
         "",
     ]
     return "\n".join(lines)

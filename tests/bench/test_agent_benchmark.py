@@ -26,11 +26,27 @@ def key_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[common.KeyS
         yield server
 
 
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return agent.ensure_installed_agent(tmp_path_factory.mktemp("build"))
+
+
 def make_host(
-    tmp_path: Path, server: common.KeyServer, fakezfs: Path, name: str, roots: int
+    tmp_path: Path, server: common.KeyServer, fakezfs: Path, name: str, roots: int, python: Path
 ) -> agent.AgentHost:
     host = server.add_hosts([name], datasets_per_host=roots)[0]
-    return agent.AgentHost.create(tmp_path / name, host, server, fakezfs)
+    return agent.AgentHost.create(tmp_path / name, host, server, fakezfs, python)
+
+
+def test_the_installed_agent_is_a_plain_copy_with_no_import_hook(installed: Path) -> None:
+    code = "import site, zfs_unlock_agent as a; print(site.getsitepackages()[0], a.__file__)"
+    found = subprocess.run(
+        [installed, "-I", "-c", code], check=True, capture_output=True, text=True
+    ).stdout.split()
+    site_dir = Path(found[0])
+    assert Path(found[1]).is_relative_to(site_dir)
+    assert not list(site_dir.glob("*.pth"))
+    assert sorted(p.name for p in site_dir.iterdir()) == ["zfs_unlock_agent", "zfs_unlock_common"]
 
 
 def fake(
@@ -45,9 +61,9 @@ def fake(
 
 
 def test_fakezfs_answers_the_lists_from_the_canned_files(
-    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path
+    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path, installed: Path
 ) -> None:
-    host = make_host(tmp_path, key_server, fakezfs, "fz-lists", 3)
+    host = make_host(tmp_path, key_server, fakezfs, "fz-lists", 3, installed)
     pools = fake(host, "zpool", "list", "-H", "-p", "-o", "name,guid")
     assert pools.returncode == 0
     assert pools.stdout == b"pool1000\t1000\npool1001\t1001\npool1002\t1002\n"
@@ -70,9 +86,9 @@ def test_fakezfs_answers_the_lists_from_the_canned_files(
 
 
 def test_fakezfs_load_key_drains_stdin_and_checks_the_raw_length(
-    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path
+    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path, installed: Path
 ) -> None:
-    host = make_host(tmp_path, key_server, fakezfs, "fz-load", 1)
+    host = make_host(tmp_path, key_server, fakezfs, "fz-load", 1, installed)
     good = fake(host, "zfs", "load-key", "-L", "prompt", "pool1000/d000", stdin=bytes(32))
     assert good.returncode == 0
     short = fake(host, "zfs", "load-key", "-L", "prompt", "pool1000/d000", stdin=bytes(31))
@@ -85,9 +101,9 @@ def test_fakezfs_load_key_drains_stdin_and_checks_the_raw_length(
 
 
 def test_fakezfs_refuses_what_it_does_not_know(
-    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path
+    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path, installed: Path
 ) -> None:
-    host = make_host(tmp_path, key_server, fakezfs, "fz-refuse", 1)
+    host = make_host(tmp_path, key_server, fakezfs, "fz-refuse", 1, installed)
     assert fake(host, "zfs", "mount", "pool1000/d000").returncode == 2
     assert fake(host, "zfs", "load-key", "pool1000/d000").returncode == 2
     assert fake(host, "zpool", "import", "tank").returncode == 2
@@ -96,9 +112,9 @@ def test_fakezfs_refuses_what_it_does_not_know(
 
 
 def test_the_agent_unlock_makes_only_the_calls_the_fake_answers(
-    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path
+    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path, installed: Path
 ) -> None:
-    host = make_host(tmp_path, key_server, fakezfs, "fz-agent", 5)
+    host = make_host(tmp_path, key_server, fakezfs, "fz-agent", 5, installed)
     result = subprocess.run(host.argv(), check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     calls = [line.split(" ", 1)[1] for line in host.take_calls()]
@@ -111,9 +127,9 @@ def test_the_agent_unlock_makes_only_the_calls_the_fake_answers(
 
 
 def test_check_every_key_loaded_fails_when_a_root_was_skipped(
-    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path
+    tmp_path: Path, key_server: common.KeyServer, fakezfs: Path, installed: Path
 ) -> None:
-    host = make_host(tmp_path, key_server, fakezfs, "fz-check", 2)
+    host = make_host(tmp_path, key_server, fakezfs, "fz-check", 2, installed)
     fake(host, "zfs", "load-key", "-L", "prompt", "pool1000/d000", stdin=bytes(32))
     with pytest.raises(RuntimeError, match="1 of 2 keys loaded"):
         host.check_every_key_loaded()
@@ -160,6 +176,7 @@ def sample_results(agent_1: float) -> agent.AgentResults:
     results = agent.AgentResults(rounds=2, roots_many=100)
     results.agent_1 += [agent_1, agent_1]
     results.agent_many += [0.12, 0.12]
+    results.agent_1_editable += [0.1, 0.1]
     results.clevis += [0.1, 0.1]
     results.curl += [0.01, 0.01]
     results.agent_rss += [20480, 20480]
@@ -195,7 +212,8 @@ def test_a_quick_run_measures_every_kind(tmp_path: Path) -> None:
         results = agent.run(tmp_path / "agent", server, tang, quick=True)
     assert server.process is None  # it served for the run only
     rounds = agent.QUICK_ROUNDS
-    for values in (results.agent_1, results.agent_many, results.clevis, results.curl):
+    measured = (results.agent_1, results.agent_1_editable, results.agent_many, results.clevis)
+    for values in (*measured, results.curl):
         assert len(values) == rounds and all(0 < v < 30 for v in values)
     for sizes in (results.agent_rss, results.agent_many_rss, results.clevis_rss, results.curl_rss):
         assert len(sizes) == rounds and all(1024 < s < 1024 * 1024 for s in sizes)
