@@ -16,22 +16,16 @@ from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import admin, audit, prestart, privileges, sealing, simplezfs
 from zfs_unlock_server import config as server_config
+from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
 from zfs_unlock_server.store import Host, KeyRecord
 
-Handler = Callable[[argparse.Namespace], int]
+Handler = Callable[[argparse.Namespace, AdminInputs], int]
 
 
 def _when(stamp: int) -> str:
     return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat(timespec="seconds")
-
-
-def _read_input(path: str) -> bytes:
-    try:
-        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: {exc.strerror}") from None
 
 
 def _emit_certificate(cert_pem: bytes, out: str | None) -> None:
@@ -45,7 +39,7 @@ def _emit_certificate(cert_pem: bytes, out: str | None) -> None:
 # Commands
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+def cmd_init(args: argparse.Namespace, inputs: AdminInputs) -> int:
     master_key_out = Path(args.master_key_out) if args.master_key_out else None
     pin = admin.init_data_dir(
         args.data_dir,
@@ -69,14 +63,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pin(args: argparse.Namespace) -> int:
+def cmd_pin(args: argparse.Namespace, inputs: AdminInputs) -> int:
     layout = server_config.Layout(args.data_dir)
     server_config.load(layout)  # not a data directory: the same error as every other command
     print(admin.server_pin(layout))
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, inputs: AdminInputs) -> int:
     privileges.refuse_root(args.allow_root)  # before anything is read or created
     # Imported here so that admin commands work without gunicorn installed.
     try:
@@ -113,7 +107,7 @@ def _host_json(
     }
 
 
-def cmd_host_add(args: argparse.Namespace) -> int:
+def cmd_host_add(args: argparse.Namespace, inputs: AdminInputs) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
         host, cert_pem = ops.add_host(
@@ -122,7 +116,7 @@ def cmd_host_add(args: argparse.Namespace) -> int:
             args.allow_ip,
             args.pool,
             args.deadman_timeout,
-            args.csr_pem if args.csr else None,
+            inputs.csr_pem,
             Path(args.issue_key) if args.issue_key else None,
         )
     finally:
@@ -138,17 +132,19 @@ def cmd_host_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_host_cert(args: argparse.Namespace) -> int:
+def cmd_host_cert(args: argparse.Namespace, inputs: AdminInputs) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
-        cert_pem = ops.add_certificate(args.name, args.csr_pem)
+        if inputs.csr_pem is None:
+            raise DataError("--csr is required")  # argparse makes it so
+        cert_pem = ops.add_certificate(args.name, inputs.csr_pem)
     finally:
         ops.close()
     _emit_certificate(cert_pem, args.cert_out)
     return 0
 
 
-def cmd_host_list(args: argparse.Namespace) -> int:
+def cmd_host_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
         # Show the dead-man switch's verdict, not a state it would change on the next request.
@@ -176,15 +172,15 @@ def cmd_host_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_host_enable(args: argparse.Namespace) -> int:
+def cmd_host_enable(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.set_enabled(args.name, True))
 
 
-def cmd_host_disable(args: argparse.Namespace) -> int:
+def cmd_host_disable(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.set_enabled(args.name, False))
 
 
-def cmd_host_remove(args: argparse.Namespace) -> int:
+def cmd_host_remove(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.remove_host(args.name, args.delete_keys))
 
 
@@ -213,7 +209,7 @@ def _key_json(record: KeyRecord) -> dict[str, Any]:
     }
 
 
-def cmd_key_list(args: argparse.Namespace) -> int:
+def cmd_key_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
         host_id = ops.store.host_by_name(args.host).id if args.host else None
@@ -231,7 +227,7 @@ def cmd_key_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_key_create(args: argparse.Namespace) -> int:
+def cmd_key_create(args: argparse.Namespace, inputs: AdminInputs) -> int:
     imported = None
     if args.import_key:
         # Key material only ever arrives on stdin, never in argv.
@@ -241,7 +237,7 @@ def cmd_key_create(args: argparse.Namespace) -> int:
     ref = DatasetRef(
         validate.guid(args.pool_guid, "pool GUID"), validate.guid(args.dataset_guid, "dataset GUID")
     )
-    ops = admin.Admin.open(args.data_dir, args.master)
+    ops = admin.Admin.open(args.data_dir, inputs.master)
     try:
         record = ops.create_key(args.host, ref, args.dataset, args.keyformat, imported)
     finally:
@@ -250,23 +246,23 @@ def cmd_key_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_key_delete(args: argparse.Namespace) -> int:
+def cmd_key_delete(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.delete_key(args.key_id))
 
 
-def cmd_host_cert_remove(args: argparse.Namespace) -> int:
+def cmd_host_cert_remove(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.remove_certificate(args.name, args.sha256))
 
 
-def cmd_key_revoke(args: argparse.Namespace) -> int:
+def cmd_key_revoke(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "revoked"))
 
 
-def cmd_key_restore(args: argparse.Namespace) -> int:
+def cmd_key_restore(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "active"))
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+def cmd_audit(args: argparse.Namespace, inputs: AdminInputs) -> int:
     layout = server_config.Layout(args.data_dir)
     path = server_config.audit_path(layout, server_config.load(layout))
     records = [
@@ -289,45 +285,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_import_simplezfs(args: argparse.Namespace) -> int:
-    ops = admin.Admin.open(args.data_dir, args.master)
+def cmd_import_simplezfs(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir, inputs.master)
     try:
-        count = simplezfs.import_simplezfs(ops, Path(args.file), args.rows)
+        count = simplezfs.import_simplezfs(ops, Path(args.file), inputs.simplezfs_rows)
     finally:
         ops.close()
     print(f"imported {count} key(s)", file=sys.stderr)
     return 0
 
 
-def enter_data_dir(args: argparse.Namespace) -> None:
-    """Run an admin command as the data directory's owner (privileges.become_owner).
-
-    What the admin names on the command line (a CSR, a database to import, a master
-    key credential) is read first, with the admin's own rights; outputs are checked
-    after the switch, before anything changes.
-    """
-    layout = server_config.Layout(args.data_dir)
-    if not layout.config.is_file():
-        server_config.load(layout)  # raises: not a data directory, said before anything else
-    if getattr(args, "csr", None):
-        args.csr_pem = _read_input(args.csr)
-    args.rows = (
-        simplezfs.read_simplezfs(Path(args.file)) if args.handler is cmd_import_simplezfs else None
-    )
-    args.master = None
-    if privileges.owner_to_become(args.data_dir) is None:
-        return
-    if args.handler in (cmd_key_create, cmd_import_simplezfs):
-        args.master = sealing.load_credential()
-    privileges.become_owner(args.data_dir)
+def wants_of(args: argparse.Namespace) -> Wants:
+    """What the admin command ARGS names that must be read before, or checked after,
+    it becomes the data directory's owner."""
+    outputs = []
     if getattr(args, "cert_out", None):
-        privileges.check_writable(
-            Path(args.cert_out),
-            "--cert-out",
-            "; without --cert-out the certificate goes to standard output",
-        )
+        hint = "; without --cert-out the certificate goes to standard output"
+        outputs.append(Output(Path(args.cert_out), "--cert-out", hint))
     if getattr(args, "issue_key", None):
-        privileges.check_writable(Path(args.issue_key), "--issue-key")
+        outputs.append(Output(Path(args.issue_key), "--issue-key"))
+    return Wants(
+        csr=getattr(args, "csr", None),
+        simplezfs=Path(args.file) if args.handler is cmd_import_simplezfs else None,
+        seals_keys=args.handler in (cmd_key_create, cmd_import_simplezfs),
+        outputs=tuple(outputs),
+    )
 
 
 # Parser
@@ -487,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _missing_subcommand(args: argparse.Namespace) -> int:
+def _missing_subcommand(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return EX_USAGE
 
 
@@ -498,9 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "data_dir" not in args:
         args.data_dir = server_config.default_data_dir()
     try:
+        inputs = AdminInputs()
         if args.handler not in (cmd_init, cmd_serve):
-            enter_data_dir(args)
-        result: int = args.handler(args)
+            inputs = enter_data_dir(args.data_dir, wants_of(args))
+        result: int = args.handler(args, inputs)
     except ServerError as exc:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)
         return exc.exit_code
