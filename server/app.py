@@ -1,4 +1,4 @@
-"""The HTTP face of the key server: a WSGI application with a strict route allowlist.
+"""The HTTP face of the key server: a WSGI application with a strict route allowlist (ROUTES).
 
 Everything a client sends is checked here before the service sees it: method,
 path, query, content type, size, JSON schema. Errors are fixed JSON bodies that
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
@@ -37,15 +38,6 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 # The environ key under which the worker passes the client certificate (DER) it verified.
 PEER_CERTIFICATE = "zfs_unlock_server.peer_certificate"
-
-_RELEASE_ONE = re.compile(r"/v1/hosts/([0-9a-f]{32})/keys/([0-9]{1,20})/([0-9]{1,20})")
-_LEGACY = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/([A-Za-z0-9_.:-]{1,255})")
-_POST_ROUTES = (
-    protocol.ROUTE_CHECKIN,
-    protocol.ROUTE_ENROLL,
-    protocol.ROUTE_ACTIVATE,
-    protocol.ROUTE_RELEASE_BATCH,
-)
 
 STATUS_TEXT = {
     200: "200 OK",
@@ -171,6 +163,7 @@ class KeyServerApp:
         self._limiter: RateLimiter | None = None
         self._pid = 0
         self._audit_sync = SharedSync()  # made before gunicorn forks the workers
+        self.routes = ROUTES + ((SIMPLEZFS_ROUTE,) if config.simplezfs_route else ())
 
     # Per-process resources
 
@@ -242,27 +235,18 @@ class KeyServerApp:
             raise HttpError(409) from None
 
     def _route(self, method: str, path: str) -> Callable[[KeyService, Caller, Environ], Response]:
-        if path in _POST_ROUTES:
-            if method != "POST":
-                raise HttpError(405, headers=[("Allow", "POST")])
-            return {
-                protocol.ROUTE_CHECKIN: self._checkin,
-                protocol.ROUTE_ENROLL: self._enroll,
-                protocol.ROUTE_ACTIVATE: self._activate,
-                protocol.ROUTE_RELEASE_BATCH: self._release_batch,
-            }[path]
-        match = _RELEASE_ONE.fullmatch(path)
-        if match:
-            if method != "GET":
-                raise HttpError(405, headers=[("Allow", "GET")])
-            return lambda service, caller, environ: self._release_one(
-                service, caller, environ, match
-            )
-        legacy = _LEGACY.fullmatch(path) if self.config.simplezfs_route else None
-        if legacy and legacy.group(3) not in {".", ".."}:
-            if method != "GET":
-                raise HttpError(405, headers=[("Allow", "GET")])
-            return lambda service, caller, environ: self._release_legacy(service, caller, legacy)
+        """The handler of the one route that PATH and METHOD name; 405 (with Allow) for a
+        known path asked with another method, 404 for any other path."""
+        allowed: list[str] = []
+        for route in self.routes:
+            match = route.path.fullmatch(path)
+            if match is None:
+                continue
+            if route.method == method:
+                return functools.partial(route.handler, match=match)
+            allowed.append(route.method)
+        if allowed:
+            raise HttpError(405, headers=[("Allow", ", ".join(dict.fromkeys(allowed)))])
         raise HttpError(404)
 
     def _caller(self, environ: Environ, request_id: str) -> Caller:
@@ -292,125 +276,167 @@ class KeyServerApp:
             )
             raise HttpError(429, headers=[("Retry-After", retry_after_header(wait))])
 
-    # Body parsing
 
-    @staticmethod
-    def _json_body(environ: Environ) -> Any:
-        content_type = str(environ.get("CONTENT_TYPE", "")).split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise HttpError(415, "Content-Type must be application/json")
-        accepted = {
-            part.split(";")[0].strip().lower()
-            for part in str(environ.get("HTTP_ACCEPT", "*/*")).split(",")
-        }
-        if not accepted & {"application/json", "application/*", "*/*"}:
-            raise HttpError(406)
-        length_text = environ.get("CONTENT_LENGTH")
-        if not length_text:
-            raise HttpError(411, "Content-Length is required")
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
-        if length < 0:
-            raise HttpError(400, "bad Content-Length")
-        if length > protocol.MAX_BODY_BYTES:
-            raise HttpError(413)
-        try:
-            raw = environ["wsgi.input"].read(length)
-        except OSError:  # the client stalled past io_timeout, or went away, mid-body
-            raise HttpError(400, "truncated body") from None
-        if len(raw) != length:
-            raise HttpError(400, "truncated body")
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
-            raise HttpError(400, "body is not valid JSON") from None
+# Body parsing
 
-    # Routes
 
-    def _checkin(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
-        body = _fields(self._json_body(environ), {"machine_id"})
-        host = service.checkin(caller, validate.machine_id(body["machine_id"]))
-        return json_response(
-            200, {"host": host.name, "deadman_timeout": service.deadman_timeout(host)}
-        )
+def json_body(environ: Environ) -> Any:
+    content_type = str(environ.get("CONTENT_TYPE", "")).split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise HttpError(415, "Content-Type must be application/json")
+    accepted = {
+        part.split(";")[0].strip().lower()
+        for part in str(environ.get("HTTP_ACCEPT", "*/*")).split(",")
+    }
+    if not accepted & {"application/json", "application/*", "*/*"}:
+        raise HttpError(406)
+    length_text = environ.get("CONTENT_LENGTH")
+    if not length_text:
+        raise HttpError(411, "Content-Length is required")
+    try:
+        length = int(length_text)
+    except ValueError:
+        raise HttpError(400, "bad Content-Length") from None
+    if length < 0:
+        raise HttpError(400, "bad Content-Length")
+    if length > protocol.MAX_BODY_BYTES:
+        raise HttpError(413)
+    try:
+        raw = environ["wsgi.input"].read(length)
+    except OSError:  # the client stalled past io_timeout, or went away, mid-body
+        raise HttpError(400, "truncated body") from None
+    if len(raw) != length:
+        raise HttpError(400, "truncated body")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
+        raise HttpError(400, "body is not valid JSON") from None
 
-    def _release_batch(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
-        body = _fields(self._json_body(environ), {"machine_id", "datasets"})
-        machine_id = validate.machine_id(body["machine_id"])
-        items = body["datasets"]
-        if not isinstance(items, list) or not 1 <= len(items) <= protocol.MAX_BATCH:
-            raise validate.InvalidInput(f"datasets must be a list of 1 to {protocol.MAX_BATCH}")
-        refs = [_dataset_ref(item) for item in items]
-        if len(set(refs)) != len(refs):
-            raise validate.InvalidInput("datasets must not repeat")
-        result = service.release(caller, machine_id, refs)
-        return json_response(
-            200,
-            {
-                "keys": [key_json(r) for r in result.released],
-                "denied": [
-                    {"pool_guid": d.pool_guid, "dataset_guid": d.dataset_guid}
-                    for d in result.denied
-                ],
-            },
-        )
 
-    def _release_one(
-        self, service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
-    ) -> Response:
-        machine_id = validate.machine_id(match.group(1))
-        ref = DatasetRef(validate.guid(match.group(2)), validate.guid(match.group(3)))
-        result = service.release(caller, machine_id, [ref])
-        if not result.released:
-            raise Denied("see audit")
-        return json_response(200, key_json(result.released[0]))
+# Routes: each takes the service, the caller, the WSGI environ and its path's match.
 
-    def _release_legacy(
-        self, service: KeyService, caller: Caller, match: re.Match[str]
-    ) -> Response:
-        machine_id = validate.machine_id(match.group(1))
-        pool = validate.guid(match.group(2))
-        name = validate.label(match.group(3))
-        released = service.release_legacy(caller, machine_id, pool, name)
-        return Response(200, released.material, content_type="application/octet-stream")
 
-    def _enroll(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
-        body = _fields(
-            self._json_body(environ),
-            {"machine_id", "pool_guid", "dataset_guid", "dataset", "keyformat"},
-            {"key"},
-        )
-        machine_id = validate.machine_id(body["machine_id"])
-        ref = DatasetRef(
+def checkin(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    body = _fields(json_body(environ), {"machine_id"})
+    host = service.checkin(caller, validate.machine_id(body["machine_id"]))
+    return json_response(200, {"host": host.name, "deadman_timeout": service.deadman_timeout(host)})
+
+
+def release_batch(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    body = _fields(json_body(environ), {"machine_id", "datasets"})
+    machine_id = validate.machine_id(body["machine_id"])
+    items = body["datasets"]
+    if not isinstance(items, list) or not 1 <= len(items) <= protocol.MAX_BATCH:
+        raise validate.InvalidInput(f"datasets must be a list of 1 to {protocol.MAX_BATCH}")
+    refs = [_dataset_ref(item) for item in items]
+    if len(set(refs)) != len(refs):
+        raise validate.InvalidInput("datasets must not repeat")
+    result = service.release(caller, machine_id, refs)
+    return json_response(
+        200,
+        {
+            "keys": [key_json(r) for r in result.released],
+            "denied": [
+                {"pool_guid": d.pool_guid, "dataset_guid": d.dataset_guid} for d in result.denied
+            ],
+        },
+    )
+
+
+def release_one(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    machine_id = validate.machine_id(match.group(1))
+    ref = DatasetRef(validate.guid(match.group(2)), validate.guid(match.group(3)))
+    result = service.release(caller, machine_id, [ref])
+    if not result.released:
+        raise Denied("see audit")
+    return json_response(200, key_json(result.released[0]))
+
+
+def release_legacy(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    machine_id = validate.machine_id(match.group(1))
+    pool = validate.guid(match.group(2))
+    name = validate.label(match.group(3))
+    released = service.release_legacy(caller, machine_id, pool, name)
+    return Response(200, released.material, content_type="application/octet-stream")
+
+
+def enroll(service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]) -> Response:
+    body = _fields(
+        json_body(environ),
+        {"machine_id", "pool_guid", "dataset_guid", "dataset", "keyformat"},
+        {"key"},
+    )
+    machine_id = validate.machine_id(body["machine_id"])
+    ref = DatasetRef(
+        validate.guid(body["pool_guid"], "pool_guid"),
+        validate.guid(body["dataset_guid"], "dataset_guid"),
+    )
+    dataset = validate.dataset_name(body["dataset"])
+    keyformat = _keyformat(body["keyformat"])
+    imported = _decode_key(body["key"]) if "key" in body else None
+    if imported is None and keyformat == "passphrase":
+        raise validate.InvalidInput("a passphrase key must be imported (field 'key')")
+    if imported is not None:
+        protocol.check_key_material(imported, keyformat)  # before any state is looked at
+    released, created = service.enroll(caller, machine_id, ref, dataset, keyformat, imported)
+    return json_response(201 if created else 200, key_json(released))
+
+
+def activate(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    body = _fields(json_body(environ), {"machine_id", "pool_guid", "dataset_guid", "key_id"})
+    record = service.activate(
+        caller,
+        validate.machine_id(body["machine_id"]),
+        DatasetRef(
             validate.guid(body["pool_guid"], "pool_guid"),
             validate.guid(body["dataset_guid"], "dataset_guid"),
-        )
-        dataset = validate.dataset_name(body["dataset"])
-        keyformat = _keyformat(body["keyformat"])
-        imported = _decode_key(body["key"]) if "key" in body else None
-        if imported is None and keyformat == "passphrase":
-            raise validate.InvalidInput("a passphrase key must be imported (field 'key')")
-        if imported is not None:
-            protocol.check_key_material(imported, keyformat)  # before any state is looked at
-        released, created = service.enroll(caller, machine_id, ref, dataset, keyformat, imported)
-        return json_response(201 if created else 200, key_json(released))
+        ),
+        validate.key_id(body["key_id"]),
+    )
+    return json_response(200, record_json(record))
 
-    def _activate(self, service: KeyService, caller: Caller, environ: Environ) -> Response:
-        body = _fields(
-            self._json_body(environ), {"machine_id", "pool_guid", "dataset_guid", "key_id"}
-        )
-        record = service.activate(
-            caller,
-            validate.machine_id(body["machine_id"]),
-            DatasetRef(
-                validate.guid(body["pool_guid"], "pool_guid"),
-                validate.guid(body["dataset_guid"], "dataset_guid"),
-            ),
-            validate.key_id(body["key_id"]),
-        )
-        return json_response(200, record_json(record))
+
+class RouteHandler(Protocol):
+    def __call__(
+        self, service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+    ) -> Response: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: re.Pattern[str]  # matched against the whole path; its groups go to the handler
+    handler: RouteHandler
+
+
+def _exactly(path: str) -> re.Pattern[str]:
+    return re.compile(re.escape(path))
+
+
+_RELEASE_ONE = re.compile(r"/v1/hosts/([0-9a-f]{32})/keys/([0-9]{1,20})/([0-9]{1,20})")
+# SimpleZFSKeySystem's layout, /MACHINE_ID/POOL_GUID/NAME; the name is never "." or "..".
+_SIMPLEZFS = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/(?!\.\.?\Z)([A-Za-z0-9_.:-]{1,255})")
+
+# Every route the server answers, one row each (method, path, handler); any other path
+# is 404, a listed path asked with another method 405.
+ROUTES: tuple[Route, ...] = (
+    Route("POST", _exactly(protocol.ROUTE_CHECKIN), checkin),
+    Route("POST", _exactly(protocol.ROUTE_ENROLL), enroll),
+    Route("POST", _exactly(protocol.ROUTE_ACTIVATE), activate),
+    Route("POST", _exactly(protocol.ROUTE_RELEASE_BATCH), release_batch),
+    Route("GET", _RELEASE_ONE, release_one),
+)
+SIMPLEZFS_ROUTE = Route("GET", _SIMPLEZFS, release_legacy)  # only with simplezfs_route = true
 
 
 def _decode_key(value: Any) -> bytes:
