@@ -308,9 +308,25 @@ def json_body(environ: Environ) -> Any:
     if len(raw) != length:
         raise HttpError(400, "truncated body")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_repeats)
+    except RepeatedMember:
+        raise HttpError(400, "body repeats a member name") from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         raise HttpError(400, "body is not valid JSON") from None
+
+
+class RepeatedMember(ValueError):
+    """A JSON object names a member twice."""
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of repeated names, while other parsers keep the first:
+    # the value a proxy or the agent checked need not be the one used here. Called for
+    # every object, nested ones too, with the names already unescaped.
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise RepeatedMember
+    return members
 
 
 # Routes: each takes the service, the caller, the WSGI environ and its path's match.

@@ -74,6 +74,7 @@ BATCH_SIZE = {
     "detail": f"datasets must be a list of 1 to {protocol.MAX_BATCH}",
 }
 BATCH_REPEAT = {"error": "bad_request", "detail": "datasets must not repeat"}
+DUPLICATE_MEMBER = {"error": "bad_request", "detail": "body repeats a member name"}
 
 
 def bad(detail: str) -> dict[str, str]:
@@ -392,6 +393,63 @@ JSON_CASES = [
     ),
 ]
 
+
+def duplicated(route: str, text: str) -> bytes:
+    """A body with a member named twice, exactly as written (json.dumps cannot make one)."""
+    return post(route, text.replace("MID", MID).replace("POOL", POOL).replace("DS", DS).encode())
+
+
+# A member named twice: one parser reads the first, another the last, so the value
+# that was checked need not be the value that is used. Refused at any depth.
+DUPLICATE_CASES = [
+    Case(
+        "duplicate-member",
+        duplicated(protocol.ROUTE_CHECKIN, '{"machine_id": "EVIL", "machine_id": "MID"}'),
+        400,
+        DUPLICATE_MEMBER,
+        hostile=(b"EVIL",),
+    ),
+    Case(
+        "duplicate-member-same-value",
+        duplicated(protocol.ROUTE_CHECKIN, '{"machine_id": "MID", "machine_id": "MID"}'),
+        400,
+        DUPLICATE_MEMBER,
+    ),
+    Case(
+        "duplicate-member-escaped",
+        duplicated(protocol.ROUTE_CHECKIN, '{"machine_id": "MID", "machine\\u005fid": "MID"}'),
+        400,
+        DUPLICATE_MEMBER,
+    ),
+    Case(
+        "duplicate-member-in-batch-item",
+        duplicated(
+            protocol.ROUTE_RELEASE_BATCH,
+            '{"machine_id": "MID", "datasets": [{"pool_guid": "POOL", "dataset_guid": "9",'
+            ' "dataset_guid": "DS"}]}',
+        ),
+        400,
+        DUPLICATE_MEMBER,
+    ),
+    Case(
+        "duplicate-member-deep-in-unknown-field",
+        duplicated(protocol.ROUTE_CHECKIN, '{"machine_id": "MID", "x": [[{"a": 1, "a": 2}]]}'),
+        400,
+        DUPLICATE_MEMBER,
+    ),
+    Case(
+        "duplicate-key-in-enroll",
+        duplicated(
+            protocol.ROUTE_ENROLL,
+            '{"machine_id": "MID", "pool_guid": "POOL", "dataset_guid": "DS",'
+            f' "dataset": "tank/data", "keyformat": "raw", "key": "{b64(b"x" * 31)}",'
+            f' "key": "{b64(b"y" * 32)}"}}',
+        ),
+        400,
+        DUPLICATE_MEMBER,
+    ),
+]
+
 ENROLL_CASES = [
     # Dataset names ZFS would refuse (or read as an option).
     Case("name-empty", enroll_with(dataset=""), 400, NAME_LENGTH),
@@ -533,6 +591,7 @@ CASES = (
     + METHOD_CASES
     + FRAMING_CASES
     + JSON_CASES
+    + DUPLICATE_CASES
     + ENROLL_CASES
     + ACTIVATE_CASES
     + BATCH_CASES
