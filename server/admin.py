@@ -12,7 +12,7 @@ import ipaddress
 import os
 import pwd
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,14 @@ def server_pin(layout: Layout) -> str:
     return pinning.pin_of_certificate(pki.pem_to_der(layout.server_cert.read_bytes()))
 
 
+@dataclass(frozen=True)
+class Change:
+    """One audited change: its event and the fields that name what it changes."""
+
+    event: str
+    fields: Mapping[str, str | int | None]
+
+
 @dataclass
 class Admin:
     """An open data directory, for one admin command."""
@@ -149,20 +157,33 @@ class Admin:
     def granting(self, event: str, **fields: str | int | None) -> Iterator[None]:
         """Record a change that grants access *before* making it: an unwritable audit
         log stops it. A change that then fails is recorded as failed."""
-        self.record(event, **fields)
+        with self.granting_all([Change(event, fields)]):
+            yield
+
+    @contextlib.contextmanager
+    def granting_all(self, changes: Sequence[Change]) -> Iterator[None]:
+        """granting for changes made together, in one transaction: every record is
+        written (in one durable write) before it, and if it fails each record is
+        followed by its failed one, so that none is left claiming a change not made."""
+        who = actor()
+        self.audit.write(
+            *({"event": c.event, "decision": "allow", "actor": who, **c.fields} for c in changes)
+        )
         try:
             yield
         except BaseException as exc:
+            failed: list[AuditRecord] = [
+                {
+                    "event": c.event,
+                    "decision": "failed",
+                    "actor": who,
+                    "reason": type(exc).__name__,
+                    **c.fields,
+                }
+                for c in changes
+            ]
             with contextlib.suppress(AuditError):
-                self.audit.write(
-                    {
-                        "event": event,
-                        "decision": "failed",
-                        "actor": actor(),
-                        "reason": type(exc).__name__,
-                        **fields,
-                    }
-                )
+                self.audit.write(*failed)
             raise
 
     # Changes that take access away (disable, revoke, remove) are made first and

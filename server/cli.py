@@ -288,10 +288,14 @@ def cmd_audit(args: argparse.Namespace, inputs: AdminInputs) -> int:
 def cmd_import_simplezfs(args: argparse.Namespace, inputs: AdminInputs) -> int:
     ops = admin.Admin.open(args.data_dir, inputs.master)
     try:
-        count = simplezfs.import_simplezfs(ops, Path(args.file), inputs.simplezfs_rows)
+        result = simplezfs.import_simplezfs(
+            ops, Path(args.file), inputs.simplezfs_rows, args.use_row
+        )
     finally:
         ops.close()
-    print(f"imported {count} key(s)", file=sys.stderr)
+    for left_out in result.left_out:
+        print(left_out.explain(), file=sys.stderr)
+    print(f"imported {result.keys} key(s)", file=sys.stderr)
     return 0
 
 
@@ -339,8 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(parent: Any, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help_text)
+    def add(
+        parent: Any, name: str, handler: Handler, help_text: str, description: str | None = None
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, parents=[common], help=help_text, description=description
+        )
         p.set_defaults(handler=handler)
         return p
 
@@ -464,8 +472,23 @@ def build_parser() -> argparse.ArgumentParser:
         "import-simplezfs",
         cmd_import_simplezfs,
         "import the keys of a SimpleZFSKeySystem SQLite database",
+        description="Import the keys of a SimpleZFSKeySystem SQLite database (its table"
+        " 'key'), all or nothing; enroll their hosts first. The file is checked with"
+        " PRAGMA integrity_check first, and a damaged one is refused (exit 65). Where"
+        " several rows have the same machine, pool and name (two first requests that"
+        " raced), the row SimpleZFSKeySystem serves, the one with the lowest id, is"
+        " imported, and every other one is named by its id.",
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the SimpleZFSKeySystem database (keys.db)")
+    p.add_argument(
+        "--use-row",
+        action="append",
+        type=int,
+        default=[],
+        metavar="ID",
+        help="import the row with this id instead of the one SimpleZFSKeySystem serves for"
+        " its machine, pool and name (repeatable, one per key)",
+    )
     return parser
 
 

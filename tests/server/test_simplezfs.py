@@ -10,6 +10,8 @@ the same checks as /v1.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import secrets
 import shutil
@@ -25,7 +27,10 @@ from typing import Any
 import pytest
 import requests
 
-from tests.keyserver import HostCreds, KeyServer
+from tests.keyserver import SERVER_BIN, HostCreds, KeyServer
+from zfs_unlock_server import simplezfs
+from zfs_unlock_server.admin import Admin
+from zfs_unlock_server.sealing import KeyContext, Sealer
 
 MACHINE_ALPHA = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 MACHINE_BETA = "f9e8d7c6b5a4938271605f4e3d2c1b0a"
@@ -41,6 +46,7 @@ class SeedKey:
     pool: str
     keyvalue: str
     active: int | str = 1
+    id: int | None = None  # None: the next one, as RedBean's AUTOINCREMENT gives it
 
 
 def seed_keys() -> list[SeedKey]:
@@ -73,8 +79,9 @@ def write_seed(
         for column, sql_type in types.items():
             db.execute(f"ALTER TABLE `key` ADD `{column}` {sql_type}")
         db.executemany(
-            "INSERT INTO `key` (name, machine, pool, keyvalue, active) VALUES (?, ?, ?, ?, ?)",
-            [(r.name, r.machine, r.pool, r.keyvalue, r.active) for r in rows],
+            "INSERT INTO `key` (id, name, machine, pool, keyvalue, active)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.id, r.name, r.machine, r.pool, r.keyvalue, r.active) for r in rows],
         )
         db.commit()
     finally:
@@ -173,19 +180,175 @@ def test_second_import_of_the_same_file_conflicts_and_changes_nothing(
     assert key_list(keyserver) == before
 
 
-def test_duplicate_rows_in_one_file_import_nothing(keyserver: KeyServer, tmp_path: Path) -> None:
+def poc_serves(seed: Path, machine: str, pool: str, name: str) -> str:
+    """The key SimpleZFSKeySystem answers for MACHINE/POOL/NAME: keys.php looks it up with
+    R::findOne('key', ' name = ? AND machine = ? AND pool = ? ', ...), which RedBean runs
+    as this statement (findOne appends LIMIT 1)."""
+    with contextlib.closing(sqlite3.connect(seed)) as db:
+        row = db.execute(
+            "SELECT `key`.* FROM `key` WHERE name = ? AND machine = ? AND pool = ? LIMIT 1",
+            (name, machine, pool),
+        ).fetchone()
+    assert row is not None
+    return str(row[4])  # id, name, machine, pool, keyvalue, active
+
+
+def imported_keys(server: KeyServer) -> dict[tuple[str, str], tuple[bytes, str]]:
+    """Each imported key's material (opened with the master key) and state,
+    by (pool, name)."""
+    sealer = Sealer((server.data_dir / "master.key").read_bytes())
+    found = {}
+    with contextlib.closing(sqlite3.connect(server.data_dir / "keys.db")) as db:
+        for key in key_list(server):
+            (sealed,) = db.execute(
+                "SELECT sealed FROM keys WHERE key_id = ?", (key["key_id"],)
+            ).fetchone()
+            context = KeyContext(
+                key["host"], key["pool_guid"], "", key["legacy_name"], key["key_id"], "raw"
+            )
+            material = sealer.open(sealed, context)
+            found[(key["pool_guid"], key["legacy_name"])] = (material, key["state"])
+    return found
+
+
+def racing_seed(path: Path) -> tuple[Path, dict[int, SeedKey]]:
+    """What first-time GETs that raced leave behind: two or three rows for one key.
+
+    The ids are not in the file's order: a file restored or merged by hand need not keep
+    its rows in id order, and the proof of concept's lookup goes by id (rowid), not by
+    the order the rows were written in.
+    """
+
+    def new(name: str, pool: str, row_id: int, active: int = 1) -> SeedKey:
+        return SeedKey(name, MACHINE_ALPHA, pool, secrets.token_hex(16), active, row_id)
+
+    rows = [
+        new("99", POOL_A, 1),
+        new("100", POOL_A, 7),
+        new("100", POOL_A, 3),
+        new("100", POOL_A, 9),
+        new("100", POOL_B, 4),  # the same name on another pool repeats nothing
+        new("vm", POOL_B, 5, active=0),
+        new("vm", POOL_B, 6),
+    ]
+    write_seed(path, rows)
+    return path, {r.id: r for r in rows if r.id is not None}
+
+
+def lines_about(err: str, row_id: int) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith(f"row {row_id} ")]
+
+
+def test_repeated_rows_import_the_row_simplezfs_serves(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
     keyserver.add_host("alpha", machine_id=MACHINE_ALPHA)
-    first = SeedKey("100", MACHINE_ALPHA, POOL_A, secrets.token_hex(16))
-    seed = write_seed(
-        tmp_path / "keys.db",
-        [
-            SeedKey("99", MACHINE_ALPHA, POOL_A, secrets.token_hex(16)),
-            first,
-            replace(first, keyvalue=secrets.token_hex(16)),
-        ],
+    seed, rows = racing_seed(tmp_path / "keys.db")
+    code, out, err = keyserver.admin("import-simplezfs", str(seed))
+    assert code == 0, err
+    assert "imported 4 key(s)" in err
+
+    keys = imported_keys(keyserver)
+    assert set(keys) == {(POOL_A, "99"), (POOL_A, "100"), (POOL_B, "100"), (POOL_B, "vm")}
+    for (pool, name), (material, _) in keys.items():
+        # What the proof of concept answers for that URL today is what was imported...
+        assert material == poc_serves(seed, MACHINE_ALPHA, pool, name).encode()
+    # ...which for a repeated key is the row with the lowest id, wherever it is in the file.
+    assert keys[(POOL_A, "100")][0] == rows[3].keyvalue.encode()
+    # The first "vm" row is switched off: the proof of concept refuses it, and so do we.
+    assert keys[(POOL_B, "vm")] == (rows[5].keyvalue.encode(), "revoked")
+
+    # Every row left out is named by its id, with the row imported in its place.
+    for shadowed, chosen in ((7, 3), (9, 3), (6, 5)):
+        [line] = lines_about(err, shadowed)
+        assert f"row {chosen}" in line and f"--use-row {shadowed}" in line, line
+    for imported in (1, 3, 4, 5):
+        assert lines_about(err, imported) == []
+    for row in rows.values():
+        assert row.keyvalue not in err and row.keyvalue not in out
+
+
+def test_use_row_imports_another_of_the_repeated_rows(keyserver: KeyServer, tmp_path: Path) -> None:
+    keyserver.add_host("alpha", machine_id=MACHINE_ALPHA)
+    seed, rows = racing_seed(tmp_path / "keys.db")
+    code, _, err = keyserver.admin(
+        "import-simplezfs", str(seed), "--use-row", "9", "--use-row", "6", "--use-row", "1"
     )
-    assert keyserver.admin("import-simplezfs", str(seed))[0] == 65
+    assert code == 0, err
+    keys = imported_keys(keyserver)
+    assert keys[(POOL_A, "100")][0] == rows[9].keyvalue.encode()
+    assert keys[(POOL_B, "vm")] == (rows[6].keyvalue.encode(), "active")
+    assert keys[(POOL_A, "99")][0] == rows[1].keyvalue.encode()  # the only row anyway
+    # Now the proof of concept's choices are the ones left out, and say which row won.
+    for shadowed, chosen in ((3, 9), (7, 9), (5, 6)):
+        [line] = lines_about(err, shadowed)
+        assert f"row {chosen}" in line, line
+    assert lines_about(err, 9) == [] and lines_about(err, 6) == []
+
+
+@pytest.mark.parametrize(
+    ("use_rows", "message"),
+    [
+        (("2",), "no row 2"),  # no such id
+        (("7", "9"), "row 7 and row 9"),  # two choices for one key
+    ],
+)
+def test_use_row_that_picks_nothing_or_twice_imports_nothing(
+    keyserver: KeyServer, tmp_path: Path, use_rows: Sequence[str], message: str
+) -> None:
+    keyserver.add_host("alpha", machine_id=MACHINE_ALPHA)
+    seed, _ = racing_seed(tmp_path / "keys.db")
+    options = [part for row in use_rows for part in ("--use-row", row)]
+    code, _, err = keyserver.admin("import-simplezfs", str(seed), *options)
+    assert code == 65, err
+    assert message in err
     assert key_list(keyserver) == []
+    assert imported_events(keyserver) == []
+
+
+def test_audit_names_only_the_keys_that_were_imported(keyserver: KeyServer, tmp_path: Path) -> None:
+    keyserver.add_host("alpha", machine_id=MACHINE_ALPHA)
+    seed, _ = racing_seed(tmp_path / "keys.db")
+    keyserver.must("import-simplezfs", str(seed))
+    records = [r for r in keyserver.audit_records() if "import" in str(r.get("event"))]
+    imported = [r for r in records if r["event"] == "key_imported"]
+    assert {r["decision"] for r in records} == {"allow"}
+    assert sorted(str(r["key_id"]) for r in imported) == sorted(
+        k["key_id"] for k in key_list(keyserver)
+    )
+    assert sorted(int(str(r["row"])) for r in imported) == [1, 3, 4, 5]
+    [summary] = [r for r in records if r["event"] == "import_simplezfs"]
+    assert summary["keys"] == 4 and summary["rows_left_out"] == "6,7,9"
+
+
+def test_an_import_that_fails_in_its_transaction_marks_every_record_failed(
+    keyserver: KeyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records come first (granting), so each allow record of a key that was then not
+    stored is followed by its failed record: the log never shows a key as imported
+    that is not there."""
+    keyserver.add_host("alpha", machine_id=MACHINE_ALPHA)
+    seed = write_seed(tmp_path / "keys.db", seed_keys()[:3])
+    ops = Admin.open(keyserver.data_dir)
+
+    def refuse(records: Sequence[object]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ops.store, "insert_keys", refuse)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            simplezfs.import_simplezfs(ops, seed)
+    finally:
+        ops.close()
+    assert key_list(keyserver) == []
+    records = [r for r in keyserver.audit_records() if "import" in str(r.get("event"))]
+    allowed = [r for r in records if r["decision"] == "allow"]
+    failed = [r for r in records if r["decision"] == "failed"]
+    assert len(allowed) == len(failed) == 4  # three keys and the import itself
+    assert {(r["event"], r.get("key_id")) for r in allowed} == {
+        (r["event"], r.get("key_id")) for r in failed
+    }
+    assert {r["reason"] for r in failed} == {"OperationalError"}
 
 
 def test_unenrolled_machine_fails_the_whole_import(keyserver: KeyServer, tmp_path: Path) -> None:
@@ -228,7 +391,8 @@ def test_invalid_row_rejects_the_whole_file(
 ) -> None:
     enroll_machines(keyserver)
     rows = seed_keys()
-    bad = replace(SeedKey("bad", MACHINE_ALPHA, POOL_A, secrets.token_hex(16)), **{field: value})
+    changed: dict[str, Any] = {field: value}
+    bad = replace(SeedKey("bad", MACHINE_ALPHA, POOL_A, secrets.token_hex(16)), **changed)
     seed = write_seed(tmp_path / "keys.db", [*rows, bad])
 
     code, out, err = keyserver.admin("import-simplezfs", str(seed))
@@ -254,6 +418,91 @@ def test_a_file_that_is_not_a_seed_database_is_refused(
         assert code == 65, (path, err)
         assert str(path) in err
     assert key_list(keyserver) == []
+
+
+def with_poc_tables(path: Path) -> Path:
+    """The proof of concept's other tables (keys.php keeps acl, machine and pool beside
+    key), filled enough that each has pages of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for table, columns in (
+            ("acl", ("ip", "machine", "pool")),
+            ("machine", ("guid", "address")),
+            ("pool", ("guid", "machine")),
+        ):
+            db.execute(f"CREATE TABLE `{table}` ( id INTEGER PRIMARY KEY AUTOINCREMENT )")
+            for column in columns:
+                db.execute(f"ALTER TABLE `{table}` ADD `{column}` TEXT")
+            marks = ", ".join("?" * len(columns))
+            names = ", ".join(columns)
+            db.executemany(
+                f"INSERT INTO `{table}` ({names}) VALUES ({marks})",  # noqa: S608
+                [tuple(f"{column}-{n}" for column in columns) for n in range(40)],
+            )
+        db.commit()
+    return path
+
+
+def damage_table(path: Path, table: str, where: str) -> None:
+    """Overwrite part of TABLE's root page: its b-tree header and cell pointers, which
+    SQLite then cannot even walk, or the end of its cell area, which it can."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        (root,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
+    start = (root - 1) * page_size
+    with path.open("r+b") as handle:
+        handle.seek(start if where == "header" else start + page_size - 200)
+        handle.write(b"\xff" * (64 if where == "header" else 200))
+
+
+@pytest.mark.parametrize("where", ["header", "cells"])
+def test_a_damaged_seed_database_is_refused_and_nothing_changes(
+    keyserver: KeyServer, tmp_path: Path, where: str
+) -> None:
+    enroll_machines(keyserver)
+    rows = seed_keys()
+    seed = with_poc_tables(write_seed(tmp_path / "keys.db", rows))
+    damage_table(seed, "machine", where)
+    with contextlib.closing(sqlite3.connect(seed)) as db:
+        # The damage is out of the key table's way: reading the keys alone does not see it.
+        keys = db.execute("SELECT name, machine, pool, keyvalue, active FROM key").fetchall()
+        assert len(keys) == len(rows)
+        with contextlib.suppress(sqlite3.DatabaseError):  # or SQLite refuses to look at all
+            assert db.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
+    before = hashlib.sha256(seed.read_bytes()).hexdigest()
+
+    code, out, err = keyserver.admin("import-simplezfs", str(seed))
+    assert code == 65, err
+    assert str(seed) in err and "damaged" in err and "integrity_check" in err
+    assert "Traceback" not in err
+    for row in rows:
+        assert row.keyvalue not in err and row.keyvalue not in out
+    assert key_list(keyserver) == []
+    assert [r for r in keyserver.audit_records() if "import" in str(r.get("event"))] == []
+    assert hashlib.sha256(seed.read_bytes()).hexdigest() == before
+
+
+def test_a_seed_database_with_the_poc_tables_intact_imports(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    enroll_machines(keyserver)
+    seed = with_poc_tables(write_seed(tmp_path / "keys.db", seed_keys()))
+    keyserver.must("import-simplezfs", str(seed))
+    assert len(key_list(keyserver)) == len(seed_keys())
+
+
+def test_help_says_which_row_is_imported_and_how_to_choose() -> None:
+    result = subprocess.run(
+        [str(SERVER_BIN), "import-simplezfs", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--use-row ID" in text and "lowest id" in text and "integrity_check" in text
 
 
 # The keylocation=https:// route
