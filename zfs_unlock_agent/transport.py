@@ -7,6 +7,9 @@ nothing, and no CA store is ever loaded. The client certificate is always presen
 Nothing comes from the environment (no proxies, no CA bundles), nothing is followed
 (a redirect is an answer like any other), and the answer is read strictly and within
 bounds: one HTTP/1.x response framed by Content-Length, the connection closed after it.
+Every exchange is over by its deadline, whatever the server does: a server that sends a
+byte now and then never lets a per-read timeout fire, so each wait is also cut to the
+time left.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -127,17 +131,12 @@ class PinnedServer:
         connect_timeout: float,
         read_timeout: float,
         max_body: int,
+        deadline: float,
     ) -> Response:
-        """One exchange on a new connection. CONNECT_TIMEOUT bounds the TCP connection;
-        READ_TIMEOUT bounds each wait for the server after it, the TLS handshake included."""
-        try:
-            raw = socket.create_connection(
-                (self.host, self.port), timeout=connect_timeout, source_address=self.source_address
-            )
-        except TimeoutError:
-            raise TimedOut() from None
-        except OSError:
-            raise ConnectFailed() from None
+        """One exchange on a new connection, over by DEADLINE (a time.monotonic() value)
+        or TimedOut. CONNECT_TIMEOUT bounds the TCP connection; READ_TIMEOUT bounds each
+        wait for the server after it, the TLS handshake included; no wait outlasts DEADLINE."""
+        raw = self._connect(connect_timeout, deadline)
         with raw:
             # Without it, the request waits for the ACK of the handshake's last flight,
             # which the server delays by up to 40 ms when it has nothing to send (no tickets).
@@ -145,7 +144,8 @@ class PinnedServer:
             # Connected means the server's kernel has queued us for a worker, and in a reboot
             # storm the handshake waits for that queue. Giving up early would only rejoin it
             # at the back: the storm benchmark served 10,000 hosts 1.2x faster this way.
-            raw.settimeout(read_timeout)
+            # (The ssl module bounds the whole handshake by the socket's timeout.)
+            raw.settimeout(_wait(read_timeout, deadline))
             try:
                 connection = self.context.wrap_socket(raw, server_hostname=self.host)
             except TimeoutError:
@@ -160,14 +160,45 @@ class PinnedServer:
                     raise PinMismatch(
                         f"server {self.host}:{self.port} presented an unpinned public key"
                     )
-                connection.settimeout(read_timeout)
                 try:
-                    connection.sendall(self._head(method, path, len(body)) + body)
-                    return read_response(connection, max_body)
+                    _send_all(
+                        connection,
+                        self._head(method, path, len(body)) + body,
+                        read_timeout,
+                        deadline,
+                    )
+                    return read_response(connection, max_body, read_timeout, deadline)
                 except TimeoutError:
                     raise TimedOut() from None
                 except OSError:  # ssl.SSLError included
                     raise ConnectionLost() from None
+
+    def _connect(self, connect_timeout: float, deadline: float) -> socket.socket:
+        """A TCP connection to the first of the host's addresses that takes one, each try
+        bounded by CONNECT_TIMEOUT and all of them by DEADLINE (socket.create_connection
+        would give every address the whole timeout)."""
+        try:
+            addresses = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise ConnectFailed() from None
+        first_error: OSError | None = None
+        for family, kind, protocol, _, address in addresses:
+            wait = _wait(connect_timeout, deadline)
+            sock = socket.socket(family, kind, protocol)
+            try:
+                sock.settimeout(wait)
+                if self.source_address is not None:
+                    sock.bind(self.source_address)
+                sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                first_error = first_error or exc
+                continue
+            return sock
+        # As create_connection does, the first address's failure names the problem.
+        if isinstance(first_error, TimeoutError):
+            raise TimedOut()
+        raise ConnectFailed()
 
     def _head(self, method: str, path: str, length: int) -> bytes:
         return (
@@ -181,16 +212,43 @@ class PinnedServer:
         ).encode("ascii")
 
 
-def read_response(connection: socket.socket, max_body: int) -> Response:
+def _wait(timeout: float, deadline: float) -> float:
+    """TIMEOUT, cut to the time left before DEADLINE; TimedOut when none is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimedOut()
+    return min(timeout, left)
+
+
+def _send_all(connection: socket.socket, data: bytes, timeout: float, deadline: float) -> None:
+    """sendall(), with every wait for room to write bounded by TIMEOUT and by DEADLINE."""
+    view, sent = memoryview(data), 0
+    while sent < len(data):
+        connection.settimeout(_wait(timeout, deadline))
+        sent += connection.send(view[sent:])
+
+
+def _recv(connection: socket.socket, size: int, timeout: float, deadline: float) -> bytes:
+    connection.settimeout(_wait(timeout, deadline))
+    try:
+        return connection.recv(size)
+    except TimeoutError:
+        raise TimedOut() from None
+
+
+def read_response(
+    connection: socket.socket, max_body: int, read_timeout: float, deadline: float
+) -> Response:
     """One HTTP/1.x answer: a status line, at most MAX_HEADER_LINES headers in at most
     MAX_HEAD_BYTES, and a body of exactly Content-Length bytes (required, and at most
     MAX_BODY). A transfer coding or a repeated or malformed header is a MalformedAnswer, an
-    early end of the connection ConnectionLost; what follows the body is ignored."""
+    early end of the connection ConnectionLost; what follows the body is ignored. Each wait
+    lasts at most READ_TIMEOUT, and none goes past DEADLINE (time.monotonic()): TimedOut."""
     buffered = bytearray()
     while (end := buffered.find(b"\r\n\r\n")) < 0:
         if len(buffered) > MAX_HEAD_BYTES:
             raise MalformedAnswer()
-        chunk = connection.recv(16384)
+        chunk = _recv(connection, 16384, read_timeout, deadline)
         if not chunk:
             raise ConnectionLost()
         buffered += chunk
@@ -218,7 +276,7 @@ def read_response(connection: socket.socket, max_body: int) -> Response:
     body = buffered[end + 4 : end + 4 + size]
     buffered[:] = bytes(len(buffered))  # what we own, we wipe
     while len(body) < size:
-        chunk = connection.recv(min(65536, size - len(body)))
+        chunk = _recv(connection, min(65536, size - len(body)), read_timeout, deadline)
         if not chunk:
             raise ConnectionLost()
         body += chunk

@@ -27,6 +27,7 @@ from bench.common import free_port, machine_id_for
 from tests.agent.daemon_harness import WAIT, DaemonProcess, Daemons, Message, daemon_table
 from tests.agent.harness import AgentHost
 from tests.agent.test_transport import assert_absent
+from tests.fakes.stub_https import StubHTTPS, json_reply, self_signed_cert
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import config
 from zfs_unlock_agent.daemon import Daemon, Signals
@@ -214,6 +215,35 @@ def test_degraded_boot_then_the_server_comes_back(
     assert ("allow", "ok") in release_decisions(keyserver, host)
     assert daemon.terminate() == 0
     assert_key_not_in(daemon, [key])
+
+
+def test_a_trickling_server_cannot_hold_the_boot_pass_past_boot_deadline(
+    shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
+) -> None:
+    """The pinned server answers one byte every 0.25 s, so the 3 s read timeout never fires
+    and the answer would take a minute: READY still comes once boot_deadline (2 s) is over."""
+    boot_deadline = 2
+    host, _ = new_host(shared_keyserver, tmp_path, "d-trickle")
+    host.zfs.add_encrypted("tank/secret", os.urandom(32))  # a key only the test knows
+    tls = self_signed_cert(tmp_path / "tls", "slow")
+    answer = json_reply({"keys": [], "denied": [], "padding": "p" * 100})
+    with StubHTTPS(tls, [answer], trickle=0.25) as slow:
+        host.write_config(
+            urls=[slow.url],
+            pins=[tls.pin],
+            network={"deadline": 20, "connect_timeout": 1, "read_timeout": 3},
+            extra=daemon_table(**{**FAST, "boot_deadline": boot_deadline, "rescan_interval": 3600}),
+        )
+
+        daemon = daemons.start(host)
+        # Start-up (interpreter, imports, the fake zfs inventory) takes a second or two.
+        ready = daemon.expect_ready(timeout=boot_deadline + 4)
+
+        assert ready.status is not None
+        assert ready.status.startswith("0 of 1 managed encryption roots unlocked; 1 locked"), ready
+        assert keystatus(host, "tank/secret") == "unavailable"
+        daemon.wait_log(r"timed out")
+        assert daemon.terminate() == 0
 
 
 def test_retry_pauses_double_up_to_retry_max_and_a_restored_key_unlocks(

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.fakes.stub_https import StubHTTPS, json_reply, self_signed_cert
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import transport
 from zfs_unlock_agent.config import NetworkSettings, ServerSettings
 from zfs_unlock_agent.errors import ServerUnavailable
 from zfs_unlock_agent.keyclient import KeyClient, summarize
+from zfs_unlock_common import pinning
 
 
 class FakeTime:
@@ -37,15 +40,15 @@ def test_a_last_attempt_cut_short_does_not_hide_what_the_server_said(
     """Three answers of HTTP 500, then an attempt begun in the deadline's last moment that
     times out: the error names both, the 500s first."""
     me = shared_keyserver.add_host("kc-summary")
-    time = FakeTime()
+    clock = FakeTime()
     network = NetworkSettings(deadline=10, backoff_initial=1, backoff_max=1)
     client = KeyClient(
         [ServerSettings("https://127.0.0.1:9", (b"\0" * 32,))],
         me.cert,
         me.key,
         network,
-        clock=time.clock,
-        sleep=time.sleep,
+        clock=clock.clock,
+        sleep=clock.sleep,
         jitter=lambda: 0.999,
     )
     outcomes: list[transport.Response | transport.TransportError] = [
@@ -55,7 +58,7 @@ def test_a_last_attempt_cut_short_does_not_hide_what_the_server_said(
     ]
 
     def scripted(*args: object, **kwargs: object) -> transport.Response:
-        time.now += 2.0  # each exchange takes time; the fourth runs into the deadline
+        clock.now += 2.0  # each exchange takes time; the fourth runs into the deadline
         outcome = outcomes.pop(0)
         if isinstance(outcome, transport.TransportError):
             raise outcome
@@ -67,3 +70,28 @@ def test_a_last_attempt_cut_short_does_not_hide_what_the_server_said(
     message = str(raised.value)
     assert "(4 failed attempt(s): https://127.0.0.1:9: HTTP 500 (x3);" in message
     assert message.endswith("https://127.0.0.1:9: timed out)")
+
+
+# The deadline against a server that is never quite silent
+
+
+def test_a_trickling_pinned_server_cannot_hold_a_call_past_its_deadline(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """One byte every 0.25 s never lets the 3 s read timeout fire, and the answer would take
+    half a minute; the call still ends at its 1.5 s deadline, not when the answer is whole."""
+    me = shared_keyserver.add_host("kc-trickle")
+    tls = self_signed_cert(tmp_path / "tls", "slow")
+    answer = json_reply({"keys": [], "denied": [], "padding": "p" * 60})
+    network = NetworkSettings(deadline=1.5, connect_timeout=1, read_timeout=3)
+    with StubHTTPS(tls, [answer], trickle=0.25) as slow:
+        client = KeyClient(
+            [ServerSettings(slow.url, (pinning.parse_pin(tls.pin),))], me.cert, me.key, network
+        )
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable) as raised:
+            client.call("POST", "/v1/keys/release", {})
+        elapsed = time.monotonic() - started
+    assert elapsed < network.deadline + 2.0
+    assert "timed out" in str(raised.value)
+    assert client.requests_sent == 1  # nothing was left for a second try

@@ -65,9 +65,10 @@ def stubs(shared_keyserver: KeyServer, stub_tls: TlsFiles) -> Iterator[Callable[
         replies: Sequence[Reply] | Callable[..., Reply],
         tls: TlsFiles | None = None,
         client_certificate: bool = True,
+        trickle: float = 0.0,
     ) -> StubHTTPS:
         client_ca = shared_keyserver.data_dir / "ca.crt" if client_certificate else None
-        stub = StubHTTPS(tls or stub_tls, replies, client_ca=client_ca)
+        stub = StubHTTPS(tls or stub_tls, replies, client_ca=client_ca, trickle=trickle)
         started.append(stub)
         return stub
 
@@ -322,6 +323,30 @@ def test_server_down_retries_until_deadline(shared_keyserver: KeyServer, tmp_pat
     # The client stops when its next backoff would cross the deadline, so it may end
     # up to one backoff step (backoff_max) early; never later than one connect timeout.
     assert deadline - backoff_max <= elapsed <= deadline + CONNECT_TIMEOUT + STARTUP_SLACK
+    assert load_key_calls(target) == []
+
+
+def test_a_trickling_pinned_server_cannot_hold_the_agent_past_its_deadline(
+    shared_keyserver: KeyServer, tmp_path: Path, stubs: StubFactory, stub_tls: TlsFiles
+) -> None:
+    """The pinned server does answer, with the key, but one byte every 0.25 s: the 3 s read
+    timeout never fires and the whole answer would take minutes. At boot the agent must
+    give up at its deadline so that the passphrase prompt comes."""
+    target = locked_local(tmp_path, shared_keyserver, "trickle")
+    stub = stubs([good_answer(target)], trickle=0.25)
+    deadline = 4.0
+    target.host.write_config(
+        urls=[stub.url],
+        pins=[stub_tls.pin],
+        network={"deadline": deadline, "connect_timeout": 2, "read_timeout": 3},
+    )
+
+    code, _, stderr, elapsed = unlock(target)
+
+    assert code == EX_TEMPFAIL, stderr
+    assert "no key server answered within 4 s" in stderr
+    assert "timed out" in stderr
+    assert elapsed < deadline + STARTUP_SLACK
     assert load_key_calls(target) == []
 
 

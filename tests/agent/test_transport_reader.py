@@ -30,6 +30,11 @@ MAX_BODY = 1024
 T = TypeVar("T")
 
 
+def soon(seconds: float = 30.0) -> float:
+    """A deadline for transport calls, SECONDS from now."""
+    return time.monotonic() + seconds
+
+
 def answer(*chunks: bytes) -> transport.Response:
     """read_response over a socket pair whose far end sends CHUNKS, then closes."""
     ours, theirs = socket.socketpair()
@@ -43,7 +48,7 @@ def answer(*chunks: bytes) -> transport.Response:
         sender = threading.Thread(target=send)
         sender.start()
         try:
-            return transport.read_response(ours, MAX_BODY)
+            return transport.read_response(ours, MAX_BODY, 5.0, soon())
         finally:
             sender.join()
 
@@ -140,7 +145,7 @@ def test_the_request_goes_below_the_urls_path_with_a_client_certificate(
     stub: StubHTTPS, stub_tls: TlsFiles, me: HostCreds
 ) -> None:
     server = server_for(stub.url + "/zfs/", stub_tls.pin, me)
-    response = server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY)
+    response = server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY, soon())
     assert response.status == 200
     [request] = stub.requests
     assert (request.method, request.path, request.body) == ("POST", "/zfs/v1/keys/release", b"{}")
@@ -153,7 +158,7 @@ def test_an_unpinned_server_gets_no_request_byte(
 ) -> None:
     server = server_for(stub.url, shared_keyserver.pin, me)  # the key server's pin, not the stub's
     with pytest.raises(transport.PinMismatch):
-        server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY)
+        server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY, soon())
     stub.wait_idle()
     assert stub.handshakes == 1 and stub.requests == [] and stub.app_bytes == 0
 
@@ -167,7 +172,7 @@ def test_a_server_that_trusts_another_ca_refuses_the_connection(
         # TLS 1.3: the server checks the client's certificate after the client's side of the
         # handshake is done, so the refusal arrives as the answer is read.
         with pytest.raises((transport.HandshakeFailed, transport.ConnectionLost)):
-            server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY)
+            server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY, soon())
         assert stub.requests == []
 
 
@@ -177,7 +182,7 @@ def test_nothing_listening_is_cannot_connect(stub_tls: TlsFiles, me: HostCreds) 
         port = unused.getsockname()[1]
     server = server_for(f"https://127.0.0.1:{port}", stub_tls.pin, me)
     with pytest.raises(transport.ConnectFailed):
-        server.request("POST", "/", b"{}", 5, 5, MAX_BODY)
+        server.request("POST", "/", b"{}", 5, 5, MAX_BODY, soon())
 
 
 def test_the_request_is_not_held_back_by_nagle(
@@ -189,7 +194,7 @@ def test_the_request_is_not_held_back_by_nagle(
     seen = at_handshake(
         server, monkeypatch, lambda sock: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     )
-    assert server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY).status == 200
+    assert server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY, soon()).status == 200
     assert seen == [1]
 
 
@@ -198,7 +203,7 @@ def test_the_handshake_waits_under_the_read_timeout(
 ) -> None:
     server = server_for(stub.url, stub_tls.pin, me)
     timeouts = at_handshake(server, monkeypatch, lambda sock: sock.gettimeout())
-    assert server.request("POST", "/", b"{}", 0.5, 7.0, MAX_BODY).status == 200
+    assert server.request("POST", "/", b"{}", 0.5, 7.0, MAX_BODY, soon()).status == 200
     assert timeouts == [7.0]
 
 
@@ -224,7 +229,7 @@ def test_a_connection_queued_past_the_connect_timeout_is_still_served(
         late.start()
         try:
             server = server_for(f"https://127.0.0.1:{listener.getsockname()[1]}", stub_tls.pin, me)
-            response = server.request("POST", "/", b"{}", 0.2, 5.0, MAX_BODY)
+            response = server.request("POST", "/", b"{}", 0.2, 5.0, MAX_BODY, soon())
         finally:
             late.join()
     assert (response.status, bytes(response.body)) == (200, b"{}")
@@ -239,9 +244,95 @@ def test_a_server_that_never_handshakes_times_out_after_the_read_timeout(
         server = server_for(f"https://127.0.0.1:{silent.getsockname()[1]}", stub_tls.pin, me)
         started = time.monotonic()
         with pytest.raises(transport.TimedOut):
-            server.request("POST", "/", b"{}", 0.1, 0.6, MAX_BODY)
+            server.request("POST", "/", b"{}", 0.1, 0.6, MAX_BODY, soon())
         # A socket timeout never fires early; the connect timeout alone would be 0.1 s.
         assert time.monotonic() - started >= 0.6
+
+
+# The deadline: every wait is cut to the time left, whatever the server does
+
+
+def test_a_trickling_answer_is_cut_off_at_the_deadline_not_the_read_timeout(
+    stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    """One byte every 0.25 s: no single wait reaches the 3 s read timeout, and the whole
+    answer (head and body) would take about a minute."""
+    slow_answer = json_reply({"padding": "p" * 100})
+    with StubHTTPS(stub_tls, [slow_answer], trickle=0.25) as slow:
+        server = server_for(slow.url, stub_tls.pin, me)
+        started = time.monotonic()
+        with pytest.raises(transport.TimedOut):
+            server.request("POST", "/", b"{}", 1.0, 3.0, MAX_BODY, started + 1.5)
+        elapsed = time.monotonic() - started
+        assert slow.requests  # the request went out; the answer was under way
+    assert 1.5 <= elapsed < 1.5 + 1.0
+
+
+def test_a_handshake_that_never_comes_times_out_at_the_deadline(
+    stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the TCP handshake; nobody ever accepts
+        server = server_for(f"https://127.0.0.1:{silent.getsockname()[1]}", stub_tls.pin, me)
+        started = time.monotonic()
+        with pytest.raises(transport.TimedOut):
+            server.request("POST", "/", b"{}", 1.0, 5.0, MAX_BODY, started + 0.8)
+    assert time.monotonic() - started < 0.8 + 1.0  # not the 5 s read timeout
+
+
+def test_a_deaf_server_cannot_hold_the_request_past_the_deadline(
+    stub_tls: TlsFiles, me: HostCreds
+) -> None:
+    """The handshake completes, then the server reads nothing: once the socket buffers are
+    full, sending the rest waits for room that never comes."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(stub_tls.cert, stub_tls.key)
+    done = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+
+        def handshake_then_nothing() -> None:
+            conn, _ = listener.accept()
+            with tls.wrap_socket(conn, server_side=True):
+                done.wait(30)
+
+        deaf = threading.Thread(target=handshake_then_nothing)
+        deaf.start()
+        try:
+            server = server_for(f"https://127.0.0.1:{listener.getsockname()[1]}", stub_tls.pin, me)
+            started = time.monotonic()
+            with pytest.raises(transport.TimedOut):
+                server.request("POST", "/", bytes(32 << 20), 1.0, 3.0, MAX_BODY, started + 1.0)
+            elapsed = time.monotonic() - started
+        finally:
+            done.set()
+            deaf.join()
+    assert elapsed < 1.0 + 1.0  # not the 3 s read timeout
+
+
+def test_read_response_gives_up_at_the_deadline_while_bytes_keep_coming() -> None:
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+    with ours, theirs:
+
+        def trickle() -> None:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 200:
+                if stop.wait(0.2):
+                    return
+                theirs.sendall(bytes([byte]))
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(transport.TimedOut):
+                transport.read_response(ours, MAX_BODY, 3.0, started + 1.0)
+        finally:
+            stop.set()
+            sender.join()
+    assert time.monotonic() - started < 1.0 + 1.0
 
 
 def at_handshake(

@@ -8,7 +8,9 @@ request": `connections` (TCP accepts), `handshakes` (completed TLS handshakes),
 
 Replies come from a list, used in order with the last one repeated once the list
 runs out ("500 forever" is `[Reply(500)]`), or from a function of the request.
-Every connection is answered once and then closed (`Connection: close`).
+Every connection is answered once and then closed (`Connection: close`). With
+`trickle`, each reply goes out one byte at a time, that many seconds apart: a peer
+that is never silent long enough for a per-read timeout to fire.
 
 Also here: certificates for such servers (a CA and a leaf it signs, or a
 self-signed one), each with its public-key pin in the agent's format.
@@ -182,8 +184,10 @@ class StubHTTPS:
         replies: Sequence[Reply] | Responder = (),
         client_ca: Path | None = None,
         port: int = 0,
+        trickle: float = 0.0,
     ) -> None:
         self.tls = tls
+        self._trickle = trickle
         self._replies = replies if callable(replies) else list(replies)
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -297,7 +301,7 @@ class StubHTTPS:
                 if request is None:
                     return
                 reply = self._reply_for(request)
-                conn.sendall(_encode(reply))
+                self._send(conn, _encode(reply))
                 with contextlib.suppress(OSError):
                     conn.unwrap()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -307,6 +311,15 @@ class StubHTTPS:
             raw.close()
             with self._lock:
                 self._open.discard(raw)
+
+    def _send(self, conn: ssl.SSLSocket, data: bytes) -> None:
+        if not self._trickle:
+            conn.sendall(data)
+            return
+        for index in range(len(data)):
+            if self._stopping.wait(self._trickle):
+                return  # stop() need not wait for the rest of a slow reply
+            conn.sendall(data[index : index + 1])
 
     def _recv(self, conn: ssl.SSLSocket) -> bytes:
         try:
