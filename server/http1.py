@@ -6,6 +6,8 @@ no keep-alive, no chunked bodies, no continuation lines, no percent-decoding of
 the path (no route contains an escape, so an escaped path is simply not found).
 Anything else is a RequestError with a 4xx/5xx status and nothing is run.
 A general-purpose parser cost about 0.5 ms of CPU per request (benchmarks.md).
+The head's grammar is the one the agent reads answers by (zfs_unlock_common.http1);
+the request line, the limits and the statuses are this module's own.
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from zfs_unlock_common.http1 import (
+    HEAD_END,
+    MalformedHead,
+    body_length,
+    find_head_end,
+    parse_fields,
+    split_head,
+)
+
 MAX_REQUEST_LINE = 1024
 MAX_HEADER_FIELDS = 32
 MAX_HEADER_FIELD = 4096
+MAX_LENGTH_DIGITS = 20  # 2**64 and more: the application answers 413 from the header
 _MAX_HEAD = MAX_REQUEST_LINE + 2 + MAX_HEADER_FIELDS * (MAX_HEADER_FIELD + 2) + 2
 
 _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (/[\x21-\x7e]*) HTTP/1\.([01])")
-_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x20-\x7e\t\x80-\xff]*?)[ \t]*")
-_DIGITS = re.compile(rb"[0-9]{1,20}")
 
 REASONS = {
     400: "Bad Request",
@@ -78,14 +88,19 @@ class Body:
 def read_head(connection: Connection) -> tuple[bytes, bytes]:
     """Receive up to the blank line; return (head, the bytes already read after it)."""
     data = b""
+    scanned = 0
     while True:
-        end = data.find(b"\r\n\r\n")
+        try:
+            end = find_head_end(data, scanned)
+        except MalformedHead:
+            raise RequestError(400) from None
         if end >= 0:
-            return data[:end], data[end + 4 :]
+            return data[:end], data[end + len(HEAD_END) :]
         if b"\r\n" not in data[: MAX_REQUEST_LINE + 2] and len(data) > MAX_REQUEST_LINE + 1:
             raise RequestError(414)
         if len(data) > _MAX_HEAD:
             raise RequestError(431)
+        scanned = len(data)
         chunk = connection.recv(16384)
         if not chunk:
             raise EOFError("the client closed before finishing its request")
@@ -94,7 +109,7 @@ def read_head(connection: Connection) -> tuple[bytes, bytes]:
 
 def parse_head(head: bytes) -> dict[str, Any]:
     """The WSGI environ of HEAD (without wsgi.input and the connection's own keys)."""
-    request_line, *lines = head.split(b"\r\n")
+    request_line, lines = split_head(head)
     if len(request_line) > MAX_REQUEST_LINE:
         raise RequestError(414)
     match = _REQUEST_LINE.fullmatch(request_line)
@@ -108,24 +123,24 @@ def parse_head(head: bytes) -> dict[str, Any]:
         "QUERY_STRING": query.decode("ascii"),
         "SERVER_PROTOCOL": f"HTTP/1.{minor.decode('ascii')}",
     }
-    if len(lines) > MAX_HEADER_FIELDS:
+    if len(lines) > MAX_HEADER_FIELDS or max(map(len, lines), default=0) > MAX_HEADER_FIELD:
         raise RequestError(431)
-    for line in lines:
-        if len(line) > MAX_HEADER_FIELD:
-            raise RequestError(431)
-        field = _FIELD.fullmatch(line)
-        if field is None:  # also a continuation line, a bare CR or LF, a control byte
-            raise RequestError(400)
-        name = field.group(1).decode("ascii").upper().replace("-", "_")
+    try:
+        fields = parse_fields(lines)
+    except MalformedHead:  # also a continuation line, a bare CR, a control byte, a repeat
+        raise RequestError(400) from None
+    for field, value in fields.items():
+        name = field.upper().replace("-", "_")
         key = name if name in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + name
-        if key in environ:  # a repeated header could mean two things; refuse it
+        if key in environ:  # X-A and X_A would both be HTTP_X_A: a repeat all the same
             raise RequestError(400)
-        environ[key] = field.group(2).decode("latin-1")
-    length = environ.get("CONTENT_LENGTH")
-    if length is not None and _DIGITS.fullmatch(length.encode("latin-1")) is None:
-        raise RequestError(400)
-    if length is not None and "HTTP_TRANSFER_ENCODING" in environ:
-        raise RequestError(400)  # two framings at once: the classic smuggling shape
+        environ[key] = value
+    try:
+        body_length(
+            environ.get("CONTENT_LENGTH"), environ.get("HTTP_TRANSFER_ENCODING"), MAX_LENGTH_DIGITS
+        )
+    except MalformedHead:
+        raise RequestError(400) from None
     return environ
 
 

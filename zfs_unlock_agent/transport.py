@@ -23,13 +23,12 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from zfs_unlock_agent import __version__
-from zfs_unlock_common import pinning
+from zfs_unlock_common import http1, pinning
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 64
+MAX_LENGTH_DIGITS = 9  # far more than any answer we accept
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [\x20-\x7e\t]*)?")
-_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_DIGITS = re.compile(rb"[0-9]{1,9}")
 # The path of a server URL, written into the request line as it is: RFC 3986 segments.
 URL_PATH = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)*")
 
@@ -241,36 +240,23 @@ def read_response(
 ) -> Response:
     """One HTTP/1.x answer: a status line, at most MAX_HEADER_LINES headers in at most
     MAX_HEAD_BYTES, and a body of exactly Content-Length bytes (required, and at most
-    MAX_BODY). A transfer coding or a repeated or malformed header is a MalformedAnswer, an
-    early end of the connection ConnectionLost; what follows the body is ignored. Each wait
-    lasts at most READ_TIMEOUT, and none goes past DEADLINE (time.monotonic()): TimedOut."""
+    MAX_BODY). A head that breaks the grammar of zfs_unlock_common.http1 (a bare LF, a
+    repeated or malformed header, a transfer coding) is a MalformedAnswer, an early end of
+    the connection ConnectionLost; what follows the body is ignored. Each wait lasts at
+    most READ_TIMEOUT, and none goes past DEADLINE (time.monotonic()): TimedOut."""
     buffered = bytearray()
-    while (end := buffered.find(b"\r\n\r\n")) < 0:
+    scanned = 0
+    while (end := _head_end(buffered, scanned)) < 0:
         if len(buffered) > MAX_HEAD_BYTES:
             raise MalformedAnswer()
+        scanned = len(buffered)
         chunk = _recv(connection, 16384, read_timeout, deadline)
         if not chunk:
             raise ConnectionLost()
         buffered += chunk
     if end > MAX_HEAD_BYTES:
         raise MalformedAnswer()
-    lines = bytes(buffered[:end]).split(b"\r\n")
-    status = _STATUS_LINE.fullmatch(lines[0])
-    if status is None or len(lines) - 1 > MAX_HEADER_LINES:
-        raise MalformedAnswer()
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _HEADER_NAME.fullmatch(name) is None:
-            raise MalformedAnswer()
-        key = name.decode("ascii").lower()
-        if key in headers:  # two values could mean two things
-            raise MalformedAnswer()
-        headers[key] = value.strip(b" \t").decode("latin-1")
-    length = headers.get("content-length", "").encode("ascii", "replace")
-    if "transfer-encoding" in headers or _DIGITS.fullmatch(length) is None:
-        raise MalformedAnswer()
-    size = int(length)
+    status, headers, size = _parse_head(bytes(buffered[:end]))
     if size > max_body:
         raise AnswerTooLarge()
     body = buffered[end + 4 : end + 4 + size]
@@ -280,4 +266,29 @@ def read_response(
         if not chunk:
             raise ConnectionLost()
         body += chunk
-    return Response(int(status.group(1)), headers, body)
+    return Response(status, headers, body)
+
+
+def _head_end(buffered: bytearray, scanned: int) -> int:
+    try:
+        return http1.find_head_end(buffered, scanned)
+    except http1.MalformedHead:
+        raise MalformedAnswer() from None
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], int]:
+    """The status, the headers (names in lower case) and the body size of HEAD."""
+    status_line, lines = http1.split_head(head)
+    status = _STATUS_LINE.fullmatch(status_line)
+    if status is None or len(lines) > MAX_HEADER_LINES:
+        raise MalformedAnswer()
+    try:
+        headers = http1.parse_fields(lines)
+        size = http1.body_length(
+            headers.get("content-length"), headers.get("transfer-encoding"), MAX_LENGTH_DIGITS
+        )
+    except http1.MalformedHead:
+        raise MalformedAnswer() from None
+    if size is None:  # Content-Length is required, so a transfer coding is refused even alone
+        raise MalformedAnswer()
+    return int(status.group(1)), headers, size

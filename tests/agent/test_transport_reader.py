@@ -82,6 +82,14 @@ def test_head_and_body_in_small_pieces_and_bytes_after_the_body_ignored() -> Non
         b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 65 + b"Content-Length: 0\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (17 * 1024) + b"\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\nb\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\ncontent-length: 0\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xef\xbc\x95\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n",
     ],
     ids=[
         "no-length",
@@ -96,11 +104,36 @@ def test_head_and_body_in_small_pieces_and_bytes_after_the_body_ignored() -> Non
         "space-in-name",
         "too-many-headers",
         "head-too-large",
+        "bare-lf-line-ends",
+        "bare-lf-in-value",
+        "control-byte-in-value",
+        "bare-cr-in-value",
+        "folded-header",
+        "repeated-in-another-case",
+        "fullwidth-digit-length",
+        "chunked-alone",
     ],
 )
 def test_a_malformed_head_is_refused(head: bytes) -> None:
     with pytest.raises(transport.MalformedAnswer):
         answer(head + b"\r\n")
+
+
+def test_a_head_with_bare_lf_line_ends_is_refused_without_waiting_for_more() -> None:
+    """The server keeps the connection open: waiting for a CRLF CRLF that never comes would
+    last until the read timeout."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}")
+        started = time.monotonic()
+        with pytest.raises(transport.MalformedAnswer):
+            transport.read_response(ours, MAX_BODY, 5.0, soon())
+    assert time.monotonic() - started < 1.0
+
+
+def test_header_values_lose_the_whitespace_around_them_and_keep_obs_text() -> None:
+    response = answer(b"HTTP/1.1 200 OK\r\nX-Note: \t a\xe9 b \t\r\nContent-Length:0\r\n\r\n")
+    assert response.headers == {"x-note": "a\xe9 b", "content-length": "0"}
 
 
 def test_a_body_larger_than_the_bound_is_refused_unread() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.keyserver import KeyServer
+from tests.server.test_input import send
 from zfs_unlock_server import http1
 from zfs_unlock_server.http1 import RequestError
 
@@ -368,6 +370,58 @@ def test_a_malformed_header_field_is_refused_with_400(field: bytes) -> None:
 def test_a_repeated_header_field_is_refused_with_400(fields: list[bytes]) -> None:
     data = request(b"POST", b"/v1/checkin", [b"Host: 127.0.0.1", *fields], b"{}")
     assert refusal(data) == 400
+
+
+# Line ends: CRLF only
+
+
+BARE_LF_REQUESTS = [
+    pytest.param(b"GET /v1/checkin HTTP/1.1\nHost: 127.0.0.1\n\n", id="all-lf"),
+    pytest.param(b"POST /v1/checkin HTTP/1.1\nContent-Length: 2\n\n{}", id="post-all-lf"),
+    pytest.param(b"GET /v1/checkin HTTP/1.1\r\nHost: 127.0.0.1\n\n", id="fields-lf"),
+    pytest.param(b"GET /v1/checkin HTTP/1.1\r\nHost: 127.0.0.1\r\n\n", id="blank-line-lf"),
+    pytest.param(b"GET /v1/checkin HTTP/1.1\r\nX-A: one\ntwo", id="lf-in-unfinished-head"),
+    pytest.param(b"GET /v1/checkin HTTP/1.1\n", id="request-line-only"),
+]
+
+
+@pytest.mark.parametrize("data", BARE_LF_REQUESTS)
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_a_bare_lf_in_the_head_is_refused_with_400_without_waiting_for_more(
+    data: bytes, chunk: int
+) -> None:
+    """The client has sent all it will and waits for the answer: a reader that asked for
+    more would get nothing until the socket's timeout, then close without one."""
+    app = RecordingApp()
+    connection = ScriptedConnection(chunks_of(data, chunk), end=TimeoutError("nothing more"))
+    with pytest.raises(RequestError) as refused:
+        http1.serve_one(connection, app, BASE)
+    assert refused.value.status == 400
+    assert app.environ is None
+
+
+def test_a_bare_lf_in_the_body_is_only_data() -> None:
+    body = b'{"a":\n1}\n'
+    for chunk in (1, 5, 1 << 20):
+        _, complete, app = serve(chunks_of(post(body), chunk))
+        assert app.received == body, chunk
+        assert complete, chunk
+
+
+def test_a_real_server_answers_bare_lf_requests_with_400_at_once(
+    shared_keyserver: KeyServer,
+) -> None:
+    """Over mutual TLS, against the worker's io_timeout of 10 s."""
+    host = shared_keyserver.add_host("bare-lf")
+    for data in (
+        b"GET /v1/checkin HTTP/1.1\nHost: 127.0.0.1\n\n",
+        b"POST /v1/checkin HTTP/1.1\r\nHost: 127.0.0.1\nContent-Length: 2\n\n{}",
+    ):
+        reply = send(shared_keyserver, host, data)
+        assert reply.status == 400, reply.raw[:200]
+        assert json.loads(reply.body) == {"error": "bad_request"}
+        assert "x-request-id" not in reply.headers  # the HTTP layer answered, not the app
+        assert reply.seconds < 3.0
 
 
 # Framing of the body
