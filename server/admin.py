@@ -13,7 +13,7 @@ import os
 import pwd
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zfs_unlock_common import pinning, protocol, validate
@@ -25,6 +25,7 @@ from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
+from zfs_unlock_server.masterkey import check_master_key, seal_check
 from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
 from zfs_unlock_server.service import KeyService, new_key_id
 from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
@@ -90,7 +91,11 @@ def init_data_dir(
     secretfile.write_new(layout.server_key, key_pem, 0o400)
     secretfile.write_new(layout.server_cert, cert_pem, 0o644)
     secretfile.write_new(layout.config, server_config.DEFAULT_CONFIG_TEXT.encode(), 0o644)
-    SqliteStore(layout.database).close()
+    store = SqliteStore(layout.database)
+    try:
+        store.set_master_key_check(seal_check(Sealer(master_key)))
+    finally:
+        store.close()
     os.chmod(layout.database, 0o600)
     AuditLog(layout.default_audit_log).write(
         {"event": "init", "decision": "allow", "actor": actor(), "reason": "data_dir_created"}
@@ -126,6 +131,7 @@ class Admin:
     store: SqliteStore
     audit: AuditLog
     master: Sealer | None = None  # read before the command became the directory's owner
+    _checked: Sealer | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, root: Path, master: Sealer | None = None) -> Admin:
@@ -144,7 +150,14 @@ class Admin:
         self.audit.close()
 
     def sealer(self) -> Sealer:
-        return self.master if self.master is not None else load_master_key(self.layout.master_key)
+        """The master key, once it has proved to be this data directory's (masterkey.py)."""
+        if self._checked is None:
+            master = self.master
+            if master is None:
+                master = load_master_key(self.layout.master_key)
+            check_master_key(master, self.store, self.layout)
+            self._checked = master
+        return self._checked
 
     def service(self) -> KeyService:
         return KeyService(self.store, self.sealer(), self.audit, self.config.deadman_timeout)
@@ -313,6 +326,7 @@ class Admin:
         if self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid) is not None:
             raise Conflict("that dataset already has a key")
         key_id = new_key_id()
+        service = self.service()  # before the record: a wrong master key changes nothing
         with self.granting(
             "key_created",
             host=host.name,
@@ -323,7 +337,7 @@ class Admin:
             keyformat=keyformat,
             origin="generated" if imported is None else "imported",
         ):
-            record, _ = self.service().create_key(
+            record, _ = service.create_key(
                 host, ref, dataset, keyformat, imported, "active", key_id
             )
         return record

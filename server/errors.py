@@ -38,6 +38,10 @@ class ConfigError(ServerError):
     exit_code = EX_CONFIG
 
 
+class WrongMasterKey(ConfigError):
+    """The master key given is not the one the data directory's keys are sealed with."""
+
+
 class CannotCreate(ServerError):
     exit_code = EX_CANTCREAT
 

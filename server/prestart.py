@@ -10,6 +10,7 @@ from zfs_unlock_server import audit, tlsctx
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.admin import actor
 from zfs_unlock_server.config import Layout, ServerConfig
+from zfs_unlock_server.masterkey import check_master_key
 from zfs_unlock_server.sealing import load_master_key
 from zfs_unlock_server.store import SqliteStore
 
@@ -17,11 +18,16 @@ log = logging.getLogger("zfs_unlock_server")
 
 
 def check_data_dir(layout: Layout, config: ServerConfig) -> None:
-    """Master key, TLS context and database; raise ServerError (or OSError) on the first
-    that a worker could not use. Then record the start in the audit log, if it can."""
-    load_master_key(layout.master_key)
+    """Master key, TLS context, database, and that the master key is the database's; raise
+    ServerError (or OSError) on the first that a worker could not use. Then record the
+    start in the audit log, if it can."""
+    sealer = load_master_key(layout.master_key)
     tlsctx.server_context(layout)
-    SqliteStore(layout.database).close()
+    store = SqliteStore(layout.database)
+    try:
+        check_master_key(sealer, store, layout)
+    finally:
+        store.close()
     record_start(server_config.audit_path(layout, config))
 
 

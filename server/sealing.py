@@ -49,18 +49,30 @@ class KeyContext:
         return b"zfs-unlock-key/v1\0" + "\0".join(fields).encode("ascii")
 
 
+@dataclass(frozen=True)
+class MasterKeyCheck:
+    """The context of the data directory's master key check value (masterkey.py): its
+    associated data is unlike any key's, so neither opens in the other's place."""
+
+    key_id: str = "master-key-check"
+
+    def associated_data(self) -> bytes:
+        return b"zfs-unlock-master-key-check/v1"
+
+
 class Sealer:
-    def __init__(self, master_key: bytes) -> None:
+    def __init__(self, master_key: bytes, source: str = "the master key given") -> None:
         if len(master_key) != MASTER_KEY_BYTES:
             raise ConfigError(f"master key must be {MASTER_KEY_BYTES} bytes")
         self._aead = AESGCM(master_key)
+        self.source = source  # where it was read from, for messages
 
-    def seal(self, material: bytes | bytearray, context: KeyContext) -> bytes:
+    def seal(self, material: bytes | bytearray, context: KeyContext | MasterKeyCheck) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
         aad = FORMAT_V1 + context.associated_data()
         return FORMAT_V1 + nonce + self._aead.encrypt(nonce, bytes(material), aad)
 
-    def open(self, sealed: bytes, context: KeyContext) -> bytes:
+    def open(self, sealed: bytes, context: KeyContext | MasterKeyCheck) -> bytes:
         if sealed[:1] != FORMAT_V1 or len(sealed) < 1 + NONCE_BYTES + 16:
             raise IntegrityError("sealed key has an unknown format")
         nonce = sealed[1 : 1 + NONCE_BYTES]
@@ -89,7 +101,7 @@ def load_credential() -> Sealer | None:
     if path is None:
         return None
     secretfile.check_credential(path)
-    return Sealer(path.read_bytes())
+    return Sealer(path.read_bytes(), f"the credential {CREDENTIAL_NAME} ({path})")
 
 
 def load_master_key(path: Path) -> Sealer:
@@ -104,4 +116,4 @@ def load_master_key(path: Path) -> Sealer:
             f" {DEFAULT_CREDENTIAL_FILE}; for admin commands that seal keys, set"
             f" CREDENTIALS_DIRECTORY={DEFAULT_CREDENTIAL_FILE.parent}"
         )
-    return Sealer(secretfile.read_private(path))
+    return Sealer(secretfile.read_private(path), str(path))

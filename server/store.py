@@ -19,7 +19,7 @@ from typing import Protocol
 
 from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates from version N-1 to N; never edit a released step.
 MIGRATIONS: tuple[str, ...] = (
@@ -69,6 +69,14 @@ MIGRATIONS: tuple[str, ...] = (
     # can use them.
     """
     CREATE INDEX keys_host ON keys(host_id);
+    """,
+    # Facts about the data directory itself: init seals a check value under the master
+    # key here, so that serve and the commands that seal can refuse a wrong master key.
+    """
+    CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) STRICT;
     """,
 )
 
@@ -136,6 +144,9 @@ class Store(Protocol):
     def set_key_state(
         self, key_id: str, state: str, expected: tuple[str, ...], now: int
     ) -> None: ...
+    def first_sealed_key(self) -> KeyRecord | None: ...
+    def master_key_check(self) -> bytes | None: ...
+    def set_master_key_check(self, sealed: bytes) -> None: ...
     def close(self) -> None: ...
 
 
@@ -418,4 +429,26 @@ class SqliteStore:
             db.execute(
                 "UPDATE keys SET state = ?, updated_at = ? WHERE key_id = ?",
                 (state, now, key_id),
+            )
+
+    def first_sealed_key(self) -> KeyRecord | None:
+        """The oldest row of keys (by rowid), or None when there is no key."""
+        row = self._db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+            " ORDER BY k.rowid LIMIT 1"
+        ).fetchone()
+        return None if row is None else _key(row)
+
+    # The data directory
+
+    def master_key_check(self) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
+        return None if row is None else bytes(row["value"])
+
+    def set_master_key_check(self, sealed: bytes) -> None:
+        """Store the check value, unless one is there already: it is never replaced."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('master_key_check', ?)",
+                (sealed,),
             )

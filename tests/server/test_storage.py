@@ -602,11 +602,10 @@ def test_master_key_is_read_from_systemd_credentials(
     assert response.status_code == 200
     assert base64.b64decode(response.json()["key"]) == material
 
-    keyserver.start()  # without credentials: the decoy, which opens nothing
-    with keyserver.session(host) as session:
-        response = release(session, keyserver, host, POOL, guid)
-    assert response.status_code == 403
-    assert releases_of(keyserver, guid)[-1]["reason"] == "integrity_failure"
+    # Without credentials: the decoy, which opens nothing, so serve does not start.
+    code, err, _ = run_serve(keyserver)
+    assert code == EX_CONFIG, err
+    assert str(master) in err
 
 
 def test_master_key_falls_back_to_the_data_directory(
@@ -628,6 +627,180 @@ def test_master_key_falls_back_to_the_data_directory(
     credential.chmod(0o644)  # a credential is held to the same standard
     with pytest.raises(ConfigError, match=str(credential)):
         sealing.load_master_key(data_path)
+
+
+# The master key must be the data directory's
+
+
+def replace_master_key(server: KeyServer) -> bytes:
+    """Put another master key where the data directory's was; return the original."""
+    path = server.data_dir / "master.key"
+    original = path.read_bytes()
+    path.unlink()
+    secretfile.write_new(path, sealing.new_master_key(), 0o400)
+    return original
+
+
+def restore_master_key(server: KeyServer, original: bytes) -> None:
+    path = server.data_dir / "master.key"
+    path.unlink()
+    secretfile.write_new(path, original, 0o400)
+
+
+def make_old(server: KeyServer) -> None:
+    """What a data directory made before init wrote a master key check looks like."""
+    with db(server) as conn:
+        conn.execute("DROP TABLE IF EXISTS meta")
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+
+
+def starts(server: KeyServer) -> int:
+    return len([r for r in server.audit_records() if r.get("event") == "server_start"])
+
+
+def assert_refused_before_binding(server: KeyServer, named: Path, env: dict[str, str]) -> str:
+    """serve exits 78 naming NAMED (the master key it was given) before it binds."""
+    started_before = starts(server)
+    code, err, elapsed = run_serve(server, env)
+    assert code == EX_CONFIG, err
+    assert str(named) in err and "not the master key" in err
+    assert "Traceback" not in err and "Listening at" not in err
+    assert elapsed < 10
+    assert starts(server) == started_before
+    return err
+
+
+def test_serve_refuses_a_master_key_that_is_not_the_data_directorys(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """Even with no key stored yet: init leaves a value sealed under the master key."""
+    original = replace_master_key(keyserver)
+    err = assert_refused_before_binding(keyserver, keyserver.data_dir / "master.key", {})
+    assert sealing.CREDENTIAL_NAME in err  # where else a master key may come from
+
+    # The same for a wrong credential, which is then what the message names.
+    restore_master_key(keyserver, original)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    credential = credentials / sealing.CREDENTIAL_NAME
+    secretfile.write_new(credential, sealing.new_master_key(), 0o400)
+    assert_refused_before_binding(
+        keyserver, credential, {"CREDENTIALS_DIRECTORY": str(credentials)}
+    )
+
+    # The right one starts.
+    keyserver.start(workers=1)
+    assert keyserver.stop() == 0
+
+
+def test_an_old_data_directory_is_checked_with_its_first_sealed_key(
+    keyserver: KeyServer,
+) -> None:
+    keyserver.add_host("old")
+    guid = import_key(keyserver, "old", "raw", b"o" * 32)
+    import_key(keyserver, "old", "raw", b"p" * 32)
+    make_old(keyserver)
+    original = replace_master_key(keyserver)
+    err = assert_refused_before_binding(keyserver, keyserver.data_dir / "master.key", {})
+    [first] = [k for k in keys_listed(keyserver) if k["dataset_guid"] == guid]
+    assert first["key_id"] in err  # the key it tried
+    restore_master_key(keyserver, original)
+
+    keyserver.start(workers=1)
+    keyserver.stop()
+    # Proven once, the key is remembered the way init does it now.
+    with db(keyserver) as conn:
+        assert conn.execute("SELECT name FROM meta").fetchall() == [("master_key_check",)]
+    replace_master_key(keyserver)
+    with db(keyserver) as conn:
+        conn.execute("DELETE FROM keys")  # now only the check value can tell
+        conn.commit()
+    assert_refused_before_binding(keyserver, keyserver.data_dir / "master.key", {})
+
+
+def test_an_old_data_directory_without_keys_takes_the_master_key_it_is_given(
+    keyserver: KeyServer,
+) -> None:
+    """Nothing is sealed yet, so nothing can tell a wrong master key; the one it is first
+    given is the one it keeps."""
+    make_old(keyserver)
+    replace_master_key(keyserver)
+    keyserver.start(workers=1)
+    keyserver.stop()
+    with db(keyserver) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("command", ["key create", "import-simplezfs"])
+def test_commands_that_seal_refuse_a_master_key_that_is_not_the_data_directorys(
+    keyserver: KeyServer, tmp_path: Path, command: str
+) -> None:
+    host = keyserver.add_host("sealer")
+    seed = tmp_path / "seed.db"
+    with contextlib.closing(sqlite3.connect(seed)) as conn:
+        conn.execute(
+            "CREATE TABLE key (id INTEGER PRIMARY KEY, name, machine, pool, keyvalue, active)"
+        )
+        conn.execute(
+            "INSERT INTO key VALUES (1, 'old', ?, ?, ?, 1)", (host.machine_id, POOL, "ab" * 16)
+        )
+        conn.commit()
+    replace_master_key(keyserver)
+    before = (keyserver.data_dir / "audit.log").read_bytes()
+    args = {
+        "key create": (
+            "key",
+            "create",
+            "--host",
+            "sealer",
+            "--pool-guid",
+            POOL,
+            "--dataset-guid",
+            "5",
+            "--dataset",
+            "tank/x",
+        ),
+        "import-simplezfs": ("import-simplezfs", str(seed)),
+    }[command]
+    code, out, err = keyserver.admin(*args)
+    assert code == EX_CONFIG, err
+    assert str(keyserver.data_dir / "master.key") in err and "not the master key" in err
+    assert out == ""
+    assert keys_listed(keyserver) == []
+    assert (keyserver.data_dir / "audit.log").read_bytes() == before  # not even a record
+
+
+def test_a_schema_2_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+        conn.execute(
+            "INSERT INTO hosts (id, name, machine_id, created_at, last_seen)"
+            " VALUES (1, 'old', '0123456789abcdef0123456789abcdef', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, dataset, keyformat,"
+            " state, origin, sealed, created_at, updated_at)"
+            " VALUES ('k-1', 1, '1', '2', 'tank/a', 'raw', 'active', 'generated', x'00', 1, 1)"
+        )
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    store = SqliteStore(path)
+    try:
+        assert store.pragma("user_version") == SCHEMA_VERSION == 3
+        assert [k.key_id for k in store.keys(1)] == ["k-1"]
+        assert store.master_key_check() is None  # nothing proven yet
+        first = store.first_sealed_key()
+        assert first is not None and first.key_id == "k-1"
+    finally:
+        store.close()
+
+
+def keys_listed(server: KeyServer) -> list[dict[str, Any]]:
+    keys: list[dict[str, Any]] = json.loads(server.must("key", "list", "--json"))
+    return keys
 
 
 # The audit trail
