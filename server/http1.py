@@ -116,7 +116,10 @@ def parse_head(head: bytes) -> dict[str, Any]:
     if match is None:
         raise RequestError(400)
     method, target, minor = match.groups()
-    path, _, query = target.partition(b"?")
+    path, question_mark, query = target.partition(b"?")
+    if question_mark and not query:
+        # The application refuses any query, but QUERY_STRING is "" for "/x?" as for "/x".
+        raise RequestError(400)
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method.decode("ascii"),
         "PATH_INFO": path.decode("ascii"),

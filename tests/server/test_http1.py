@@ -4,7 +4,9 @@ The worker hands http1.serve_one a TLS socket; here a fake connection hands out
 exactly the bytes a test scripts, in chunks as small as one byte, so that every
 split of a request and every refusal can be checked without a server. The
 contract is docs/protocol.md, "Responses from the HTTP layer". The same refusals
-over real mutual TLS are in test_input.py.
+over real mutual TLS are in test_input.py; the few here that use a running server
+show what only it can: an answer at once rather than after the I/O timeout, and a
+request the application would have served.
 """
 
 from __future__ import annotations
@@ -218,6 +220,30 @@ def test_the_query_is_split_off_and_percent_escapes_are_not_decoded() -> None:
     assert environ["QUERY_STRING"] == "a=%41&b=?"
 
 
+@pytest.mark.parametrize(
+    "target", [b"/v1/checkin?", b"/?", b"/v1/hosts/" + b"5eed" * 8 + b"/keys/1/2?"]
+)
+def test_an_empty_query_is_refused_with_400(target: bytes) -> None:
+    """The application refuses every query, but QUERY_STRING is "" for a bare "?" just as
+    for none: only the reader can tell the two apart."""
+    assert refusal(request(b"GET", target)) == 400
+    assert refusal(post(b"{}", target=target)) == 400
+
+
+def test_a_real_server_refuses_a_check_in_with_an_empty_query(
+    shared_keyserver: KeyServer,
+) -> None:
+    host = shared_keyserver.add_host("empty-query")
+    body = json.dumps({"machine_id": host.machine_id}).encode()
+    checkin = post(body, b"Accept: application/json", target=b"/v1/checkin")
+    assert send(shared_keyserver, host, checkin).status == 200  # the request is otherwise good
+
+    reply = send(shared_keyserver, host, checkin.replace(b"/v1/checkin ", b"/v1/checkin? ", 1))
+
+    assert reply.status == 400, reply.raw[:200]
+    assert json.loads(reply.body) == {"error": "bad_request"}
+
+
 def test_http_1_0_is_accepted() -> None:
     environ = environ_of(request(b"GET", b"/v1/checkin", version=b"HTTP/1.0"))
     assert environ["SERVER_PROTOCOL"] == "HTTP/1.0"
@@ -365,6 +391,7 @@ def test_a_malformed_header_field_is_refused_with_400(field: bytes) -> None:
         pytest.param([b"Accept: application/json", b"Accept: text/html"], id="accept"),
         pytest.param([b"Accept: */*", b"ACCEPT: */*"], id="accept-case"),
         pytest.param([b"Transfer-Encoding: chunked"] * 2, id="transfer-encoding"),
+        pytest.param([b"X-Note: a", b"X_Note: b"], id="dash-and-underscore"),
     ],
 )
 def test_a_repeated_header_field_is_refused_with_400(fields: list[bytes]) -> None:
