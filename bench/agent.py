@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from bench.common import (
     Host,
     KeyServer,
     Timed,
+    plain_install,
     ratio,
     release_request,
     run_measured,
@@ -115,23 +115,9 @@ def ensure_installed_agent(build: Path = BUILD) -> Path:
     (a .pth file) runs from site at every start of its interpreter; no host has it."""
     venv = build / "agent-installed"
     shutil.rmtree(venv, ignore_errors=True)
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site_dir = Path(
-        subprocess.run(
-            [str(python), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    )
-    for package in (zfs_unlock_agent, zfs_unlock_common):
-        source = Path(package.__file__ or "").parent
-        shutil.copytree(
-            source, site_dir / source.name, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    subprocess.run([str(python), "-I", "-m", "compileall", "-q", str(site_dir)], check=True)
+    packages = [Path(p.__file__ or "").parent for p in (zfs_unlock_agent, zfs_unlock_common)]
+    python = plain_install(venv, packages)
+    subprocess.run([str(python), "-I", "-m", "compileall", "-q", str(venv)], check=True)
     return python
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import ssl
@@ -350,3 +351,29 @@ def release_request(host: Host) -> bytes:
         f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def plain_install(venv: Path, modules: Sequence[Path]) -> Path:
+    """A new virtual environment at VENV holding a plain copy of MODULES (package folders
+    or single files) in its site-packages, as a regular (not editable) install leaves them:
+    no .pth file, no import hook. Returns its interpreter."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site_dir = Path(
+        subprocess.run(
+            [str(python), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+    )
+    for module in modules:
+        if module.is_dir():
+            shutil.copytree(
+                module, site_dir / module.name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy2(module, site_dir / module.name)
+    return python

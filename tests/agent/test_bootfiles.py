@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import site
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 
 import zfs_unlock_agent
 import zfs_unlock_common
-from bench.common import machine_id_for
+from bench.common import machine_id_for, plain_install
 from tests.agent.harness import AgentHost
 from tests.chroot import Image
 from tests.fakes import FakeZfs, sha256
@@ -316,33 +315,13 @@ DEPENDENCIES = (
 def copied_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtual environment with the agent and its dependencies copied into site-packages,
     as a regular (not editable) 'pip install' leaves them; returns its interpreter."""
-    venv = tmp_path_factory.mktemp("installed") / "venv"
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site_dir = Path(
-        subprocess.run(
-            [str(python), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.strip()
-    )
-    ignore = shutil.ignore_patterns("__pycache__")
-    for package in (zfs_unlock_agent, zfs_unlock_common):
-        source = Path(package.__file__ or "").parent
-        shutil.copytree(source, site_dir / source.name, ignore=ignore)
+    modules = [Path(p.__file__ or "").parent for p in (zfs_unlock_agent, zfs_unlock_common)]
     for name in DEPENDENCIES:
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin is not None, name
         origin = Path(spec.origin)
-        if origin.name == "__init__.py":
-            shutil.copytree(origin.parent, site_dir / origin.parent.name, ignore=ignore)
-        else:
-            shutil.copy2(origin, site_dir / origin.name)
-    assert not list(site_dir.glob("*.pth"))
-    return python
+        modules.append(origin.parent if origin.name == "__init__.py" else origin)
+    return plain_install(tmp_path_factory.mktemp("installed") / "venv", modules)
 
 
 INSTALLS = [

@@ -4,6 +4,7 @@ whole conversation through the command line is in test_transport.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -268,13 +269,21 @@ def test_a_connection_queued_past_the_connect_timeout_is_still_served(
     assert (response.status, bytes(response.body)) == (200, b"{}")
 
 
+@contextlib.contextmanager
+def silent_listener() -> Iterator[str]:
+    """The URL of a socket whose TCP handshakes the kernel completes, but that nobody
+    ever accepts: a TLS handshake with it never starts."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        yield f"https://127.0.0.1:{silent.getsockname()[1]}"
+
+
 def test_a_server_that_never_handshakes_times_out_after_the_read_timeout(
     stub_tls: TlsFiles, me: HostCreds
 ) -> None:
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)  # the kernel completes the TCP handshake; nobody ever accepts
-        server = server_for(f"https://127.0.0.1:{silent.getsockname()[1]}", stub_tls.pin, me)
+    with silent_listener() as url:
+        server = server_for(url, stub_tls.pin, me)
         started = time.monotonic()
         with pytest.raises(transport.TimedOut):
             server.request("POST", "/", b"{}", 0.1, 0.6, MAX_BODY, soon())
@@ -304,10 +313,8 @@ def test_a_trickling_answer_is_cut_off_at_the_deadline_not_the_read_timeout(
 def test_a_handshake_that_never_comes_times_out_at_the_deadline(
     stub_tls: TlsFiles, me: HostCreds
 ) -> None:
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)  # the kernel completes the TCP handshake; nobody ever accepts
-        server = server_for(f"https://127.0.0.1:{silent.getsockname()[1]}", stub_tls.pin, me)
+    with silent_listener() as url:
+        server = server_for(url, stub_tls.pin, me)
         started = time.monotonic()
         with pytest.raises(transport.TimedOut):
             server.request("POST", "/", b"{}", 1.0, 5.0, MAX_BODY, started + 0.8)

@@ -441,10 +441,10 @@ def test_a_hosts_keys_are_found_through_an_index(keyserver: KeyServer) -> None:
         store.close()
 
 
-def test_a_schema_1_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
-    path = tmp_path / "keys.db"
+def write_old_database(path: Path, schema: int) -> None:
+    """A database as an older server left it: the first SCHEMA migrations, one host, one key."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(MIGRATIONS[0])
+        conn.executescript("".join(MIGRATIONS[:schema]))
         conn.execute(
             "INSERT INTO hosts (id, name, machine_id, created_at, last_seen)"
             " VALUES (1, 'old', '0123456789abcdef0123456789abcdef', 1, 1)"
@@ -454,8 +454,13 @@ def test_a_schema_1_database_is_migrated_with_its_rows_intact(tmp_path: Path) ->
             " state, origin, sealed, created_at, updated_at)"
             " VALUES ('k-1', 1, '1', '2', 'tank/a', 'raw', 'active', 'generated', x'00', 1, 1)"
         )
-        conn.execute("PRAGMA user_version = 1")
+        conn.execute(f"PRAGMA user_version = {schema}")
         conn.commit()
+
+
+def test_a_schema_1_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
+    path = tmp_path / "keys.db"
+    write_old_database(path, schema=1)
     store = SqliteStore(path)
     try:
         assert store.pragma("user_version") == SCHEMA_VERSION
@@ -774,19 +779,7 @@ def test_commands_that_seal_refuse_a_master_key_that_is_not_the_data_directorys(
 
 def test_a_schema_2_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
     path = tmp_path / "keys.db"
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.executescript(MIGRATIONS[0] + MIGRATIONS[1])
-        conn.execute(
-            "INSERT INTO hosts (id, name, machine_id, created_at, last_seen)"
-            " VALUES (1, 'old', '0123456789abcdef0123456789abcdef', 1, 1)"
-        )
-        conn.execute(
-            "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, dataset, keyformat,"
-            " state, origin, sealed, created_at, updated_at)"
-            " VALUES ('k-1', 1, '1', '2', 'tank/a', 'raw', 'active', 'generated', x'00', 1, 1)"
-        )
-        conn.execute("PRAGMA user_version = 2")
-        conn.commit()
+    write_old_database(path, schema=2)
     store = SqliteStore(path)
     try:
         assert store.pragma("user_version") == SCHEMA_VERSION == 3
