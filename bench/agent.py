@@ -58,11 +58,10 @@ TARGET_RSS_KIB = 35 * 1024
 class AgentResults:
     """Raw measurements, one entry per round unless said otherwise.
 
-    agent_1, agent_many: seconds of `python3 -I -m zfs_unlock_agent -c CONFIG unlock
-        --no-mount` (the initramfs's own command line) from a regular install of the agent
-        (ensure_installed_agent) for a host with 1 and with ROOTS_MANY (100) locked,
-        managed encryption roots: process start to exit, after every key went into the
-        fake zfs.
+    agent_1, agent_many: seconds of `zfs-unlock-agent -c CONFIG unlock --no-mount` from a
+        regular install of the agent (ensure_installed_agent) for a host with 1 and with
+        ROOTS_MANY (100) locked, managed encryption roots: process start to exit, after
+        every key went into the fake zfs.
     agent_1_editable: the same as agent_1 with the development venv's `zfs-unlock-agent`,
         an editable install, whose import hook runs from site at every start.
     clevis: seconds of `clevis decrypt < JWE` of a secret bound to tangd (cold).
@@ -71,10 +70,10 @@ class AgentResults:
     agent_rss, agent_many_rss, curl_rss, clevis_rss: peak resident set in KiB of the same
         runs, as GNU time reports it (common.run_measured): the largest of the process and
         of the children it waited for (fake zfs, or clevis's jose and curl).
-    python_start: seconds of `python -I -c pass` with the installed agent's interpreter
+    python_start: seconds of `python -c pass` with the installed agent's interpreter
         (site included).
-    agent_version: seconds of `python -I -m zfs_unlock_agent --version`: the interpreter and
-        every module the command line imports, no work.
+    agent_version: seconds of the installed `zfs-unlock-agent --version`: the interpreter
+        and every module the command line imports, no work.
     imports: the top-level modules the unlock path imports, slowest first, as (name,
         cumulative milliseconds) from one `python -X importtime` unlock of 1 root.
     process_start: seconds one start of the fake zfs costs, to its exit and reaping, one
@@ -107,10 +106,15 @@ class AgentResults:
 # The agent as a host installs it
 
 
+# The entry point pyproject.toml names ([project.scripts]), as an installer writes it.
+ENTRY_POINT = "#!{python}\nimport sys\nfrom zfs_unlock_agent.cli import main\nsys.exit(main())\n"
+
+
 def ensure_installed_agent(build: Path = BUILD) -> Path:
     """BUILD/agent-installed: a virtual environment holding a regular copy of the agent's
     packages (what `pip install` or a Debian package leaves), made afresh from this
-    checkout; returns its interpreter. The unlock path imports nothing from other packages.
+    checkout, with the `zfs-unlock-agent` command; returns that command. The unlock path
+    imports nothing from other packages.
     The development venv holds the project as an editable install, whose import hook
     (a .pth file) runs from site at every start of its interpreter; no host has it."""
     venv = build / "agent-installed"
@@ -118,7 +122,10 @@ def ensure_installed_agent(build: Path = BUILD) -> Path:
     packages = [Path(p.__file__ or "").parent for p in (zfs_unlock_agent, zfs_unlock_common)]
     python = plain_install(venv, packages)
     subprocess.run([str(python), "-I", "-m", "compileall", "-q", str(venv)], check=True)
-    return python
+    command = venv / "bin" / "zfs-unlock-agent"
+    command.write_text(ENTRY_POINT.format(python=python))
+    command.chmod(0o755)
+    return command
 
 
 # The fake zfs
@@ -162,11 +169,11 @@ class AgentHost:
 
     directory: Path
     host: Host
-    python: Path  # the installed agent's interpreter (ensure_installed_agent)
+    command: Path  # the installed agent's zfs-unlock-agent (ensure_installed_agent)
 
     @classmethod
     def create(
-        cls, directory: Path, host: Host, server: KeyServer, fakezfs: Path, python: Path
+        cls, directory: Path, host: Host, server: KeyServer, fakezfs: Path, command: Path
     ) -> AgentHost:
         bin_dir = directory / "bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +207,7 @@ class AgentHost:
             f'zfs = "{bin_dir / "zfs"}"\n'
             f'zpool = "{bin_dir / "zpool"}"\n'
         )
-        return cls(directory, host, python)
+        return cls(directory, host, command)
 
     @property
     def config(self) -> Path:
@@ -215,8 +222,9 @@ class AgentHost:
         return self.directory / "agent.log"
 
     def argv(self) -> list[str]:
-        """As the initramfs runs it; keys only (mounting is not the comparison)."""
-        return [str(self.python), "-I", "-m", "zfs_unlock_agent", *self.arguments()]
+        """As an operator or the systemd unit runs it; keys only (mounting is not the
+        comparison)."""
+        return [str(self.command), *self.arguments()]
 
     def editable_argv(self) -> list[str]:
         """The same from the development venv's editable install."""
@@ -332,7 +340,7 @@ def top_imports(stderr: str, count: int = TOP_IMPORTS) -> list[tuple[str, float]
 
 def importtime(agent: AgentHost) -> list[tuple[str, float]]:
     completed = subprocess.run(
-        [str(agent.python), "-X", "importtime", *agent.argv()[1:]],
+        [str(agent.command.parent / "python"), "-X", "importtime", *agent.argv()],
         check=False,
         capture_output=True,
         text=True,
@@ -376,12 +384,12 @@ class _Kind:
 def _measure(root: Path, server: KeyServer, tang: baselines.Tang, rounds: int) -> AgentResults:
     root.mkdir(parents=True, exist_ok=True)
     fakezfs = ensure_fakezfs()
-    python = ensure_installed_agent()
+    command = ensure_installed_agent()
     one = AgentHost.create(
-        root / "agent-1", server.add_hosts(["bench-agent-1"])[0], server, fakezfs, python
+        root / "agent-1", server.add_hosts(["bench-agent-1"])[0], server, fakezfs, command
     )
     many_host = server.add_hosts(["bench-agent-many"], datasets_per_host=ROOTS_MANY)[0]
-    many = AgentHost.create(root / "agent-many", many_host, server, fakezfs, python)
+    many = AgentHost.create(root / "agent-many", many_host, server, fakezfs, command)
     curl_host = server.add_hosts(["bench-curl"])[0]
     body = root / "release.json"
     body.write_bytes(release_body(curl_host))
@@ -438,12 +446,10 @@ def _measure(root: Path, server: KeyServer, tang: baselines.Tang, rounds: int) -
                 kind.seconds.clear()
                 kind.rss.clear()
 
-    python_start = [str(python), "-I", "-c", "pass"]
-    version = [str(python), "-I", "-m", "zfs_unlock_agent", "--version"]
+    python_start = [str(command.parent / "python"), "-c", "pass"]
+    version = [str(command), "--version"]
     for _ in range(rounds):
-        results.python_start.append(
-            _checked(run_measured(python_start), "python -I -c pass").seconds
-        )
+        results.python_start.append(_checked(run_measured(python_start), "python -c pass").seconds)
         results.agent_version.append(_checked(run_measured(version), "agent --version").seconds)
         results.process_start.append(process_start_seconds(many))
     results.imports = importtime(one)
@@ -508,14 +514,14 @@ def render_markdown(results: AgentResults) -> str:
             " median (min-max). ZFS is a stand-in that answers from canned output and drains"
             " each key (bench/fakezfs.c), so the agent's own work is what is timed. The agent"
             " runs from a regular install of its packages (what pip or a Debian package"
-            " leaves), as the initramfs runs it; the development venv's editable install adds"
+            " leaves) through its entry point; the development venv's editable install adds"
             " an import hook that site runs at every start."
         ),
         "",
         _row("what", "wall time", "peak RSS"),
         _row("---", "---", "---"),
         _row(
-            "agent, 1 root: `python3 -I -m zfs_unlock_agent unlock --no-mount`",
+            "agent, 1 root: `zfs-unlock-agent unlock --no-mount`",
             _ms(results.agent_1),
             _mib(results.agent_rss),
         ),
@@ -546,9 +552,9 @@ def render_markdown(results: AgentResults) -> str:
             _ms(results.curl),
             _mib(results.curl_rss),
         ),
-        _row("`python3 -I -c pass`, the agent's interpreter", _ms(results.python_start), ""),
+        _row("`python -c pass`, the agent's interpreter", _ms(results.python_start), ""),
         _row(
-            "`python3 -I -m zfs_unlock_agent --version`: its imports, no work",
+            "`zfs-unlock-agent --version`: its imports, no work",
             _ms(results.agent_version),
             "",
         ),

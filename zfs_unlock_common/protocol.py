@@ -6,7 +6,6 @@ only change in one place.
 
 from __future__ import annotations
 
-import string
 from typing import Final, Literal, NamedTuple
 
 API_PREFIX: Final = "/v1"
@@ -35,7 +34,7 @@ KeyState = Literal["pending", "active", "revoked"]
 RAW_KEY_BYTES: Final = 32
 PASSPHRASE_MIN: Final = 8
 PASSPHRASE_MAX: Final = 512
-_HEX_DIGITS: Final = frozenset(string.hexdigits.encode())
+_HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
 
 
 class KeyMaterialError(ValueError):

@@ -13,7 +13,7 @@ from tests.keyserver import KeyServer
 from zfs_unlock_agent import transport
 from zfs_unlock_agent.config import NetworkSettings, ServerSettings
 from zfs_unlock_agent.errors import ServerUnavailable
-from zfs_unlock_agent.keyclient import KeyClient, summarize
+from zfs_unlock_agent.keyclient import KeyClient, summarize, uniform
 from zfs_unlock_common import pinning
 
 
@@ -95,3 +95,13 @@ def test_a_trickling_pinned_server_cannot_hold_a_call_past_its_deadline(
     assert elapsed < network.deadline + 2.0
     assert "timed out" in str(raised.value)
     assert client.requests_sent == 1  # nothing was left for a second try
+
+
+def test_the_jitter_is_uniform_in_zero_to_one() -> None:
+    draws = [uniform() for _ in range(2000)]
+    assert all(0 <= d < 1 for d in draws)
+    assert len(set(draws)) == len(draws)
+    # Each tenth of [0, 1) gets its share, give or take (p of a false alarm < 1e-9).
+    for tenth in range(10):
+        share = sum(tenth / 10 <= d < (tenth + 1) / 10 for d in draws)
+        assert 100 < share < 320, (tenth, share)

@@ -41,12 +41,14 @@ def make_host(
 def test_the_installed_agent_is_a_plain_copy_with_no_import_hook(installed: Path) -> None:
     code = "import site, zfs_unlock_agent as a; print(site.getsitepackages()[0], a.__file__)"
     found = subprocess.run(
-        [installed, "-I", "-c", code], check=True, capture_output=True, text=True
+        [installed.parent / "python", "-I", "-c", code], check=True, capture_output=True, text=True
     ).stdout.split()
     site_dir = Path(found[0])
     assert Path(found[1]).is_relative_to(site_dir)
     assert not list(site_dir.glob("*.pth"))
     assert sorted(p.name for p in site_dir.iterdir()) == ["zfs_unlock_agent", "zfs_unlock_common"]
+    version = subprocess.run([installed, "--version"], check=True, capture_output=True, text=True)
+    assert version.stdout.startswith("zfs-unlock-agent ")
 
 
 def fake(
