@@ -144,6 +144,7 @@ def assert_key_not_in(daemon: DaemonProcess, keys: list[bytes]) -> None:
 # Start-up: READY after the boot pass
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_ready_after_the_boot_pass_then_idle_pings_and_a_clean_stop(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:
@@ -180,6 +181,7 @@ def test_ready_after_the_boot_pass_then_idle_pings_and_a_clean_stop(
 # The server is down at boot, or answers "no"
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_degraded_boot_then_the_server_comes_back(
     keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:
@@ -246,6 +248,7 @@ def test_a_trickling_server_cannot_hold_the_boot_pass_past_boot_deadline(
         assert daemon.terminate() == 0
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_retry_pauses_double_up_to_retry_max_and_a_restored_key_unlocks(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:
@@ -375,6 +378,7 @@ def test_sigterm_in_the_boot_pass_backoff_exits_0_promptly(
     assert keystatus(host, "tank/secret") == "unavailable"
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_sigterm_in_the_pause_between_retries_exits_0_promptly(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:
@@ -418,6 +422,7 @@ def test_a_config_error_at_start_exits_78_without_ready(
 # Check-ins and the dead-man switch
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_checkins_keep_the_dead_man_switch_satisfied(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:
@@ -511,6 +516,7 @@ def test_boot_pass_leaves_mounting_to_a_queued_zfs_mount_service(
 # A watchdog ping that falls due during a slow try
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_a_ping_that_fell_due_during_a_slow_try_does_not_kill_the_daemon(
     shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:

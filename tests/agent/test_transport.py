@@ -306,6 +306,7 @@ def attempts_in(stderr: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_server_down_retries_until_deadline(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     target = locked_local(tmp_path, shared_keyserver, "server-down")
     deadline, backoff_max = 3.0, 0.5
@@ -326,6 +327,7 @@ def test_server_down_retries_until_deadline(shared_keyserver: KeyServer, tmp_pat
     assert load_key_calls(target) == []
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_a_trickling_pinned_server_cannot_hold_the_agent_past_its_deadline(
     shared_keyserver: KeyServer, tmp_path: Path, stubs: StubFactory, stub_tls: TlsFiles
 ) -> None:
@@ -382,6 +384,7 @@ def test_503_is_retried(
     assert_unlocked_with(target)
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_500_forever_gives_up_at_the_deadline(
     shared_keyserver: KeyServer, tmp_path: Path, stubs: StubFactory, stub_tls: TlsFiles
 ) -> None:

@@ -207,6 +207,7 @@ def test_the_report_gives_ratios_of_medians_against_the_targets() -> None:
     )
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 @pytest.mark.usefixtures("bench_prepared")  # Debian's tang, clevis, GNU time, gcc
 def test_a_quick_run_measures_every_kind(tmp_path: Path) -> None:
     server = common.KeyServer(tmp_path / "keyserver")

@@ -220,6 +220,7 @@ def test_revoked_key_is_refused_at_once_and_restore_brings_it_back(
     assert "key_revoked" in events and "key_restored" in events
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_deadman_switch_disables_a_silent_host_until_an_admin_enables_it(
     shared_keyserver: KeyServer,
 ) -> None:
@@ -244,6 +245,7 @@ def test_deadman_switch_disables_a_silent_host_until_an_admin_enables_it(
         assert release(session, shared_keyserver, host, POOL, dataset_guid).status_code == 200
 
 
+@pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_checkin_keeps_a_host_alive(shared_keyserver: KeyServer) -> None:
     host = shared_keyserver.add_host("alive", "--deadman-timeout", "2")
     dataset_guid, _, _ = enrolled_key(shared_keyserver, host)
