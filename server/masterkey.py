@@ -1,8 +1,8 @@
 """Is this the data directory's master key? Checked before anything is served or sealed.
 
 A wrong master key (the credential of another installation, a decoy left in place of a
-moved key) used to start the server normally and answer every release with 403: the
-mistake showed only at the first reboot of a host. init therefore seals a check value
+moved key) would otherwise start the server normally and answer every release with 403:
+the mistake would show only at the first reboot of a host. init therefore seals a check value
 under the master key into the database. A data directory made before that has none:
 there the oldest sealed key is the proof, and once a master key has opened it, the
 check value is stored so that the next check needs no key at all. A data directory
