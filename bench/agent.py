@@ -107,7 +107,8 @@ class AgentResults:
 
 
 # The entry point pyproject.toml names ([project.scripts]), as an installer writes it.
-ENTRY_POINT = "#!{python}\nimport sys\nfrom zfs_unlock_agent.cli import main\nsys.exit(main())\n"
+# What pip and dh-python write for pyproject's [project.scripts] entry.
+ENTRY_POINT = "#!{python}\nimport sys\nfrom zfs_unlock_agent.cli import run\nsys.exit(run())\n"
 
 
 def ensure_installed_agent(build: Path = BUILD) -> Path:

@@ -1,3 +1,3 @@
-from zfs_unlock_agent.cli import main
+from zfs_unlock_agent.cli import run
 
-raise SystemExit(main())
+run()

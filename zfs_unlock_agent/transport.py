@@ -80,6 +80,11 @@ def check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError("server URL must be https://HOST[:PORT]")
+    if not parts.hostname.isascii():
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            raise ValueError("server URL host is not a valid internationalized name") from None
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("server URL must not carry credentials, a query or a fragment")
     if not URL_PATH.fullmatch(parts.path):
@@ -115,6 +120,9 @@ class PinnedServer:
             raise ValueError("at least one pin is required")
         parts = urlsplit(check_url(url))
         self.host = parts.hostname or ""  # check_url refused a URL without one
+        # Given bytes, getaddrinfo() and the TLS layer use an ASCII name as it is; given a
+        # str, they run it through the idna codec, whose import costs a cold unlock 1.5 ms.
+        self.wire_host = self.host.encode("ascii" if self.host.isascii() else "idna")
         self.port = parts.port or 443
         self.authority = parts.netloc  # the Host header; config refused credentials in it
         self.prefix = parts.path  # a server may live below a path
@@ -146,7 +154,7 @@ class PinnedServer:
             # (The ssl module bounds the whole handshake by the socket's timeout.)
             raw.settimeout(_wait(read_timeout, deadline))
             try:
-                connection = self.context.wrap_socket(raw, server_hostname=self.host)
+                connection = self.context.wrap_socket(raw, server_hostname=self.wire_host)
             except TimeoutError:
                 raise TimedOut() from None
             except ssl.SSLError:
@@ -177,7 +185,7 @@ class PinnedServer:
         bounded by CONNECT_TIMEOUT and all of them by DEADLINE (socket.create_connection
         would give every address the whole timeout)."""
         try:
-            addresses = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            addresses = socket.getaddrinfo(self.wire_host, self.port, type=socket.SOCK_STREAM)
         except OSError:
             raise ConnectFailed() from None
         first_error: OSError | None = None

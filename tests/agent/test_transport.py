@@ -528,6 +528,17 @@ def test_failover_to_the_second_server(shared_keyserver: KeyServer, tmp_path: Pa
     assert elapsed < 6
 
 
+def test_a_server_named_by_host_name(shared_keyserver: KeyServer, tmp_path: Path) -> None:
+    """A name, not an address: resolved by getaddrinfo and sent as the TLS server name."""
+    target = locked_on_server(tmp_path, shared_keyserver, "by-name")
+    target.host.write_config(urls=[f"https://localhost:{shared_keyserver.port}"])
+
+    code, _, stderr, _ = unlock(target)
+
+    assert code == EX_OK, stderr
+    assert_unlocked_with(target)
+
+
 # 9. Proxy settings from the environment are ignored
 
 

@@ -397,3 +397,16 @@ class _Wrapping:
 
     def __init__(self, wrap: object) -> None:
         self.wrap_socket = wrap
+
+
+def test_host_names_go_on_the_wire_in_ascii() -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    pins = (bytes(32),)
+    assert (
+        transport.PinnedServer("https://keys.example.net", pins, context).wire_host
+        == b"keys.example.net"
+    )
+    assert transport.PinnedServer("https://[::1]:8443", pins, context).wire_host == b"::1"
+    # An internationalized name in its ASCII (punycode) form, as DNS knows it.
+    idn = transport.PinnedServer("https://b\u00fccher.example", pins, context)
+    assert idn.wire_host == b"xn--bcher-kva.example"
