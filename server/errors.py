@@ -5,7 +5,6 @@ from __future__ import annotations
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
-EX_NOINPUT = 66
 EX_CANTCREAT = 73
 EX_IOERR = 74
 EX_NOPERM = 77

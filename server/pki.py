@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,6 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from zfs_unlock_server.errors import DataError
+
+if TYPE_CHECKING:  # the name is cryptography 40's; the module runs on 38 too
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 HOST_CERT_DAYS = 5 * 365
 CA_DAYS = 20 * 365
@@ -179,8 +183,16 @@ def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
         raise DataError("--server-key is not an unencrypted PEM private key") from None
-    if key.public_key() != cert.public_key():
+    if _spki(key.public_key()) != _spki(cert.public_key()):
         raise DataError("--server-key is not the private key of --server-cert")
+
+
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    """The key as DER SubjectPublicKeyInfo: comparable on every cryptography version
+    (public key objects compare equal only since 41)."""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def pem_to_der(cert_pem: bytes) -> bytes:
@@ -188,4 +200,9 @@ def pem_to_der(cert_pem: bytes) -> bytes:
 
 
 def not_after(cert_pem: bytes) -> int:
-    return int(x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp())
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    # not_valid_after_utc came with cryptography 42; Debian 12's 38 has only the naive
+    # UTC one, which 42 and later deprecate.
+    if hasattr(cert, "not_valid_after_utc"):
+        return int(cert.not_valid_after_utc.timestamp())
+    return int(cert.not_valid_after.replace(tzinfo=datetime.UTC).timestamp())

@@ -10,6 +10,7 @@ from pathlib import Path
 from cryptography import x509
 
 from tests.agent.harness import AGENT_BIN, AgentHost
+from tests.certs import spki
 from tests.keyserver import KeyServer
 
 
@@ -46,7 +47,7 @@ def test_identity_creates_a_private_key_and_csr_once(
     argv[argv.index("--cert-out") + 1] = str(tmp_path / "web7.crt")
     shared_keyserver.must(*argv)
     cert = x509.load_pem_x509_certificate((tmp_path / "web7.crt").read_bytes())
-    assert cert.public_key() == csr.public_key()
+    assert spki(cert.public_key()) == spki(csr.public_key())
 
 
 def test_logs_carry_journald_priorities_under_systemd(

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.certs import verify_issued_by
 from zfs_unlock_common import pinning
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -156,7 +157,7 @@ def make_certificate(key_type: str, version: str, names: str) -> Cert:
         )
     loaded = x509.load_der_x509_certificate(der)
     assert loaded.version == (x509.Version.v1 if version == "v1" else x509.Version.v3)
-    loaded.verify_directly_issued_by(loaded)  # a well-formed, correctly signed certificate
+    verify_issued_by(loaded, loaded)  # a well-formed, correctly signed certificate
     spki = loaded.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
