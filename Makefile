@@ -1,7 +1,7 @@
 # Developer entry points. `make test` is what CI runs (scripts/test.sh).
 VENV := .venv/bin
 
-.PHONY: venv lint type unit test demo bench bench-quick clean
+.PHONY: venv lint type unit test demo bench bench-quick deb clean
 
 venv:
 	bash scripts/bootstrap.sh
@@ -32,6 +32,10 @@ bench:
 # Its smoke run (seconds; what CI runs): writes build/bench/benchmarks-quick.md.
 bench-quick:
 	bash bench/run.sh --quick
+
+# The Debian packages (debian/) into build/deb/, checked by lintian.
+deb:
+	bash scripts/deb.sh
 
 clean:
 	rm -rf .venv build *.egg-info .mypy_cache .ruff_cache .pytest_cache

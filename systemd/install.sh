@@ -76,7 +76,7 @@ esac
 # Install FILE as DEST with the program's real directory in its Exec lines.
 install_with_bindir() {
     mkdir -p "$(dirname "$2")"
-    sed "s#/usr/local/bin/zfs-unlock-#$bindir/zfs-unlock-#g" "$1" >"$2.tmp"
+    sed "s#/usr/bin/zfs-unlock-#$bindir/zfs-unlock-#g" "$1" >"$2.tmp"
     chmod 0644 "$2.tmp"
     mv -f "$2.tmp" "$2"
 }

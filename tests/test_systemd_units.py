@@ -159,7 +159,7 @@ def test_verify_would_catch_a_broken_directive(analyze_root: Path, tmp_path: Pat
     broken.write_text(broken.read_text().replace("[Service]\n", "[Service]\nProtectSytem=strict\n"))
     code, output = verify(root, SERVER_UNIT.name)
     assert complaints(output), (code, output)
-    (root / "usr/local/bin/zfs-unlock-server").unlink()
+    (root / "usr/bin/zfs-unlock-server").unlink()
     assert verify(root, SERVER_UNIT.name)[0] != 0  # a missing program fails outright
 
 
@@ -366,6 +366,14 @@ def fresh_root(tmp_path: Path) -> Iterator[Path]:
     yield root
 
 
+def from_checkout(unit: Path) -> bytes:
+    """UNIT as install.sh installs it into another root without --bindir: pointing at
+    /usr/local/bin, where pip puts the programs (a Debian package's unit runs /usr/bin's)."""
+    text = unit.read_bytes()
+    assert b"/usr/bin/zfs-unlock-" in text
+    return text.replace(b"/usr/bin/zfs-unlock-", b"/usr/local/bin/zfs-unlock-")
+
+
 def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
     fresh_root: Path, tmp_path: Path
 ) -> None:
@@ -379,7 +387,7 @@ def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
         ),
         "etc/sysusers.d/zfs-unlock-server.conf": "0o644",
     }
-    assert (fresh_root / unit).read_bytes() == SERVER_UNIT.read_bytes()
+    assert (fresh_root / unit).read_bytes() == from_checkout(SERVER_UNIT)
     if shutil.which("systemctl"):
         other = tmp_path / "systemctl-root"
         (other / "etc/systemd/system").mkdir(parents=True)
@@ -398,7 +406,7 @@ def test_install_agent_installs_its_unit_and_drop_ins(fresh_root: Path, tmp_path
     for conf in drop_ins():
         if conf.parent.name.startswith("zfs-load-key@"):
             target = fresh_root / "etc/systemd/system" / conf.parent.name / conf.name
-            assert target.read_bytes() == conf.read_bytes()
+            assert target.read_bytes() == from_checkout(conf)
     links = {k: v for k, v in installed.items() if v.startswith("->")}
     assert links  # enabled
     if shutil.which("systemctl"):
