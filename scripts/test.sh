@@ -13,3 +13,8 @@ echo "== mypy --strict" >&2
 .venv/bin/mypy tests scripts bench
 echo "== pytest" >&2
 .venv/bin/pytest "$@"
+# The whole suite (no arguments) also runs the fast tier on Debian 12's dependencies.
+if [ $# -eq 0 ]; then
+    echo "== pytest on Debian 12's python3-cryptography, -gunicorn, -pyudev, -sdnotify" >&2
+    bash scripts/floor.sh -q
+fi
