@@ -15,9 +15,9 @@ type: venv
 	$(VENV)/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 	$(VENV)/mypy tests scripts bench
 
-# The fast loop: every tier but the real-OpenZFS VMs and the slow crash loops.
+# The fast loop: every tier but the real-OpenZFS VMs, the Debian packages and the slow crash loops.
 unit: venv
-	$(VENV)/pytest -m "not slow and not vm"
+	$(VENV)/pytest -m "not slow and not vm and not deb"
 
 test:
 	bash scripts/test.sh
