@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install and enable the systemd units of one role from this checkout:
-#   agent   zfs-unlock-agent.service, and the zfs-load-key@.service drop-ins
+#   agent   zfs-unlock-agent.service and .target, and the zfs-load-key@.service drop-ins
 #   server  zfs-unlock-server.service and its sysusers.d entry
 # into ROOT (default /; an image or a chroot works the same, offline: enabling is
 # the [Install] section's symlinks, made here rather than by systemctl).
@@ -106,6 +106,7 @@ server)
     ;;
 agent)
     install_unit "$here/zfs-unlock-agent.service"
+    install_unit "$here/zfs-unlock-agent.target"
     if [ -d "$here/zfs-load-key@.service.d" ]; then
         for conf in "$here"/zfs-load-key@.service.d/*.conf; do
             [ -f "$conf" ] || continue

@@ -348,8 +348,11 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def enabled_by_systemctl(root: Path, unit: Path) -> dict[str, str]:
-    """The symlinks `systemctl --root enable` makes for UNIT, for comparison."""
-    shutil.copy(unit, root / "etc/systemd/system" / unit.name)
+    """The symlinks `systemctl --root enable` makes for UNIT (and the units its Also=
+    names), for comparison."""
+    also = [UNITS / name for value in values(unit, "Install", "Also") for name in value.split()]
+    for each in (unit, *also):
+        shutil.copy(each, root / "etc/systemd/system" / each.name)
     subprocess.run(
         ["systemctl", f"--root={root}", "enable", unit.name],
         capture_output=True,

@@ -75,11 +75,10 @@ class Retry:
 
 
 def zfs_mount_pending() -> bool:
-    """True while systemd has a start job queued for zfs-mount.service.
-
-    At boot it runs after us and mounts everything parents first; mounting before it
-    could hide a child under a parent it mounts later. Started any other way (by hand,
-    restarted after boot), nobody else will mount, so we do.
+    """True while systemd has a start job queued for zfs-mount.service: it will mount
+    everything, parents first, and mounting before it could hide a child under a parent
+    it mounts later. The unit is ordered after zfs-mount.service, so at boot that job is
+    done and, as when started any other way, nobody else will mount: we do.
     """
     if not os.environ.get("INVOCATION_ID"):
         return False

@@ -422,7 +422,12 @@ def test_both_commands_run_on_debians_python(installed: System) -> None:
 
 def test_units_are_enabled_and_wait_for_their_configuration(installed: System) -> None:
     chroot = installed.chroot
-    for unit, target in ((AGENT_UNIT, "zfs.target"), (SERVER_UNIT, "multi-user.target")):
+    agent_target = AGENT_UNIT.replace(".service", ".target")
+    for unit, target in (
+        (AGENT_UNIT, "multi-user.target"),
+        (agent_target, "multi-user.target"),
+        (SERVER_UNIT, "multi-user.target"),
+    ):
         link = chroot.path(f"/etc/systemd/system/{target}.wants/{unit}")
         assert link.is_symlink() and os.readlink(link) == f"{UNIT_DIR}/{unit}", link
         assert chroot.run("systemctl", "is-enabled", unit).stdout.strip() == "enabled"

@@ -200,8 +200,8 @@ def _install_report(root: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TARGET_FILES / "report.py", directory / "report.py")
     shutil.copyfile(TARGET_FILES / "server-setup.sh", directory / "server-setup.sh")
-    unit = root / "etc" / "systemd" / "system" / "zua-boot-report.service"
-    shutil.copyfile(TARGET_FILES / "zua-boot-report.service", unit)
+    for name in ("zua-boot-report.service", "zua-needs-data.service"):
+        shutil.copyfile(TARGET_FILES / name, root / "etc" / "systemd" / "system" / name)
 
 
 def prepare(
@@ -252,7 +252,8 @@ def prepare(
                 shutil.rmtree(root / "tmp" / "wheels")
             run_logged(["sh", INITRAMFS_INSTALL, "--root", root, variant], log)
             _install_report(root)
-            run_logged(in_root(root, "systemctl", "enable", "zua-boot-report.service"), log)
+            run_logged(in_root(root, "systemctl", "enable", "zua-boot-report.service",
+                               "zua-needs-data.service"), log)  # fmt: skip
             lap("install agent, integration, identity")
             if variant == "initramfs-tools":
                 build = ["update-initramfs", "-c", "-k", trees.kver]

@@ -306,6 +306,8 @@ def booted_to_multi_user(boot: Boot, ours_must_not_fail: bool = True) -> None:
     if ours_must_not_fail:
         failed = [line for line in boot.report["failed"].splitlines() if line.startswith(OUR_UNITS)]
         assert not failed, f"failed: {failed}\n{boot.evidence()}"
+    cycles = [line for line in boot.report["journal"].splitlines() if "ordering cycle" in line]
+    assert not cycles, f"ordering cycles: {cycles}\n{boot.evidence()}"
 
 
 def test_initramfs_tools_fetches_root_key_and_boots(boot_up: Boot) -> None:
@@ -316,19 +318,37 @@ def test_initramfs_tools_fetches_root_key_and_boots(boot_up: Boot) -> None:
     booted_to_multi_user(boot_up)
 
 
-def test_daemon_unlocks_tank_before_zfs_mount(boot_up: Boot) -> None:
-    """3. zfs-unlock-agent.service (Type=notify) was ready before zfs-mount.service started;
-    tank/secure is unlocked and mounted; no zfs-load-key@ unit asked for anything."""
+def active_at(boot: Boot, unit: str) -> int:
+    """When UNIT became active, in microseconds since boot (0: never)."""
+    return int(boot.report["units"].get(unit, {}).get("ActiveEnterTimestampMonotonic", "0"))
+
+
+def test_daemon_unlocks_tank_after_the_network_and_a_service_sees_its_data(
+    boot_up: Boot,
+) -> None:
+    """3. zfs-unlock-agent.service started once the network was online and zfs-mount.service
+    had run, held back neither local-fs.target nor anything else (no ordering cycle), and
+    unlocked and mounted tank/secure itself; zfs-unlock-agent.target came after its READY,
+    and a service ordered after that target read tank/secure's data; no zfs-load-key@ unit
+    asked for anything."""
     booted_to_multi_user(boot_up)
     units = boot_up.report["units"]
-    agent, mount = units["zfs-unlock-agent.service"], units["zfs-mount.service"]
-    ready = int(agent.get("ActiveEnterTimestampMonotonic", "0"))
-    mount_started = int(mount.get("InactiveExitTimestampMonotonic", "0"))
-    assert ready > 0, f"zfs-unlock-agent.service never became active\n{boot_up.evidence()}"
-    assert mount_started > 0, f"zfs-mount.service never started\n{boot_up.evidence()}"
-    assert ready <= mount_started, (
-        f"agent ready at {ready} us, zfs-mount started at {mount_started} us\n{boot_up.evidence()}"
+    started = int(units["zfs-unlock-agent.service"].get("InactiveExitTimestampMonotonic", "0"))
+    ready = active_at(boot_up, "zfs-unlock-agent.service")
+    online, mounted = (
+        active_at(boot_up, "network-online.target"),
+        active_at(boot_up, "zfs-mount.service"),
     )
+    local_fs, target = (
+        active_at(boot_up, "local-fs.target"),
+        active_at(boot_up, "zfs-unlock-agent.target"),
+    )
+    assert 0 < online <= started and 0 < mounted <= started, boot_up.evidence()
+    assert 0 < local_fs <= started, f"local-fs.target waited for the agent\n{boot_up.evidence()}"
+    assert 0 < ready <= target, boot_up.evidence()
+    needs = int(units["zua-needs-data.service"].get("InactiveExitTimestampMonotonic", "0"))
+    assert target <= needs, boot_up.evidence()
+    assert boot_up.report["needs_data"] == "written at install time", boot_up.evidence()
     tank = boot_up.report["zfs"].get("tank/secure", {})
     assert tank.get("keystatus") == "available", boot_up.evidence()
     assert tank.get("mounted") == "yes", boot_up.evidence()

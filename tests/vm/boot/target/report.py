@@ -198,7 +198,10 @@ def main() -> int:
     report["units"] = unit_properties(
         "zfs-unlock-agent.service", "zfs-mount.service", "zfs-import-scan.service",
         "zfs-import-cache.service", "network-online.target", "systemd-networkd-wait-online.service",
+        "zfs-unlock-agent.target", "zua-needs-data.service", "local-fs.target",
     )  # fmt: skip
+    needs_data = Path("/run/zua-needs-data")
+    report["needs_data"] = needs_data.read_text().strip() if needs_data.exists() else None
     report["journal_ours"] = run("journalctl", "-b", "-u", "zfs-unlock-agent", "-u", "zfs-mount",
                                  "-o", "short-monotonic", "--no-pager")["out"]  # fmt: skip
     report["analyze_time"] = run("systemd-analyze", "time")["out"].strip()
