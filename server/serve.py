@@ -17,6 +17,7 @@ import socket
 import ssl
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.sync import SyncWorker
 
@@ -28,9 +29,23 @@ from zfs_unlock_server.tlsctx import server_context
 log = logging.getLogger("zfs_unlock_server")
 
 
+def _same_owner(uid: int, gid: int, initgroups: bool = False) -> None:
+    """gunicorn's set_owner_process for a worker that keeps its parent's user and group."""
+
+
 class KeyServerWorker(SyncWorker):  # type: ignore[misc]
     """gunicorn's sync worker, with the TLS handshake and our strict HTTP/1.1 (http1.py)
     in place of gunicorn's parser. gunicorn still forks, supervises and replaces workers."""
+
+    def init_process(self) -> None:
+        # The server starts as its own user and never changes it (it sets neither user nor
+        # group). gunicorn 20.1, Debian 12's, calls setuid() all the same, even to the user
+        # it already is, and the unit's system-call filter refuses that (EPERM): every
+        # worker died at birth. Later gunicorns skip it when nothing changes; so does this
+        # worker, on all of them.
+        if (self.cfg.uid, self.cfg.gid) == (os.getuid(), os.getgid()):
+            gunicorn_util.set_owner_process = _same_owner
+        super().init_process()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build, once, the two Debian bookworm root trees of the boot-proof tier (tests/vm/test_boot.py):
 # a real system (systemd, udev, systemd-networkd with DHCP, Debian's kernel, OpenZFS 2.3 from
-# bookworm-backports, the agent's Python dependencies from Debian) that the tier installs on
+# bookworm-backports, the agent's and the server's dependencies from Debian, what their
+# packages depend on) that the tier installs on
 # an encrypted ZFS root and boots. Two trees, since their initramfs generators conflict:
 #   initramfs-tools/  initramfs-tools + zfs-initramfs
 #   dracut/           dracut + dracut-network + zfs-dracut
@@ -18,13 +19,10 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
 CACHE_ROOT=${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}
 MIRROR=http://deb.debian.org/debian
 SECURITY=http://deb.debian.org/debian-security
 BACKPORTS=bookworm-backports
-# gunicorn for the key server's unit (the server extra); pip installs it from these wheels.
-SERVER_WHEELS=("gunicorn>=23,<28")
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
 T_START=$(date +%s.%N)
@@ -153,7 +151,7 @@ EOF
     logged apt-update in_root "$BASE" apt-get update
     apt_in "$BASE" base systemd systemd-sysv udev kmod iproute2 procps zstd \
         python3 python3-requests python3-cryptography python3-pyudev python3-sdnotify \
-        python3-pip python3-packaging
+        python3-gunicorn
     # -t: OpenZFS 2.3 and its libraries all come from backports, matching zfs.ko, which a
     # local package provides (zfs-modules): otherwise apt pulls in zfs-dkms and a compiler.
     modules_package "$BASE/tmp/zfs-modules-local.deb"
@@ -268,14 +266,6 @@ apt_in_mounted() {
     umount_api
 }
 
-server_wheels() { # gunicorn and what it needs beyond Debian's packages, for the server's unit
-    local pip=$REPO/.venv/bin/pip
-    [ -x "$pip" ] || die "$pip missing: run scripts/bootstrap.sh first"
-    logged wheels "$pip" download --quiet --disable-pip-version-check --only-binary=:all: \
-        --python-version 3.11 --platform manylinux2014_x86_64 --implementation cp \
-        --dest "$WORK/wheels" "${SERVER_WHEELS[@]}"
-}
-
 build() {
     WORK=$DEST.partial
     BASE=$WORK/base
@@ -287,7 +277,6 @@ build() {
         configure_base
     step "tree initramfs-tools: kernel $KVER, zfs-initramfs, baseline initramfs" initramfs_tools_tree
     step "tree dracut: kernel $KVER, dracut, zfs-dracut, baseline initramfs" dracut_tree
-    step "server wheels (${SERVER_WHEELS[*]})" server_wheels
     rm -rf "$BASE"
     {
         echo "KVER=$KVER"

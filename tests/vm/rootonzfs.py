@@ -3,9 +3,9 @@
 - `build_rootfs` runs build-rootfs.sh: two cached Debian bookworm trees (initramfs-tools and
   dracut) with Debian's kernel, systemd, OpenZFS 2.3 and the agent's dependencies.
 - `prepare` turns one tree, per run, into the target machine: an overlay on the cached tree
-  (which stays untouched), the agent installed from a wheel of this checkout with the tree's
-  own pip, our initramfs and systemd integration installed with their install.sh --root, the
-  target's identity (machine-id, hostid, agent.toml, client certificate and key), the
+  (which stays untouched), this checkout's Debian packages installed with the tree's own
+  dpkg (the agent, its units and initramfs integration, the key server), the target's
+  identity (machine-id, hostid, agent.toml, client certificate and key), the
   report unit (tests/vm/boot/target), and an initramfs built in a chroot by the tree's own
   update-initramfs or dracut. It can also write the tree as a tar file for the installer.
 - The installer is the existing minimal test guest (vm.Guest) running
@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,9 +43,6 @@ INSTALLER = BOOT_DIR / "installer"
 TARGET_FILES = BOOT_DIR / "target"
 VARIANTS = ("initramfs-tools", "dracut")
 REPORT_DIR = "usr/local/lib/zua-boot-report"  # in the target
-SYSTEMD_INSTALL = REPO / "systemd" / "install.sh"
-INITRAMFS_INSTALL = REPO / "initramfs" / "install.sh"
-SERVER_UNIT = REPO / "systemd" / "zfs-unlock-server.service"
 
 
 # The cached trees
@@ -65,10 +61,6 @@ class RootTrees:
 
     def baseline_initrd_bytes(self, variant: str) -> int:
         return int((self.directory / f"{variant}.baseline-initrd-bytes").read_text())
-
-    @property
-    def wheels(self) -> Path:
-        return self.directory / "wheels"
 
 
 def build_rootfs(progress: Callable[[str], None] = print, script: Path = BUILD_SCRIPT) -> RootTrees:
@@ -101,24 +93,13 @@ def run_logged(argv: Sequence[str | Path], log: Path, timeout: float = 600) -> N
         raise VmError(f"{argv[0]} exited {done.returncode} (log {log}):\n{tail}")
 
 
-def build_wheel(dest: Path, log: Path) -> Path:
-    """A wheel of this checkout, built from a copy (so nothing lands in the working tree)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="zua-wheel-") as tmp:
-        source = Path(tmp) / "src"
-        source.mkdir()
-        for name in ("pyproject.toml", "README.md", "LICENSE"):
-            shutil.copy2(REPO / name, source / name)
-        for package in ("zfs_unlock_agent", "zfs_unlock_common", "server"):
-            shutil.copytree(
-                REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
-            )
-        pip = REPO / ".venv" / "bin" / "pip"
-        run_logged([pip, "wheel", "--quiet", "--no-deps", "-w", dest, source], log)
-    wheels = sorted(dest.glob("zfs_unlock_agent-*.whl"))
-    if not wheels:
-        raise VmError(f"no wheel in {dest}")
-    return wheels[-1]
+def build_debs(log: Path) -> list[Path]:
+    """This checkout's Debian packages (`scripts/deb.sh`: build/deb/, lintian-checked)."""
+    run_logged(["bash", REPO / "scripts" / "deb.sh"], log)
+    debs = sorted((REPO / "build" / "deb").glob("*.deb"))
+    if len(debs) != 3:
+        raise VmError(f"expected three packages in build/deb, found {[d.name for d in debs]}")
+    return debs
 
 
 @contextlib.contextmanager
@@ -207,7 +188,7 @@ def _install_report(root: Path) -> None:
 def prepare(
     trees: RootTrees,
     variant: str,
-    wheel: Path,
+    debs: Sequence[Path],
     target: Target,
     workdir: Path,
     *,
@@ -232,25 +213,17 @@ def prepare(
     with overlay(trees.tree(variant), workdir / "overlay") as root:
         lap("overlay")
         with chroot_mounts(root):
-            shutil.copyfile(wheel, root / "tmp" / wheel.name)
-            run_logged(in_root(root, "python3", "-m", "pip", "install", "--quiet", "--no-deps",
-                               "--no-index", "--no-cache-dir", "--break-system-packages",
-                               "--root-user-action=ignore", f"/tmp/{wheel.name}"), log)  # fmt: skip
-            (root / "tmp" / wheel.name).unlink()
+            # As an admin installs them; their dependencies are in the tree already. The
+            # initramfs is built below, so the packages' update-initramfs trigger waits.
+            (root / "tmp" / "debs").mkdir()
+            for deb in debs:
+                shutil.copyfile(deb, root / "tmp" / "debs" / deb.name)
+            run_logged(in_root(root, "dpkg", "--install", "--no-triggers",
+                               *(f"/tmp/debs/{deb.name}" for deb in debs)), log)  # fmt: skip
+            shutil.rmtree(root / "tmp" / "debs")
             _write_identity(root, target)
-            run_logged(["sh", SYSTEMD_INSTALL, "--root", root, "agent"], log)
-            if SERVER_UNIT.exists():
-                run_logged(["sh", SYSTEMD_INSTALL, "--root", root, "server"], log)
-                # As the unit's header says: enabled once its data is set up (report.py).
-                run_logged(in_root(root, "systemctl", "disable", "zfs-unlock-server.service"), log)
-                wheels = sorted(str(p.relative_to(trees.directory)) for p in trees.wheels.iterdir())
-                shutil.copytree(trees.wheels, root / "tmp" / "wheels")
-                run_logged(in_root(root, "python3", "-m", "pip", "install", "--quiet", "--no-deps",
-                                   "--no-index", "--no-cache-dir", "--break-system-packages",
-                                   "--root-user-action=ignore",
-                                   *(f"/tmp/{w}" for w in wheels)), log)  # fmt: skip
-                shutil.rmtree(root / "tmp" / "wheels")
-            run_logged(["sh", INITRAMFS_INSTALL, "--root", root, variant], log)
+            # Enabled by the package; the report sets the server up, then starts it.
+            run_logged(in_root(root, "systemctl", "disable", "zfs-unlock-server.service"), log)
             _install_report(root)
             run_logged(in_root(root, "systemctl", "enable", "zua-boot-report.service",
                                "zua-needs-data.service"), log)  # fmt: skip

@@ -3,9 +3,10 @@
 The root dataset's encryption root takes its key from the key server on the host, fetched
 by our integration in an initramfs that the system's own tools built (update-initramfs with
 zfs-initramfs, or dracut with zfs-dracut); systemd's zfs-unlock-agent.service unlocks the
-data pool before zfs-mount.service and a hot-plugged pool afterwards. One run:
+data pool once the network is online, and a hot-plugged pool afterwards. Everything of
+ours comes from this checkout's Debian packages, installed with the target's dpkg. One run:
 
-1. build-image.sh and build-rootfs.sh (both cached), a wheel of this checkout;
+1. build-image.sh and build-rootfs.sh (both cached), this checkout's packages (make deb);
 2. both trees prepared (rootonzfs.prepare), initramfs sizes recorded;
 3. the install guest (the minimal test guest as the target's installer) creates rpool, tank
    and usb on three disks, enrolls their encryption roots, unpacks the root tree;
@@ -43,8 +44,8 @@ from tests.vm.rootonzfs import (
     Prepared,
     RootTrees,
     Target,
+    build_debs,
     build_rootfs,
-    build_wheel,
     prepare,
 )
 from tests.vm.vm import (
@@ -228,15 +229,15 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
             tier = Tier(progress, image, trees, server, creds, forwarder, root, {}, {}, {}, timings)
             try:
                 started = time.monotonic()
-                wheel = build_wheel(root / "wheel", root / "wheel.log")
-                timings["wheel"] = round(time.monotonic() - started, 1)
+                debs = build_debs(root / "debs.log")
+                timings["debs"] = round(time.monotonic() - started, 1)
                 tar = share / "rootfs.tar"
                 for variant in ("initramfs-tools", "dracut"):
                     started = time.monotonic()
                     tier.prepared[variant] = prepare(
                         trees,
                         variant,
-                        wheel,
+                        debs,
                         target,
                         root / "prepare" / variant,
                         tar=tar if variant == "initramfs-tools" else None,

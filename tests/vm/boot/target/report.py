@@ -24,7 +24,7 @@ from typing import Any
 
 SHARE = Path("/mnt/host")
 USB_DISK = Path("/dev/disk/by-id/virtio-zua-usb-part1")
-OUR_UNITS = ("zfs-unlock-agent.service", "zfs-unlock-server.service")
+OUR_UNITS = ("zfs-unlock-agent.service", "zfs-unlock-agent.target", "zfs-unlock-server.service")
 SHOWN = (
     "ActiveState",
     "SubState",
@@ -99,7 +99,7 @@ def unit_properties(*units: str) -> dict[str, dict[str, str]]:
 
 
 def unit_files() -> list[str]:
-    """Our unit files as installed (systemd/install.sh). (verify takes no drop-in file; the
+    """Our unit files as the packages installed them. (verify takes no drop-in file; the
     zfs-load-key@ drop-in has no unit to attach to without zfs-mount-generator's cache.)"""
     found: list[str] = []
     for unit in OUR_UNITS:
