@@ -9,22 +9,7 @@ cd "$(dirname "$0")/.."
 out=build/deb
 tools=(debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
     dpkg-dev fakeroot lintian)
-missing=()
-for package in "${tools[@]}"; do
-    dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' ||
-        missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing ${missing[*]}" >&2
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${missing[@]}" >/dev/null
-    else
-        echo "missing: ${missing[*]} (install them, or run this as root on Debian)" >&2
-        exit 69
-    fi
-fi
+bash scripts/need-debian-packages.sh "${tools[@]}"
 
 rm -rf "$out"
 mkdir -p "$out/src"
