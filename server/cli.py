@@ -319,6 +319,17 @@ def wants_of(args: argparse.Namespace) -> Wants:
 # Parser
 
 
+def _count(text: str) -> int:
+    """A whole number, 0 or more (workers, records)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors exit with EX_USAGE (64) like every other error here, not argparse's 2."""
 
@@ -380,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS:PORT",
         help="override 'listen' from server.toml (repeatable)",
     )
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: server.toml)")
+    p.add_argument(
+        "--workers", type=_count, default=0, help="worker processes (default: server.toml)"
+    )
     p.add_argument(
         "--allow-root",
         action="store_true",
@@ -464,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "audit", cmd_audit, "show the audit log")
     p.add_argument("--host")
     p.add_argument("--event")
-    p.add_argument("--last", type=int, default=0, metavar="N")
+    p.add_argument("--last", type=_count, default=0, metavar="N")
     p.add_argument("--json", action="store_true")
 
     p = add(

@@ -300,6 +300,9 @@ def test_init_never_overwrites(tmp_path: Path) -> None:
         ("host", "frobnicate"),
         ("key", "list", "--json", "surplus"),
         ("host", "add", "web1", "--machine-id", "0" * 32),  # neither --csr nor --issue-key
+        ("serve", "--workers", "-1"),
+        ("audit", "--last", "-2"),  # once meant: all but the first two records
+        ("audit", "--last", "two"),
     ],
 )
 def test_usage_errors_exit_64(tmp_path: Path, args: Sequence[str]) -> None:
