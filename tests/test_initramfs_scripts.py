@@ -589,11 +589,43 @@ def test_dracut_hook_warns_and_returns_0_when_the_agent_fails(initramfs: Image) 
 HOOK_FUNCTIONS = """# Stands in for /usr/share/initramfs-tools/hook-functions: copies into $DESTDIR,
 # following symbolic links, and records every call in $HOOK_LOG.
 copy_exec() { echo "copy_exec $*" >>"$HOOK_LOG"; _zua_copy "$1"; }
-copy_file() { echo "copy_file $*" >>"$HOOK_LOG"; _zua_copy "$2"; }
-_zua_copy() { mkdir -p "$DESTDIR$(dirname "$1")" && cp -L "$1" "$DESTDIR$1"; }
+copy_file() {
+    echo "copy_file $*" >>"$HOOK_LOG"
+    [ -e "$DESTDIR${3:-$2}" ] && return 1
+    _zua_copy "$2" "${3:-$2}"
+}
+_zua_copy() { mkdir -p "$DESTDIR$(dirname "${2:-$1}")" && cp -L "$1" "$DESTDIR${2:-$1}"; }
 manual_add_modules() { echo "manual_add_modules $*" >>"$HOOK_LOG"; }
 auto_add_modules() { echo "auto_add_modules $*" >>"$HOOK_LOG"; }
 """
+
+
+# Stands in for OpenZFS's scripts/zfs, already in the image when hooks run: 2.1's decrypt_fs
+# prompts as soon as the root's key is unavailable; 2.2's first runs the key providers.
+OPENZFS_21_SCRIPT = """# scripts/zfs of OpenZFS 2.1 (stand-in): no key providers
+get_fs_value() { $ZFS get -H -ovalue "$2" "$1" 2>/dev/null; }
+
+decrypt_fs()
+{
+	fs="$1"
+	ENCRYPTIONROOT="$(get_fs_value "${fs}" encryptionroot)"
+	if ! [ "${ENCRYPTIONROOT}" = "-" ]; then
+		KEYSTATUS="$(get_fs_value "${ENCRYPTIONROOT}" keystatus)"
+		# Continue only if the key needs to be loaded
+		[ "$KEYSTATUS" = "unavailable" ] || return 0
+
+		echo "asking for the passphrase"
+		return 3
+	fi
+	return 0
+}
+"""
+OPENZFS_22_SCRIPT = OPENZFS_21_SCRIPT.replace(
+    '\t\techo "asking',
+    '\t\tfor f in "/etc/zfs/initramfs-tools-load-key" "/etc/zfs/initramfs-tools-load-key.d/"*; do'
+    '\n\t\t\t:\n\t\tdone\n\t\techo "asking',
+)
+PROVIDER_IN_IMAGE = "/etc/zfs/initramfs-tools-load-key.d/zfs-unlock-agent"
 
 
 def host_config(tmp_path: Path, key_mode: int = 0o400) -> Path:
@@ -625,7 +657,9 @@ def run_hook(
     stub = tmp_path / "hook-functions"
     stub.write_text(HOOK_FUNCTIONS)
     destdir = tmp_path / "destdir"
-    destdir.mkdir(exist_ok=True)
+    if not destdir.exists():  # as mkinitramfs has it when hooks run: OpenZFS's script in
+        (destdir / "scripts").mkdir(parents=True)
+        (destdir / "scripts" / "zfs").write_text(OPENZFS_22_SCRIPT)
     script = (
         "mount -t tmpfs zua-hook-test /usr/share/initramfs-tools && "
         'cp "$STUB" /usr/share/initramfs-tools/hook-functions && '
@@ -637,6 +671,7 @@ def run_hook(
         "HOOK_LOG": str(tmp_path / "hook.log"),
         "STUB": str(stub),
         "HOOK": str(HOOK),
+        "ZFS_UNLOCK_AGENT_PROVIDER": str(PROVIDER),
         "UMASK_FOR_HOOK": umask,
         **(env or {}),
     }
@@ -690,7 +725,7 @@ def test_hook_refuses_an_image_others_could_read(tmp_path: Path, umask: str) -> 
     assert f"umask is {umask}" in result.stderr
     assert "UMASK=0077" in result.stderr
     assert hook_log(tmp_path) == []
-    assert list((tmp_path / "destdir").iterdir()) == []
+    assert [p.name for p in (tmp_path / "destdir").iterdir()] == ["scripts"]
 
 
 @needs_root
@@ -705,8 +740,11 @@ def test_hook_copies_what_bootfiles_lists_and_a_fixed_entry_point(tmp_path: Path
     for kind, path in bootfiles(config):
         expected.append(f"copy_exec {path}" if kind == "exec" else f"copy_file agent {path}")
     calls = hook_log(tmp_path)
-    assert calls[: len(expected)] == expected
-    assert calls[len(expected) :] == ["manual_add_modules af_packet", "auto_add_modules net"]
+    assert calls[0] == f"copy_file config {PROVIDER} {PROVIDER_IN_IMAGE}"
+    assert calls[1 : len(expected) + 1] == expected
+    assert calls[len(expected) + 1 :] == ["manual_add_modules af_packet", "auto_add_modules net"]
+    assert (destdir / PROVIDER_IN_IMAGE.lstrip("/")).read_text() == PROVIDER.read_text()
+    assert (destdir / "scripts" / "zfs").read_text() == OPENZFS_22_SCRIPT  # runs providers
     key = destdir / str(tmp_path / "etc" / "client.key").lstrip("/")
     assert stat.S_IMODE(key.stat().st_mode) == 0o400
     wrapper = destdir / "usr" / "sbin" / "zfs-unlock-agent"
@@ -781,7 +819,7 @@ def test_hook_copies_paths_with_spaces_whole(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 0, result.stderr
-    assert hook_log(tmp_path)[0] == f"copy_file agent {odd}"
+    assert hook_log(tmp_path)[1] == f"copy_file agent {odd}"
     assert (tmp_path / "destdir" / str(odd).lstrip("/")).read_text() == "# a module\n"
 
 
@@ -891,3 +929,116 @@ def test_dracut_module_refuses_a_configuration_bootfiles_refuses(tmp_path: Path)
     calls = dracut_log(tmp_path)
     assert calls == [f"derror zfs-unlock-agent: the configuration {config} is not usable"]
     assert not (tmp_path / "initdir" / "usr").exists()
+
+
+def hook_on_openzfs_21(tmp_path: Path) -> Path:
+    """The hook run on an image whose scripts/zfs is OpenZFS 2.1's; that script, after."""
+    destdir = tmp_path / "destdir"
+    (destdir / "scripts").mkdir(parents=True)
+    (destdir / "scripts" / "zfs").write_text(OPENZFS_21_SCRIPT)
+    config = host_config(tmp_path)
+
+    result = run_hook(tmp_path, env={"ZFS_UNLOCK_AGENT_CONFIG": str(config)})
+
+    assert result.returncode == 0, result.stderr
+    assert f"copy_file config {PROVIDER} {PROVIDER_IN_IMAGE}" in hook_log(tmp_path)
+    return destdir / "scripts" / "zfs"
+
+
+def decrypt_root(image: Image, script: Path, agent_exit: int, loads: bool) -> str:
+    """Source SCRIPT in the stand-in initramfs and call decrypt_fs for the root, with our
+    provider installed and the root's key unavailable, as OpenZFS's script does at boot."""
+    add_stubs(image)
+    image.add_text("/proc/cmdline", CMDLINE + "\n")
+    image.add_text(PROVIDER_IN_IMAGE, PROVIDER.read_text())
+    image.add_text("/scripts/zfs", script.read_text())
+    state(image, "encryptionroot", "rpool/ROOT\n")
+    state(image, "keystatus", "unavailable\n")
+    state(image, "agent-exit", f"{agent_exit}\n")
+    if loads:
+        state(image, "agent-loads", "")
+    run = (
+        "ZFS=zfs; configure_networking() { echo configure_networking >>/log/calls; }; "
+        '. /scripts/zfs; decrypt_fs rpool/ROOT/debian; echo "decrypt_fs returned $?"'
+    )
+    result = image.run("/bin/sh", "-c", run)
+    return result.stdout + result.stderr
+
+
+@needs_root
+def test_hook_makes_openzfs_21s_script_run_the_provider(tmp_path: Path, initramfs: Image) -> None:
+    """OpenZFS 2.1 neither copies nor runs key providers: the hook copies ours and makes the
+    image's decrypt_fs run it before the prompt, which then never comes."""
+    script = hook_on_openzfs_21(tmp_path)
+
+    output = decrypt_root(initramfs, script, agent_exit=0, loads=True)
+
+    assert output.strip() == "decrypt_fs returned 0"
+    assert log(initramfs, "agent-argv") == unlock_argv()
+    assert log(initramfs, "calls").count("configure_networking") == 1
+
+
+@needs_root
+def test_openzfs_21_still_prompts_when_the_agent_fails(tmp_path: Path, initramfs: Image) -> None:
+    script = hook_on_openzfs_21(tmp_path)
+
+    output = decrypt_root(initramfs, script, agent_exit=EX_TEMPFAIL, loads=False)
+
+    assert output.splitlines() == ["asking for the passphrase", "decrypt_fs returned 3"]
+    assert log(initramfs, "agent-argv") == unlock_argv()
+
+
+@needs_root
+def test_hook_leaves_a_script_that_runs_providers_as_it_is(tmp_path: Path) -> None:
+    """Run twice, or on OpenZFS 2.2 and later, the hook changes nothing of OpenZFS's."""
+    script = hook_on_openzfs_21(tmp_path)
+    once = script.read_text()
+    (tmp_path / "hook.log").unlink()
+
+    result = run_hook(
+        tmp_path, env={"ZFS_UNLOCK_AGENT_CONFIG": str(tmp_path / "etc" / "agent.toml")}
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert script.read_text() == once
+    assert once.count("initramfs-tools-load-key.d") == 1
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(None, id="no-script"),
+        pytest.param("decrypt_fs() { echo prompt; }\n", id="unknown-script"),
+    ],
+)
+def test_hook_refuses_an_image_whose_script_cannot_run_the_provider(
+    tmp_path: Path, content: str | None
+) -> None:
+    destdir = tmp_path / "destdir"
+    (destdir / "scripts").mkdir(parents=True)
+    if content is not None:
+        (destdir / "scripts" / "zfs").write_text(content)
+    config = host_config(tmp_path)
+
+    result = run_hook(tmp_path, env={"ZFS_UNLOCK_AGENT_CONFIG": str(config)})
+
+    assert result.returncode == 1, result.stderr
+    assert "scripts/zfs" in result.stderr
+    if content is not None:
+        assert (destdir / "scripts" / "zfs").read_text() == content
+        assert sorted(p.name for p in (destdir / "scripts").iterdir()) == ["zfs"]
+    assert not (destdir / "usr" / "sbin" / "zfs-unlock-agent").exists()
+
+
+@needs_root
+def test_hook_refuses_without_the_provider(tmp_path: Path) -> None:
+    config = host_config(tmp_path)
+    env = {"ZFS_UNLOCK_AGENT_CONFIG": str(config), "ZFS_UNLOCK_AGENT_PROVIDER": "/nonexistent"}
+
+    result = run_hook(tmp_path, env=env)
+
+    assert result.returncode == 1, result.stderr
+    assert "/nonexistent is missing" in result.stderr
+    assert hook_log(tmp_path) == []
+    assert not (tmp_path / "destdir" / "usr" / "sbin" / "zfs-unlock-agent").exists()

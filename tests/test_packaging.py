@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 from tests.keyserver import ROOT_ONLY, KeyServer
+from tests.vm.vm import ZFS_LINES
 
 ROOT = Path(__file__).parents[1]
 
@@ -52,3 +53,16 @@ def test_distribution_layout() -> None:
     assert not any("gunicorn" in dep for dep in project["project"]["dependencies"])
     scripts = project["project"]["scripts"]
     assert set(scripts) == {"zfs-unlock-agent", "zfs-unlock-server"}
+
+
+def test_the_agent_depends_on_the_openzfs_range_the_vm_tier_proves() -> None:
+    """debian/control's zfsutils-linux range is what the real-OpenZFS tiers run: from
+    Debian 12's own 2.1.11 up to the newest line tested (ZFS_LINES), not past it."""
+    control = (ROOT / "debian" / "control").read_text()
+    agent = next(s for s in control.split("\n\n") if s.startswith("Package: zfs-unlock-agent\n"))
+    depends = agent.split("\nDepends:", 1)[1].split("\nRecommends:", 1)[0]
+    zfs = sorted(w.strip(" ,") for w in depends.splitlines() if "zfsutils-linux" in w)
+    newest = max(ZFS_LINES, key=lambda line: tuple(map(int, line.split("."))))
+    major, minor = newest.split(".")
+    assert min(ZFS_LINES) == "2.1"
+    assert zfs == [f"zfsutils-linux (<< {major}.{int(minor) + 1}~)", "zfsutils-linux (>= 2.1.11)"]

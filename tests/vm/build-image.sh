@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Build, once, the guest image of the real-OpenZFS test tier: a Debian 6.1 kernel
-# (vmlinuz) and an uncompressed newc initramfs (base.cpio) with OpenZFS 2.3
-# (bookworm-backports zfs-dkms), busybox, udev, python3.11 and an /init that runs
-# /payload/run.sh and prints "ZFSVM-EXIT: <rc>". Also builds the guest's Python
-# site directory (the agent's runtime dependencies, for Debian's python3.11).
+# (vmlinuz) and an uncompressed newc initramfs (base.cpio) with one OpenZFS line of
+# Debian 12 (ZUA_VM_ZFS: 2.3, bookworm-backports, the default; or 2.1, bookworm's own),
+# busybox, udev, python3.11 and an /init that runs /payload/run.sh and prints
+# "ZFSVM-EXIT: <rc>". Also builds the guest's Python site directory (the agent's runtime
+# dependencies, for Debian's python3.11).
+#
+# OpenZFS never gets installed on the build host: its packages are downloaded and unpacked
+# into a staging tree, and DKMS builds zfs.ko there (its own source and DKMS trees), so
+# both lines' images build on one host and the host's own ZFS, if any, plays no part.
+# The modules (*.ko) are kept in the image directory (modules/) for build-rootfs.sh.
 #
 # Usage: tests/vm/build-image.sh        (as root, on Debian 12 x86_64)
 # The last two lines on stdout are "ZUA_VM_IMAGE=<dir>" and "ZUA_VM_SITE=<dir>";
@@ -12,13 +18,21 @@
 # Cache: ${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}/<KVER>_zfs-<version>_<script hash>,
 # built beside it and renamed into place when complete. With a valid cache the script
 # only verifies it (SHA256SUMS) and makes sure qemu, sfdisk and cpio are installed.
-# Env: ZUA_VM_CACHE, ZUA_VM_KVER (kernel ABI; default: what linux-headers-amd64 points to).
+# Env: ZUA_VM_CACHE, ZUA_VM_KVER (kernel ABI; default: what linux-headers-amd64 points to),
+# ZUA_VM_ZFS (2.3 or 2.1).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE_ROOT=${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}
-SUITE=bookworm-backports
+case ${ZUA_VM_ZFS:-2.3} in
+2.3) SUITE=bookworm-backports ;;
+2.1) SUITE=bookworm ;;
+*)
+    echo "build-image: ZUA_VM_ZFS must be 2.3 or 2.1, not ${ZUA_VM_ZFS}" >&2
+    exit 64
+    ;;
+esac
 GUEST_MODULES="virtio_pci virtio_blk virtio_net virtio_rng 9pnet_virtio 9p"
 RUNTIME_PACKAGES=(qemu-system-x86 fdisk cpio)
 export DEBIAN_FRONTEND=noninteractive
@@ -56,11 +70,12 @@ flock 9 # one build at a time; a second caller waits, then finds the cache
 ensure_sources() {
     local policy
     policy=$(apt-cache policy zfs-dkms 2>/dev/null || true) # no "| grep -q": SIGPIPE + pipefail
-    if [[ "$policy" == *"$SUITE/contrib"* ]]; then
+    if [[ "$policy" == *" bookworm/contrib"* && "$policy" == *" bookworm-backports/contrib"* ]]; then
         return
     fi
     cat >/etc/apt/sources.list.d/zfs-unlock-agent-vm.sources <<EOF
-# Added by zfs-unlock-agent tests/vm/build-image.sh: OpenZFS (contrib) from $SUITE.
+# Added by zfs-unlock-agent tests/vm/build-image.sh: OpenZFS (contrib) from bookworm and
+# bookworm-backports.
 Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm bookworm-updates
@@ -69,7 +84,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: $SUITE
+Suites: bookworm-backports
 Components: main contrib
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
@@ -88,7 +103,7 @@ resolve_versions() {
     madison=$(apt-cache madison zfs-dkms 2>/dev/null || true)
     ZVER=
     while IFS='|' read -r _ version source; do
-        if [[ "$source" == *"$SUITE/"* ]]; then
+        if [[ "$source" == *" $SUITE/"* ]]; then
             ZVER=${version// /}
             break
         fi
@@ -101,18 +116,44 @@ resolve_versions() {
 # --- the image ------------------------------------------------------------------
 
 install_build_packages() {
+    # The host: headers and what zfs-dkms needs to build; the libraries OpenZFS's own link
+    # against. OpenZFS itself: its packages of $ZVER, unpacked into $STAGE.
     apt_install base "linux-headers-$KVER" "${RUNTIME_PACKAGES[@]}" busybox-static kmod \
-        libcurl4 python3 udev
-    # zfs-dkms's postinst builds zfs.ko for every kernel with headers (so for $KVER) and
-    # says it cannot build for the running host kernel; zfsutils-linux's postinst fails to
-    # modprobe zfs on the host. Both are harmless.
-    apt_install zfs -t "$SUITE" zfs-dkms="$ZVER" zfsutils-linux="$ZVER"
-    local zver_upstream=${ZVER%%-*}
-    MODDIR=/lib/modules/$KVER/updates/dkms
-    if [ ! -f "$MODDIR/zfs.ko" ]; then # built only when headers came after zfs-dkms
-        dkms build "zfs/$zver_upstream" -k "$KVER" >"$LOGS/dkms.log" 2>&1 || die "dkms build failed"
-        dkms install "zfs/$zver_upstream" -k "$KVER" >>"$LOGS/dkms.log" 2>&1 || die "dkms install failed"
-    fi
+        libcurl4 python3 udev dkms file libc6-dev lsb-release perl python3-distutils \
+        libblkid1 libuuid1 libssl3 libudev1 zlib1g libtirpc3
+    local packages=() depends package
+    depends=$(apt-cache depends "zfsutils-linux=$ZVER" 2>/dev/null || true)
+    # its libraries: libzfs4linux, libnvpair3linux... (the names change between lines)
+    mapfile -t packages < <(awk '$1 == "Depends:" && $2 ~ /^lib.*linux$/ { print $2 }' <<<"$depends")
+    packages+=(zfs-dkms zfsutils-linux)
+    mkdir -p "$WORK/debs"
+    (cd "$WORK/debs" && apt-get download "${packages[@]/%/=$ZVER}" >"$LOGS/apt-zfs.log" 2>&1) ||
+        die "apt-get download ${packages[*]} (=$ZVER) failed (log: $LOGS/apt-zfs.log)"
+    for package in "$WORK"/debs/*.deb; do
+        dpkg-deb -x "$package" "$STAGE"
+    done
+    rm -rf "$WORK/debs"
+}
+
+build_modules() { # DKMS, as zfs-dkms's postinst runs it, on the staged source
+    local zver_upstream=${ZVER%%-*} tree=$WORK/dkms built module
+    mkdir -p "$tree"
+    dkms add -m zfs -v "$zver_upstream" --sourcetree "$STAGE/usr/src" --dkmstree "$tree" \
+        >"$LOGS/dkms.log" 2>&1 || die "dkms add failed (log: $LOGS/dkms.log)"
+    dkms build -m zfs -v "$zver_upstream" -k "$KVER" --sourcetree "$STAGE/usr/src" \
+        --dkmstree "$tree" >>"$LOGS/dkms.log" 2>&1 || {
+        tail -n 30 "$LOGS/dkms.log" >&2
+        die "dkms build failed (log: $LOGS/dkms.log)"
+    }
+    built=$tree/zfs/$zver_upstream/$KVER/x86_64/module
+    MODDIR=$WORK/modules
+    mkdir -p "$MODDIR"
+    # 2.3 builds zfs.ko and spl.ko; 2.1 also icp.ko, zavl.ko, znvpair.ko... (zfs.ko needs them)
+    for module in zfs spl; do
+        [ -f "$built/$module.ko" ] || die "DKMS built no $module.ko in $built"
+    done
+    cp "$built"/*.ko "$MODDIR/"
+    rm -rf "$tree" "$STAGE/usr/src"
 }
 
 fetch_kernel() {
@@ -125,19 +166,38 @@ fetch_kernel() {
     cp "$KPKG/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
 }
 
+image_path() { # where a host or staged file goes in the image: merged /usr, no $STAGE
+    local path=${1#"$STAGE"}
+    case $path in /lib/* | /lib64/* | /bin/* | /sbin/*) path=/usr$path ;; esac
+    echo "$path"
+}
+
+staged() { # staged NAME DIR...: the staged file NAME in the first DIR that has it
+    local name=$1 dir
+    shift
+    for dir in "$@"; do
+        [ -e "$STAGE$dir/$name" ] && { echo "$STAGE$dir/$name"; return; }
+    done
+    die "OpenZFS $ZVER's packages have no $name (in $*)"
+}
+
 copy_with_libs() { # copy files, and the shared libraries of ELF ones, into $R (merged /usr)
-    local file lib
+    local file lib dest libs
     for file in "$@"; do
         [ -e "$file" ] || die "missing $file"
-        mkdir -p "$R$(dirname "$file")"
-        cp -aL "$file" "$R$file"
+        dest=$(image_path "$file")
+        mkdir -p "$R$(dirname "$dest")"
+        cp -aL "$file" "$R$dest"
+        # The staged libraries (libzfs...) before the host's
+        libs=$(LD_LIBRARY_PATH=$STAGE/lib/x86_64-linux-gnu:$STAGE/usr/lib/x86_64-linux-gnu \
+            ldd "$file" 2>/dev/null || true)
+        [[ "$libs" != *"not found"* ]] || die "$file needs a library the host lacks: $libs"
         while read -r lib; do
-            lib=${lib/#\/lib\//\/usr\/lib\/}
-            lib=${lib/#\/lib64\//\/usr\/lib64\/}
-            [ -e "$R$lib" ] && continue
-            mkdir -p "$R$(dirname "$lib")"
-            cp -L "$lib" "$R$lib"
-        done < <(ldd "$file" 2>/dev/null | awk '/=> \// { print $3 } /^\t\/lib/ { print $1 }')
+            dest=$(image_path "$lib")
+            [ -e "$R$dest" ] && continue
+            mkdir -p "$R$(dirname "$dest")"
+            cp -L "$lib" "$R$dest"
+        done < <(awk '/=> \// { print $3 } /^\t\/lib/ { print $1 }' <<<"$libs")
     done
 }
 
@@ -173,12 +233,18 @@ add_userland() {
     local file
     # libzfs dlopen()s libcurl for keylocation=https://; pyudev finds libudev through
     # ldconfig's cache (ctypes.util.find_library), hence ldconfig and ld.so.cache.
-    copy_with_libs /usr/sbin/zfs /usr/sbin/zpool /usr/sbin/zdb /usr/sbin/mount.zfs \
-        /usr/lib/x86_64-linux-gnu/libcurl.so.4 /usr/lib/x86_64-linux-gnu/libudev.so.1 \
+    for file in zfs zpool zdb mount.zfs; do
+        copy_with_libs "$(staged "$file" /usr/sbin /sbin)"
+    done
+    copy_with_libs /usr/lib/x86_64-linux-gnu/libcurl.so.4 /usr/lib/x86_64-linux-gnu/libudev.so.1 \
         /usr/sbin/ldconfig /usr/bin/udevadm /usr/lib/systemd/systemd-udevd
-    # udev: rules (zfsutils-linux's 60-zvol.rules makes /dev/zvol/*) and helpers, no hwdb
+    # udev: the host's rules and helpers, no hwdb, no OpenZFS's (a host may have its own
+    # ZFS); then the staged OpenZFS's (60-zvol.rules and zvol_id make /dev/zvol/*)
     mkdir -p "$R/usr/lib/udev" "$R/etc/udev"
-    tar -C /usr/lib/udev --exclude=./hwdb.d --exclude=./hwdb.bin -cf - . | tar -C "$R/usr/lib/udev" -xf -
+    tar -C /usr/lib/udev --exclude=./hwdb.d --exclude=./hwdb.bin --exclude='*zvol*' \
+        --exclude='*vdev*' --exclude='*zfs*' -cf - . | tar -C "$R/usr/lib/udev" -xf -
+    tar -C "$(dirname "$(staged rules.d/60-zvol.rules /usr/lib/udev /lib/udev)")/.." -cf - . |
+        tar -C "$R/usr/lib/udev" -xf -
     for file in "$R"/usr/lib/udev/*; do
         if [ -f "$file" ] && [ "$(head -c 4 "$file")" = $'\x7fELF' ]; then
             copy_with_libs "${file#"$R"}"
@@ -278,18 +344,20 @@ EOF
 build_image() {
     WORK=$CACHE_ROOT/$KEY.partial
     R=$WORK/root
+    STAGE=$WORK/stage # OpenZFS's packages, unpacked
     rm -rf "$WORK"
-    mkdir -p "$R"
+    mkdir -p "$R" "$STAGE"
     (cd "$R" && mkdir -p usr/bin usr/sbin usr/lib/x86_64-linux-gnu usr/lib64 dev proc sys run \
         tmp etc/zfs mnt/host payload var/tmp root &&
         ln -s usr/bin bin && ln -s usr/sbin sbin && ln -s usr/lib lib && ln -s usr/lib64 lib64)
-    step "apt install (headers, qemu, busybox, udev; zfs-dkms $ZVER incl. DKMS build)" \
+    step "apt install (headers, qemu, busybox, udev); OpenZFS $ZVER's packages staged" \
         install_build_packages
+    step "DKMS build of zfs.ko $ZVER for $KVER" build_modules
     step "fetch linux-image-$KVER" fetch_kernel
     step "assemble the initramfs" assemble
-    (cd "$WORK" && sha256sum vmlinuz base.cpio >SHA256SUMS)
+    (cd "$WORK" && sha256sum vmlinuz base.cpio modules/*.ko >SHA256SUMS)
     echo "KVER=$KVER ZFS=$ZVER built=$(date -Is)" >"$WORK/stamp"
-    rm -rf "$R" "$KPKG"
+    rm -rf "$R" "$KPKG" "$STAGE"
     rm -rf "${CACHE_ROOT:?}/$KEY"
     mv "$WORK" "$CACHE_ROOT/$KEY"
 }
@@ -331,7 +399,7 @@ check_site_libraries() { # every shared library the site's extensions need is in
     [ ${#missing[@]} -eq 0 ] || die "the guest image lacks ${missing[*]} (add it in add_userland)"
 }
 
-prune_stale() { # images of other keys (older scripts, kernels, ZFS) unused for a day
+prune_stale() { # images of other keys (older scripts, kernels) unused for a day
     local dir
     for dir in "$CACHE_ROOT"/*_zfs-*; do
         if [ ! -d "$dir" ] || [ "$dir" = "$IMAGE" ]; then continue; fi

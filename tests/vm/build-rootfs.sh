@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Build, once, the two Debian bookworm root trees of the boot-proof tier (tests/vm/test_boot.py):
-# a real system (systemd, udev, systemd-networkd with DHCP, Debian's kernel, OpenZFS 2.3 from
-# bookworm-backports, the agent's and the server's dependencies from Debian, what their
-# packages depend on) that the tier installs on
-# an encrypted ZFS root and boots. Two trees, since their initramfs generators conflict:
-#   initramfs-tools/  initramfs-tools + zfs-initramfs
-#   dracut/           dracut + dracut-network + zfs-dracut
+# Build, once, the Debian bookworm root trees of the boot-proof tier (tests/vm/test_boot.py):
+# a real system (systemd, udev, systemd-networkd with DHCP, Debian's kernel, OpenZFS, the
+# agent's and the server's dependencies from Debian, what their packages depend on) that the
+# tier installs on an encrypted ZFS root and boots. Two trees, since their initramfs generators
+# conflict:
+#   initramfs-tools/  initramfs-tools + zfs-initramfs; also ifupdown (Debian's default
+#                     /etc/network/interfaces) and NetworkManager: the installed root, of
+#                     whose three network stacks each boot runs one (test_boot.py)
+#   dracut/           dracut + dracut-network + zfs-dracut   (OpenZFS 2.3 only; its initramfs
+#                     only: dracut-network would pick NetworkManager if the tree had it)
 # Each also gets a baseline initramfs built without our integration; only its size is kept.
+# ZUA_VM_ZFS picks the OpenZFS line, as for build-image.sh: 2.3 (bookworm-backports, the
+# default) or 2.1 (bookworm's own).
 #
 # Usage: tests/vm/build-rootfs.sh        (as root, on Debian 12 x86_64)
 # The last line on stdout is "ZUA_VM_ROOTFS=<dir>"; progress and timings go to stderr, command
 # logs to <cache root>/logs.
 #
 # The kernel is the one build-image.sh uses (run first; cached), and so are its DKMS-built
-# zfs.ko and spl.ko, copied from the host: compiling them again in the chroot takes minutes.
-# Cache: ${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}/rootfs_<KVER>_<script hash>, built
-# beside it and renamed into place when complete (marker: COMPLETE).
+# zfs.ko and spl.ko (the image's modules/): compiling them again in the chroot takes minutes.
+# Cache: ${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}/rootfs_<KVER>_zfs-<version>_<script
+# hash>, built beside it and renamed into place when complete (marker: COMPLETE).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,6 +28,20 @@ CACHE_ROOT=${ZUA_VM_CACHE:-/var/cache/zfs-unlock-agent-vm}
 MIRROR=http://deb.debian.org/debian
 SECURITY=http://deb.debian.org/debian-security
 BACKPORTS=bookworm-backports
+case ${ZUA_VM_ZFS:-2.3} in
+2.3)
+    ZFS_SUITE=(-t "$BACKPORTS") # OpenZFS and its libraries all from backports
+    TREES=(initramfs-tools dracut)
+    ;;
+2.1)
+    ZFS_SUITE=() # bookworm's own, apt's default
+    TREES=(initramfs-tools)
+    ;;
+*)
+    echo "build-rootfs: ZUA_VM_ZFS must be 2.3 or 2.1, not ${ZUA_VM_ZFS}" >&2
+    exit 64
+    ;;
+esac
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
 T_START=$(date +%s.%N)
@@ -62,13 +81,13 @@ IMAGE_NAME=$(basename "$IMAGE")
 KVER=${IMAGE_NAME%%_zfs-*}
 ZVER=${IMAGE_NAME#*_zfs-}
 ZVER=${ZVER%_*}
-MODDIR=/lib/modules/$KVER/updates/dkms
+MODDIR=$IMAGE/modules
 for module in zfs spl; do
     [ -f "$MODDIR/$module.ko" ] ||
         die "$MODDIR/$module.ko is missing (remove $IMAGE and rerun build-image.sh)"
 done
 line=$(sha256sum "${BASH_SOURCE[0]}")
-KEY="rootfs_${KVER}_${line:0:12}"
+KEY="rootfs_${KVER}_zfs-${ZVER}_${line:0:12}"
 DEST=$CACHE_ROOT/$KEY
 
 exec 8>"$CACHE_ROOT/.rootfs.lock"
@@ -152,10 +171,10 @@ EOF
     apt_in "$BASE" base systemd systemd-sysv udev kmod iproute2 procps zstd \
         python3 python3-requests python3-cryptography python3-pyudev python3-sdnotify \
         python3-gunicorn
-    # -t: OpenZFS 2.3 and its libraries all come from backports, matching zfs.ko, which a
-    # local package provides (zfs-modules): otherwise apt pulls in zfs-dkms and a compiler.
+    # OpenZFS $ZVER and its libraries, matching zfs.ko, which a local package provides
+    # (zfs-modules): otherwise apt pulls in zfs-dkms and a compiler.
     modules_package "$BASE/tmp/zfs-modules-local.deb"
-    apt_in "$BASE" zfs -t "$BACKPORTS" /tmp/zfs-modules-local.deb "zfsutils-linux=$ZVER" \
+    apt_in "$BASE" zfs "${ZFS_SUITE[@]}" /tmp/zfs-modules-local.deb "zfsutils-linux=$ZVER" \
         "zfs-zed=$ZVER"
     rm "$BASE/tmp/zfs-modules-local.deb"
     umount_api
@@ -175,10 +194,10 @@ EOF
     in_root "$BASE" passwd -d root >/dev/null # a console login, should anyone debug a boot
 }
 
-modules_package() { # a .deb of the host's DKMS-built zfs.ko and spl.ko that provides zfs-modules
+modules_package() { # a .deb of build-image.sh's DKMS-built modules that provides zfs-modules
     local deb=$1 pkg=$WORK/zfs-modules-local
     mkdir -p "$pkg/DEBIAN" "$pkg/lib/modules/$KVER/updates/dkms"
-    cp "$MODDIR/zfs.ko" "$MODDIR/spl.ko" "$pkg/lib/modules/$KVER/updates/dkms/"
+    cp "$MODDIR"/*.ko "$pkg/lib/modules/$KVER/updates/dkms/"
     cat >"$pkg/DEBIAN/control" <<EOF
 Package: zfs-modules-local
 Version: $ZVER
@@ -239,11 +258,44 @@ finish_tree() {
     trim "$root"
 }
 
+network_stacks() { # ifupdown and NetworkManager beside systemd-networkd, each set up for DHCP
+    local root=$1
+    apt_in_mounted "$root" network ifupdown isc-dhcp-client network-manager
+    # What Debian's installer writes for the primary interface (QEMU's virtio-net is ens2).
+    cat >"$root/etc/network/interfaces" <<'END'
+source /etc/network/interfaces.d/*
+
+auto lo
+iface lo inet loopback
+
+allow-hotplug ens2
+iface ens2 inet dhcp
+END
+    # NetworkManager: its own profile for ens2 (Debian's default ifupdown plugin would leave
+    # an interface that /etc/network/interfaces lists unmanaged).
+    printf '[main]\nplugins=keyfile\n' >"$root/etc/NetworkManager/conf.d/zua-keyfile-only.conf"
+    cat >"$root/etc/NetworkManager/system-connections/ens2.nmconnection" <<'END'
+[connection]
+id=ens2
+type=ethernet
+interface-name=ens2
+autoconnect=true
+
+[ipv4]
+method=auto
+
+[ipv6]
+method=ignore
+END
+    chmod 0600 "$root/etc/NetworkManager/system-connections/ens2.nmconnection"
+}
+
 initramfs_tools_tree() {
     local root=$WORK/initramfs-tools
     cp -a "$BASE" "$root"
     add_kernel "$root" initramfs-tools initramfs-tools
-    apt_in_mounted "$root" initramfs-tools-zfs -t "$BACKPORTS" "zfs-initramfs=$ZVER"
+    apt_in_mounted "$root" initramfs-tools-zfs "${ZFS_SUITE[@]}" "zfs-initramfs=$ZVER"
+    network_stacks "$root"
     baseline_initrd "$root" update-initramfs -c -k "$KVER"
     finish_tree "$root"
 }
@@ -253,7 +305,7 @@ dracut_tree() {
     cp -a "$BASE" "$root"
     # dracut-network picks systemd-networkd (the tree has it), whose dracut module needs dbus.
     add_kernel "$root" dracut dracut dracut-network isc-dhcp-client dbus
-    apt_in_mounted "$root" dracut-zfs -t "$BACKPORTS" "zfs-dracut=$ZVER"
+    apt_in_mounted "$root" dracut-zfs "${ZFS_SUITE[@]}" "zfs-dracut=$ZVER"
     baseline_initrd "$root" dracut --force --kver "$KVER" "/boot/initrd.img-$KVER"
     finish_tree "$root"
 }
@@ -276,7 +328,9 @@ build() {
     step "packages: systemd, udev, python3 and the agent's dependencies, OpenZFS $ZVER" \
         configure_base
     step "tree initramfs-tools: kernel $KVER, zfs-initramfs, baseline initramfs" initramfs_tools_tree
-    step "tree dracut: kernel $KVER, dracut, zfs-dracut, baseline initramfs" dracut_tree
+    if [[ " ${TREES[*]} " == *" dracut "* ]]; then
+        step "tree dracut: kernel $KVER, dracut, zfs-dracut, baseline initramfs" dracut_tree
+    fi
     rm -rf "$BASE"
     {
         echo "KVER=$KVER"
@@ -306,6 +360,9 @@ else
 fi
 touch "$DEST/last-used"
 prune_stale
-say "trees: $(du -sh "$DEST/initramfs-tools" | cut -f1) initramfs-tools," \
-    "$(du -sh "$DEST/dracut" | cut -f1) dracut; total $(elapsed "$T_START") s"
+sizes=()
+for tree in "${TREES[@]}"; do
+    sizes+=("$(du -sh "$DEST/$tree" | cut -f1) $tree")
+done
+say "trees: ${sizes[*]}; total $(elapsed "$T_START") s"
 echo "ZUA_VM_ROOTFS=$DEST"

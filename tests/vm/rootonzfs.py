@@ -1,7 +1,8 @@
 """Root on encrypted ZFS, booted for real: the harness of tests/vm/test_boot.py.
 
-- `build_rootfs` runs build-rootfs.sh: two cached Debian bookworm trees (initramfs-tools and
-  dracut) with Debian's kernel, systemd, OpenZFS 2.3 and the agent's dependencies.
+- `build_rootfs` runs build-rootfs.sh: cached Debian bookworm trees (initramfs-tools, and
+  dracut for OpenZFS 2.3) with Debian's kernel, systemd, OpenZFS 2.3 or 2.1, the agent's
+  dependencies, and three network stacks of which each boot picks one.
 - `prepare` turns one tree, per run, into the target machine: an overlay on the cached tree
   (which stays untouched), this checkout's Debian packages installed with the tree's own
   dpkg (the agent, its units and initramfs integration, the key server), the target's
@@ -63,9 +64,12 @@ class RootTrees:
         return int((self.directory / f"{variant}.baseline-initrd-bytes").read_text())
 
 
-def build_rootfs(progress: Callable[[str], None] = print, script: Path = BUILD_SCRIPT) -> RootTrees:
-    """Build or find the cached trees (build-rootfs.sh), passing its output to PROGRESS."""
-    found = run_build_script(script, ("ZUA_VM_ROOTFS",), progress)["ZUA_VM_ROOTFS"]
+def build_rootfs(
+    progress: Callable[[str], None] = print, zfs: str = "2.3", script: Path = BUILD_SCRIPT
+) -> RootTrees:
+    """Build or find the cached trees of the OpenZFS line ZFS (build-rootfs.sh), passing its
+    output to PROGRESS."""
+    found = run_build_script(script, ("ZUA_VM_ROOTFS",), progress, zfs)["ZUA_VM_ROOTFS"]
     facts = dict(
         line.split("=", 1) for line in (found / "COMPLETE").read_text().splitlines() if "=" in line
     )
@@ -183,6 +187,10 @@ def _install_report(root: Path) -> None:
     shutil.copyfile(TARGET_FILES / "server-setup.sh", directory / "server-setup.sh")
     for name in ("zua-boot-report.service", "zua-needs-data.service"):
         shutil.copyfile(TARGET_FILES / name, root / "etc" / "systemd" / "system" / name)
+    generators = root / "etc" / "systemd" / "system-generators"
+    generators.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TARGET_FILES / "zua-network-stack", generators / "zua-network-stack")
+    (generators / "zua-network-stack").chmod(0o755)
 
 
 def prepare(

@@ -4,17 +4,23 @@ The root dataset's encryption root takes its key from the key server on the host
 by our integration in an initramfs that the system's own tools built (update-initramfs with
 zfs-initramfs, or dracut with zfs-dracut); systemd's zfs-unlock-agent.service unlocks the
 data pool once the network is online, and a hot-plugged pool afterwards. Everything of
-ours comes from this checkout's Debian packages, installed with the target's dpkg. One run:
+ours comes from this checkout's Debian packages, installed with the target's dpkg. The
+installed system has three network stacks (systemd-networkd, ifupdown as Debian's
+installer sets it up, NetworkManager); each boot runs one (zua.stack=, the target's
+zua-network-stack generator masks the others). One run per OpenZFS line:
 
 1. build-image.sh and build-rootfs.sh (both cached), this checkout's packages (make deb);
-2. both trees prepared (rootonzfs.prepare), initramfs sizes recorded;
+2. the trees prepared (rootonzfs.prepare), initramfs sizes recorded;
 3. the install guest (the minimal test guest as the target's installer) creates rpool, tank
    and usb on three disks, enrolls their encryption roots, unpacks the root tree;
-4. boots from those disks, one after the other:
-   A  initramfs-tools, server up: key from the server, multi-user, the daemon's work,
-      hot-plug, systemd-analyze, the server's unit (tests 1 and 3);
-   B  initramfs-tools, server down: the prompt appears, the test types the key (test 2);
-   C  dracut, server up (test 4).
+4. boots from those disks, one after the other. OpenZFS 2.3 (bookworm-backports):
+   A  initramfs-tools, networkd, server up: key from the server, multi-user, the daemon's
+      work, hot-plug, systemd-analyze, the server's unit (tests 1 and 3);
+   B  initramfs-tools, ifupdown, server down: the prompt appears, the test types the key
+      (test 2);
+   C  dracut, NetworkManager, server up (test 4).
+   OpenZFS 2.1.11 (Debian 12's own), its own install:
+   D  initramfs-tools, ifupdown, server up: Debian 12's default host (test 5).
 Each boot's report (tests/vm/boot/target/report.py) comes back through a 9p share.
 The tier fails when it cannot run; ZUA_SKIP_VM=1 skips it, like tests/vm/test_real_zfs.py.
 """
@@ -22,6 +28,7 @@ The tier fails when it cannot run; ZUA_SKIP_VM=1 skips it, like tests/vm/test_re
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -38,6 +45,7 @@ from tests.keyserver import HostCreds, KeyServer, release
 from tests.vm.rootonzfs import (
     INSTALLER,
     REPO,
+    VARIANTS,
     BootRun,
     Disk,
     Machine,
@@ -75,6 +83,12 @@ COMMON_APPEND = "console=ttyS0 panic=-1 loglevel=4"
 ITOOLS_APPEND = "root=ZFS=rpool/ROOT/debian boot=zfs ip=dhcp"
 DRACUT_APPEND = "root=zfs:rpool/ROOT/debian rd.neednet=1 ip=dhcp"
 OUR_UNITS = ("zfs-unlock-agent", "zfs-mount", "zfs-import", "zfs-load-key", "zfs-unlock-server")
+# Each network stack: its main unit and its wait-online unit (tests/vm/boot/target/zua-network-stack).
+STACKS = {
+    "networkd": ("systemd-networkd.service", "systemd-networkd-wait-online.service"),
+    "ifupdown": ("networking.service", "ifupdown-wait-online.service"),
+    "networkmanager": ("NetworkManager.service", "NetworkManager-wait-online.service"),
+}
 HOTPLUG_BOUND = 60.0  # seconds from `zpool import usb` to usb/secure mounted
 
 
@@ -121,18 +135,20 @@ class Tier:
     timings: dict[str, float]
     boots: dict[str, Boot] = field(default_factory=dict)
 
-    def append(self, variant: str, name: str, *extra: str) -> str:
+    def append(self, variant: str, name: str, stack: str, *extra: str) -> str:
         base = ITOOLS_APPEND if variant == "initramfs-tools" else DRACUT_APPEND
-        return " ".join([base, COMMON_APPEND, f"zua.boot={name}", *extra])
+        return " ".join([base, COMMON_APPEND, f"zua.boot={name}", f"zua.stack={stack}", *extra])
 
-    def machine(self, variant: str, name: str, *extra: str) -> Machine:
+    def machine(self, variant: str, name: str, stack: str, *extra: str) -> Machine:
+        """A boot of VARIANT's initramfs whose system runs the network STACK."""
+        assert stack in STACKS, stack
         share = self.root / "share"
         prepared = self.prepared[variant]
         return Machine(
             name,
             prepared.kernel,
             prepared.initrd,
-            self.append(variant, name, *extra),
+            self.append(variant, name, stack, *extra),
             [self.disks["rpool"], self.disks["tank"]],
             self.root / "boots" / name,
             share,
@@ -200,24 +216,26 @@ def install(tier: Tier, tar: Path) -> None:
         tier.datasets[words[0]] = (words[1], words[2])
 
 
-@pytest.fixture(scope="module")
-def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Tier]:
+@contextlib.contextmanager
+def open_tier(
+    zfs: str, variants: tuple[str, ...], root: Path, progress: Callable[[str], None]
+) -> Iterator[Tier]:
+    """The images and trees of the OpenZFS line ZFS, a key server, VARIANTS prepared, the
+    install guest run: a Tier ready to boot."""
     if os.environ.get("ZUA_SKIP_VM") == "1":
         pytest.skip("ZUA_SKIP_VM=1: the real-OpenZFS tier was switched off")
     if os.geteuid() != 0:
         pytest.fail("the boot-proof tier needs root (apt, chroot, mounts); or set ZUA_SKIP_VM=1")
-    progress = progress_printer(pytestconfig, "boot")
     timings: dict[str, float] = {}
     started = time.monotonic()
     try:
-        image = build_image(progress)
+        image = build_image(progress, zfs)
         timings["build-image.sh"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
-        trees = build_rootfs(progress)
+        trees = build_rootfs(progress, zfs)
         timings["build-rootfs.sh"] = round(time.monotonic() - started, 1)
     except (VmError, OSError) as exc:
-        pytest.fail(f"cannot build the images: {exc}")
-    root = tmp_path_factory.mktemp("boot")
+        pytest.fail(f"cannot build the images of OpenZFS {zfs}: {exc}")
     server = KeyServer(root / "keyserver", ["localhost", "127.0.0.1", SERVER_ADDRESS[0]])
     creds = server.add_host(HOST_NAME, "--allow-ip", "127.0.0.1/32", machine_id=MACHINE_ID)
     share = root / "share"
@@ -232,7 +250,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
                 debs = build_debs(root / "debs.log")
                 timings["debs"] = round(time.monotonic() - started, 1)
                 tar = share / "rootfs.tar"
-                for variant in ("initramfs-tools", "dracut"):
+                for variant in variants:
                     started = time.monotonic()
                     tier.prepared[variant] = prepare(
                         trees,
@@ -246,11 +264,30 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
                     timings[f"prepare {variant}"] = round(time.monotonic() - started, 1)
                 install(tier, tar)
             except (VmError, OSError) as exc:
-                pytest.fail(f"cannot prepare the root-on-ZFS system: {exc}")
+                pytest.fail(f"cannot prepare the root-on-ZFS system (OpenZFS {zfs}): {exc}")
             yield tier
     finally:
         server.stop()
-        progress(f"timings (s): {timings}")
+        progress(f"timings of OpenZFS {zfs} (s): {timings}")
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Tier]:
+    """OpenZFS 2.3 (bookworm-backports): both initramfs generators."""
+    progress = progress_printer(pytestconfig, "boot")
+    root = tmp_path_factory.mktemp("boot")
+    with open_tier("2.3", VARIANTS, root, progress) as ready:
+        yield ready
+
+
+@pytest.fixture(scope="module")
+def tier21(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Tier]:
+    """OpenZFS 2.1.11 (Debian 12's own): initramfs-tools, whose 2.1 scripts run no key
+    providers of their own (our hook adds that)."""
+    progress = progress_printer(pytestconfig, "boot-2.1")
+    root = tmp_path_factory.mktemp("boot21")
+    with open_tier("2.1", ("initramfs-tools",), root, progress) as ready:
+        yield ready
 
 
 # Boot A: initramfs-tools, server up; the hot-plug and the server's unit too
@@ -260,7 +297,9 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
 def boot_up(tier: Tier) -> Boot:
     key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
     audit_from = len(tier.server.audit_records())
-    machine = tier.machine("initramfs-tools", "itools-up", "zua.hotplug=1", "zua.server=1")
+    machine = tier.machine(
+        "initramfs-tools", "itools-up", "networkd", "zua.hotplug=1", "zua.server=1"
+    )
     facts: dict[str, Any] = {}
     with machine:
         machine.start()
@@ -324,37 +363,64 @@ def active_at(boot: Boot, unit: str) -> int:
     return int(boot.report["units"].get(unit, {}).get("ActiveEnterTimestampMonotonic", "0"))
 
 
-def test_daemon_unlocks_tank_after_the_network_and_a_service_sees_its_data(
-    boot_up: Boot,
-) -> None:
-    """3. zfs-unlock-agent.service started once the network was online and zfs-mount.service
+def network_came_up(boot: Boot, stack: str) -> None:
+    """STACK's units ran and brought the network online; the other stacks' were masked."""
+    units = boot.report["units"]
+    for name, (main, wait_online) in STACKS.items():
+        if name == stack:
+            assert units[main].get("ActiveState") == "active", boot.evidence()
+            assert units[wait_online].get("Result") == "success", boot.evidence()
+            assert units[wait_online].get("ActiveState") == "active", boot.evidence()
+        else:
+            assert units[main].get("LoadState") == "masked", boot.evidence()
+    assert active_at(boot, "network-online.target") > 0, boot.evidence()
+    network = boot.report["network"]
+    assert re.search(r"\bens2\s+inet 10\.0\.2\.\d+/", network["addresses"]), boot.evidence()
+    seen = {
+        "networkd": r"ens2\s+ether\s+routable\s+configured",
+        "ifupdown": r"^ens2=ens2$",
+        "networkmanager": r"^ens2:connected:ens2$",
+    }[stack]
+    assert re.search(seen, network[stack], re.MULTILINE), boot.evidence()
+
+
+def daemon_unlocked_tank(boot: Boot) -> None:
+    """zfs-unlock-agent.service started once the network was online and zfs-mount.service
     had run, held back neither local-fs.target nor anything else (no ordering cycle), and
     unlocked and mounted tank/secure itself; zfs-unlock-agent.target came after its READY,
     and a service ordered after that target read tank/secure's data; no zfs-load-key@ unit
     asked for anything."""
-    booted_to_multi_user(boot_up)
-    units = boot_up.report["units"]
+    booted_to_multi_user(boot)
+    units = boot.report["units"]
     started = int(units["zfs-unlock-agent.service"].get("InactiveExitTimestampMonotonic", "0"))
-    ready = active_at(boot_up, "zfs-unlock-agent.service")
+    ready = active_at(boot, "zfs-unlock-agent.service")
     online, mounted = (
-        active_at(boot_up, "network-online.target"),
-        active_at(boot_up, "zfs-mount.service"),
+        active_at(boot, "network-online.target"),
+        active_at(boot, "zfs-mount.service"),
     )
     local_fs, target = (
-        active_at(boot_up, "local-fs.target"),
-        active_at(boot_up, "zfs-unlock-agent.target"),
+        active_at(boot, "local-fs.target"),
+        active_at(boot, "zfs-unlock-agent.target"),
     )
-    assert 0 < online <= started and 0 < mounted <= started, boot_up.evidence()
-    assert 0 < local_fs <= started, f"local-fs.target waited for the agent\n{boot_up.evidence()}"
-    assert 0 < ready <= target, boot_up.evidence()
+    assert 0 < online <= started and 0 < mounted <= started, boot.evidence()
+    assert 0 < local_fs <= started, f"local-fs.target waited for the agent\n{boot.evidence()}"
+    assert 0 < ready <= target, boot.evidence()
     needs = int(units["zua-needs-data.service"].get("InactiveExitTimestampMonotonic", "0"))
-    assert target <= needs, boot_up.evidence()
-    assert boot_up.report["needs_data"] == "written at install time", boot_up.evidence()
-    tank = boot_up.report["zfs"].get("tank/secure", {})
-    assert tank.get("keystatus") == "available", boot_up.evidence()
-    assert tank.get("mounted") == "yes", boot_up.evidence()
-    assert boot_up.releases("tank/secure"), boot_up.evidence()
-    assert not boot_up.report["load_key_units"].strip(), boot_up.evidence()
+    assert target <= needs, boot.evidence()
+    assert boot.report["needs_data"] == "written at install time", boot.evidence()
+    tank = boot.report["zfs"].get("tank/secure", {})
+    assert tank.get("keystatus") == "available", boot.evidence()
+    assert tank.get("mounted") == "yes", boot.evidence()
+    assert boot.releases("tank/secure"), boot.evidence()
+    assert not boot.report["load_key_units"].strip(), boot.evidence()
+
+
+def test_daemon_unlocks_tank_after_the_network_and_a_service_sees_its_data(
+    boot_up: Boot,
+) -> None:
+    """3. With systemd-networkd: see daemon_unlocked_tank."""
+    network_came_up(boot_up, "networkd")
+    daemon_unlocked_tank(boot_up)
 
 
 def test_daemon_unlocks_hotplugged_pool(boot_up: Boot) -> None:
@@ -402,7 +468,7 @@ def test_server_unit_serves_tls(boot_up: Boot) -> None:
 def boot_down(tier: Tier, boot_up: Boot) -> Boot:  # after boot A: same disks
     key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
     audit_from = len(tier.server.audit_records())
-    machine = tier.machine("initramfs-tools", "itools-down")
+    machine = tier.machine("initramfs-tools", "itools-down", "ifupdown")
     facts: dict[str, Any] = {}
     tier.forwarder.switch(False)
     try:
@@ -437,7 +503,8 @@ def boot_down(tier: Tier, boot_up: Boot) -> Boot:  # after boot A: same disks
 
 def test_server_down_prompts_and_typed_key_boots(boot_down: Boot) -> None:
     """2. With the server unreachable, the agent gives up, OpenZFS's prompt appears, the typed
-    hex key opens rpool/ROOT and the system boots to multi-user."""
+    hex key opens rpool/ROOT and the system boots to multi-user, with ifupdown bringing the
+    network up and no ordering cycle."""
     agent = boot_down.report.get("units", {}).get("zfs-unlock-agent.service", {})
     held = int(agent.get("ActiveEnterTimestampMonotonic", "0")) - int(
         agent.get("InactiveExitTimestampMonotonic", "0")
@@ -446,6 +513,7 @@ def test_server_down_prompts_and_typed_key_boots(boot_down: Boot) -> None:
     assert boot_down.facts.get("typed"), boot_down.evidence()
     assert not boot_down.releases("rpool/ROOT"), boot_down.evidence()
     booted_to_multi_user(boot_down, ours_must_not_fail=False)
+    network_came_up(boot_down, "ifupdown")
     # The server is still down: tank/secure stays locked, and the boot went on without it.
     assert boot_down.report["zfs"].get("tank/secure", {}).get("keystatus") == "unavailable", (
         boot_down.evidence()
@@ -459,7 +527,7 @@ def test_server_down_prompts_and_typed_key_boots(boot_down: Boot) -> None:
 def boot_dracut(tier: Tier, boot_down: Boot) -> Boot:
     key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
     audit_from = len(tier.server.audit_records())
-    machine = tier.machine("dracut", "dracut-up")
+    machine = tier.machine("dracut", "dracut-up", "networkmanager")
     facts: dict[str, Any] = {}
     with machine:
         machine.start()
@@ -472,6 +540,42 @@ def test_dracut_fetches_root_key_and_boots(boot_dracut: Boot) -> None:
     assert boot_dracut.releases("rpool/ROOT"), boot_dracut.evidence()
     no_prompt(boot_dracut)
     booted_to_multi_user(boot_dracut)
+
+
+def test_dracut_boot_with_networkmanager_unlocks_tank(boot_dracut: Boot) -> None:
+    """4. With NetworkManager: see daemon_unlocked_tank."""
+    network_came_up(boot_dracut, "networkmanager")
+    daemon_unlocked_tank(boot_dracut)
+
+
+# Boot D: OpenZFS 2.1.11, initramfs-tools, ifupdown: Debian 12's default host
+
+
+@pytest.fixture(scope="module")
+def boot_21(tier21: Tier) -> Boot:
+    key = tier21.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
+    audit_from = len(tier21.server.audit_records())
+    machine = tier21.machine("initramfs-tools", "itools-2.1", "ifupdown")
+    facts: dict[str, Any] = {}
+    with machine:
+        machine.start()
+        answer_unexpected_prompt(machine, key, facts, REPORT_STARTED)
+        return tier21.finish(machine, audit_from, facts)
+
+
+def test_openzfs_21_initramfs_tools_fetches_root_key_and_boots(boot_21: Boot) -> None:
+    """5. OpenZFS 2.1.11's initramfs-tools script, which runs no key provider of its own,
+    gets rpool/ROOT's key through our hook; the system reaches multi-user."""
+    assert "zfs-2.1.11" in boot_21.report.get("zfs_version", ""), boot_21.evidence()
+    assert boot_21.releases("rpool/ROOT"), f"no release of rpool/ROOT\n{boot_21.evidence()}"
+    no_prompt(boot_21)
+    booted_to_multi_user(boot_21)
+
+
+def test_openzfs_21_with_ifupdown_daemon_unlocks_tank(boot_21: Boot) -> None:
+    """5. With ifupdown on OpenZFS 2.1.11: see daemon_unlocked_tank."""
+    network_came_up(boot_21, "ifupdown")
+    daemon_unlocked_tank(boot_21)
 
 
 def test_initramfs_sizes(tier: Tier) -> None:

@@ -51,6 +51,8 @@ CONTROL_ADDRESS = ("10.0.2.101", 9000)  # the forwarder's switch, as the guest s
 SHARE_TAG = "hostshare"  # mounted read-write at /mnt/host; other shares at /mnt/<tag>, read-only
 ZFS_PARTITION_TYPE = "6A898CC3-1DD2-11B2-99A6-080020286F6D"
 GIB = 1 << 30
+# Debian 12's OpenZFS lines: bookworm-backports' (the default) and bookworm's own.
+ZFS_LINES = ("2.3", "2.1")
 EXIT_MARKER = re.compile(r"^ZFSVM-EXIT: (\d+)\s*$", re.MULTILINE)
 
 
@@ -105,14 +107,18 @@ def write_guest_agent_config(
 
 
 def run_build_script(
-    script: Path, announced: Sequence[str], progress: Callable[[str], None]
+    script: Path, announced: Sequence[str], progress: Callable[[str], None], zfs: str = "2.3"
 ) -> dict[str, Path]:
-    """Run a cache-building SCRIPT, passing its output to PROGRESS, and return the paths it
-    announces as NAME=PATH lines for each name in ANNOUNCED; VmError when it fails."""
+    """Run a cache-building SCRIPT for the OpenZFS line ZFS (one of ZFS_LINES), passing its
+    output to PROGRESS, and return the paths it announces as NAME=PATH lines for each name
+    in ANNOUNCED; VmError when it fails."""
+    if zfs not in ZFS_LINES:
+        raise VmError(f"no OpenZFS line {zfs!r}: one of {ZFS_LINES}")
     paths: dict[str, Path] = {}
     tail: list[str] = []
     with subprocess.Popen(
         ["bash", str(script)],
+        env={**os.environ, "ZUA_VM_ZFS": zfs},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -131,9 +137,12 @@ def run_build_script(
     return paths
 
 
-def build_image(progress: Callable[[str], None] = print, script: Path = BUILD_SCRIPT) -> Image:
-    """Build or verify the cached image (build-image.sh), passing its output to PROGRESS."""
-    paths = run_build_script(script, ("ZUA_VM_IMAGE", "ZUA_VM_SITE"), progress)
+def build_image(
+    progress: Callable[[str], None] = print, zfs: str = "2.3", script: Path = BUILD_SCRIPT
+) -> Image:
+    """Build or verify the cached image of the OpenZFS line ZFS (build-image.sh), passing
+    its output to PROGRESS."""
+    paths = run_build_script(script, ("ZUA_VM_IMAGE", "ZUA_VM_SITE"), progress, zfs)
     return Image(paths["ZUA_VM_IMAGE"], paths["ZUA_VM_SITE"])
 
 

@@ -19,5 +19,7 @@ echo "ZFSVM: machine-id $(cat /etc/machine-id); $(zfs version | tr '\n' ' ')"
 zpool create -f -o cachefile=none tank /dev/vda1 || exit 91
 zpool create -f -o cachefile=none tank2 /dev/vdb1 || exit 91
 
-# The cases are modules of the package tests.vm.guest (cases/__init__.py lists them).
-python3 -m tests.vm.guest.runner --results /mnt/host/results.json
+# The cases are modules of the package tests.vm.guest (cases/__init__.py lists them); the
+# host's share may name those to run (/mnt/host/scenarios, one line), or else all run.
+# shellcheck disable=SC2046 # names, one word each
+python3 -m tests.vm.guest.runner --results /mnt/host/results.json $(cat /mnt/host/scenarios 2>/dev/null)

@@ -7,6 +7,8 @@ agent and zfs-mount, unit timestamps, systemd-analyze verify and security), writ
 JSON to the host's 9p share and prints a summary to the console, then powers off.
 
 Kernel command line: zua.boot=NAME names the boot (its results go to /mnt/host/NAME/);
+zua.stack=STACK says which network stack the boot runs (zua-network-stack masks the
+others; the report records each stack's units and how it saw the network);
 zua.hotplug=1 also waits for the host to attach the disk of the pool `usb`, imports it
 as an admin would, and times how long the agent's daemon takes to unlock and mount
 usb/secure; zua.server=1 also starts zfs-unlock-server.service on a throw-away data dir.
@@ -26,6 +28,7 @@ SHARE = Path("/mnt/host")
 USB_DISK = Path("/dev/disk/by-id/virtio-zua-usb-part1")
 OUR_UNITS = ("zfs-unlock-agent.service", "zfs-unlock-agent.target", "zfs-unlock-server.service")
 SHOWN = (
+    "LoadState",
     "ActiveState",
     "SubState",
     "Result",
@@ -96,6 +99,18 @@ def unit_properties(*units: str) -> dict[str, dict[str, str]]:
         done = run("systemctl", "show", *(f"--property={p}" for p in SHOWN), unit)
         shown[unit] = dict(line.split("=", 1) for line in done["out"].splitlines() if "=" in line)
     return shown
+
+
+def network() -> dict[str, Any]:
+    """The addresses, and each network stack's own view of the interfaces (a masked stack's
+    tool says it is not running)."""
+    return {
+        "addresses": run("ip", "-4", "-o", "address", "show", "scope", "global")["out"],
+        "routes": run("ip", "-4", "route")["out"],
+        "networkd": run("networkctl", "--no-pager", "--no-legend", "list")["out"],
+        "ifupdown": run("ifquery", "--state")["out"],
+        "networkmanager": run("nmcli", "-t", "-f", "DEVICE,STATE,CONNECTION", "device")["out"],
+    }
 
 
 def unit_files() -> list[str]:
@@ -199,7 +214,11 @@ def main() -> int:
         "zfs-unlock-agent.service", "zfs-mount.service", "zfs-import-scan.service",
         "zfs-import-cache.service", "network-online.target", "systemd-networkd-wait-online.service",
         "zfs-unlock-agent.target", "zua-needs-data.service", "local-fs.target",
+        "systemd-networkd.service", "networking.service", "ifupdown-wait-online.service",
+        "NetworkManager.service", "NetworkManager-wait-online.service",
     )  # fmt: skip
+    report["network"] = network()
+    report["zfs_version"] = run("zfs", "version")["out"]
     needs_data = Path("/run/zua-needs-data")
     report["needs_data"] = needs_data.read_text().strip() if needs_data.exists() else None
     report["journal_ours"] = run("journalctl", "-b", "-u", "zfs-unlock-agent", "-u", "zfs-mount",
