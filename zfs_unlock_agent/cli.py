@@ -159,8 +159,10 @@ def cmd_identity(args: argparse.Namespace) -> int:
 
 def cmd_needs_prompt(args: argparse.Namespace) -> int:
     """ExecCondition= of OpenZFS's zfs-load-key@ROOT units (see systemd/): exit 1 (skip the
-    prompt) for a root the agent manages; it gets the key from the daemon, now or when the
-    server answers. Any doubt exits 0: the prompt appears, never a lock-out."""
+    prompt) for a root the agent manages whose key is not loaded yet; it gets the key from
+    the daemon, now or when the server answers. A loaded key (a root the initramfs opened)
+    exits 0: the unit then finds nothing to do and succeeds, and the mounts bound to it stay.
+    Any doubt exits 0: the prompt appears, never a lock-out."""
     try:
         cfg = _load(args, check_files=False)
         inventory = Zfs(cfg.zfs).inventory()
@@ -169,7 +171,7 @@ def cmd_needs_prompt(args: argparse.Namespace) -> int:
     except (AgentError, validate.InvalidInput) as exc:
         log.warning("%s; leaving the prompt to OpenZFS", exc)
         return EX_OK
-    if root.name in managed:
+    if root.name in managed and root.keystatus != "available":
         log.info("%s is managed by zfs-unlock-agent: no prompt", root.name)
         return 1
     return EX_OK

@@ -26,7 +26,7 @@ from zfs_unlock_agent.errors import KeyAlreadyLoaded, UsageError, ZfsError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
-from zfs_unlock_agent.zfs import MANAGED_PROPERTY, Dataset, Zfs
+from zfs_unlock_agent.zfs import MANAGED_PROPERTIES, Dataset, Zfs
 from zfs_unlock_common.protocol import DatasetRef
 
 MIGRATABLE_LOCATIONS = ("file://", "https://", "http://")
@@ -59,7 +59,7 @@ def enroll(zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: s
         else:
             zfs.change_key(name, key.secret, keyformat)
             log.info("%s: now wrapped with the server key %s", name, key.key_id)
-        zfs.set_property(name, MANAGED_PROPERTY, "on")
+        zfs.mark_managed(name)
         zfs.load_key(name, key.secret, dry_run=True)  # the proof
     finally:
         key.secret.wipe()
@@ -69,7 +69,7 @@ def enroll(zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: s
 
 def _create(zfs: Zfs, name: str) -> None:
     with Secret(os.urandom(32)) as throwaway:
-        zfs.create_encrypted(name, throwaway, "raw", {MANAGED_PROPERTY: "on"})
+        zfs.create_encrypted(name, throwaway, "raw", MANAGED_PROPERTIES)
     log.info("%s: created (encrypted); moving it to a server key", name)
 
 

@@ -25,7 +25,7 @@ from zfs_unlock_agent.errors import (
 from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.udev import wait_for_links
-from zfs_unlock_agent.zfs import MANAGED_PROPERTY, Dataset, Inventory, Zfs
+from zfs_unlock_agent.zfs import Dataset, Inventory, Zfs
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 
@@ -213,7 +213,7 @@ class Unlocker:
             with self.client() as client:
                 client.activate(self.machine_id, key.ref, key.key_id)
             if not root.managed:
-                self.zfs.set_property(root.name, MANAGED_PROPERTY, "on")
+                self.zfs.mark_managed(root.name)
             log.info("%s: enrollment completed (key %s is now active)", root.name, key.key_id)
         except AgentError as exc:
             log.warning(

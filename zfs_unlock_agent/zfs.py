@@ -18,6 +18,12 @@ from zfs_unlock_common import validate
 
 # The user property that marks an encryption root as the agent's to unlock.
 MANAGED_PROPERTY = "zfs-unlock-agent:managed"
+# What a root the agent manages carries (inherited by its children): our mark, and
+# OpenZFS's own "make no systemd units for it". With /etc/zfs/zfs-list.cache,
+# zfs-mount-generator would bind each mount to a zfs-load-key@ROOT unit, which the
+# drop-in skips so that it never prompts; systemd would then unmount what the agent
+# mounts, as "bound to an inactive unit". The agent mounts these datasets itself.
+MANAGED_PROPERTIES = {MANAGED_PROPERTY: "on", "org.openzfs.systemd:ignore": "on"}
 
 COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
 # Roots' keys load side by side: each `zfs load-key` is a process of its own (and, for a
@@ -299,6 +305,8 @@ class Zfs:
             options += ["-o", f"{prop}={value}"]
         self._run([self.zfs, "create", *options, name], stdin=key)
 
-    def set_property(self, dataset: str, prop: str, value: str) -> None:
+    def mark_managed(self, dataset: str) -> None:
+        """Set MANAGED_PROPERTIES on DATASET, all in one `zfs set`: a crash leaves all or none."""
         validate.dataset_name(dataset)
-        self._run([self.zfs, "set", f"{prop}={value}", dataset])
+        assignments = [f"{prop}={value}" for prop, value in MANAGED_PROPERTIES.items()]
+        self._run([self.zfs, "set", *assignments, dataset])

@@ -18,7 +18,7 @@ import pytest
 from tests.agent.harness import AgentHost
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import errors
-from zfs_unlock_agent.zfs import MANAGED_PROPERTY
+from zfs_unlock_agent.zfs import MANAGED_PROPERTIES, MANAGED_PROPERTY
 
 
 def new_host(server: KeyServer, tmp_path: Path, name: str) -> AgentHost:
@@ -47,7 +47,11 @@ def unload_key(host: AgentHost, dataset: str) -> None:
 
 
 def managed(host: AgentHost, dataset: str) -> str | None:
+    """zfs-unlock-agent:managed, when DATASET also has every other managed-root property
+    (org.openzfs.systemd:ignore=on: zfs-mount-generator makes it no units)."""
     props: dict[str, str] = host.zfs.dataset(dataset).get("props", {})
+    others = {p: v for p, v in MANAGED_PROPERTIES.items() if p != MANAGED_PROPERTY}
+    assert {p: props.get(p) for p in others} == others, props
     return props.get(MANAGED_PROPERTY)
 
 

@@ -1,7 +1,7 @@
 """`needs-prompt`: the ExecCondition of OpenZFS's zfs-load-key@ROOT units.
 
-Exit 1 skips the prompt for roots the agent manages; everything else, errors included,
-exits 0 so that OpenZFS prompts as before (never a lock-out).
+Exit 1 skips the prompt for roots the agent manages whose key is not loaded; everything
+else, errors included, exits 0 so that OpenZFS prompts as before (never a lock-out).
 """
 
 from __future__ import annotations
@@ -50,3 +50,17 @@ def test_any_doubt_leaves_the_prompt(shared_keyserver: KeyServer, tmp_path: Path
     broken = host.run("needs-prompt", "tank/managed")
     assert broken.returncode == 0
     assert "leaving the prompt to OpenZFS" in broken.stderr
+
+
+def test_a_managed_root_whose_key_is_loaded_lets_its_unit_run(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """A root the initramfs opened: the unit runs, finds the key loaded, and succeeds, so
+    mounts that zfs-mount-generator bound to it are not stopped."""
+    host = _host(shared_keyserver, tmp_path, "prompt-loaded")
+    host.zfs.add_encrypted("tank/opened", os.urandom(32), keystatus="available")
+    host.write_config()
+
+    assert host.run("needs-prompt", "tank/managed").returncode == 1
+    opened = host.run("needs-prompt", "tank/opened")
+    assert opened.returncode == 0, opened.stderr

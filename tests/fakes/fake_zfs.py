@@ -223,15 +223,18 @@ def zfs(state: State, args: list[str], stdin: bytes) -> str:
             "props": props,
         }
         return ""
-    if command == "set":
-        assignment, name = rest
-        prop, value = assignment.split("=", 1)
+    if command == "set":  # zfs set PROP=VALUE... DATASET: all of them, or none
+        *assignments, name = rest
+        if not assignments or not all("=" in a for a in assignments):
+            raise Failure("fake zfs: usage: set PROP=VALUE... DATASET", 2)
         if name not in datasets:
             raise Failure(f"cannot open '{name}': dataset does not exist")
-        if ":" in prop:
-            datasets[name].setdefault("props", {})[prop] = value
-        else:
-            datasets[name][prop] = value
+        for assignment in assignments:
+            prop, value = assignment.split("=", 1)
+            if ":" in prop:
+                datasets[name].setdefault("props", {})[prop] = value
+            else:
+                datasets[name][prop] = value
         return ""
     raise Failure(f"fake zfs: unsupported {args}", 2)
 

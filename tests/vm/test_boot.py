@@ -218,10 +218,15 @@ def install(tier: Tier, tar: Path) -> None:
 
 @contextlib.contextmanager
 def open_tier(
-    zfs: str, variants: tuple[str, ...], root: Path, progress: Callable[[str], None]
+    zfs: str,
+    variants: tuple[str, ...],
+    root: Path,
+    progress: Callable[[str], None],
+    zfs_list_cache: bool = False,
 ) -> Iterator[Tier]:
     """The images and trees of the OpenZFS line ZFS, a key server, VARIANTS prepared, the
-    install guest run: a Tier ready to boot."""
+    install guest run: a Tier ready to boot. ZFS_LIST_CACHE: the installer also sets up
+    OpenZFS's /etc/zfs/zfs-list.cache (zfs-mount-generator's mount units)."""
     if os.environ.get("ZUA_SKIP_VM") == "1":
         pytest.skip("ZUA_SKIP_VM=1: the real-OpenZFS tier was switched off")
     if os.geteuid() != 0:
@@ -240,6 +245,8 @@ def open_tier(
     creds = server.add_host(HOST_NAME, "--allow-ip", "127.0.0.1/32", machine_id=MACHINE_ID)
     share = root / "share"
     write_agent_config(share / "agent", server, creds)
+    if zfs_list_cache:
+        (share / "zfs-list-cache").touch()
     target = Target(MACHINE_ID, HOSTID, share / "agent")
     server.start()
     try:
@@ -283,10 +290,11 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) 
 @pytest.fixture(scope="module")
 def tier21(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Tier]:
     """OpenZFS 2.1.11 (Debian 12's own): initramfs-tools, whose 2.1 scripts run no key
-    providers of their own (our hook adds that)."""
+    providers of their own (our hook adds that); set up as OpenZFS's Debian root-on-ZFS
+    guide does, with zfs-list.cache, so zfs-mount-generator makes the mount units."""
     progress = progress_printer(pytestconfig, "boot-2.1")
     root = tmp_path_factory.mktemp("boot21")
-    with open_tier("2.1", ("initramfs-tools",), root, progress) as ready:
+    with open_tier("2.1", ("initramfs-tools",), root, progress, zfs_list_cache=True) as ready:
         yield ready
 
 
@@ -576,6 +584,18 @@ def test_openzfs_21_with_ifupdown_daemon_unlocks_tank(boot_21: Boot) -> None:
     """5. With ifupdown on OpenZFS 2.1.11: see daemon_unlocked_tank."""
     network_came_up(boot_21, "ifupdown")
     daemon_unlocked_tank(boot_21)
+
+
+def test_zfs_list_cache_units_leave_the_agents_mounts_alone(boot_21: Boot) -> None:
+    """5. With zfs-list.cache, zfs-mount-generator made tank's mount unit; none for the
+    managed tank/secure, which the agent mounts and systemd leaves mounted (a unit bound to
+    an unstarted zfs-load-key@ would unmount it)."""
+    assert boot_21.report["zfs_list_cache"] == ["rpool", "tank"], boot_21.evidence()
+    units = boot_21.report["mount_units"]
+    assert "SourcePath=/etc/zfs/zfs-list.cache/tank" in units, boot_21.evidence()
+    assert boot_21.report["zfs"]["tank/secure"]["mounted"] == "yes", boot_21.evidence()
+    bound = [line for line in boot_21.report["journal"].splitlines() if "bound to inactive" in line]
+    assert not bound, f"{bound}\n{boot_21.evidence()}"
 
 
 def test_initramfs_sizes(tier: Tier) -> None:

@@ -50,6 +50,25 @@ zpool set cachefile=/etc/zfs/zpool.cache rpool
 mkdir -p /target/etc/zfs
 cp /etc/zfs/zpool.cache /target/etc/zfs/zpool.cache
 
+# With the share's zfs-list-cache flag, the target also gets OpenZFS's mount-unit cache for
+# rpool and tank, as OpenZFS's Debian root-on-ZFS guide sets it up (zed keeps it current;
+# zfs-mount-generator makes units from it): zed's cacher's columns, the altroot dropped.
+if [ -e "$share/zfs-list-cache" ]; then
+    props=name,mountpoint,canmount,atime,relatime,devices,exec,readonly,setuid,nbmand
+    props=$props,encroot,keylocation,org.openzfs.systemd:requires
+    props=$props,org.openzfs.systemd:requires-mounts-for,org.openzfs.systemd:before
+    props=$props,org.openzfs.systemd:after,org.openzfs.systemd:wanted-by
+    props=$props,org.openzfs.systemd:required-by,org.openzfs.systemd:nofail
+    props=$props,org.openzfs.systemd:ignore
+    mkdir -p /target/etc/zfs/zfs-list.cache
+    for pool in rpool tank; do
+        zfs list -H -t filesystem -o "$props" -r "$pool" |
+            awk 'BEGIN { FS = OFS = "\t" } { sub("^/target/?", "/", $2); print }' |
+            sort >"/target/etc/zfs/zfs-list.cache/$pool"
+    done
+    say "zfs-list.cache: $(cat /target/etc/zfs/zfs-list.cache/* | cut -f1,2,11,20 | tr '\t\n' ' ;')"
+fi
+
 for root in rpool/ROOT tank/secure usb/secure; do
     pool=${root%%/*}
     echo "$root $(zpool get -Hp -o value guid "$pool") $(zfs get -Hp -o value guid "$root")" \

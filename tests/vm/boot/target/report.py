@@ -218,6 +218,9 @@ def main() -> int:
         "NetworkManager.service", "NetworkManager-wait-online.service",
     )  # fmt: skip
     report["network"] = network()
+    report["zfs_list_cache"] = sorted(p.name for p in Path("/etc/zfs/zfs-list.cache").glob("*"))
+    report["mount_units"] = run("systemctl", "show", "--property=Id,ActiveState,Result,SourcePath",
+                                "--all", "tank.mount", "tank-secure.mount")["out"]  # fmt: skip
     report["zfs_version"] = run("zfs", "version")["out"]
     needs_data = Path("/run/zua-needs-data")
     report["needs_data"] = needs_data.read_text().strip() if needs_data.exists() else None

@@ -1,6 +1,7 @@
 """STRATEGY:
 1. `zfs-unlock-agent enroll --dataset tank/secret` creates tank/secret, encrypted,
-   and moves it to a key the server issued (raw, keylocation=prompt, managed=on).
+   and moves it to a key the server issued (raw, keylocation=prompt, managed=on,
+   and OpenZFS's org.openzfs.systemd:ignore=on: zfs-mount-generator makes it no units).
 2. Write a file; `zfs unmount` and `zfs unload-key`: the key is unavailable.
 3. `zfs-unlock-agent --dataset tank/secret` loads the key and mounts the dataset.
 4. The file is intact, keystatus is available; `status --json` agrees and
@@ -35,6 +36,8 @@ def run(ctx: Context) -> str:
         mounted="yes",
         zfs_unlock_agent__managed="on",
     )
+    ignore = ctx.props("tank/secret", "org.openzfs.systemd:ignore")
+    check(ignore == {"org.openzfs.systemd:ignore": "on"}, f"tank/secret: {ignore}")
     data = os.urandom(4096).hex()
     Path("/tank/secret/file").write_text(data)
     ctx.must("sync")
