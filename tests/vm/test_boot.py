@@ -83,10 +83,12 @@ COMMON_APPEND = "console=ttyS0 panic=-1 loglevel=4"
 ITOOLS_APPEND = "root=ZFS=rpool/ROOT/debian boot=zfs ip=dhcp"
 DRACUT_APPEND = "root=zfs:rpool/ROOT/debian rd.neednet=1 ip=dhcp"
 OUR_UNITS = ("zfs-unlock-agent", "zfs-mount", "zfs-import", "zfs-load-key", "zfs-unlock-server")
-# Each network stack: its main unit and its wait-online unit (tests/vm/boot/target/zua-network-stack).
+# Each network stack (tests/vm/boot/target/zua-network-stack): its main unit, and the unit
+# that network-online.target waits for as Debian 12 enables it. ifupdown's is
+# networking.service itself: its ifupdown-wait-online.service is not enabled on new installs.
 STACKS = {
     "networkd": ("systemd-networkd.service", "systemd-networkd-wait-online.service"),
-    "ifupdown": ("networking.service", "ifupdown-wait-online.service"),
+    "ifupdown": ("networking.service", "networking.service"),
     "networkmanager": ("NetworkManager.service", "NetworkManager-wait-online.service"),
 }
 HOTPLUG_BOUND = 60.0  # seconds from `zpool import usb` to usb/secure mounted
