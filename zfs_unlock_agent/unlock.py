@@ -25,7 +25,7 @@ from zfs_unlock_agent.errors import (
 from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.udev import wait_for_links
-from zfs_unlock_agent.zfs import Dataset, Inventory, Zfs
+from zfs_unlock_agent.zfs import GENERATOR_IGNORE, Dataset, Inventory, Zfs
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 
@@ -98,6 +98,23 @@ def select_roots(
     return [inventory.get(n) for n in dict.fromkeys(names)]
 
 
+# Where zed keeps zfs-mount-generator's list of a pool's datasets, when it is set up.
+LIST_CACHE_DIR = Path("/etc/zfs/zfs-list.cache")
+
+
+def generator_warnings(roots: Sequence[Dataset], cache_dir: Path = LIST_CACHE_DIR) -> list[str]:
+    """What to tell about ROOTS whose mounts systemd may undo: zfs-mount-generator makes
+    units for them (their pool has a cache file, and org.openzfs.systemd:ignore is not on:
+    enrolled by an older version, or managed by name), bound to a zfs-load-key@ unit that
+    does not run for a managed root."""
+    return [
+        f"{root.name}: {cache_dir / root.pool} has zfs-mount-generator make systemd units for"
+        f" it, which may unmount it; run: zfs set {GENERATOR_IGNORE}=on {root.name}"
+        for root in roots
+        if not root.generator_ignored and (cache_dir / root.pool).exists()
+    ]
+
+
 def exit_code(results: Sequence[RootResult]) -> int:
     """0 when all are fine; 1 when some failed and some did not; else the first failure's code."""
     failed = [r for r in results if not r.ok]
@@ -165,6 +182,9 @@ class Unlocker:
         keys = self._fetch(inventory, locked, results) if locked else {}
         results |= self._load([(r, keys[r.name]) for r in locked if r.name in keys], inventory)
         if mount:
+            unlocked = [r for r in roots if results[r.name].outcome == "unlocked"]
+            for warning in generator_warnings(unlocked):
+                log.warning("%s", warning)
             self._mount([(r, results[r.name]) for r in roots if results[r.name].ok], inventory)
         ordered = [results[r.name] for r in roots]
         for result in ordered:

@@ -23,7 +23,8 @@ MANAGED_PROPERTY = "zfs-unlock-agent:managed"
 # zfs-mount-generator would bind each mount to a zfs-load-key@ROOT unit, which the
 # drop-in skips so that it never prompts; systemd would then unmount what the agent
 # mounts, as "bound to an inactive unit". The agent mounts these datasets itself.
-MANAGED_PROPERTIES = {MANAGED_PROPERTY: "on", "org.openzfs.systemd:ignore": "on"}
+GENERATOR_IGNORE = "org.openzfs.systemd:ignore"
+MANAGED_PROPERTIES = {MANAGED_PROPERTY: "on", GENERATOR_IGNORE: "on"}
 
 COMMAND_TIMEOUT = 120.0  # mounting a large pool can take a while; load-key cannot hang forever
 # Roots' keys load side by side: each `zfs load-key` is a process of its own (and, for a
@@ -54,6 +55,7 @@ LIST_COLUMNS = (
     "canmount",
     "mountpoint",
     MANAGED_PROPERTY,
+    GENERATOR_IGNORE,
 )
 
 
@@ -69,6 +71,7 @@ class Dataset(NamedTuple):
     canmount: str
     mountpoint: str
     managed: bool
+    generator_ignored: bool = False  # org.openzfs.systemd:ignore=on (inherited too)
 
     @property
     def pool(self) -> str:
@@ -221,6 +224,7 @@ class Zfs:
                 canmount,
                 mountpoint,
                 managed,
+                ignored,
             ) = fields
             keyformat = _field(keyformat)
             datasets[name] = Dataset(
@@ -235,6 +239,7 @@ class Zfs:
                 canmount=canmount,
                 mountpoint=mountpoint,
                 managed=managed == "on",
+                generator_ignored=ignored == "on",
             )
         return Inventory(datasets, pools)
 

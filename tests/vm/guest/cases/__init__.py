@@ -19,6 +19,7 @@ SCENARIOS: tuple[str, ...] = (
     "migrate_from_native_https",
     "enroll_interrupted",
     "export_import_rename",
+    "zfs_list_cache_warning",
     # The benchmark, not a behaviour test, last: it adds the key server's certificate to
     # the guest's trust store, which migrate_from_native_https needs it not to be in.
     "bench_native_vs_agent",
