@@ -37,6 +37,7 @@ from bench.common import (
     run_measured,
     summarize,
 )
+from zfs_unlock_agent.zfs import LIST_COLUMNS, MANAGED_PROPERTIES
 from zfs_unlock_common.protocol import ROUTE_RELEASE_BATCH
 
 FAKEZFS_SOURCE = REPO / "bench" / "fakezfs.c"
@@ -145,22 +146,23 @@ def ensure_fakezfs(build: Path = BUILD) -> Path:
 
 
 def zfs_list_line(name: str, guid: str, managed: bool = True) -> str:
-    """One line of the agent's `zfs list -H -p -o ...` (zfs.LIST_COLUMNS): an encryption
-    root with keyformat=raw, keylocation=prompt and its key not loaded."""
-    columns = (
-        name,
-        "filesystem",
-        guid,
-        name,  # encryptionroot: itself
-        "unavailable",
-        "raw",
-        "prompt",
-        "no",
-        "on",
-        f"/{name}",
-        "on" if managed else "-",
-    )
-    return "\t".join(columns) + "\n"
+    """One line of the agent's `zfs list -H -p -o ...` (zfs.LIST_COLUMNS, in its order): an
+    encryption root with keyformat=raw, keylocation=prompt and its key not loaded; a managed
+    one as enroll leaves it."""
+    values = {
+        "name": name,
+        "type": "filesystem",
+        "guid": guid,
+        "encryptionroot": name,  # itself
+        "keystatus": "unavailable",
+        "keyformat": "raw",
+        "keylocation": "prompt",
+        "mounted": "no",
+        "canmount": "on",
+        "mountpoint": f"/{name}",
+        **{prop: value if managed else "-" for prop, value in MANAGED_PROPERTIES.items()},
+    }
+    return "\t".join(values[column] for column in LIST_COLUMNS) + "\n"
 
 
 @dataclass(frozen=True)

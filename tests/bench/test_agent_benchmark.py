@@ -83,7 +83,8 @@ def test_fakezfs_answers_the_lists_from_the_canned_files(
         "no",
         "on",
         "/pool1000/d000",
-        "on",
+        "on",  # zfs-unlock-agent:managed
+        "on",  # org.openzfs.systemd:ignore
     ]
 
 

@@ -167,6 +167,18 @@ class Tier:
         self.boots[machine.name] = boot
         return boot
 
+    def boot_unattended(self, variant: str, name: str, stack: str) -> Boot:
+        """A boot with the server up, which should need nobody: a prompt, should one come, is
+        answered (its tests then fail on it) so that the rest of the evidence comes in."""
+        key = self.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
+        audit_from = len(self.server.audit_records())
+        machine = self.machine(variant, name, stack)
+        facts: dict[str, Any] = {}
+        with machine:
+            machine.start()
+            answer_unexpected_prompt(machine, key, facts, REPORT_STARTED)
+            return self.finish(machine, audit_from, facts)
+
     def key_of(self, dataset: str) -> str:
         """DATASET's key as the server holds it, fetched with the host's own certificate
         (what an operator with that certificate could type at the prompt)."""
@@ -535,14 +547,7 @@ def test_server_down_prompts_and_typed_key_boots(boot_down: Boot) -> None:
 
 @pytest.fixture(scope="module")
 def boot_dracut(tier: Tier, boot_down: Boot) -> Boot:
-    key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
-    audit_from = len(tier.server.audit_records())
-    machine = tier.machine("dracut", "dracut-up", "networkmanager")
-    facts: dict[str, Any] = {}
-    with machine:
-        machine.start()
-        answer_unexpected_prompt(machine, key, facts, REPORT_STARTED)
-        return tier.finish(machine, audit_from, facts)
+    return tier.boot_unattended("dracut", "dracut-up", "networkmanager")
 
 
 def test_dracut_fetches_root_key_and_boots(boot_dracut: Boot) -> None:
@@ -563,14 +568,7 @@ def test_dracut_boot_with_networkmanager_unlocks_tank(boot_dracut: Boot) -> None
 
 @pytest.fixture(scope="module")
 def boot_21(tier21: Tier) -> Boot:
-    key = tier21.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
-    audit_from = len(tier21.server.audit_records())
-    machine = tier21.machine("initramfs-tools", "itools-2.1", "ifupdown")
-    facts: dict[str, Any] = {}
-    with machine:
-        machine.start()
-        answer_unexpected_prompt(machine, key, facts, REPORT_STARTED)
-        return tier21.finish(machine, audit_from, facts)
+    return tier21.boot_unattended("initramfs-tools", "itools-2.1", "ifupdown")
 
 
 def test_openzfs_21_initramfs_tools_fetches_root_key_and_boots(boot_21: Boot) -> None:
