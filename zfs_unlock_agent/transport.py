@@ -14,6 +14,7 @@ time left.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import ssl
@@ -34,33 +35,61 @@ URL_PATH = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)*")
 
 
 class TransportError(Exception):
-    """The exchange failed before a whole answer arrived; worth another try."""
+    """The exchange failed before a whole answer arrived; worth another try. `reason`
+    says what failed and, when the system said why, why: "cannot connect (connection
+    refused)". `kind` names the class of failure for `zfs-unlock-agent check`."""
 
-    reason = "the connection failed"
+    what = "the connection failed"
+    kind = "connection"
+
+    def __init__(self, detail: str = "", kind: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if kind:
+            self.kind = kind
+
+    @property
+    def reason(self) -> str:
+        return f"{self.what} ({self.detail})" if self.detail else self.what
 
 
 class ConnectFailed(TransportError):
-    reason = "cannot connect"
+    what = "cannot connect"
 
 
 class TimedOut(TransportError):
-    reason = "timed out"
+    what = "timed out"
+    kind = "timeout"
 
 
 class HandshakeFailed(TransportError):
-    reason = "TLS handshake failed"
+    what = "TLS handshake failed"
+    kind = "tls"
 
 
 class ConnectionLost(TransportError):
-    reason = "the connection broke before the whole answer"
+    what = "the connection broke before the whole answer"
 
 
 class MalformedAnswer(TransportError):
-    reason = "answer is not well-formed HTTP"
+    what = "answer is not well-formed HTTP"
+    kind = "http"
+
+
+class CertificateRefused(TransportError):
+    """The server's TLS layer refused this host's client certificate (an alert about it,
+    in TLS 1.3 only after the handshake, at the first read)."""
+
+    what = "the server refused this host's client certificate"
+    kind = "client-certificate"
 
 
 class PinMismatch(Exception):
     """The server presented a public key that matches no configured pin."""
+
+    def __init__(self, message: str, presented: str) -> None:
+        super().__init__(message)
+        self.presented = presented  # the pin of the key it presented, for the admin to compare
 
 
 class AnswerTooLarge(Exception):
@@ -157,15 +186,16 @@ class PinnedServer:
                 connection = self.context.wrap_socket(raw, server_hostname=self.wire_host)
             except TimeoutError:
                 raise TimedOut() from None
-            except ssl.SSLError:
-                raise HandshakeFailed() from None
-            except OSError:
-                raise ConnectFailed() from None
+            except ssl.SSLError as exc:
+                raise _tls_failure(exc, HandshakeFailed) from None
+            except OSError as exc:
+                raise ConnectFailed(_os_reason(exc)) from None
             with connection:
                 der = connection.getpeercert(binary_form=True)
                 if not der or not pinning.matches(der, self.pins):
                     raise PinMismatch(
-                        f"server {self.host}:{self.port} presented an unpinned public key"
+                        f"server {self.host}:{self.port} presented an unpinned public key",
+                        _presented_pin(der),
                     )
                 try:
                     _send_all(
@@ -177,8 +207,10 @@ class PinnedServer:
                     return read_response(connection, max_body, read_timeout, deadline)
                 except TimeoutError:
                     raise TimedOut() from None
-                except OSError:  # ssl.SSLError included
-                    raise ConnectionLost() from None
+                except ssl.SSLError as exc:
+                    raise _tls_failure(exc, ConnectionLost) from None
+                except OSError as exc:
+                    raise ConnectionLost(_os_reason(exc)) from None
 
     def _connect(self, connect_timeout: float, deadline: float) -> socket.socket:
         """A TCP connection to the first of the host's addresses that takes one, each try
@@ -186,8 +218,8 @@ class PinnedServer:
         would give every address the whole timeout)."""
         try:
             addresses = socket.getaddrinfo(self.wire_host, self.port, type=socket.SOCK_STREAM)
-        except OSError:
-            raise ConnectFailed() from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot resolve {self.host}: {_os_reason(exc)}", "dns") from None
         first_error: OSError | None = None
         for family, kind, protocol, _, address in addresses:
             wait = _wait(connect_timeout, deadline)
@@ -205,7 +237,8 @@ class PinnedServer:
         # As create_connection does, the first address's failure names the problem.
         if isinstance(first_error, TimeoutError):
             raise TimedOut()
-        raise ConnectFailed()
+        code = getattr(first_error, "errno", None) or 0
+        raise ConnectFailed(_os_reason(first_error), _CONNECT_KINDS.get(code, ""))
 
     def _head(self, method: str, path: str, length: int) -> bytes:
         return (
@@ -217,6 +250,38 @@ class PinnedServer:
             f"Content-Length: {length}\r\n"
             "Connection: close\r\n\r\n"
         ).encode("ascii")
+
+
+# How `check` classes a failed connect(), by errno.
+_CONNECT_KINDS = {
+    errno.ECONNREFUSED: "refused",
+    errno.ENETUNREACH: "unreachable",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.EHOSTDOWN: "unreachable",
+}
+
+
+def _os_reason(exc: OSError | None) -> str:
+    """What the system said, in its words and in lower case: "connection refused"."""
+    if exc is None or not exc.strerror:
+        return ""
+    return exc.strerror[:1].lower() + exc.strerror[1:]
+
+
+def _tls_failure(exc: ssl.SSLError, otherwise: type[TransportError]) -> TransportError:
+    """A TLS alert about a certificate is the server refusing ours (the agent checks the
+    server's by pin, never by alert); anything else is OTHERWISE, with OpenSSL's reason."""
+    reason = str(exc.reason or "")
+    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        return CertificateRefused(reason.lower())
+    return otherwise(reason.lower())
+
+
+def _presented_pin(der: bytes | None) -> str:
+    try:
+        return pinning.pin_of_certificate(der) if der else "none (no certificate)"
+    except pinning.CertificateFormatError:
+        return "none (a certificate that cannot be read)"
 
 
 def _wait(timeout: float, deadline: float) -> float:

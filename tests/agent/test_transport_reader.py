@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import pytest
 
@@ -188,13 +188,14 @@ def test_the_request_goes_below_the_urls_path_with_a_client_certificate(
 
 
 def test_an_unpinned_server_gets_no_request_byte(
-    stub: StubHTTPS, shared_keyserver: KeyServer, me: HostCreds
+    stub: StubHTTPS, stub_tls: TlsFiles, shared_keyserver: KeyServer, me: HostCreds
 ) -> None:
     server = server_for(stub.url, shared_keyserver.pin, me)  # the key server's pin, not the stub's
-    with pytest.raises(transport.PinMismatch):
+    with pytest.raises(transport.PinMismatch) as mismatch:
         server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY, soon())
     stub.wait_idle()
     assert stub.handshakes == 1 and stub.requests == [] and stub.app_bytes == 0
+    assert mismatch.value.presented == stub_tls.pin  # what the admin compares with the config
 
 
 def test_a_server_that_trusts_another_ca_refuses_the_connection(
@@ -204,10 +205,13 @@ def test_a_server_that_trusts_another_ca_refuses_the_connection(
     with StubHTTPS(stub_tls, [Reply(200)], client_ca=other_ca.cert) as stub:
         server = server_for(stub.url, stub_tls.pin, me)
         # TLS 1.3: the server checks the client's certificate after the client's side of the
-        # handshake is done, so the refusal arrives as the answer is read.
-        with pytest.raises((transport.HandshakeFailed, transport.ConnectionLost)):
+        # handshake is done, so the refusal arrives as the answer is read; either way it is
+        # a refusal of our certificate, not a broken connection.
+        with pytest.raises(transport.CertificateRefused) as refused:
             server.request("POST", "/v1/keys/release", b"{}", 5, 5, MAX_BODY, soon())
         assert stub.requests == []
+        assert refused.value.kind == "client-certificate"
+        assert "refused this host's client certificate (" in refused.value.reason
 
 
 def test_nothing_listening_is_cannot_connect(stub_tls: TlsFiles, me: HostCreds) -> None:
@@ -215,8 +219,29 @@ def test_nothing_listening_is_cannot_connect(stub_tls: TlsFiles, me: HostCreds) 
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     server = server_for(f"https://127.0.0.1:{port}", stub_tls.pin, me)
-    with pytest.raises(transport.ConnectFailed):
+    with pytest.raises(transport.ConnectFailed) as failed:
         server.request("POST", "/", b"{}", 5, 5, MAX_BODY, soon())
+    assert (failed.value.kind, failed.value.reason) == (
+        "refused",
+        "cannot connect (connection refused)",
+    )
+
+
+def test_a_name_that_does_not_resolve_says_so(
+    stub_tls: TlsFiles, me: HostCreds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The resolver's answer is made up: a real lookup could leave the machine.
+    def no_such_name(*args: object, **kwargs: object) -> NoReturn:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    server = server_for("https://keys.example.net:8443", stub_tls.pin, me)
+    with pytest.raises(transport.ConnectFailed) as failed:
+        server.request("POST", "/", b"{}", 5, 5, MAX_BODY, soon())
+    assert failed.value.kind == "dns"
+    assert failed.value.reason == (
+        "cannot connect (cannot resolve keys.example.net: name or service not known)"
+    )
 
 
 def test_the_request_is_not_held_back_by_nagle(
