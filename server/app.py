@@ -340,6 +340,30 @@ def checkin(
     return json_response(200, {"host": host.name, "deadman_timeout": service.deadman_timeout(host)})
 
 
+def host_status(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    body = _fields(json_body(environ), {"machine_id"})
+    status = service.host_status(caller, validate.machine_id(body["machine_id"]))
+    host = status.host
+    return json_response(
+        200,
+        {
+            "host": host.name,
+            "enabled": host.enabled,
+            "disabled_reason": host.disabled_reason if not host.enabled else "",
+            "machine_id_matches": status.machine_id_matches,
+            "source_ip": caller.source_ip,
+            "address_allowed": status.address_allowed,
+            "any_pool": not host.pools,
+            "pools": list(host.pools),
+            "certificate_not_after": status.certificate_not_after,
+            "deadman_timeout": status.deadman_timeout,
+            "server_time": status.server_time,
+        },
+    )
+
+
 def release_batch(
     service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
 ) -> Response:
@@ -447,6 +471,7 @@ _SIMPLEZFS = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/(?!\.\.?\Z)([A-Za-z0-9_.
 # is 404, a listed path asked with another method 405.
 ROUTES: tuple[Route, ...] = (
     Route("POST", _exactly(protocol.ROUTE_CHECKIN), checkin),
+    Route("POST", _exactly(protocol.ROUTE_HOST_STATUS), host_status),
     Route("POST", _exactly(protocol.ROUTE_ENROLL), enroll),
     Route("POST", _exactly(protocol.ROUTE_ACTIVATE), activate),
     Route("POST", _exactly(protocol.ROUTE_RELEASE_BATCH), release_batch),

@@ -60,6 +60,19 @@ class Released:
 
 
 @dataclass(frozen=True)
+class HostStatus:
+    """What `zfs-unlock-agent check` learns about its own enrollment: enough to say why
+    its keys would be refused, nothing about other hosts, never a key."""
+
+    host: Host
+    certificate_not_after: int
+    machine_id_matches: bool
+    address_allowed: bool
+    deadman_timeout: int
+    server_time: float
+
+
+@dataclass(frozen=True)
 class BatchResult:
     released: list[Released]
     denied: list[DatasetRef]
@@ -176,6 +189,33 @@ class KeyService:
         self.audit.write(self._record(caller, "checkin", decision="allow", host=host.name))
         self.store.touch_host(host.id, int(self.clock()))
         return host
+
+    def host_status(self, caller: Caller, machine_id: str) -> HostStatus:
+        """The caller's own enrollment, as the release checks would see it now; an unknown
+        certificate is refused like everywhere else. Changes nothing but what the dead-man
+        switch would change, and does not count as being seen."""
+        host = self.store.host_by_fingerprint(caller.fingerprint)
+        if host is None:
+            raise self.deny(caller, "host_status", "unknown_certificate", machine_id=machine_id)
+        now = self.clock()
+        if deadman_expired(host, self.default_deadman_timeout, int(now)):
+            disable_silent_host(
+                self.store, self.audit, host, self.default_deadman_timeout, caller.audit_fields()
+            )
+            host = self.store.host_by_name(host.name)
+        self.audit.write(
+            self._record(caller, "host_status", decision="allow", host=host.name),
+            durable=False,  # a question, not a decision: no sync
+        )
+        not_after = dict(self.store.certificates(host.id))[caller.fingerprint]
+        return HostStatus(
+            host=host,
+            certificate_not_after=not_after,
+            machine_id_matches=machine_id == host.machine_id,
+            address_allowed=address_allowed(caller.source_ip, host.allowed_networks),
+            deadman_timeout=self.deadman_timeout(host),
+            server_time=now,
+        )
 
     def _releasable(
         self, caller: Caller, host: Host, ref: DatasetRef

@@ -12,6 +12,7 @@ EX_USAGE = 64
 EX_DATAERR = 65  # the server sent key material that does not fit the dataset
 EX_UNAVAILABLE = 69  # zfs missing, pool or dataset not there
 EX_SOFTWARE = 70
+EX_CANTCREAT = 73  # `setup`: the configuration exists and --force was not given
 EX_IOERR = 74  # the command's own output could not be written (a closed pipe, a full disk)
 EX_TEMPFAIL = 75  # server unreachable, timed out, 5xx, 429: worth retrying later
 EX_NOPERM = 77  # pin mismatch, redirect, 403: refused, retrying will not help
@@ -27,6 +28,12 @@ class OutputFailed(AgentError):
     """The command's own output (standard output) could not be written."""
 
     exit_code = EX_IOERR
+
+
+class AlreadyExists(AgentError):
+    """A file the command would create exists, and the command was not told to replace it."""
+
+    exit_code = EX_CANTCREAT
 
 
 class ConfigError(AgentError):

@@ -13,6 +13,7 @@ ROUTE_CHECKIN: Final = "/v1/checkin"
 ROUTE_ENROLL: Final = "/v1/keys"
 ROUTE_ACTIVATE: Final = "/v1/keys/activate"
 ROUTE_RELEASE_BATCH: Final = "/v1/keys/release"
+ROUTE_HOST_STATUS: Final = "/v1/host"  # the caller's own enrollment, for `check`
 # GET /v1/hosts/{machine_id}/keys/{pool_guid}/{dataset_guid}
 ROUTE_RELEASE_ONE_PREFIX: Final = "/v1/hosts/"
 

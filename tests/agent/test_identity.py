@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from cryptography import x509
 
 from tests.agent.harness import AGENT_BIN, AgentHost
 from tests.certs import spki
-from tests.keyserver import KeyServer
+from tests.keyserver import SERVER_BIN, KeyServer
 
 
 def test_identity_creates_a_private_key_and_csr_once(
@@ -39,13 +40,24 @@ def test_identity_creates_a_private_key_and_csr_once(
     assert again.returncode == 0 and "not replaced" in again.stderr
     assert fresh_key.read_bytes() == key_before
 
-    # The printed command enrolls the host as written (CSR in, certificate out);
-    # the harness had enrolled this machine-id under another name already.
+    # The printed command, run by a shell as written in the directory the admin copied
+    # the CSR to, enrolls the host (CSR in, certificate out through the shell); the
+    # harness had enrolled this machine-id under another name already.
     shared_keyserver.must("host", "remove", "identity-host")
-    argv = command.split()[1:]
-    argv[argv.index("--csr") + 1] = str(fresh_key.with_suffix(".csr"))
-    argv[argv.index("--cert-out") + 1] = str(tmp_path / "web7.crt")
-    shared_keyserver.must(*argv)
+    assert command.endswith(" --csr web7.csr > web7.crt")
+    shutil.copy(fresh_key.with_suffix(".csr"), tmp_path / "web7.csr")
+    line = command.replace(
+        "zfs-unlock-server ", f"{SERVER_BIN} --data-dir {shared_keyserver.data_dir} ", 1
+    )
+    enrolled = subprocess.run(
+        ["bash", "-c", line],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
     cert = x509.load_pem_x509_certificate((tmp_path / "web7.crt").read_bytes())
     assert spki(cert.public_key()) == spki(csr.public_key())
 
