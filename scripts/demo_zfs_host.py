@@ -252,7 +252,7 @@ class Host:
             f"The host creates {DATASET}, encrypted with a key the server issues"
             " (the key is never written to this host's disk)"
         )
-        _, out = self.agent("enroll", "--dataset", DATASET)
+        _, out = self.agent("enroll", "--dataset", DATASET, "--create")
         found = re.search(r"enrolled with key (\S+)", out)
         if not found:
             raise Failure(f"enroll did not name the key: {out.strip()!r}")

@@ -26,6 +26,7 @@ from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
 from zfs_unlock_server.masterkey import check_master_key, seal_check
+from zfs_unlock_server.outputs import HostBundle
 from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
 from zfs_unlock_server.service import KeyService, new_key_id
 from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
@@ -218,9 +219,13 @@ class Admin:
         pools: Sequence[str],
         deadman_timeout: int | None,
         csr_pem: bytes | None,
-        issue_into: Path | None,
+        issue_into: Path | HostBundle | None,
     ) -> tuple[Host, bytes]:
-        """Register a host and return it with its new client certificate (PEM)."""
+        """Register a host and return it with its new client certificate (PEM).
+
+        ISSUE_INTO, instead of CSR_PEM: where to generate the host's key pair, a
+        directory (made here, and removed again if this fails) or a bundle the caller
+        opened (and removes)."""
         validate.label(name, "host name")
         validate.machine_id(machine_id)
         for net in networks:
@@ -232,40 +237,46 @@ class Admin:
             validate.guid(pool, "pool GUID")
         if deadman_timeout is not None and deadman_timeout < 0:
             raise DataError("--deadman-timeout must be >= 0")
+        if csr_pem is None and issue_into is None:
+            raise DataError(
+                "give the host's CSR (--csr) or a directory for a new key (--issue-key)"
+            )
+        bundle = HostBundle.open(issue_into) if isinstance(issue_into, Path) else issue_into
+        try:
+            return self._add_host(
+                NewHost(
+                    name, machine_id, tuple(networks), tuple(dict.fromkeys(pools)), deadman_timeout
+                ),
+                csr_pem,
+                bundle if csr_pem is None else None,
+            )
+        except BaseException:
+            if isinstance(issue_into, Path) and bundle is not None:
+                bundle.discard()
+            raise
+
+    def _add_host(
+        self, new: NewHost, csr_pem: bytes | None, bundle: HostBundle | None
+    ) -> tuple[Host, bytes]:
         key_pem = None
         if csr_pem is None:
-            if issue_into is None:
-                raise DataError(
-                    "give the host's CSR (--csr) or a directory for a new key (--issue-key)"
-                )
-            if issue_into.exists() and any(issue_into.iterdir()):
-                raise CannotCreate(f"{issue_into} exists and is not empty")
-            key_pem, csr_pem = new_key_and_csr(name)
-        cert_pem = self.sign(name, csr_pem)
-        new = NewHost(
-            name, machine_id, tuple(networks), tuple(dict.fromkeys(pools)), deadman_timeout
-        )
+            key_pem, csr_pem = new_key_and_csr(new.name)
+        cert_pem = self.sign(new.name, csr_pem)
         fingerprint = pki.certificate_fingerprint(pki.pem_to_der(cert_pem))
-        # Key files first: a host whose only private key was never written would
-        # be enrolled for nobody. If the database refuses, the files go again.
-        if key_pem is not None and issue_into is not None:
-            write_host_bundle(issue_into, key_pem, cert_pem)
-        try:
-            with self.granting(
-                "host_added",
-                host=name,
-                machine_id=machine_id,
-                cert_fp=fingerprint,
-                networks=",".join(networks),
-                pools=",".join(pools),
-                deadman_timeout=deadman_timeout,
-            ):
-                host = self.store.add_host(new, fingerprint, pki.not_after(cert_pem))
-        except BaseException:
-            if issue_into is not None and key_pem is not None:
-                for leftover in ("client.key", "client.crt"):
-                    (issue_into / leftover).unlink(missing_ok=True)
-            raise
+        # Key files first: a host whose only private key was never written would be
+        # enrolled for nobody. If the database refuses, the bundle's owner removes them.
+        if key_pem is not None and bundle is not None:
+            bundle.write(key_pem, cert_pem)
+        with self.granting(
+            "host_added",
+            host=new.name,
+            machine_id=new.machine_id,
+            cert_fp=fingerprint,
+            networks=",".join(new.allowed_networks),
+            pools=",".join(new.pools),
+            deadman_timeout=new.deadman_timeout,
+        ):
+            host = self.store.add_host(new, fingerprint, pki.not_after(cert_pem))
         return host, cert_pem
 
     def add_certificate(self, name: str, csr_pem: bytes) -> bytes:
@@ -342,7 +353,8 @@ class Admin:
             )
         return record
 
-    def set_key_state(self, key_id: str, state: str) -> None:
+    def set_key_state(self, key_id: str, state: str) -> KeyRecord:
+        """Revoke or restore a key; return it as it was."""
         validate.key_id(key_id)
         expected = ("pending", "active") if state == "revoked" else ("revoked",)
         record = self.store.key_by_id(key_id)
@@ -361,8 +373,9 @@ class Admin:
         else:
             with self.granting("key_restored", **fields):
                 self.store.set_key_state(key_id, state, expected, int(time.time()))
+        return record
 
-    def delete_key(self, key_id: str) -> None:
+    def delete_key(self, key_id: str) -> KeyRecord:
         """Forget a revoked key for good (its dataset was destroyed). Irreversible."""
         validate.key_id(key_id)
         record = self.store.key_by_id(key_id)
@@ -375,10 +388,4 @@ class Admin:
             dataset_guid=record.dataset_guid or None,
             dataset=record.dataset,
         )
-
-
-def write_host_bundle(directory: Path, key_pem: bytes, cert_pem: bytes) -> None:
-    """Write a host's new key (0400) and certificate, for the convenience path."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    secretfile.write_new(directory / "client.key", key_pem, 0o400)
-    secretfile.write_new(directory / "client.crt", cert_pem, 0o644)
+        return record

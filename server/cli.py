@@ -9,16 +9,18 @@ import logging
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import admin, audit, prestart, privileges, sealing, simplezfs
+from zfs_unlock_server import __version__, admin, audit, prestart, privileges, sealing, simplezfs
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
+from zfs_unlock_server.outputs import OutputFile
 from zfs_unlock_server.store import Host, KeyRecord
 
 Handler = Callable[[argparse.Namespace, AdminInputs], int]
@@ -28,12 +30,34 @@ def _when(stamp: int) -> str:
     return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat(timespec="seconds")
 
 
-def _emit_certificate(cert_pem: bytes, out: str | None) -> None:
-    if out:
-        Path(out).write_bytes(cert_pem)
-        print(f"client certificate written to {out}", file=sys.stderr)
+def _say(message: str) -> None:
+    """What a command did, for the admin: on standard error, so that scripts reading
+    standard output see only the command's result."""
+    print(message, file=sys.stderr)
+
+
+def _emit_certificate(cert_pem: bytes, out: OutputFile | None) -> None:
+    if out is not None:
+        out.write(cert_pem)
+        _say(f"client certificate written to {out.path}")
     else:
         sys.stdout.write(cert_pem.decode("ascii"))
+
+
+def _duration(seconds: int) -> str:
+    """SECONDS in the largest whole unit: '30 days', '12 hours', '90 seconds'."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Aligned columns; the last one is not padded."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    for row in (header, *rows):
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
 
 
 # Commands
@@ -58,6 +82,11 @@ def cmd_init(args: argparse.Namespace, inputs: AdminInputs) -> int:
             f" the systemd unit loads it from {sealing.DEFAULT_CREDENTIAL_FILE})",
             file=sys.stderr,
         )
+    _say(
+        f"dead-man switch: a host not heard from for"
+        f" {_duration(server_config.NEW_DEADMAN_TIMEOUT)} is disabled; the agent's daemon checks"
+        " in every 15 minutes; change deadman_timeout in server.toml"
+    )
     print(f"server public-key pin (put it in each agent's config): {pin}", file=sys.stderr)
     print(pin)
     return 0
@@ -83,8 +112,9 @@ def cmd_serve(args: argparse.Namespace, inputs: AdminInputs) -> int:
 
     layout = server_config.Layout(args.data_dir)
     config = server_config.load(layout)
-    prestart.check_data_dir(layout, config)
     listen = args.listen or list(config.listen)
+    serve.check_listen(listen)  # before the start is recorded: one clear error, at once
+    prestart.check_data_dir(layout, config)
     serve.run(build_app(args.data_dir, config), listen, args.workers or config.workers)
     return 0
 
@@ -117,18 +147,22 @@ def cmd_host_add(args: argparse.Namespace, inputs: AdminInputs) -> int:
             args.pool,
             args.deadman_timeout,
             inputs.csr_pem,
-            Path(args.issue_key) if args.issue_key else None,
+            inputs.outputs.bundle,
         )
     finally:
         ops.close()
-    print(f"host {host.name} added", file=sys.stderr)
-    if args.issue_key:
-        print(
-            f"key and certificate written to {args.issue_key}/client.key, client.crt",
-            file=sys.stderr,
-        )
+    _say(f"host {host.name} added")
+    if not host.allowed_networks:
+        _say(f"host {host.name}: may fetch keys from any address; --allow-ip CIDR narrows it")
+    if not host.pools:
+        _say(f"host {host.name}: may fetch keys for any pool; --pool GUID narrows it")
+    if inputs.outputs.bundle is not None:
+        bundle = inputs.outputs.bundle.directory
+        _say(f"key and certificate written to {bundle}/client.key, {bundle}/client.crt")
+        if inputs.outputs.file("--cert-out") is not None:
+            _emit_certificate(cert_pem, inputs.outputs.file("--cert-out"))
     else:
-        _emit_certificate(cert_pem, args.cert_out)
+        _emit_certificate(cert_pem, inputs.outputs.file("--cert-out"))
     return 0
 
 
@@ -140,57 +174,139 @@ def cmd_host_cert(args: argparse.Namespace, inputs: AdminInputs) -> int:
         cert_pem = ops.add_certificate(args.name, inputs.csr_pem)
     finally:
         ops.close()
-    _emit_certificate(cert_pem, args.cert_out)
+    _emit_certificate(cert_pem, inputs.outputs.file("--cert-out"))
     return 0
 
 
-def cmd_host_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
+@dataclass(frozen=True)
+class HostView:
+    """A host as the listing commands show it."""
+
+    host: Host
+    certificates: Sequence[tuple[str, int]]
+    timeout: int  # its dead-man timeout, its own or server.toml's
+    key_states: Sequence[str]
+
+    def json(self) -> dict[str, Any]:
+        return _host_json(self.host, self.certificates, self.timeout)
+
+
+def _host_views(args: argparse.Namespace, name: str | None) -> list[HostView]:
     ops = admin.Admin.open(args.data_dir)
     try:
         # Show the dead-man switch's verdict, not a state it would change on the next request.
-        for name in ops.expire_silent_hosts():
-            print(f"host {name}: disabled now by the dead-man switch", file=sys.stderr)
-        hosts = [
-            _host_json(h, ops.store.certificates(h.id), ops.config.deadman_timeout)
-            for h in ops.store.hosts()
-            if not getattr(args, "name", None) or h.name == args.name
+        for expired in ops.expire_silent_hosts():
+            _say(f"host {expired}: disabled now by the dead-man switch")
+        hosts = [ops.store.host_by_name(name)] if name else ops.store.hosts()
+        return [
+            HostView(
+                h,
+                ops.store.certificates(h.id),
+                deadman_timeout(h, ops.config.deadman_timeout),
+                [k.state for k in ops.store.keys(h.id)] if name else [],
+            )
+            for h in hosts
         ]
-        if getattr(args, "name", None) and not hosts:
-            ops.store.host_by_name(args.name)  # raises NotFound
     finally:
         ops.close()
+
+
+def cmd_host_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    views = _host_views(args, None)
     if args.json:
-        print(json.dumps(hosts if not getattr(args, "name", None) else hosts[0], indent=2))
+        print(json.dumps([v.json() for v in views], indent=2))
         return 0
-    for h in hosts:
-        state = "enabled" if h["enabled"] else f"DISABLED ({h['disabled_reason']})"
-        print(f"{h['name']:<24} {h['machine_id']}  {state:<20} last seen {h['last_seen']}")
-        if getattr(args, "name", None):
-            for key, value in h.items():
-                if key not in {"name", "machine_id", "enabled"}:
-                    print(f"  {key}: {value}")
+    if not views:
+        _say("no hosts")
+        return 0
+    _table(
+        ("NAME", "STATE", "MACHINE-ID", "LAST SEEN", "ALLOWED", "POOLS"),
+        [
+            (
+                v.host.name,
+                _state(v.host),
+                v.host.machine_id,
+                _when(v.host.last_seen),
+                ",".join(v.host.allowed_networks) or "any-address",
+                ",".join(v.host.pools) or "any-pool",
+            )
+            for v in views
+        ],
+    )
     return 0
+
+
+def _state(host: Host) -> str:
+    return "enabled" if host.enabled else f"DISABLED ({host.disabled_reason})"
+
+
+def cmd_host_show(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    (view,) = _host_views(args, args.name)
+    if args.json:
+        print(json.dumps(view.json(), indent=2))
+        return 0
+    host = view.host
+    why = {"admin": "no, disabled by an admin", "deadman": "no, disabled by the dead-man switch"}
+    timeout = f"{view.timeout} s ({_duration(view.timeout)})" if view.timeout else "off"
+    if host.deadman_timeout is None:
+        timeout += ", server.toml's deadman_timeout"
+    certificates = [f"{fp}  expires {_when(na)}" for fp, na in view.certificates] or ["none"]
+    fields = [
+        ("name", host.name),
+        ("enabled", "yes" if host.enabled else why.get(host.disabled_reason, "no")),
+        ("machine-id", host.machine_id),
+        ("allowed networks", ", ".join(host.allowed_networks) or "any address"),
+        ("pools", ", ".join(host.pools) or "any pool"),
+        ("dead-man timeout", timeout),
+        ("last seen", _when(host.last_seen)),
+        ("created", _when(host.created_at)),
+        ("certificates", certificates[0]),
+        *(("", line) for line in certificates[1:]),
+        ("keys", _key_count(view.key_states)),
+    ]
+    width = max(len(label) for label, _ in fields) + 2
+    for label, value in fields:
+        print(f"{label + ':' if label else '':<{width}}{value}".rstrip())
+    return 0
+
+
+def _key_count(states: Sequence[str]) -> str:
+    counts = {state: states.count(state) for state in dict.fromkeys(sorted(states))}
+    detail = ", ".join(f"{n} {state}" for state, n in counts.items())
+    return f"{len(states)} ({detail})" if states else "0"
 
 
 def cmd_host_enable(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.set_enabled(args.name, True))
+    _with_admin(args, lambda ops: ops.set_enabled(args.name, True))
+    _say(
+        f"host {args.name} enabled: its keys are released again from the next request;"
+        " its dead-man clock starts now"
+    )
+    return 0
 
 
 def cmd_host_disable(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.set_enabled(args.name, False))
+    _with_admin(args, lambda ops: ops.set_enabled(args.name, False))
+    _say(f"host {args.name} disabled: its keys are refused from the next request")
+    return 0
 
 
 def cmd_host_remove(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.remove_host(args.name, args.delete_keys))
+    deleted = _with_admin(args, lambda ops: ops.remove_host(args.name, args.delete_keys))
+    keys = f", and its {deleted} key(s) deleted for good" if deleted else ""
+    _say(f"host {args.name} removed{keys}: its certificates are refused from the next request")
+    return 0
 
 
-def _with_admin(args: argparse.Namespace, action: Callable[[admin.Admin], object]) -> int:
+T = TypeVar("T")
+
+
+def _with_admin(args: argparse.Namespace, action: Callable[[admin.Admin], T]) -> T:
     ops = admin.Admin.open(args.data_dir)
     try:
-        action(ops)
+        return action(ops)
     finally:
         ops.close()
-    return 0
 
 
 def _key_json(record: KeyRecord) -> dict[str, Any]:
@@ -219,6 +335,8 @@ def cmd_key_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
     if args.json:
         print(json.dumps(keys, indent=2))
         return 0
+    if not keys:
+        _say(f"no keys for host {args.host}" if args.host else "no keys")
     for k in keys:
         where = f"{k['pool_guid']}/{k['dataset_guid'] or k['legacy_name']}"
         print(
@@ -246,20 +364,35 @@ def cmd_key_create(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return 0
 
 
+def _key_named(record: KeyRecord) -> str:
+    return f"key {record.key_id} of host {record.host} ({record.dataset})"
+
+
 def cmd_key_delete(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.delete_key(args.key_id))
+    record = _with_admin(args, lambda ops: ops.delete_key(args.key_id))
+    _say(f"{_key_named(record)} deleted for good")
+    return 0
 
 
 def cmd_host_cert_remove(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.remove_certificate(args.name, args.sha256))
+    _with_admin(args, lambda ops: ops.remove_certificate(args.name, args.sha256))
+    _say(
+        f"host {args.name}: certificate {args.sha256.lower()} removed: it is refused from the"
+        " next request"
+    )
+    return 0
 
 
 def cmd_key_revoke(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "revoked"))
+    record = _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "revoked"))
+    _say(f"{_key_named(record)} revoked: it is refused from the next request")
+    return 0
 
 
 def cmd_key_restore(args: argparse.Namespace, inputs: AdminInputs) -> int:
-    return _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "active"))
+    record = _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "active"))
+    _say(f"{_key_named(record)} restored: it is released again from the next request")
+    return 0
 
 
 def cmd_audit(args: argparse.Namespace, inputs: AdminInputs) -> int:
@@ -271,6 +404,9 @@ def cmd_audit(args: argparse.Namespace, inputs: AdminInputs) -> int:
         if (not args.host or r.get("host") == args.host)
         and (not args.event or r.get("event") == args.event)
     ]
+    if not records:
+        filtered = args.host or args.event
+        _say("no audit records match" if filtered else "no audit records")
     for record in records[-args.last :] if args.last else records:
         if args.json:
             print(json.dumps(record, ensure_ascii=True, separators=(",", ":")))
@@ -300,14 +436,13 @@ def cmd_import_simplezfs(args: argparse.Namespace, inputs: AdminInputs) -> int:
 
 
 def wants_of(args: argparse.Namespace) -> Wants:
-    """What the admin command ARGS names that must be read before, or checked after,
-    it becomes the data directory's owner."""
+    """What the admin command ARGS names that must be read, or opened for writing,
+    before it becomes the data directory's owner."""
     outputs = []
-    if getattr(args, "cert_out", None):
-        hint = "; without --cert-out the certificate goes to standard output"
-        outputs.append(Output(Path(args.cert_out), "--cert-out", hint))
     if getattr(args, "issue_key", None):
-        outputs.append(Output(Path(args.issue_key), "--issue-key"))
+        outputs.append(Output(Path(args.issue_key), "--issue-key", bundle=True))
+    if getattr(args, "cert_out", None):
+        outputs.append(Output(Path(args.cert_out), "--cert-out"))
     return Wants(
         csr=getattr(args, "csr", None),
         simplezfs=Path(args.file) if args.handler is cmd_import_simplezfs else None,
@@ -338,11 +473,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _examples(*examples: str) -> str:
+    """An epilog of command lines; a backslash-newline inside one continues it."""
+    lines = ["  " + x.replace("\n", "\n      ") for x in examples]
+    return ("examples:\n" if len(examples) > 1 else "example:\n") + "\n".join(lines)
+
+
+_MACHINE_ID = "0123456789abcdef0123456789abcdef"
+_KEY_ID = "k-0123456789abcdef01234567"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--data-dir",
         type=Path,
+        metavar="DIR",
         default=argparse.SUPPRESS,
         help=f"data directory (default ${server_config.DATA_DIR_ENV} or "
         f"{server_config.DEFAULT_DATA_DIR})",
@@ -351,19 +497,53 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zfs-unlock-server",
         parents=[common],
         description="Key server for zfs-unlock-agent: releases dataset keys to enrolled hosts.",
+        epilog=_examples(
+            (
+                "zfs-unlock-server init --server-name keys.example.org \\\n"
+                "--master-key-out /etc/zfs-unlock-server/master-key"
+            ),
+            "zfs-unlock-server host add --help    # each command's options and examples",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: more)"
+    )
 
     def add(
-        parent: Any, name: str, handler: Handler, help_text: str, description: str | None = None
+        parent: Any,
+        name: str,
+        handler: Handler,
+        help_text: str,
+        examples: Sequence[str],
+        description: str | None = None,
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(
-            name, parents=[common], help=help_text, description=description
+            name,
+            parents=[common],
+            help=help_text,
+            description=description or help_text[0].upper() + help_text[1:] + ".",
+            epilog=_examples(*examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(handler=handler)
         return p
 
-    p = add(sub, "init", cmd_init, "create a data directory (never overwrites)")
+    p = add(
+        sub,
+        "init",
+        cmd_init,
+        "create a data directory (never overwrites)",
+        [
+            (
+                "zfs-unlock-server init --server-name keys.example.org \\\n"
+                "--master-key-out /etc/zfs-unlock-server/master-key"
+            ),
+        ],
+    )
     p.add_argument(
         "--server-name",
         action="append",
@@ -372,9 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DNS name or IP for the generated server certificate (repeatable)",
     )
     p.add_argument(
-        "--server-cert", help="use this server certificate (PEM) instead of generating one"
+        "--server-cert",
+        metavar="FILE",
+        help="use this server certificate (PEM) instead of generating one",
     )
-    p.add_argument("--server-key", help="private key (PEM, mode 0400/0600) of --server-cert")
+    p.add_argument(
+        "--server-key", metavar="FILE", help="private key (PEM, mode 0400/0600) of --server-cert"
+    )
     p.add_argument(
         "--master-key-out",
         metavar="FILE",
@@ -382,9 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
         " of into the data directory; serve then needs it as the credential master-key",
     )
 
-    add(sub, "pin", cmd_pin, "print the server's public-key pin")
+    add(sub, "pin", cmd_pin, "print the server's public-key pin", ["zfs-unlock-server pin"])
 
-    p = add(sub, "serve", cmd_serve, "serve HTTPS with client certificates")
+    p = add(
+        sub,
+        "serve",
+        cmd_serve,
+        "serve HTTPS with client certificates",
+        [
+            "zfs-unlock-server serve    # as the data directory's owner; the unit does this",
+            "zfs-unlock-server serve --listen 192.0.2.1:8443 --workers 4",
+        ],
+    )
     p.add_argument(
         "--listen",
         action="append",
@@ -392,7 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override 'listen' from server.toml (repeatable)",
     )
     p.add_argument(
-        "--workers", type=_count, default=0, help="worker processes (default: server.toml)"
+        "--workers",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="worker processes (default: server.toml)",
     )
     p.add_argument(
         "--allow-root",
@@ -400,14 +597,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve even as root (refused otherwise, exit 77)",
     )
 
-    hosts = add(sub, "host", _missing_subcommand, "manage hosts").add_subparsers(
-        dest="host_command", required=True, metavar="ACTION"
+    hosts = add(
+        sub,
+        "host",
+        _missing_subcommand,
+        "manage hosts",
+        ["zfs-unlock-server host list", "zfs-unlock-server host show web1"],
+    ).add_subparsers(
+        dest="host_command", required=True, metavar="ACTION", help="what to do with hosts"
     )
-    p = add(hosts, "add", cmd_host_add, "register a host and issue its client certificate")
-    p.add_argument("name")
-    p.add_argument("--machine-id", required=True)
-    p.add_argument("--allow-ip", action="append", default=[], metavar="CIDR")
-    p.add_argument("--pool", action="append", default=[], metavar="GUID")
+    p = add(
+        hosts,
+        "add",
+        cmd_host_add,
+        "register a host and issue its client certificate",
+        [
+            (
+                f"zfs-unlock-server host add web1 --machine-id {_MACHINE_ID} \\\n"
+                "--csr web1.csr --cert-out web1.crt \\\n"
+                "--allow-ip 192.0.2.10/32 --pool 9461416713813557291"
+            ),
+            f"zfs-unlock-server host add web2 --machine-id {_MACHINE_ID} \\\n--issue-key ./web2",
+        ],
+    )
+    p.add_argument("name", help="the host's name (letters, digits and _ . : -)")
+    p.add_argument(
+        "--machine-id", required=True, metavar="ID", help="the host's /etc/machine-id (required)"
+    )
+    p.add_argument(
+        "--allow-ip",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="accept the host's requests only from this network (repeatable; default: any)",
+    )
+    p.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="GUID",
+        help="release keys only on the pool with this GUID (repeatable; default: any)",
+    )
     p.add_argument(
         "--deadman-timeout",
         type=int,
@@ -422,45 +652,117 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="generate the host's key pair here instead (it must then be moved to the host)",
     )
+    p.add_argument(
+        "--cert-out", metavar="FILE", help="also write the certificate here (not to stdout)"
+    )
+    p = add(
+        hosts,
+        "cert",
+        cmd_host_cert,
+        "issue another certificate for a host (renewal)",
+        ["zfs-unlock-server host cert web1 --csr web1-2027.csr --cert-out web1-2027.crt"],
+    )
+    p.add_argument("name", help="the host's name")
+    p.add_argument("--csr", required=True, metavar="FILE", help="the CSR ('-' for stdin)")
     p.add_argument("--cert-out", metavar="FILE", help="write the certificate here, not to stdout")
-    p = add(hosts, "cert", cmd_host_cert, "issue another certificate for a host (renewal)")
-    p.add_argument("name")
-    p.add_argument("--csr", required=True, metavar="FILE")
-    p.add_argument("--cert-out", metavar="FILE")
     p = add(
         hosts,
         "cert-remove",
         cmd_host_cert_remove,
         "stop accepting one of a host's certificates (after a renewal, or a leak)",
+        [
+            "zfs-unlock-server host show web1    # lists the fingerprints",
+            (
+                "zfs-unlock-server host cert-remove web1 \\\n"
+                "6c1f0e5a0b3d9b8f4e2a7c5d1e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f"
+            ),
+        ],
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the host's name")
     p.add_argument("sha256", help="the certificate's SHA-256 fingerprint, as 'host show' lists it")
-    p = add(hosts, "list", cmd_host_list, "list hosts")
-    p.add_argument("--json", action="store_true")
-    p = add(hosts, "show", cmd_host_list, "show one host")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p = add(
+        hosts,
+        "list",
+        cmd_host_list,
+        "list hosts",
+        ["zfs-unlock-server host list", "zfs-unlock-server host list --json"],
+    )
+    p.add_argument("--json", action="store_true", help="a JSON array, one object per host")
+    p = add(
+        hosts,
+        "show",
+        cmd_host_show,
+        "show one host",
+        ["zfs-unlock-server host show web1"],
+    )
+    p.add_argument("name", help="the host's name")
+    p.add_argument("--json", action="store_true", help="one JSON object, as in 'host list --json'")
     for name, handler, text in (
         ("disable", cmd_host_disable, "refuse every request of a host, from the next request on"),
         ("enable", cmd_host_enable, "re-enable a host (also after the dead-man switch fired)"),
     ):
-        add(hosts, name, handler, text).add_argument("name")
-    p = add(hosts, "remove", cmd_host_remove, "remove a host")
-    p.add_argument("name")
+        add(hosts, name, handler, text, [f"zfs-unlock-server host {name} web1"]).add_argument(
+            "name", help="the host's name"
+        )
+    p = add(
+        hosts,
+        "remove",
+        cmd_host_remove,
+        "remove a host",
+        ["zfs-unlock-server host remove web1", "zfs-unlock-server host remove web1 --delete-keys"],
+    )
+    p.add_argument("name", help="the host's name")
     p.add_argument("--delete-keys", action="store_true", help="also delete its keys (irreversible)")
 
-    keys = add(sub, "key", _missing_subcommand, "manage keys").add_subparsers(
-        dest="key_command", required=True, metavar="ACTION"
+    keys = add(
+        sub,
+        "key",
+        _missing_subcommand,
+        "manage keys",
+        ["zfs-unlock-server key list --host web1"],
+    ).add_subparsers(
+        dest="key_command", required=True, metavar="ACTION", help="what to do with keys"
     )
-    p = add(keys, "list", cmd_key_list, "list keys (never their material)")
-    p.add_argument("--host")
-    p.add_argument("--json", action="store_true")
-    p = add(keys, "create", cmd_key_create, "create or import an active key for a dataset")
-    p.add_argument("--host", required=True)
-    p.add_argument("--pool-guid", required=True)
-    p.add_argument("--dataset-guid", required=True)
-    p.add_argument("--dataset", required=True, help="the dataset's name (a label)")
-    p.add_argument("--keyformat", choices=protocol.KEY_FORMATS, default="raw")
+    p = add(
+        keys,
+        "list",
+        cmd_key_list,
+        "list keys (never their material)",
+        ["zfs-unlock-server key list", "zfs-unlock-server key list --host web1 --json"],
+    )
+    p.add_argument("--host", metavar="NAME", help="only this host's keys")
+    p.add_argument("--json", action="store_true", help="a JSON array, one object per key")
+    p = add(
+        keys,
+        "create",
+        cmd_key_create,
+        "create or import an active key for a dataset",
+        [
+            (
+                "zfs-unlock-server key create --host web1 --pool-guid 9461416713813557291 \\\n"
+                "--dataset-guid 1730281731023487 --dataset tank/secret"
+            ),
+            (
+                "zfs-unlock-server key create --host web1 --pool-guid 9461416713813557291 \\\n"
+                "--dataset-guid 88127403125 --dataset tank/old \\\n"
+                "--keyformat passphrase --import < passphrase-file"
+            ),
+        ],
+    )
+    p.add_argument("--host", required=True, metavar="NAME", help="the host that owns the dataset")
+    p.add_argument(
+        "--pool-guid", required=True, metavar="GUID", help="the pool's GUID (zpool get guid)"
+    )
+    p.add_argument(
+        "--dataset-guid", required=True, metavar="GUID", help="the dataset's GUID (zfs get guid)"
+    )
+    p.add_argument("--dataset", required=True, metavar="DS", help="the dataset's name (a label)")
+    p.add_argument(
+        "--keyformat",
+        choices=protocol.KEY_FORMATS,
+        default="raw",
+        help="the dataset's keyformat (default raw)",
+    )
     p.add_argument(
         "--import",
         dest="import_key",
@@ -472,19 +774,38 @@ def build_parser() -> argparse.ArgumentParser:
         ("restore", cmd_key_restore, "release a revoked key again"),
         ("delete", cmd_key_delete, "forget a revoked key for good (its dataset is gone)"),
     ):
-        add(keys, name, handler, text).add_argument("key_id")
+        add(keys, name, handler, text, [f"zfs-unlock-server key {name} {_KEY_ID}"]).add_argument(
+            "key_id", help="the key's id, as 'key list' shows it"
+        )
 
-    p = add(sub, "audit", cmd_audit, "show the audit log")
-    p.add_argument("--host")
-    p.add_argument("--event")
-    p.add_argument("--last", type=_count, default=0, metavar="N")
-    p.add_argument("--json", action="store_true")
+    p = add(
+        sub,
+        "audit",
+        cmd_audit,
+        "show the audit log",
+        [
+            "zfs-unlock-server audit --host web1 --last 20",
+            "zfs-unlock-server audit --event key_released --json",
+        ],
+    )
+    p.add_argument("--host", metavar="NAME", help="only records about this host")
+    p.add_argument("--event", metavar="EVENT", help="only records of this event")
+    p.add_argument(
+        "--last", type=_count, default=0, metavar="N", help="only the last N records (0: all)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="the records as stored, one JSON object per line"
+    )
 
     p = add(
         sub,
         "import-simplezfs",
         cmd_import_simplezfs,
         "import the keys of a SimpleZFSKeySystem SQLite database",
+        [
+            "zfs-unlock-server import-simplezfs keys.db",
+            "zfs-unlock-server import-simplezfs keys.db --use-row 17",
+        ],
         description="Import the keys of a SimpleZFSKeySystem SQLite database (its table"
         " 'key'), all or nothing; enroll their hosts first. The file is checked with"
         " PRAGMA integrity_check first, and a damaged one is refused (exit 65). Where"
@@ -515,11 +836,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "data_dir" not in args:
         args.data_dir = server_config.default_data_dir()
+    inputs = AdminInputs()
+    result = 1
     try:
-        inputs = AdminInputs()
         if args.handler not in (cmd_init, cmd_serve):
             inputs = enter_data_dir(args.data_dir, wants_of(args))
-        result: int = args.handler(args, inputs)
+        result = int(args.handler(args, inputs))
     except ServerError as exc:
         print(f"zfs-unlock-server: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -539,4 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"zfs-unlock-server: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return EX_IOERR
+    finally:
+        # What the command line named to write is kept only when the command succeeded.
+        inputs.outputs.finish(succeeded=result == 0)
     return result

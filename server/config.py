@@ -71,7 +71,10 @@ class ServerConfig:
     workers: int = 0  # 0: two per CPU core
     io_timeout: float = 10.0  # seconds per socket operation, the TLS handshake included
     request_timeout: int = 30  # a worker busy longer than this is killed and replaced
-    deadman_timeout: int = 0  # seconds a host may stay unseen; 0 = off; per-host override
+    # Seconds a host may stay unseen; 0 = off; per-host override. Off when server.toml
+    # leaves it out, so that data directories made before init wrote it keep behaving
+    # as they did; init writes NEW_DEADMAN_TIMEOUT.
+    deadman_timeout: int = 0
     simplezfs_route: bool = False
     audit_log: str = ""  # empty: audit.log in the data directory
     rate_limits: RateLimits = field(default_factory=RateLimits)
@@ -152,7 +155,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, str(DEFAULT_DATA_DIR)))
 
 
-DEFAULT_CONFIG_TEXT = """\
+_CONFIG_TEMPLATE = """\
 # zfs-unlock-server settings. Unknown keys are errors. See docs/protocol.md.
 
 # Addresses to serve HTTPS on.
@@ -167,9 +170,10 @@ io_timeout = 10.0
 request_timeout = 30
 
 # Dead-man switch: a host not seen (check-in or key release) for this many
-# seconds is disabled until an admin re-enables it. 0 turns it off. Hosts may
-# override it with 'host add --deadman-timeout'.
-deadman_timeout = 0
+# seconds is disabled until an admin re-enables it. 2592000 is 30 days; the
+# agent's daemon checks in every 15 minutes. 0 turns it off, as does leaving
+# the setting out. Hosts may override it with 'host add --deadman-timeout'.
+deadman_timeout = {deadman}
 
 # Serve imported SimpleZFSKeySystem keys at /MACHINE_ID/POOL_GUID/NAME for
 # datasets still on ZFS's native keylocation=https:// (client certificate
@@ -185,3 +189,8 @@ per_certificate_rate = 2.0
 per_address_burst = 20
 per_address_rate = 0.5
 """
+
+# What init writes for a new data directory: a lost host that never calls again is
+# disabled within a month, while a host down for maintenance for weeks is not.
+NEW_DEADMAN_TIMEOUT = 30 * 24 * 3600
+DEFAULT_CONFIG_TEXT = _CONFIG_TEMPLATE.replace("{deadman}", str(NEW_DEADMAN_TIMEOUT))

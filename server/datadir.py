@@ -1,32 +1,33 @@
-"""Entering a data directory for an admin command: read what the admin named, then become
-the directory's owner (privileges.become_owner), then check what will be written.
+"""Entering a data directory for an admin command: read what the admin named and open
+what it will write, then become the directory's owner (privileges.become_owner).
 
 The order matters when root runs the command on a directory the service's user owns: a
-CSR, a database to import or a master key credential may be readable by root only, so
-they are read first, with the admin's own rights; an output the owner could not write is
-refused after the switch, before anything changes.
+CSR, a database to import or a master key credential may be readable by root only, and
+an output (--cert-out, --issue-key) may be in a directory only root may write, so they
+are read and opened first, with the admin's own rights (outputs.py).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server import privileges, sealing
 from zfs_unlock_server.errors import DataError
+from zfs_unlock_server.outputs import HostBundle, Outputs, open_file
 from zfs_unlock_server.sealing import Sealer
 from zfs_unlock_server.simplezfs import SimpleZfsRow, read_simplezfs
 
 
 @dataclass(frozen=True)
 class Output:
-    """A path the command will write, so the data directory's owner must be able to."""
+    """A path the command will write: a file, or a directory for a host's key pair."""
 
     path: Path
-    option: str  # how the command line named it, for the message
-    hint: str = ""
+    option: str  # how the command line named it, for messages and Outputs.file()
+    bundle: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,22 +49,42 @@ class AdminInputs:
     # The credential, read before the switch; None: the command reads the master key
     # itself (it did not switch, so it can).
     master: Sealer | None = None
+    outputs: Outputs = field(default_factory=Outputs)
 
 
 def enter_data_dir(data_dir: Path, wants: Wants) -> AdminInputs:
-    """Read WANTS' inputs, become DATA_DIR's owner if root should, check WANTS' outputs."""
+    """Read WANTS' inputs and open its outputs, then become DATA_DIR's owner if root should.
+    The caller ends with AdminInputs.outputs.finish()."""
     layout = server_config.Layout(data_dir)
     if not layout.config.is_file():
         server_config.load(layout)  # raises: not a data directory, said before anything else
     csr_pem = read_input(wants.csr) if wants.csr else None
     rows = tuple(read_simplezfs(wants.simplezfs)) if wants.simplezfs is not None else None
-    if privileges.owner_to_become(data_dir) is None:
-        return AdminInputs(csr_pem, rows)
-    master = sealing.load_credential() if wants.seals_keys else None
-    privileges.become_owner(data_dir)
-    for output in wants.outputs:
-        privileges.check_writable(output.path, output.option, output.hint)
-    return AdminInputs(csr_pem, rows, master)
+    switch = privileges.owner_to_become(data_dir) is not None
+    master = sealing.load_credential() if switch and wants.seals_keys else None
+    outputs = open_outputs(wants.outputs)  # last: a refusal above leaves nothing to remove
+    if switch:
+        try:
+            outputs.clean_up_as_invoker()
+            privileges.become_owner(data_dir)
+        except BaseException:
+            outputs.finish(succeeded=False)
+            raise
+    return AdminInputs(csr_pem, rows, master, outputs)
+
+
+def open_outputs(wanted: tuple[Output, ...]) -> Outputs:
+    outputs = Outputs()
+    try:
+        for output in wanted:
+            if output.bundle:
+                outputs.bundle = HostBundle.open(output.path, output.option)
+            else:
+                outputs.files[output.option] = open_file(output.path, output.option)
+    except BaseException:
+        outputs.finish(succeeded=False)
+        raise
+    return outputs
 
 
 def read_input(path: str) -> bytes:

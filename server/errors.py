@@ -5,6 +5,7 @@ from __future__ import annotations
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
 EX_IOERR = 74
 EX_NOPERM = 77
@@ -39,6 +40,12 @@ class ConfigError(ServerError):
 
 class WrongMasterKey(ConfigError):
     """The master key given is not the one the data directory's keys are sealed with."""
+
+
+class Unavailable(ServerError):
+    """serve cannot listen on an address: in use, not this machine's, or not permitted."""
+
+    exit_code = EX_UNAVAILABLE
 
 
 class CannotCreate(ServerError):

@@ -3,19 +3,19 @@
 `serve` never runs as root by accident: a worker that parses network input
 should hold no privilege the data directory does not need. Admin commands that
 root runs against a data directory owned by another user (the service's) become
-that user for good before they open anything, so that every file they create
-(database journals, a recreated audit log, the rate-limit database) belongs to
-the service, which could not otherwise read it.
+that user for good before they open anything in it, so that every file they create
+there (database journals, a recreated audit log, the rate-limit database) belongs to
+the service, which could not otherwise read it. What their command line names is read
+or opened as root first (datadir.py).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import stat
 from pathlib import Path
 
-from zfs_unlock_server.errors import CannotCreate, NotPermitted
+from zfs_unlock_server.errors import NotPermitted
 
 # The real uid the command started with, once it has switched: the audit log names
 # the admin who ran the command, not the account it became.
@@ -70,32 +70,3 @@ def become_owner(data_dir: Path) -> bool:
 
 def invoking_uid() -> int:
     return os.getuid() if _invoker is None else _invoker
-
-
-def check_writable(path: Path, what: str, hint: str = "") -> None:
-    """Refuse, before any change is made, an output the switched command could not write."""
-    target = path
-    while True:  # the nearest existing path: the file itself, or the directory to create in
-        try:
-            info = os.stat(target)
-            break
-        except FileNotFoundError:
-            if target == target.parent:
-                raise
-            target = target.parent
-        except OSError:
-            info = None  # cannot even look: cannot write either
-            break
-    wanted = os.W_OK | os.X_OK if info is not None and stat.S_ISDIR(info.st_mode) else os.W_OK
-    if info is None or not os.access(target, wanted):
-        raise CannotCreate(
-            f"{what} {path}: {_user_name(os.getuid())}, the data directory's owner whom this"
-            f" command runs as, cannot write {target}{hint}"
-        )
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"

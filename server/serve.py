@@ -11,12 +11,15 @@ the rest of a key release together.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.sync import SyncWorker
@@ -24,6 +27,7 @@ from gunicorn.workers.sync import SyncWorker
 from zfs_unlock_server import http1
 from zfs_unlock_server.app import PEER_CERTIFICATE, KeyServerApp
 from zfs_unlock_server.audit import AuditError
+from zfs_unlock_server.errors import ConfigError, Unavailable
 from zfs_unlock_server.tlsctx import server_context
 
 log = logging.getLogger("zfs_unlock_server")
@@ -136,6 +140,61 @@ class KeyServerApplication(BaseApplication):  # type: ignore[misc]
         return self._app
 
 
+class KeyServerLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger without its "Listening at: http://..." line: every socket here
+    speaks TLS only, and announce() says so once gunicorn listens."""
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith("Listening at:"):
+            return
+        super().info(msg, *args, **kwargs)
+
+
+SERVING = "serving HTTPS (TLS, client certificates required) on %s"
+
+
+def https_url(sockname: Any) -> str:
+    """The URL clients use for a listening socket's address (getsockname())."""
+    if isinstance(sockname, tuple):
+        host, port = sockname[0], sockname[1]
+        return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    return f"unix:{sockname}"
+
+
+def announce(arbiter: Any) -> None:
+    """gunicorn's when_ready hook: runs in the master once every listen socket is bound."""
+    for listener in arbiter.LISTENERS:
+        arbiter.log.info(SERVING, https_url(listener.getsockname()))
+
+
+def check_listen(listen: Sequence[str]) -> None:
+    """Bind each TCP address once, as gunicorn will, and let it go: a port in use is then
+    one clear error (exit 69) instead of gunicorn's five attempts a second apart. A port
+    taken between this check and gunicorn's bind still meets gunicorn's retries."""
+    for address in listen:
+        try:
+            parsed = gunicorn_util.parse_address(address)
+        except RuntimeError as exc:  # gunicorn's word for an unparsable address
+            raise ConfigError(f"listen address {address!r}: {exc}") from None
+        if isinstance(parsed, tuple):
+            _try_bind(address, parsed)
+
+
+def _try_bind(address: str, where: tuple[str, int]) -> None:
+    family = socket.AF_INET6 if gunicorn_util.is_ipv6(where[0]) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn's own
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            reason = (
+                "address already in use"
+                if exc.errno == errno.EADDRINUSE
+                else (exc.strerror or str(exc)).lower()
+            )
+            raise Unavailable(f"cannot listen on {address}: {reason}") from None
+
+
 def default_workers() -> int:
     return 2 * (os.cpu_count() or 1)
 
@@ -161,6 +220,8 @@ def gunicorn_options(app: KeyServerApp, listen: list[str], workers: int) -> dict
         "accesslog": None,  # the audit log records every decision
         "errorlog": "-",
         "loglevel": "info",
+        "logger_class": "zfs_unlock_server.serve.KeyServerLogger",
+        "when_ready": announce,
         "proc_name": "zfs-unlock-server",
         "preload_app": False,
         "control_socket_disable": True,  # gunicorn 27+: no admin socket beside ours

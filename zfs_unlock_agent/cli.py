@@ -180,6 +180,7 @@ def cmd_needs_prompt(args: argparse.Namespace) -> int:
 def cmd_configcheck(args: argparse.Namespace) -> int:
     cfg = _load(args)
     read_machine_id(cfg.machine_id_file)
+    config.client_context(cfg.client_certificate, cfg.client_key)  # they form a usable pair
     _output(f"{args.config}: ok ({len(cfg.servers)} server(s))")
     return EX_OK
 
@@ -216,7 +217,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     zfs = Zfs(cfg.zfs)
     with _client_factory(cfg)() as client:
         _output(
-            enroll(zfs, client, read_machine_id(cfg.machine_id_file), args.dataset, args.keyformat)
+            enroll(
+                zfs,
+                client,
+                read_machine_id(cfg.machine_id_file),
+                args.dataset,
+                args.keyformat,
+                args.create,
+            )
         )
     return EX_OK
 
@@ -315,9 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dataset", metavar="DS")
     add("configcheck", cmd_configcheck, "validate the configuration (no ZFS, no network)")
-    p = add("enroll", cmd_enroll, "move a dataset (or create it) to a key from the server")
+    p = add("enroll", cmd_enroll, "move a dataset to a key from the server")
     p.add_argument("--dataset", required=True, metavar="DS")
     p.add_argument("--keyformat", choices=("raw", "hex"), default="raw")
+    p.add_argument(
+        "--create", action="store_true", help="create DS (encrypted) when it does not exist"
+    )
     return parser
 
 

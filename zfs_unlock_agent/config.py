@@ -9,6 +9,7 @@ before anything else (for instance from ExecStartPre).
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -143,6 +144,33 @@ def check_private_key_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: {reason}")
 
 
+def client_context(certificate: Path, key: Path) -> ssl.SSLContext:
+    """transport's TLS context with this host's certificate and key. A pair OpenSSL cannot
+    use is a configuration error that names both files and says which is wrong: `unlock`
+    must not call it an internal error, and `configcheck` catches it before a boot does."""
+    try:
+        return transport.client_context(certificate, key)
+    except OSError as exc:  # ssl.SSLError included
+        raise ConfigError(
+            f"client certificate {certificate} and client key {key}:"
+            f" {_credentials_problem(certificate, key, exc)}"
+        ) from None
+
+
+def _credentials_problem(certificate: Path, key: Path, exc: OSError) -> str:
+    """Why OpenSSL refused the pair. It says "PEM lib" alike for a bad certificate and a bad
+    key; loading the certificate on its own tells them apart, and only on this failure."""
+    if not isinstance(exc, ssl.SSLError):
+        return f"cannot read them: {exc.strerror or exc}"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return "the key does not match the certificate"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(certificate))
+    except ssl.SSLError:
+        return f"{certificate} is not a PEM certificate"
+    return f"{key} is not a PEM private key, or one protected by a passphrase"
+
+
 def parse(text: str, file: Path, check_files: bool = True) -> Config:
     try:
         document = tomllib.loads(text)
@@ -232,7 +260,9 @@ def load(path: Path, check_files: bool = True) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: missing") from None
+        raise ConfigError(
+            f"{path}: missing; 'zfs-unlock-agent setup --server URL --pin PIN' writes one"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     return parse(text, path, check_files)

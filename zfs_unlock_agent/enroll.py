@@ -11,8 +11,10 @@ Order of operations, and what an interruption at each point leaves behind:
 4. The key is marked *active* on the server, and the dataset is marked managed.
    An unlock that opens a dataset with a pending key completes this step itself.
 
-A new dataset is first created with a throw-away random key (its GUID is needed
-to enroll), then moved to the server key the same way. If the machine restarts
+With create (`--create`), a dataset that does not exist is first created with a
+throw-away random key (its GUID is needed to enroll), then moved to the server key
+the same way; without it, a name that does not exist is refused, so that a typo
+never makes a new dataset. If the machine restarts
 between those two steps the new, empty dataset cannot be opened: destroy it
 and enroll again.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from zfs_unlock_agent.errors import KeyAlreadyLoaded, UsageError, ZfsError
+from zfs_unlock_agent.errors import KeyAlreadyLoaded, UsageError, ZfsError, ZfsUnavailable
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
@@ -32,11 +34,18 @@ from zfs_unlock_common.protocol import DatasetRef
 MIGRATABLE_LOCATIONS = ("file://", "https://", "http://")
 
 
-def enroll(zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: str) -> str:
-    """Enroll dataset NAME (creating it when absent); return what was done."""
+def enroll(
+    zfs: Zfs, client: KeyClient, machine_id: str, name: str, keyformat: str, create: bool = False
+) -> str:
+    """Enroll dataset NAME (with CREATE, creating it when absent); return what was done."""
     inventory = zfs.inventory()
     created = False
     if name not in inventory.datasets:
+        if not create:
+            raise ZfsUnavailable(
+                f"{name}: no such dataset; check the name, or add --create to create it"
+                " (encrypted, with a key from the server)"
+            )
         _create(zfs, name)
         inventory = zfs.inventory()
         created = True

@@ -11,18 +11,20 @@ import base64
 import binascii
 import json
 import os
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
-from zfs_unlock_agent import transport
+from zfs_unlock_agent import config, transport
 from zfs_unlock_agent.errors import (
     AgentError,
     BadKeyData,
     ServerRefused,
     ServerUnavailable,
 )
+from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 
 # Answers carry at most a batch of keys; anything larger is not one of ours.
 MAX_ANSWER_BYTES = protocol.MAX_BODY_BYTES * 4
+# What a 403 names when this host's certificate does not say its enrolled name.
+UNKNOWN_NAME = "<this host's enrolled name>"
 
 
 class ReleasedKey(NamedTuple):
@@ -72,6 +76,26 @@ def summarize(problems: Sequence[str]) -> str:
     return "; ".join(p if n == 1 else f"{p} (x{n})" for p, n in counts.items()) or "none"
 
 
+def seconds(value: float) -> str:
+    """A span for a person: 0.25, 1.2, 57 (the precision by the rounded value: never 1.00)."""
+    if value < 0.995:
+        return f"{value:.2f}"
+    return f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
+
+
+def enrolled_name(certificate: Path) -> str:
+    """The name the key server enrolled this host under: the server sets its certificate's
+    common name. Read by the ssl module's own decoder, since the X.509 library has no place
+    on the unlock path; UNKNOWN_NAME when that cannot be done."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    try:
+        subject = decode(str(certificate))["subject"]  # type: ignore[misc]
+        (name,) = [value for rdn in subject for key, value in rdn if key == "commonName"]
+        return validate.label(name, "host name")
+    except (TypeError, KeyError, ValueError, OSError):  # InvalidInput and SSLError included
+        return UNKNOWN_NAME
+
+
 class KeyClient:
     """Talks to the configured servers in turn, within one overall deadline.
 
@@ -89,14 +113,17 @@ class KeyClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         jitter: Callable[[], float] = uniform,
+        report: Callable[[str], None] = log.progress,
     ) -> None:
         self.servers = tuple(servers)
         self.network = network
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
+        self._report = report  # told of each failed attempt and what comes next
+        self._client_cert = client_cert
         # One context for every server: it holds this host's certificate and key.
-        context = transport.client_context(client_cert, client_key)
+        context = config.client_context(client_cert, client_key)
         self._servers = [transport.PinnedServer(s.url, s.pins, context) for s in servers]
         self.requests_sent = 0
 
@@ -128,15 +155,21 @@ class KeyClient:
     def call(
         self, method: str, path: str, body: dict[str, Any], accept: tuple[int, ...] = (200, 201)
     ) -> Answer:
-        deadline = self._clock() + self.network.deadline
+        started = self._clock()
+        deadline = started + self.network.deadline
         attempt = 0
         problems: list[str] = []
+        # The last failed attempt, reported once it is known what comes next.
+        untold = ""
         while True:
             wait_hint = 0.0
             for index, server in enumerate(self.servers):
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
+                if untold:
+                    self._report(f"{untold}; trying {server.url} now")
+                    untold = ""
                 try:
                     response = self._send(index, method, path, body, remaining)
                 except transport.PinMismatch as exc:
@@ -144,7 +177,8 @@ class KeyClient:
                 except transport.AnswerTooLarge:
                     raise BadKeyData(f"{server.url}: answer is too large") from None
                 except transport.TransportError as exc:
-                    problems.append(f"{server.url}: {exc.reason}")
+                    untold = f"{server.url}: {exc.reason}"
+                    problems.append(untold)
                     continue
                 status = response.status
                 if status in accept:
@@ -155,21 +189,49 @@ class KeyClient:
                     )
                 if status == 429 or status >= 500:
                     wait_hint = max(wait_hint, _retry_after(response))
-                    problems.append(f"{server.url}: HTTP {status}")
+                    untold = f"{server.url}: HTTP {status}"
+                    problems.append(untold)
                     continue
                 if status == 403:
-                    raise ServerRefused(f"{server.url}: the server refused (403)")
+                    raise ServerRefused(self._refused(server.url))
                 if status == 404:
                     raise ServerRefused(f"{server.url}: {path} not found (404); wrong URL?")
                 raise AgentError(f"{server.url}: unexpected HTTP {status} for {path}")
             attempt += 1
             delay = retry_delay(self.network, attempt, self._jitter(), wait_hint)
-            if self._clock() + delay >= deadline:
-                raise ServerUnavailable(
-                    f"no key server answered within {self.network.deadline:g} s"
-                    f" ({len(problems)} failed attempt(s): {summarize(problems)})"
+            now = self._clock()
+            if now + delay >= deadline:
+                raise ServerUnavailable(self._gave_up(problems, now - started, delay))
+            if untold:
+                self._report(
+                    f"{untold}; next try in {seconds(delay)} s"
+                    f" (deadline in {seconds(deadline - now)} s)"
                 )
+                untold = ""
             self._sleep(delay)
+
+    def _gave_up(self, problems: Sequence[str], spent: float, delay: float) -> str:
+        """What happened, in measured figures: the time the attempts took, and whether the
+        deadline ran out or the next pause would have run past it."""
+        limit = self.network.deadline
+        tried = f"({len(problems)} failed attempt(s): {summarize(problems)})"
+        if spent >= limit:
+            return (
+                f"no key server answered in {seconds(spent)} s, when the {limit:g} s deadline"
+                f" ran out {tried}"
+            )
+        return (
+            f"no key server answered in {seconds(spent)} s of attempts {tried}; the next try,"
+            f" {seconds(delay)} s later, would have passed the {limit:g} s deadline"
+        )
+
+    def _refused(self, url: str) -> str:
+        """A 403: the server never says why to the host; its audit log does."""
+        return (
+            f"{url}: the key server refused (403); the reason is in its audit log: on the key"
+            f" server run 'zfs-unlock-server audit --host {enrolled_name(self._client_cert)}"
+            " --last 5'"
+        )
 
     # Routes
 

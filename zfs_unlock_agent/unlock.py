@@ -141,9 +141,15 @@ class Unlocker:
         self.zvol_dir = zvol_dir
 
     def _fetch(
-        self, inventory: Inventory, roots: Sequence[Dataset], results: dict[str, RootResult]
+        self,
+        inventory: Inventory,
+        roots: Sequence[Dataset],
+        results: dict[str, RootResult],
+        outcome: str,
     ) -> dict[str, ReleasedKey]:
-        """One batch request for every root; failures are recorded per root."""
+        """One batch request for every root; failures are recorded per root. A failed
+        request is logged here, once for the batch: each root's result then only says
+        OUTCOME ("stays locked"), not the server's problem once more."""
         refs = {}
         for root in roots:
             try:
@@ -156,8 +162,11 @@ class Unlocker:
             with self.client() as client:
                 released, _ = client.release(self.machine_id, list(refs.values()))
         except AgentError as exc:
+            log.error("%s", exc)
             for name in refs:
-                results[name] = RootResult(name, "failed", exc.exit_code, str(exc))
+                results[name] = RootResult(
+                    name, "failed", exc.exit_code, f"{outcome}: no key from the server (see above)"
+                )
             return {}
         keys = {}
         for name, ref in refs.items():
@@ -179,7 +188,7 @@ class Unlocker:
                 results[root.name] = RootResult(
                     root.name, "available", message="key already loaded"
                 )
-        keys = self._fetch(inventory, locked, results) if locked else {}
+        keys = self._fetch(inventory, locked, results, "stays locked") if locked else {}
         results |= self._load([(r, keys[r.name]) for r in locked if r.name in keys], inventory)
         if mount:
             unlocked = [r for r in roots if results[r.name].outcome == "unlocked"]
@@ -273,7 +282,7 @@ class Unlocker:
     def verify(self, inventory: Inventory, roots: Sequence[Dataset]) -> list[RootResult]:
         """Fetch every key and prove it with `zfs load-key -n`; changes no keystatus."""
         results: dict[str, RootResult] = {}
-        keys = self._fetch(inventory, roots, results)
+        keys = self._fetch(inventory, roots, results, "not verified")
         for root in roots:
             key = keys.get(root.name)
             if key is None:

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.agent.harness import AGENT_BIN
+from tests.fakes.stub_https import self_signed_cert
 from zfs_unlock_agent import config
 from zfs_unlock_agent.errors import EX_CONFIG, EX_OK, ConfigError
 from zfs_unlock_agent.secret import Secret
-from zfs_unlock_common.csr import new_key_and_csr
 
 REPO = Path(__file__).parents[2]
 EXAMPLE = REPO / "examples" / "agent.toml"
@@ -154,13 +155,13 @@ def test_secret_url_credentials_are_not_echoed() -> None:
 
 
 def host_files(root: Path, key_mode: int) -> Path:
-    """A config with a real client key in mode KEY_MODE, a certificate file and a machine-id."""
+    """A config with a client key in mode KEY_MODE, its certificate and a machine-id."""
     root.mkdir(parents=True, exist_ok=True)
-    key_pem, _ = new_key_and_csr("configcheck")
+    pair = self_signed_cert(root / "pair", "configcheck")
     key = root / "client.key"
-    key.write_bytes(key_pem)
+    key.write_bytes(pair.key.read_bytes())
     key.chmod(key_mode)
-    (root / "client.crt").write_text("certificate\n")
+    (root / "client.crt").write_bytes(pair.cert.read_bytes())
     (root / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     path = root / "agent.toml"
     path.write_text(
@@ -219,6 +220,55 @@ def test_configcheck_reports_a_bad_machine_id(tmp_path: Path) -> None:
 
     assert result.returncode == EX_CONFIG
     assert str(tmp_path / "machine-id") in result.stderr
+
+
+# The client certificate and key must form a pair OpenSSL can use
+
+
+def spoil(root: Path, case: str) -> str:
+    """Break the pair host_files wrote, as CASE says; return what the message must say."""
+    key, cert = root / "client.key", root / "client.crt"
+    key.chmod(0o600)
+    if case == "key-of-another-certificate":
+        key.write_bytes(self_signed_cert(root / "other", "other").key.read_bytes())
+        return "the key does not match the certificate"
+    if case == "key-not-a-key":
+        key.write_text("not a key\n")
+        return f"{key} is not a PEM private key"
+    if case == "key-with-a-passphrase":  # refused at once: no prompt for it, ever
+        locked = self_signed_cert(root / "locked", "locked").key_obj.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+        key.write_bytes(locked)
+        return f"{key} is not a PEM private key, or one protected by a passphrase"
+    cert.write_text("not a certificate\n")
+    return f"{cert} is not a PEM certificate"
+
+
+PAIR_CASES = [
+    "key-of-another-certificate",
+    "key-not-a-key",
+    "key-with-a-passphrase",
+    "certificate-not-a-certificate",
+]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES)
+def test_configcheck_refuses_a_client_pair_that_does_not_work(tmp_path: Path, case: str) -> None:
+    path = host_files(tmp_path, 0o400)
+    reason = spoil(tmp_path, case)
+
+    result = configcheck(path)
+
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert f"client certificate {tmp_path / 'client.crt'}" in result.stderr
+    assert f"client key {tmp_path / 'client.key'}" in result.stderr
+    assert reason in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "PRIVATE KEY" not in result.stderr  # the files are named, never shown
+    assert result.stdout == ""
 
 
 # Secret (P14)

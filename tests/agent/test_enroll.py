@@ -1,6 +1,7 @@
 """Enrollment against the real key server, with the fake zfs.
 
-A dataset is moved to a server key (or created with one), and an interruption at
+A dataset is moved to a server key (or, with --create, created with one; without it a
+name that does not exist is refused), and an interruption at
 any point leaves a key that opens the data: the old one before `change-key`, the
 server's pending key after it.
 """
@@ -87,7 +88,7 @@ def crashing_zfs(host: AgentHost, tmp_path: Path, after: str) -> None:
 def test_enroll_new_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     host = new_host(shared_keyserver, tmp_path, "new")
 
-    result = host.run("enroll", "--dataset", "tank/new")
+    result = host.run("enroll", "--dataset", "tank/new", "--create")
 
     assert result.returncode == 0, result.stderr
     assert "tank/new: created and enrolled" in result.stdout
@@ -102,6 +103,28 @@ def test_enroll_new_dataset(shared_keyserver: KeyServer, tmp_path: Path) -> None
     assert (key["state"], key["keyformat"], key["dataset_guid"]) == ("active", "raw", ds["guid"])
     assert_boot_unlock_opens(host, "tank/new")
     assert host.run("verify").returncode == 0
+
+
+def test_a_dataset_that_does_not_exist_is_not_created_without_create(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """A typo must not make a new, empty dataset: the name is refused before the server is
+    asked anything, and zfs only lists."""
+    host = new_host(shared_keyserver, tmp_path, "typo")
+    host.zfs.add_encrypted("tank/secret", os.urandom(32), keystatus="available", managed=False)
+    before = host.zfs.load()
+
+    result = host.run("enroll", "--dataset", "tank/secert")
+
+    assert result.returncode == errors.EX_UNAVAILABLE == 69, result.stderr
+    assert "tank/secert: no such dataset" in result.stderr
+    assert "add --create to create it" in result.stderr
+    assert host.zfs.load() == before
+    assert host.zfs.calls("zfs", "create") == []
+    assert {c["argv"][0] for c in host.zfs.calls("zfs")} == {"list"}
+    assert server_keys(host) == []
+    asked = [r for r in shared_keyserver.audit_records() if r.get("host") == "typo"]
+    assert [r["event"] for r in asked] == ["host_added"]  # the harness enrolled the host
 
 
 @pytest.mark.parametrize("keyformat", ["raw", "hex"])
@@ -255,7 +278,7 @@ def test_interrupted_creation_is_completed_by_boot_unlock(
     """A new dataset is managed from birth, so a plain unlock finishes its enrollment."""
     host = new_host(shared_keyserver, tmp_path, "crash-new")
     crashing_zfs(host, tmp_path, "change-key")
-    assert host.run("enroll", "--dataset", "tank/new").returncode != 0
+    assert host.run("enroll", "--dataset", "tank/new", "--create").returncode != 0
 
     host.write_config()
     assert_boot_unlock_opens(host, "tank/new")
@@ -264,12 +287,12 @@ def test_interrupted_creation_is_completed_by_boot_unlock(
 
 def test_enrolling_twice_changes_nothing(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     host = new_host(shared_keyserver, tmp_path, "twice")
-    first = host.run("enroll", "--dataset", "tank/new")
+    first = host.run("enroll", "--dataset", "tank/new", "--create")
     assert first.returncode == 0, first.stderr
     state, keys = host.zfs.load(), server_keys(host)
     changes = len(host.zfs.calls("zfs")) - len(host.zfs.calls("zfs", "list"))
 
-    second = host.run("enroll", "--dataset", "tank/new")
+    second = host.run("enroll", "--dataset", "tank/new", "--create")
 
     assert second.returncode == errors.EX_NOPERM, second.stderr
     assert "already holds" in second.stderr

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.stub_https import StubHTTPS, json_reply, self_signed_cert
+from tests.fakes.stub_https import StubHTTPS, json_reply, make_ca, self_signed_cert
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import transport
 from zfs_unlock_agent.config import NetworkSettings, ServerSettings
-from zfs_unlock_agent.errors import ServerUnavailable
-from zfs_unlock_agent.keyclient import KeyClient, summarize, uniform
+from zfs_unlock_agent.errors import EX_NOPERM, ServerRefused, ServerUnavailable
+from zfs_unlock_agent.keyclient import (
+    UNKNOWN_NAME,
+    KeyClient,
+    enrolled_name,
+    seconds,
+    summarize,
+    uniform,
+)
 from zfs_unlock_common import pinning
 
 
@@ -68,6 +75,7 @@ def test_a_last_attempt_cut_short_does_not_hide_what_the_server_said(
     with pytest.raises(ServerUnavailable) as raised:
         client.call("POST", "/v1/keys/release", {})
     message = str(raised.value)
+    assert message.startswith("no key server answered in 11 s, when the 10 s deadline ran out")
     assert "(4 failed attempt(s): https://127.0.0.1:9: HTTP 500 (x3);" in message
     assert message.endswith("https://127.0.0.1:9: timed out)")
 
@@ -105,3 +113,144 @@ def test_the_jitter_is_uniform_in_zero_to_one() -> None:
     for tenth in range(10):
         share = sum(tenth / 10 <= d < (tenth + 1) / 10 for d in draws)
         assert 100 < share < 320, (tenth, share)
+
+
+# What the operator sees while the client waits, and when it gives up
+
+
+def scripted_client(
+    tmp_path: Path,
+    outcomes: list[transport.Response | transport.TransportError],
+    urls: tuple[str, ...] = ("https://127.0.0.1:9",),
+    step: float = 0.2,
+    **network: float,
+) -> tuple[KeyClient, list[str]]:
+    """A client on a fake clock whose exchanges take STEP seconds each and end as OUTCOMES
+    say, in turn; returns it and the list its progress lines go to."""
+    tls = make_ca(tmp_path / "me", "kc-host")  # a certificate whose common name is kc-host
+    clock = FakeTime()
+    told: list[str] = []
+    client = KeyClient(
+        [ServerSettings(url, (b"\0" * 32,)) for url in urls],
+        tls.cert,
+        tls.key,
+        NetworkSettings(**network),
+        clock=clock.clock,
+        sleep=clock.sleep,
+        jitter=lambda: 0.5,
+        report=told.append,
+    )
+
+    def scripted(*args: object, **kwargs: object) -> transport.Response:
+        clock.now += step
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, transport.TransportError):
+            raise outcome
+        return outcome
+
+    for server in client._servers:
+        server.request = scripted  # type: ignore[method-assign]
+    return client, told
+
+
+def refused() -> transport.ConnectFailed:
+    return transport.ConnectFailed("connection refused")
+
+
+def answer(status: int) -> transport.Response:
+    return transport.Response(status, {"content-type": "application/json"}, bytearray(b"{}"))
+
+
+def test_each_failed_attempt_says_why_and_when_the_next_comes(tmp_path: Path) -> None:
+    client, told = scripted_client(
+        tmp_path, [refused(), answer(503), answer(200)], deadline=10, backoff_initial=1
+    )
+
+    assert client.call("POST", "/v1/keys/release", {}).status == 200
+
+    assert told == [
+        (
+            "https://127.0.0.1:9: cannot connect (connection refused);"
+            " next try in 0.50 s (deadline in 9.8 s)"
+        ),
+        "https://127.0.0.1:9: HTTP 503; next try in 1.0 s (deadline in 9.1 s)",
+    ]
+
+
+def test_a_failed_server_names_the_one_tried_next(tmp_path: Path) -> None:
+    client, told = scripted_client(
+        tmp_path,
+        [refused(), answer(500), answer(200)],
+        urls=("https://a.example:8443", "https://b.example:8443"),
+        deadline=10,
+        backoff_initial=1,
+    )
+
+    assert client.call("POST", "/v1/keys/release", {}).status == 200
+
+    assert told == [
+        (
+            "https://a.example:8443: cannot connect (connection refused);"
+            " trying https://b.example:8443 now"
+        ),
+        "https://b.example:8443: HTTP 500; next try in 0.50 s (deadline in 9.6 s)",
+    ]
+
+
+def test_giving_up_early_gives_the_measured_time_not_the_deadline(tmp_path: Path) -> None:
+    """Pauses of 1.5, 3 and 6 s: after 5.1 s the next try would come at 11.1 s, past the
+    8 s deadline. The client stops there and says so, with the figures as they were."""
+    client, told = scripted_client(
+        tmp_path, [answer(500)] * 5, deadline=8, backoff_initial=3, backoff_max=12
+    )
+
+    with pytest.raises(ServerUnavailable) as raised:
+        client.call("POST", "/v1/keys/release", {})
+
+    assert str(raised.value) == (
+        "no key server answered in 5.1 s of attempts (3 failed attempt(s):"
+        " https://127.0.0.1:9: HTTP 500 (x3)); the next try, 6.0 s later,"
+        " would have passed the 8 s deadline"
+    )
+    assert len(told) == 2  # the last failure is in the error itself
+
+
+def test_a_deadline_that_ran_out_is_named_as_such(tmp_path: Path) -> None:
+    client, _ = scripted_client(
+        tmp_path, [answer(500), transport.TimedOut()], step=2, deadline=3, backoff_initial=1
+    )
+
+    with pytest.raises(ServerUnavailable) as raised:
+        client.call("POST", "/v1/keys/release", {})
+
+    assert str(raised.value) == (
+        "no key server answered in 4.5 s, when the 3 s deadline ran out (2 failed attempt(s):"
+        " https://127.0.0.1:9: HTTP 500; https://127.0.0.1:9: timed out)"
+    )
+
+
+def test_a_403_says_where_the_reason_is(tmp_path: Path) -> None:
+    client, _ = scripted_client(tmp_path, [answer(403)], deadline=10)
+
+    with pytest.raises(ServerRefused) as raised:
+        client.call("POST", "/v1/keys/release", {})
+
+    assert str(raised.value) == (
+        "https://127.0.0.1:9: the key server refused (403); the reason is in its audit log:"
+        " on the key server run 'zfs-unlock-server audit --host kc-host --last 5'"
+    )
+    assert raised.value.exit_code == EX_NOPERM
+
+
+def test_the_enrolled_name_is_the_certificates_common_name(tmp_path: Path) -> None:
+    tls = make_ca(tmp_path / "tls", "web-01")
+    (tmp_path / "junk.crt").write_text("not a certificate\n")
+
+    assert enrolled_name(tls.cert) == "web-01"
+    assert enrolled_name(tmp_path / "junk.crt") == UNKNOWN_NAME
+    assert enrolled_name(tmp_path / "missing.crt") == UNKNOWN_NAME
+
+
+def test_spans_are_written_with_the_precision_of_their_rounded_value() -> None:
+    values = (0.004, 0.25, 0.996, 1.04, 9.96, 57.4)
+    assert [seconds(v) for v in values] == ["0.00", "0.25", "1.0", "1.0", "10", "57"]

@@ -305,6 +305,15 @@ def attempts_in(stderr: str) -> int:
     return int(match.group(1))
 
 
+def assert_gave_up_truthfully(stderr: str, deadline: float, elapsed: float) -> None:
+    """The time the message gives is the time the attempts took (the run took longer: it
+    started the interpreter and listed the pools too), and the deadline is named as one."""
+    match = re.search(r"no key server answered in (\d+(?:\.\d+)?) s", stderr)
+    assert match, stderr
+    assert float(match.group(1)) <= elapsed
+    assert f"the {deadline:g} s deadline" in stderr
+
+
 @pytest.mark.slow  # real waits of several seconds: left out of make unit
 def test_server_down_retries_until_deadline(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     target = locked_local(tmp_path, shared_keyserver, "server-down")
@@ -317,7 +326,7 @@ def test_server_down_retries_until_deadline(shared_keyserver: KeyServer, tmp_pat
     code, _, stderr, elapsed = unlock(target)
 
     assert code == EX_TEMPFAIL, stderr
-    assert "no key server answered within 3 s" in stderr
+    assert_gave_up_truthfully(stderr, deadline, elapsed)
     assert "cannot connect" in stderr
     assert attempts_in(stderr) >= 3
     # The client stops when its next backoff would cross the deadline, so it may end
@@ -345,7 +354,8 @@ def test_a_trickling_pinned_server_cannot_hold_the_agent_past_its_deadline(
     code, _, stderr, elapsed = unlock(target)
 
     assert code == EX_TEMPFAIL, stderr
-    assert "no key server answered within 4 s" in stderr
+    assert_gave_up_truthfully(stderr, deadline, elapsed)
+    assert "when the 4 s deadline ran out" in stderr
     assert "timed out" in stderr
     assert elapsed < deadline + STARTUP_SLACK
     assert load_key_calls(target) == []
@@ -399,7 +409,7 @@ def test_500_forever_gives_up_at_the_deadline(
     code, _, stderr, elapsed = unlock(target)
 
     assert code == EX_TEMPFAIL, stderr
-    assert "no key server answered within 3 s" in stderr
+    assert_gave_up_truthfully(stderr, deadline, elapsed)
     assert "HTTP 500" in stderr
     assert len(stub.requests) >= 3
     assert attempts_in(stderr) == len(stub.requests)
@@ -488,7 +498,11 @@ def test_malformed_answer_is_rejected_before_zfs(
 
 
 @pytest.mark.parametrize(
-    ("status", "message"), [(403, "the server refused (403)"), (404, "not found (404)")]
+    ("status", "message"),
+    [
+        (403, "the key server refused (403); the reason is in its audit log"),
+        (404, "not found (404)"),
+    ],
 )
 def test_refusal_is_final(
     status: int,

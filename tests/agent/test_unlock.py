@@ -7,9 +7,12 @@ the man page documents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +22,9 @@ from typing import Any
 import pytest
 
 from bench.common import free_port
-from tests.agent.harness import AgentHost
+from tests.agent.harness import AGENT_BIN, AgentHost
 from tests.fakes import sha256
+from tests.fakes.stub_https import self_signed_cert
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import errors
 from zfs_unlock_common import pinning
@@ -391,6 +395,130 @@ def test_status_json(shared_keyserver: KeyServer, tmp_path: Path) -> None:
     assert row["not_mounted"] == []
 
 
+# A failure of the batch request is told once, not once per root
+
+
+def stays_locked_lines(stderr: str) -> list[str]:
+    return sorted(
+        line.split(": ")[2]
+        for line in stderr.splitlines()
+        if "stays locked: no key from the server" in line
+    )
+
+
+def test_an_unreachable_server_is_reported_once_for_the_batch(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    host, pool = new_host(shared_keyserver, tmp_path, "once-down")
+    for name in ("tank/a", "tank/b", "tank/c"):
+        host.encrypted_dataset(name, pool)
+    host.write_config(
+        urls=[f"https://127.0.0.1:{free_port()}"],
+        network={"deadline": 1, "connect_timeout": 0.5, "backoff_initial": 0.2},
+    )
+
+    result = host.run("unlock")
+
+    assert result.returncode == errors.EX_TEMPFAIL, result.stderr
+    assert result.stderr.count("no key server answered") == 1, result.stderr
+    assert result.stderr.count("cannot connect (connection refused)") == 1, result.stderr
+    assert stays_locked_lines(result.stderr) == ["tank/a", "tank/b", "tank/c"], result.stderr
+    assert load_key_calls(host) == []
+
+
+def run_on_a_terminal(host: AgentHost, *args: str) -> tuple[int, str]:
+    """The agent with its standard error on a terminal, as when an admin runs it by hand."""
+    main, terminal = pty.openpty()
+    environment = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    agent = subprocess.Popen(
+        [str(AGENT_BIN), "-c", str(host.config_path), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+        env=environment,
+    )
+    os.close(terminal)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the agent has closed its end
+        while data := os.read(main, 4096):
+            chunks.append(data)
+    os.close(main)
+    return agent.wait(timeout=30), b"".join(chunks).decode()
+
+
+RETRY_LINE = re.compile(
+    r"INFO: https://127\.0\.0\.1:\d+: cannot connect \(connection refused\);"
+    r" next try in \d+\.\d+ s \(deadline in \d+\.\d+ s\)"
+)
+
+
+def test_the_wait_for_a_server_is_shown_where_someone_watches(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """A line per failed try on a terminal and with -v; none in a log file or the journal
+    (they go out at DEBUG there), where a daemon would write them for every retry."""
+    host, pool = new_host(shared_keyserver, tmp_path, "progress")
+    host.encrypted_dataset("tank/a", pool)
+    host.write_config(
+        urls=[f"https://127.0.0.1:{free_port()}"],
+        network={"deadline": 1.5, "connect_timeout": 0.5, "backoff_initial": 0.4},
+    )
+
+    code, on_terminal = run_on_a_terminal(host, "unlock")
+    verbose = host.run("-v", "unlock")
+    quiet = host.run("unlock")
+    journal = host.run("unlock", env={"JOURNAL_STREAM": "8:1234"})
+
+    assert code == verbose.returncode == quiet.returncode == journal.returncode == 75
+    assert RETRY_LINE.search(on_terminal), on_terminal
+    assert RETRY_LINE.search(verbose.stderr), verbose.stderr
+    for logged in (quiet.stderr, journal.stderr):
+        assert "next try in" not in logged, logged
+        assert "no key server answered" in logged
+
+
+def test_a_refusal_is_reported_once_and_points_at_the_audit_log(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """403: the server never tells the host why; the message says where the admin reads it,
+    with the name the host is enrolled under (its certificate's)."""
+    host, pool = new_host(shared_keyserver, tmp_path, "once-refused")
+    host.encrypted_dataset("tank/a", pool)
+    host.encrypted_dataset("tank/b", pool)
+    shared_keyserver.must("host", "disable", host.creds.name)
+
+    result = host.run("unlock")
+
+    assert result.returncode == errors.EX_NOPERM, result.stderr
+    audit = "on the key server run 'zfs-unlock-server audit --host once-refused --last 5'"
+    assert result.stderr.count("the key server refused (403)") == 1, result.stderr
+    assert result.stderr.count(audit) == 1, result.stderr
+    assert stays_locked_lines(result.stderr) == ["tank/a", "tank/b"], result.stderr
+    # The command it names shows the reason.
+    code, shown, _ = shared_keyserver.admin("audit", "--host", "once-refused", "--last", "5")
+    assert code == 0
+    assert "deny" in shown
+
+
+def test_a_client_key_that_does_not_match_is_a_configuration_error(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    host, pool = new_host(shared_keyserver, tmp_path, "pair-mismatch")
+    host.encrypted_dataset("tank/secret", pool)
+    replace_client_key(host, self_signed_cert(tmp_path / "other", "other").key.read_bytes())
+
+    result = host.run("unlock")
+
+    assert result.returncode == errors.EX_CONFIG, result.stderr
+    assert (
+        f"client certificate {host.creds.cert} and client key {host.creds.key}:"
+        " the key does not match the certificate"
+    ) in result.stderr
+    assert "internal error" not in result.stderr
+    assert stays_locked_lines(result.stderr) == ["tank/secret"], result.stderr
+    assert release_records(shared_keyserver, host) == []
+
+
 # The documented exit codes, each reached in this tier
 
 
@@ -471,6 +599,18 @@ def _wrong_key(host: AgentHost, pool: str, tmp: Path) -> list[str]:
     return ["unlock"]
 
 
+def replace_client_key(host: AgentHost, pem: bytes) -> None:
+    host.creds.key.chmod(0o600)
+    host.creds.key.write_bytes(pem)
+    host.creds.key.chmod(0o400)
+
+
+def _client_key_of_another_pair(host: AgentHost, pool: str, tmp: Path) -> list[str]:
+    host.encrypted_dataset("tank/secret", pool)
+    replace_client_key(host, self_signed_cert(tmp / "other", "other").key.read_bytes())
+    return ["unlock"]
+
+
 EXIT_CASES = [
     ExitCase(0, "ok", _ok),
     ExitCase(1, "partial", _partial),
@@ -484,6 +624,7 @@ EXIT_CASES = [
     ExitCase(77, "pin-mismatch", _pin_mismatch),
     ExitCase(77, "server-has-no-key", _no_server_key),
     ExitCase(78, "loose-client-key", _loose_client_key),
+    ExitCase(78, "client-key-of-another-pair", _client_key_of_another_pair),
     ExitCase(79, "wrong-key", _wrong_key),
 ]
 

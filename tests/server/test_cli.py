@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime
 import hashlib
 import json
 import os
 import re
+import shlex
+import socket
 import stat
 import subprocess
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,15 +32,20 @@ from tests.keyserver import (
     HostCreds,
     KeyServer,
     release,
+    running,
+    wait_for,
 )
 from zfs_unlock_common import pinning
 from zfs_unlock_common.csr import new_key_and_csr
-from zfs_unlock_server import pki
+from zfs_unlock_server import __version__, pki, serve
+from zfs_unlock_server import config as server_config
+from zfs_unlock_server.cli import build_parser
 from zfs_unlock_server.config import DATA_DIR_ENV, Layout
 from zfs_unlock_server.tlsctx import server_context
 
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
 EX_CONFIG = 78
 
@@ -481,11 +490,17 @@ def test_host_list_and_show(keyserver: KeyServer) -> None:
         "600",
     )
     text = keyserver.must("host", "list")
-    lines = text.splitlines()
+    header, *lines = text.splitlines()
+    assert header.split() == ["NAME", "STATE", "MACHINE-ID", "LAST", "SEEN", "ALLOWED", "POOLS"]
     assert len(lines) == 2
-    assert lines[0].startswith("fenced") and fenced.machine_id in lines[0]
-    assert lines[1].startswith("plain") and plain.machine_id in lines[1]
-    assert all("enabled" in line for line in lines)
+    assert lines[0].split()[:3] == ["fenced", "enabled", fenced.machine_id]
+    assert lines[0].split()[-2:] == ["192.0.2.0/24,2001:db8::/32", POOL]
+    assert lines[1].split()[:3] == ["plain", "enabled", plain.machine_id]
+    assert lines[1].split()[-2:] == ["any-address", "any-pool"]  # what an admin should notice
+    # Aligned: every column starts at the header's offset.
+    for column in ("STATE", "MACHINE-ID", "LAST SEEN", "ALLOWED", "POOLS"):
+        offset = header.index(column)
+        assert all(line[offset - 2 : offset] == "  " and line[offset] != " " for line in lines)
 
     listed = hosts_json(keyserver)
     assert [h["name"] for h in listed] == ["fenced", "plain"]
@@ -514,11 +529,77 @@ def test_host_list_and_show(keyserver: KeyServer) -> None:
     shown = json.loads(keyserver.must("host", "show", "plain", "--json"))
     assert shown["enabled"] is False and shown["disabled_reason"] == "admin"
     assert "DISABLED (admin)" in keyserver.must("host", "list")
-    described = keyserver.must("host", "show", "fenced")
-    assert "allowed_networks" in described and POOL in described
 
     assert keyserver.admin("host", "show", "nobody")[0] == EX_DATAERR
     assert keyserver.admin("host", "disable", "nobody")[0] == EX_DATAERR
+
+
+def fields_of(text: str) -> dict[str, str]:
+    """'host show''s 'label: value' lines, every value in one column; a line without a
+    label continues the value above it."""
+    lines = text.splitlines()
+    label = lines[0].split(":", 1)[0]
+    column = len(lines[0]) - len(lines[0][len(label) + 1 :].lstrip())
+    shown: dict[str, str] = {}
+    last = ""
+    for line in lines:
+        head, value = line[:column], line[column:]
+        assert value and not value[0].isspace(), f"not aligned: {line!r}"
+        if head.strip():
+            assert head.rstrip().endswith(":"), line
+            last = head.strip()[:-1]
+            shown[last] = value
+        else:
+            shown[last] += "\n" + value
+    return shown
+
+
+def test_host_show_is_readable(keyserver: KeyServer, tmp_path: Path) -> None:
+    keyserver.add_host(
+        "fenced", "--allow-ip", "192.0.2.0/24", "--allow-ip", "2001:db8::/32", "--pool", POOL
+    )
+    keyserver.add_host("plain", "--deadman-timeout", "0")
+    _, csr = new_csr(tmp_path, "fenced-2")
+    keyserver.must("host", "cert", "fenced", "--csr", str(csr))
+    create_key(keyserver, "fenced", "11")
+    revoked = create_key(keyserver, "fenced", "12")
+    keyserver.must("key", "revoke", revoked)
+    as_json = json.loads(keyserver.must("host", "show", "fenced", "--json"))
+
+    shown = fields_of(keyserver.must("host", "show", "fenced"))
+    assert list(shown) == [
+        "name",
+        "enabled",
+        "machine-id",
+        "allowed networks",
+        "pools",
+        "dead-man timeout",
+        "last seen",
+        "created",
+        "certificates",
+        "keys",
+    ]
+    assert shown["name"] == "fenced" and shown["enabled"] == "yes"
+    assert shown["machine-id"] == as_json["machine_id"]
+    assert shown["allowed networks"] == "192.0.2.0/24, 2001:db8::/32"
+    assert shown["pools"] == POOL
+    # init's 30 days, which server.toml sets and the host does not override
+    assert shown["dead-man timeout"] == "2592000 s (30 days), server.toml's deadman_timeout"
+    assert shown["last seen"] == as_json["last_seen"]
+    certificates = shown["certificates"].splitlines()
+    assert certificates == [
+        f"{c['sha256']}  expires {c['not_after']}" for c in as_json["certificates"]
+    ]
+    assert len(certificates) == 2
+    assert shown["keys"] == "2 (1 active, 1 revoked)"
+
+    plain = fields_of(keyserver.must("host", "show", "plain"))
+    assert plain["allowed networks"] == "any address" and plain["pools"] == "any pool"
+    assert plain["dead-man timeout"] == "off" and plain["keys"] == "0"
+    keyserver.must("host", "disable", "plain")
+    assert fields_of(keyserver.must("host", "show", "plain"))["enabled"] == (
+        "no, disabled by an admin"
+    )
 
 
 def test_host_remove_keeps_a_host_that_owns_keys(keyserver: KeyServer) -> None:
@@ -828,3 +909,254 @@ def test_issue_key_refused_by_the_database_leaves_no_key_behind(
     )
     assert code == 65 and "already exists" in err
     assert not list(bundle.glob("client.*"))
+
+
+# What a new admin meets in the first hour
+
+
+def test_version_is_the_projects() -> None:
+    result = run("--version")
+    assert (result.returncode, result.stdout) == (0, f"zfs-unlock-server {__version__}\n")
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]
+
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The program's parser and every command's, by the command's words."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
+        found[" ".join(words)] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, (*words, name))
+
+    walk(build_parser(), ())
+    return found
+
+
+def examples_of(parser: argparse.ArgumentParser) -> list[str]:
+    """The epilog's command lines, each joined across its continuation lines."""
+    epilog = parser.epilog or ""
+    assert epilog.startswith(("example:\n", "examples:\n")), epilog
+    return epilog.split(":\n", 1)[1].replace("\\\n", "").split("\n")
+
+
+@pytest.mark.parametrize("command", sorted(all_parsers()))
+def test_every_option_has_help_and_every_command_a_real_example(command: str) -> None:
+    parser = all_parsers()[command]
+    for action in parser._actions:
+        assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
+    examples = examples_of(parser)
+    assert 1 <= len(examples) <= 2
+    assert any(e.strip().startswith(f"zfs-unlock-server {command}") for e in examples)
+    for example in examples:
+        words = shlex.split(example, comments=True)
+        assert words[0] == "zfs-unlock-server"
+        if "--help" not in words:
+            redirect = words.index("<") if "<" in words else len(words)
+            build_parser().parse_args(words[1:redirect])  # exits 64 if it is not a command
+
+
+def test_help_keeps_the_examples_line_breaks() -> None:
+    result = run("host", "add", "--help")
+    assert result.returncode == 0
+    epilog = result.stdout.split("\nexamples:\n", 1)[1].splitlines()
+    assert epilog[0].startswith("  zfs-unlock-server host add web1 ") and epilog[0].endswith("\\")
+    assert epilog[1].startswith("      --csr ")
+
+
+def test_init_turns_the_deadman_switch_on_for_30_days(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = run("--data-dir", str(data), "init")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "dead-man switch: a host not heard from for 30 days is disabled; the agent's daemon"
+        " checks in every 15 minutes; change deadman_timeout in server.toml"
+    ) in result.stderr.splitlines()
+    written = tomllib.loads((data / "server.toml").read_text())
+    assert written["deadman_timeout"] == 2592000
+    assert server_config.load(Layout(data)).deadman_timeout == 2592000
+    # A server.toml without the setting, as older versions wrote none: the switch stays off.
+    assert server_config.parse("", "server.toml").deadman_timeout == 0
+
+
+def test_empty_lists_say_so_on_stderr_only(keyserver: KeyServer) -> None:
+    for args, note in (
+        (("host", "list"), "no hosts"),
+        (("key", "list"), "no keys"),
+        (("audit", "--host", "nobody"), "no audit records match"),
+        (("audit", "--json", "--event", "key_released"), "no audit records match"),
+    ):
+        assert keyserver.admin(*args) == (0, "", note + "\n"), args
+    assert keyserver.admin("host", "list", "--json") == (0, "[]\n", "")
+    assert keyserver.admin("key", "list", "--json") == (0, "[]\n", "")
+    keyserver.add_host("web1")
+    assert keyserver.admin("key", "list", "--host", "web1") == (0, "", "no keys for host web1\n")
+    (keyserver.data_dir / "audit.log").write_bytes(b"")  # rotated away
+    assert keyserver.admin("audit") == (0, "", "no audit records\n")
+    assert keyserver.admin("audit", "--json") == (0, "", "no audit records\n")
+
+
+def test_each_change_is_confirmed_in_one_line(keyserver: KeyServer, tmp_path: Path) -> None:
+    keyserver.add_host("web1")
+    keyserver.add_host("web2")
+    _, csr = new_csr(tmp_path, "web1-2")
+    keyserver.must("host", "cert", "web1", "--csr", str(csr))
+    first = json.loads(keyserver.must("host", "show", "web1", "--json"))["certificates"][0]
+    key = create_key(keyserver, "web1", "11")
+    create_key(keyserver, "web2", "21")
+    named = f"key {key} of host web1 (tank/web1/11)"
+    for args, message in (
+        (("key", "revoke", key), f"{named} revoked: it is refused from the next request"),
+        (("key", "restore", key), f"{named} restored: it is released again from the next request"),
+        (("key", "revoke", key), f"{named} revoked: it is refused from the next request"),
+        (("key", "delete", key), f"{named} deleted for good"),
+        (
+            ("host", "disable", "web1"),
+            "host web1 disabled: its keys are refused from the next request",
+        ),
+        (
+            ("host", "enable", "web1"),
+            (
+                "host web1 enabled: its keys are released again from the next request;"
+                " its dead-man clock starts now"
+            ),
+        ),
+        (
+            ("host", "cert-remove", "web1", first["sha256"].upper()),
+            (
+                f"host web1: certificate {first['sha256']} removed: it is refused from the next"
+                " request"
+            ),
+        ),
+        (
+            ("host", "remove", "web1"),
+            "host web1 removed: its certificates are refused from the next request",
+        ),
+        (
+            ("host", "remove", "web2", "--delete-keys"),
+            (
+                "host web2 removed, and its 1 key(s) deleted for good: its certificates are"
+                " refused from the next request"
+            ),
+        ),
+    ):
+        assert keyserver.admin(*args) == (0, "", message + "\n"), args
+    # A refusal confirms nothing.
+    code, out, err = keyserver.admin("host", "disable", "web1")
+    assert (code, out) == (EX_DATAERR, "") and "disabled" not in err
+
+
+def test_host_add_says_a_host_may_fetch_from_anywhere_for_any_pool(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    _, csr = new_csr(tmp_path, "open")
+    code, _, err = keyserver.admin(
+        "host", "add", "open", "--machine-id", machine_id_for("open"), "--csr", str(csr)
+    )
+    assert code == 0
+    assert err.splitlines() == [
+        "host open added",
+        "host open: may fetch keys from any address; --allow-ip CIDR narrows it",
+        "host open: may fetch keys for any pool; --pool GUID narrows it",
+    ]
+    code, _, err = keyserver.admin(
+        *("host", "add", "fenced", "--machine-id", machine_id_for("fenced"), "--csr", str(csr)),
+        *("--allow-ip", "192.0.2.0/24", "--pool", POOL),
+    )
+    assert (code, err) == (0, "host fenced added\n")
+
+
+def test_issue_key_with_cert_out_writes_the_certificate_there_too(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    bundle, out = tmp_path / "bundle", tmp_path / "db1.crt"
+    code, stdout, err = keyserver.admin(
+        *("host", "add", "db1", "--machine-id", machine_id_for("db1")),
+        *("--issue-key", str(bundle), "--cert-out", str(out)),
+    )
+    assert (code, stdout) == (0, ""), err
+    assert out.read_bytes() == (bundle / "client.crt").read_bytes()
+    assert f"client certificate written to {out}" in err
+
+
+def test_outputs_are_kept_only_when_the_command_succeeds(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    keyserver.add_host("taken")
+    _, csr = new_csr(tmp_path, "candidate")
+    new, old = tmp_path / "new.crt", tmp_path / "old.crt"
+    old.write_text("an older certificate, longer than a new one would be\n" * 100)
+    for out in (new, old):
+        code, _, _ = keyserver.admin(
+            *("host", "add", "taken", "--machine-id", "1" * 32, "--csr", str(csr)),
+            *("--cert-out", str(out)),
+        )
+        assert code == EX_DATAERR
+    assert not new.exists()
+    assert old.read_text().startswith("an older certificate")
+    bundle = tmp_path / "a" / "b"
+    code, _, _ = keyserver.admin(
+        "host", "add", "taken", "--machine-id", "1" * 32, "--issue-key", str(bundle)
+    )
+    assert code == EX_DATAERR and not (tmp_path / "a").exists()
+
+    # One that cannot be opened is refused before anything changes.
+    before = keyserver.audit_records()
+    code, _, err = keyserver.admin(
+        *("host", "add", "second", "--machine-id", "1" * 32, "--csr", str(csr)),
+        *("--cert-out", str(tmp_path / "missing" / "second.crt")),
+    )
+    assert code == EX_CANTCREAT and "--cert-out" in err and "No such file" in err
+    assert keyserver.audit_records() == before
+
+    # Success replaces an existing file's content entirely.
+    keyserver.must(
+        *("host", "add", "second", "--machine-id", "1" * 32, "--csr", str(csr)),
+        *("--cert-out", str(old)),
+    )
+    cert = x509.load_pem_x509_certificate(old.read_bytes())
+    assert old.read_bytes() == cert.public_bytes(serialization.Encoding.PEM)
+
+
+# serve's first words
+
+
+SERVING = "serving HTTPS (TLS, client certificates required) on https://127.0.0.1:{port}"
+
+
+def test_serve_says_it_serves_https_with_client_certificates(keyserver: KeyServer) -> None:
+    with running(keyserver, workers=1):
+        line = SERVING.format(port=keyserver.port)
+        wait_for(lambda: line in keyserver.log_path.read_text())
+    log = keyserver.log_path.read_text()
+    assert log.count(line) == 1
+    assert "Listening at" not in log and "http://" not in log  # gunicorn's misleading line
+
+
+def test_https_url_brackets_ipv6() -> None:
+    assert serve.https_url(("::", 8443, 0, 0)) == "https://[::]:8443"
+    assert serve.https_url(("192.0.2.1", 443)) == "https://192.0.2.1:443"
+
+
+def test_serve_on_a_port_in_use_fails_at_once_with_exit_69(keyserver: KeyServer) -> None:
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        port, free_port = taken.getsockname()[1], free.getsockname()[1]
+        free.close()
+        result = run(
+            *("--data-dir", str(keyserver.data_dir), "serve", "--workers", "1"),
+            *("--listen", f"127.0.0.1:{free_port}", "--listen", f"127.0.0.1:{port}"),
+            *ROOT_ONLY,
+        )
+    assert result.returncode == EX_UNAVAILABLE, result.stderr
+    # One line, at once: not gunicorn's five attempts a second apart.
+    assert result.stderr.splitlines() == [
+        f"zfs-unlock-server: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+    assert result.stdout == ""
+    assert "server_start" not in {r["event"] for r in keyserver.audit_records()}

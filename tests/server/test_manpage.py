@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zfs_unlock_server import errors
 from zfs_unlock_server.cli import build_parser
+from zfs_unlock_server.config import Layout
 
 MAN_PAGE = Path(__file__).parents[2] / "docs" / "man" / "zfs-unlock-server.8"
 PROGRAM = "zfs-unlock-server"
@@ -174,3 +175,59 @@ def test_each_entry_gives_the_command_its_arguments_and_only_its_own_options() -
             assert re.search(rf"\b{positional}\b", tag), f"{command}: {positional} not in {tag!r}"
         named = set(OPTION_IN_TEXT.findall(plain(text)))
         assert named - GLOBAL_OPTIONS == options_of(parser), command
+
+
+def every_parser() -> dict[str, argparse.ArgumentParser]:
+    """The program's parser and every command's, leaves and groups ("host") alike."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
+        found[" ".join(words)] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, (*words, name))
+
+    walk(build_parser(), ())
+    return found
+
+
+def test_every_command_and_every_option_of_the_parser_is_on_the_page() -> None:
+    page = plain(MAN_PAGE.read_text())
+    missing = [
+        f"{command or PROGRAM}: {option}"
+        for command, parser in every_parser().items()
+        for action in parser._actions
+        for option in action.option_strings
+        if not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", page)
+    ]
+    assert missing == []
+    words = {word for command in every_parser() for word in command.split()}
+    assert {"host", "key", "cert-remove", "import-simplezfs"} <= words
+    assert [w for w in sorted(words) if not re.search(rf"(?<![\w-]){w}(?![\w-])", page)] == []
+
+
+def test_the_options_every_command_takes_are_under_options() -> None:
+    lines = section("OPTIONS").splitlines()
+    tags = [plain(lines[i + 1]) for i, line in enumerate(lines[:-1]) if line == ".TP"]
+    named = {option for tag in tags for option in re.findall(r"(?<![\w-])-[-\w]+", tag)}
+    program = {o for a in build_parser()._actions for o in a.option_strings}
+    assert program == named  # -h, --help, --data-dir, --version
+
+
+def test_every_file_of_the_data_directory_is_described() -> None:
+    layout = Layout(Path("/d"))
+    names = {
+        getattr(layout, name).name
+        for name, value in vars(Layout).items()
+        if isinstance(value, property)
+    }
+    assert len(names) >= 9
+    described = plain(section("CONFIGURATION"))
+    assert [n for n in sorted(names) if n not in described] == []
+
+
+def test_serves_exit_code_for_a_port_in_use_is_documented() -> None:
+    text = plain(section("EXIT STATUS"))
+    assert errors.EX_UNAVAILABLE == 69
+    assert re.search(r"^\.B 69\n\.B serve\ncannot listen", text, re.MULTILINE)

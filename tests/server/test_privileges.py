@@ -8,6 +8,7 @@ for the service's own (zfs-unlock) and is removed afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from bench.common import free_port
 from tests.keyserver import SERVER_BIN, KeyServer
@@ -247,48 +250,83 @@ def test_a_file_an_admin_command_creates_belongs_to_the_owner(owned: Owned) -> N
         owned.user.pw_gid,
         0o600,
     )
-    issued = Path(tempfile.gettempdir()) / f"zua-issued-{os.getpid()}"
-    try:
-        must(owned, "host", "add", "web2", "--machine-id", "f" * 32, "--issue-key", str(issued))
-        assert not strangers(issued, owned.user.pw_uid)
-    finally:
-        shutil.rmtree(issued, ignore_errors=True)
+    assert not strangers(owned.data, owned.user.pw_uid)
 
 
-def test_outputs_the_owner_cannot_write_are_refused_before_any_change(owned: Owned) -> None:
+# What the command line names to write is the admin's, written where only the admin may
+
+
+def test_cert_out_and_issue_key_in_roots_own_directory(owned: Owned) -> None:
     must(owned, "init")
     _, csr_pem = new_key_and_csr("web1")
     csr = owned.private / "web1.csr"
     csr.write_bytes(csr_pem)
+    cert = owned.private / "web1.crt"
+    result = run(
+        owned,
+        *("host", "add", "web1", "--machine-id", MACHINE_ID, "--csr", str(csr)),
+        *("--cert-out", str(cert)),
+    )
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert f"client certificate written to {cert}" in result.stderr
+    assert cert.stat().st_uid == 0
+    shown = json.loads(must(owned, "host", "show", "web1", "--json"))
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    fingerprint = issued.fingerprint(hashes.SHA256()).hex()
+    assert [c["sha256"] for c in shown["certificates"]] == [fingerprint]
+
+    bundle, also = owned.private / "web2", owned.private / "web2.crt"
+    result = run(
+        owned,
+        *("host", "add", "web2", "--machine-id", "f" * 32, "--issue-key", str(bundle)),
+        *("--cert-out", str(also)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert also.read_bytes() == (bundle / "client.crt").read_bytes()
+    # The host's private key is root's (0400), not the service's: it leaves for the host.
+    key = (bundle / "client.key").stat()
+    assert (key.st_uid, key.st_mode & 0o777) == (0, 0o400)
+    assert all(p.stat().st_uid == 0 for p in (bundle, bundle / "client.crt", also))
+    assert not strangers(owned.data, owned.user.pw_uid)
+
+
+def test_a_refused_command_leaves_no_output_where_the_owner_could_not_remove_it(
+    owned: Owned,
+) -> None:
+    must(owned, "init")
+    add_host(owned)  # web1
+    _, csr_pem = new_key_and_csr("again")
+    csr = owned.private / "again.csr"
+    csr.write_bytes(csr_pem)
+    kept = owned.private / "kept.crt"
+    kept.write_text("the admin's own file\n")
+    for out in (owned.private / "new.crt", kept):
+        result = run(
+            owned,
+            *("host", "add", "web1", "--machine-id", "e" * 32, "--csr", str(csr)),
+            *("--cert-out", str(out)),
+        )
+        assert result.returncode == 65 and "already exists" in result.stderr, result.stderr
+    bundle = owned.private / "deep" / "web1"
+    result = run(owned, "host", "add", "web1", "--machine-id", "e" * 32, "--issue-key", str(bundle))
+    assert result.returncode == 65, result.stderr
+    assert sorted(p.name for p in owned.private.iterdir()) == [
+        "again.csr",
+        "kept.crt",
+        "web1.crt",
+        "web1.csr",
+        "web1.key",
+    ]
+    assert kept.read_text() == "the admin's own file\n"
+    # An output even root cannot create is refused before anything is done or recorded.
     before = must(owned, "audit", "--json")
-    cert_out = run(
+    missing = run(
         owned,
-        "host",
-        "add",
-        "web1",
-        "--machine-id",
-        MACHINE_ID,
-        "--csr",
-        str(csr),
-        "--cert-out",
-        str(owned.private / "web1.crt"),
+        *("host", "add", "web3", "--machine-id", "d" * 32, "--csr", str(csr)),
+        *("--cert-out", str(owned.private / "nowhere" / "web3.crt")),
     )
-    assert cert_out.returncode == EX_CANTCREAT, cert_out.stderr
-    assert "standard output" in cert_out.stderr and owned.user.pw_name in cert_out.stderr
-    issue = run(
-        owned,
-        "host",
-        "add",
-        "web1",
-        "--machine-id",
-        MACHINE_ID,
-        "--issue-key",
-        str(owned.private / "web1"),
-    )
-    assert issue.returncode == EX_CANTCREAT, issue.stderr
-    assert must(owned, "host", "list") == ""
+    assert missing.returncode == EX_CANTCREAT and "--cert-out" in missing.stderr
     assert must(owned, "audit", "--json") == before
-    assert not (owned.private / "web1.crt").exists() and not (owned.private / "web1").exists()
 
 
 def test_commands_that_seal_say_where_a_moved_master_key_comes_from(owned: Owned) -> None:

@@ -26,7 +26,7 @@ say "machine-id $(cat /etc/machine-id), $(zfs version | head -n1)"
 zpool create -f -o ashift=12 -o cachefile=none -R /target -O mountpoint=none \
     -O canmount=off -O compression=lz4 -O acltype=posixacl -O xattr=sa -O relatime=on \
     rpool /dev/vda1
-agent enroll --dataset rpool/ROOT --keyformat hex
+agent enroll --dataset rpool/ROOT --keyformat hex --create
 zfs set canmount=off rpool/ROOT
 zfs create -o mountpoint=/ -o canmount=noauto rpool/ROOT/debian
 zfs mount rpool/ROOT/debian
@@ -39,7 +39,7 @@ zpool set bootfs=rpool/ROOT/debian rpool
 for pool in tank usb; do
     case $pool in tank) disk=/dev/vdb1 cache=/etc/zfs/zpool.cache ;; usb) disk=/dev/vdc1 cache=none ;; esac
     zpool create -f -o ashift=12 -o cachefile=$cache -O compression=lz4 "$pool" "$disk"
-    agent enroll --dataset "$pool/secure"
+    agent enroll --dataset "$pool/secure" --create
     echo "written at install time" >"/$pool/secure/marker"
 done
 say "tank/secure and usb/secure enrolled"

@@ -1,5 +1,5 @@
 """STRATEGY:
-1. `zfs-unlock-agent enroll --dataset tank/secret` creates tank/secret, encrypted,
+1. `zfs-unlock-agent enroll --dataset tank/secret --create` creates tank/secret, encrypted,
    and moves it to a key the server issued (raw, keylocation=prompt, managed=on,
    and OpenZFS's org.openzfs.systemd:ignore=on: zfs-mount-generator makes it no units).
 2. Write a file; `zfs unmount` and `zfs unload-key`: the key is unavailable.
@@ -23,7 +23,7 @@ from tests.vm.guest.harness import (
 
 
 def run(ctx: Context) -> str:
-    done = ctx.agent("enroll", "--dataset", "tank/secret")
+    done = ctx.agent("enroll", "--dataset", "tank/secret", "--create")
     check("created and enrolled" in done.stdout, f"enroll said {done.stdout.strip()!r}")
     expect_props(
         ctx,

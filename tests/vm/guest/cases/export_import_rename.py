@@ -1,6 +1,6 @@
 """STRATEGY:
 1. A pool of its own, xport on /dev/vdc1 (cachefile=none); `enroll --dataset
-   xport/a`; a child xport/a/c; files in both.
+   xport/a --create`; a child xport/a/c; files in both.
 2. `zpool export xport`, `zpool import -d /dev -o cachefile=none xport`: the keys are
    unavailable; `unlock --dataset xport/a` opens and mounts both, data intact.
 3. `zfs rename xport/a xport/b`; lock; `unlock --dataset xport/b` opens and mounts
@@ -21,7 +21,7 @@ from tests.vm.guest.harness import (
 
 def run(ctx: Context) -> str:
     ctx.must("zpool", "create", "-f", "-o", "cachefile=none", "xport", "/dev/vdc1")
-    ctx.agent("enroll", "--dataset", "xport/a")
+    ctx.agent("enroll", "--dataset", "xport/a", "--create")
     ctx.must("zfs", "create", "xport/a/c")
     data = {"a/file": write_data("/xport/a/file"), "a/c/file": write_data("/xport/a/c/file")}
     ctx.must("sync")

@@ -1,5 +1,5 @@
 """STRATEGY:
-1. tank/kf-raw: `enroll` (raw). tank/kf-hex: `enroll --keyformat hex`.
+1. tank/kf-raw: `enroll --create` (raw). tank/kf-hex: `enroll --create --keyformat hex`.
 2. tank2/kf-nl: created with a raw key holding 0x0a (first, middle and last byte),
    0x0d and 0x00 bytes; that key is imported on the server (POST /v1/keys with `key`,
    then activate, through the agent's KeyClient).
@@ -25,8 +25,8 @@ from tests.vm.guest.harness import (
 
 
 def run(ctx: Context) -> str:
-    ctx.agent("enroll", "--dataset", "tank/kf-raw")
-    ctx.agent("enroll", "--dataset", "tank/kf-hex", "--keyformat", "hex")
+    ctx.agent("enroll", "--dataset", "tank/kf-raw", "--create")
+    ctx.agent("enroll", "--dataset", "tank/kf-hex", "--keyformat", "hex", "--create")
     awkward = bytearray(os.urandom(32))
     awkward[0] = awkward[13] = awkward[31] = 0x0A
     awkward[7], awkward[20] = 0x0D, 0x00

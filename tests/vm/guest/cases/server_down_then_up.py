@@ -24,7 +24,7 @@ from tests.vm.guest.harness import (
 
 
 def run(ctx: Context) -> str:
-    ctx.agent("enroll", "--dataset", "tank2/outage")
+    ctx.agent("enroll", "--dataset", "tank2/outage", "--create")
     data = os.urandom(64).hex()
     Path("/tank2/outage/file").write_text(data)
     roots = managed_roots(ctx)

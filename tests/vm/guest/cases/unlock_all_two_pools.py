@@ -1,5 +1,5 @@
 """STRATEGY:
-1. Enroll four encryption roots with `enroll`: tank/ua, tank/ub (mountpoint /srv/ub),
+1. Enroll four encryption roots with `enroll --create`: tank/ua, tank/ub (mountpoint /srv/ub),
    tank2/uc, and tank/ua/nest/inner, a root nested inside tank/ua's tree.
 2. Give them children with inherited keys: tank/ua/docs(/deep), tank/ua/none
    (mountpoint=none), tank/ua/legacy (mountpoint=legacy), tank/ua/noauto
@@ -35,11 +35,11 @@ from tests.vm.guest.harness import (
 def run(ctx: Context) -> str:
     tops = ("tank/ua", "tank/ub", "tank2/uc")
     for root in ("tank/ua", "tank/ub", "tank2/uc"):
-        ctx.agent("enroll", "--dataset", root)
+        ctx.agent("enroll", "--dataset", root, "--create")
     ctx.must("zfs", "set", "mountpoint=/srv/ub", "tank/ub")
     ctx.must("zfs", "create", "-p", "tank/ua/docs/deep")
     ctx.must("zfs", "create", "tank/ua/nest")
-    ctx.agent("enroll", "--dataset", "tank/ua/nest/inner")
+    ctx.agent("enroll", "--dataset", "tank/ua/nest/inner", "--create")
     ctx.must("zfs", "create", "tank/ua/nest/inner/leaf")
     ctx.must("zfs", "create", "-o", "mountpoint=none", "tank/ua/none")
     ctx.must("zfs", "create", "-o", "mountpoint=legacy", "tank/ua/legacy")

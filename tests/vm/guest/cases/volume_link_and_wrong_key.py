@@ -20,7 +20,7 @@ from tests.vm.guest.harness import (
 
 
 def run(ctx: Context) -> str:
-    ctx.agent("enroll", "--dataset", "tank/vols")
+    ctx.agent("enroll", "--dataset", "tank/vols", "--create")
     ctx.must("zfs", "create", "-V", "16M", "tank/vols/vol")
     link = Path("/dev/zvol/tank/vols/vol")
     ctx.must("udevadm", "settle")

@@ -1,5 +1,5 @@
 """STRATEGY:
-1. `enroll --dataset tank/gencache`: OpenZFS's org.openzfs.systemd:ignore is on, set on
+1. `enroll --dataset tank/gencache --create`: OpenZFS's org.openzfs.systemd:ignore is on, set on
    the root, and a child created afterwards inherits it (zfs-mount-generator makes no
    units for either); the child is destroyed again.
 2. As for a root enrolled by an older version: `zfs inherit` the property, and set up
@@ -20,7 +20,7 @@ CACHE = Path("/etc/zfs/zfs-list.cache/tank")
 
 
 def run(ctx: Context) -> str:
-    ctx.agent("enroll", "--dataset", "tank/gencache")
+    ctx.agent("enroll", "--dataset", "tank/gencache", "--create")
     ctx.must("zfs", "create", "tank/gencache/child")
     for name, source in (("tank/gencache", "local"), ("tank/gencache/child", "inherited")):
         got = ctx.must("zfs", "get", "-H", "-o", "value,source", IGNORE, name).strip()
