@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from zfs_unlock_agent import transport
-from zfs_unlock_agent.config import Config, ServerSettings
+from zfs_unlock_agent.config import Config, ServerSettings, client_context
 from zfs_unlock_common import pinning, protocol
 
 
@@ -47,6 +47,9 @@ CHECKS: dict[str, Check] = {
 
 CERTIFICATE_WARNING = 30 * 86400  # seconds before expiry that `check` starts failing
 CLOCK_TOLERANCE = 300.0  # seconds of skew: certificates and audit times stop agreeing
+# How long to give the server to refuse this host's certificate before the request goes
+# out; a server that accepts it says nothing, so every check of a good server waits this.
+LISTEN_FIRST = 1.0
 
 
 class Report:
@@ -78,7 +81,7 @@ def check_servers(
     """Check each server in turn; POOLS maps the imported pools' GUIDs to their names,
     MANAGED_POOLS are the GUIDs of the pools that hold managed encryption roots. Returns
     0, or the exit status of the first failure."""
-    context = transport.client_context(config.client_certificate, config.client_key)
+    context = client_context(config.client_certificate, config.client_key)
     failures: list[str] = []
     for settings in config.servers:
         say(settings.url)
@@ -112,7 +115,8 @@ def _check_one(
             connect_timeout=network.connect_timeout,
             read_timeout=network.read_timeout,
             max_body=protocol.MAX_BODY_BYTES,
-            deadline=time.monotonic() + network.connect_timeout + 2 * network.read_timeout,
+            deadline=time.monotonic() + network.connect_timeout + 3 * network.read_timeout,
+            listen_first=min(LISTEN_FIRST, network.read_timeout),
         )
     except transport.PinMismatch as exc:
         report.ok(f"reachable: TCP and TLS to {server.host}:{server.port}")

@@ -119,26 +119,33 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    cfg = _load(args, check_files=False)
-    machine_id = read_machine_id(cfg.machine_id_file)
-    key_path, csr_path = cfg.client_key, cfg.client_key.with_suffix(".csr")
-    name = validate.label(args.name or socket.gethostname().split(".")[0], "host name")
-    if key_path.exists():
-        config.check_private_key_file(key_path, "client key")
-        print(f"# client key {key_path} exists; not replaced", file=sys.stderr)
-    else:
-        # Only here: the X.509 library is large, and unlock (in an initramfs) never needs it.
-        from zfs_unlock_common.csr import new_key_and_csr  # noqa: PLC0415
+    return _enrollment_steps(_load(args, check_files=False), args.name)
 
-        key_pem, csr_pem = new_key_and_csr(name)
-        key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key_pem)
-        csr_path.write_bytes(csr_pem)
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent import setup  # noqa: PLC0415 - a first run's code, not unlock's
+
+    pairs = setup.server_pairs(args.server, args.pin)
+    setup.write_config(args.config, setup.render_config(pairs), args.force)
+    print(f"# wrote {args.config} ({len(pairs)} server(s))", file=sys.stderr)
+    return _enrollment_steps(_load(args, check_files=False), args.name)
+
+
+def _enrollment_steps(cfg: config.Config, name: str | None) -> int:
+    """Make the host's identity (once) and tell the admin how to enroll it: the steps on
+    standard error, the key server's command alone on standard output."""
+    from zfs_unlock_agent import setup  # noqa: PLC0415
+
+    machine_id = read_machine_id(cfg.machine_id_file)
+    host = validate.label(name or socket.gethostname().split(".")[0], "host name")
+    identity = setup.make_identity(cfg.client_key, host)
+    if identity.created:
         print(
-            f"# wrote {key_path} (0400; it never leaves this host) and {csr_path}", file=sys.stderr
+            f"# wrote {identity.key} (0400; it never leaves this host) and {identity.csr}",
+            file=sys.stderr,
         )
+    else:
+        print(f"# client key {identity.key} exists; not replaced", file=sys.stderr)
     pools: list[str] = []
     try:
         inventory = Zfs(cfg.zfs).inventory()
@@ -148,13 +155,33 @@ def cmd_identity(args: argparse.Namespace) -> int:
     except AgentError as exc:
         print(f"# pools unknown: {exc}", file=sys.stderr)
     print(f"# machine-id: {machine_id}", file=sys.stderr)
-    print("# on the key server, run:", file=sys.stderr)
-    pool_args = "".join(f" --pool {g}" for g in pools)
-    _output(
-        f"zfs-unlock-server host add {name} --machine-id {machine_id}{pool_args}"
-        f" --csr {csr_path.name} --cert-out {cfg.client_certificate.name}"
+    print(
+        "# to enroll this host:\n"
+        f"#   1. copy {identity.csr} to the key server as {host}.csr\n"
+        f"#   2. there, run the line below: it writes the host's certificate to {host}.crt\n"
+        f"#   3. copy {host}.crt back here as {cfg.client_certificate},"
+        " then run: zfs-unlock-agent check",
+        file=sys.stderr,
     )
+    _output(setup.host_add_line(host, machine_id, pools))
     return EX_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent.check import check_servers  # noqa: PLC0415 - not on the unlock path
+
+    cfg = _load(args)
+    machine_id = read_machine_id(cfg.machine_id_file)
+    pools: dict[str, str] = {}
+    managed: list[str] = []
+    try:
+        inventory = Zfs(cfg.zfs).inventory()
+        pools = {guid: pool for pool, guid in inventory.pool_guids.items()}
+        roots = select_roots(inventory, cfg, [], True, on_missing=log.debug)
+        managed = sorted({inventory.pool_guid(root) for root in roots})
+    except AgentError as exc:
+        log.warning("cannot list the pools (%s); their permissions are not compared", exc)
+    return check_servers(cfg, machine_id, pools, managed, _output)
 
 
 def cmd_needs_prompt(args: argparse.Namespace) -> int:
@@ -323,6 +350,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dataset", metavar="DS")
     add("configcheck", cmd_configcheck, "validate the configuration (no ZFS, no network)")
+    add(
+        "check",
+        cmd_check,
+        "ask every server whether this host could fetch its keys now, and say what is wrong",
+    )
+    p = add(
+        "setup",
+        cmd_setup,
+        "first run: write the configuration, make the identity, print the enrollment command",
+    )
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        required=True,
+        metavar="URL",
+        help="a key server, https://HOST[:PORT] (repeat for more, each with its --pin)",
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        required=True,
+        metavar="PIN",
+        help="the server's pin, sha256//..., as 'zfs-unlock-server pin' prints it",
+    )
+    p.add_argument("--name", help="host name to request (default: the short hostname)")
+    p.add_argument("--force", action="store_true", help="replace an existing configuration")
     p = add("enroll", cmd_enroll, "move a dataset to a key from the server")
     p.add_argument("--dataset", required=True, metavar="DS")
     p.add_argument("--keyformat", choices=("raw", "hex"), default="raw")

@@ -174,10 +174,14 @@ class PinnedServer:
         read_timeout: float,
         max_body: int,
         deadline: float,
+        listen_first: float = 0.0,
     ) -> Response:
         """One exchange on a new connection, over by DEADLINE (a time.monotonic() value)
         or TimedOut. CONNECT_TIMEOUT bounds the TCP connection; READ_TIMEOUT bounds each
-        wait for the server after it, the TLS handshake included; no wait outlasts DEADLINE."""
+        wait for the server after it, the TLS handshake included; no wait outlasts DEADLINE.
+        LISTEN_FIRST > 0 waits that long for the server to speak before sending (`check`):
+        in TLS 1.3 a server refuses our certificate with an alert after the handshake, and
+        a request sent into the connection it then closes can turn that alert into a reset."""
         raw = self._connect(connect_timeout, deadline)
         with raw:
             # Without it, the request waits for the ACK of the handshake's last flight,
@@ -204,6 +208,8 @@ class PinnedServer:
                         _presented_pin(der),
                     )
                 try:
+                    if listen_first > 0:
+                        _listen(connection, listen_first, deadline)
                     _send_all(
                         connection,
                         self._head(method, path, len(body)) + body,
@@ -296,6 +302,19 @@ def _wait(timeout: float, deadline: float) -> float:
     if left <= 0:
         raise TimedOut()
     return min(timeout, left)
+
+
+def _listen(connection: socket.socket, wait: float, deadline: float) -> None:
+    """Wait up to WAIT for the server to say something before the request: it has nothing
+    to say but an alert or a close, which this raises as such; silence is consent."""
+    connection.settimeout(_wait(wait, deadline))
+    try:
+        spoke = connection.recv(1)
+    except TimeoutError:
+        return
+    if not spoke:
+        raise ConnectionLost("closed by the server before the request")
+    raise MalformedAnswer("the server spoke before the request")
 
 
 def _send_all(connection: socket.socket, data: bytes, timeout: float, deadline: float) -> None:
