@@ -241,10 +241,12 @@ class KeyServer:
 
 class AdminChannel:
     """The admin at the key server, on a TCP port on 127.0.0.1: one JSON request a
-    connection, {"argv": ["zfs-unlock-server", ...], "files": {name: text}, "want": [name]};
-    the answer is {"argv": what ran, "rc", "output", "files": {name: text}} or {"error"}.
-    Only ADMIN_COMMANDS run, in EXCHANGE (where files go in and come out, plain names
-    only); `host add` gets `--allow-ip 127.0.0.1/32` when it has none."""
+    connection, {"argv": ["zfs-unlock-server", ...], "files": {name: text}, "want": [name],
+    "stdout": name (optional: the admin's shell sends standard output to that file, as in
+    `host add ... > web1.crt`)}; the answer is {"argv": what ran, "rc", "output",
+    "files": {name: text}} or {"error"}. Only ADMIN_COMMANDS run, in EXCHANGE (where files
+    go in and come out, plain names only); `host add` gets `--allow-ip 127.0.0.1/32` when
+    it has none."""
 
     def __init__(self, exchange: Path, env: dict[str, str]) -> None:
         self.exchange = exchange
@@ -290,6 +292,7 @@ class AdminChannel:
         argv = [str(word) for word in request["argv"]]
         files = {str(k): str(v) for k, v in dict(request.get("files", {})).items()}
         want = [str(name) for name in request.get("want", [])]
+        stdout_to = str(request.get("stdout", ""))
         words = argv[1:]
         if argv[:1] != ["zfs-unlock-server"] or not (
             tuple(words[:2]) in ADMIN_COMMANDS or tuple(words[:1]) in ADMIN_COMMANDS
@@ -298,25 +301,36 @@ class AdminChannel:
         if any(word.startswith(("--data-dir", "--issue-key")) for word in words):
             return {"error": "--data-dir and --issue-key are the admin's business"}
         if words[:2] == ["host", "add"]:
-            for flag in ("--csr", "--cert-out"):
-                value = words[words.index(flag) + 1] if flag in words[:-1] else ""
-                if not PLAIN_NAME.fullmatch(value):
-                    return {"error": f"host add needs {flag} with a plain file name"}
+            value = words[words.index("--csr") + 1] if "--csr" in words[:-1] else ""
+            if not PLAIN_NAME.fullmatch(value):
+                return {"error": "host add needs --csr with a plain file name"}
             if "--allow-ip" not in words:
                 argv += ["--allow-ip", ALLOW_IP]
-        names = [*files, *want]
+        names = [*files, *want, *([stdout_to] if stdout_to else [])]
         if not all(PLAIN_NAME.fullmatch(name) for name in names):
             return {"error": "file names must be plain names"}
         for name, text in files.items():
             path = self.exchange / name
             path.unlink(missing_ok=True)
             path.write_text(text)
-        done = subprocess.run(
-            argv, cwd=self.exchange, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        out = {n: (self.exchange / n).read_text() for n in want if (self.exchange / n).is_file()}
-        return {"argv": argv, "rc": done.returncode, "output": done.stdout, "files": out}
+        if stdout_to:
+            (self.exchange / stdout_to).unlink(missing_ok=True)
+            with (self.exchange / stdout_to).open("x") as target:
+                done = subprocess.run(
+                    argv, cwd=self.exchange, env=self.env, stdin=subprocess.DEVNULL,
+                    stdout=target, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+                )  # fmt: skip
+            output, shown = done.stderr, [*argv, ">", stdout_to]
+        else:
+            done = subprocess.run(
+                argv, cwd=self.exchange, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+                check=False,
+            )  # fmt: skip
+            output, shown = done.stdout, argv
+        names = [*want, *([stdout_to] if stdout_to else [])]
+        out = {n: (self.exchange / n).read_text() for n in names if (self.exchange / n).is_file()}
+        return {"argv": shown, "rc": done.returncode, "output": output, "files": out}
 
 
 # Where ZFS runs

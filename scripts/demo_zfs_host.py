@@ -49,8 +49,8 @@ DEFAULT_CONFIG = Path("/etc/zfs-unlock-agent/agent.toml")
 # The summary's lines, in order: key, what is expected.
 CHECKS: dict[str, str] = {
     "pool": f"a throw-away pool '{POOL}' on a file",
-    "identity": "the host made its key pair (0400) and CSR",
-    "enrolled": "the admin enrolled the host",
+    "identity": "setup wrote the config, key pair (0400) and CSR",
+    "enrolled": "the admin enrolled the host; check passed",
     "dataset": "new encrypted dataset, key on the server only",
     "locked": "after the 'reboot' the dataset is locked",
     "unlocked": "unlock fetched the key, loaded it, mounted",
@@ -126,13 +126,19 @@ class Host:
         return done.returncode, done.stdout
 
     def admin(
-        self, *argv: str, files: Mapping[str, bytes] | None = None, want: Sequence[str] = ()
+        self,
+        *argv: str,
+        files: Mapping[str, bytes] | None = None,
+        want: Sequence[str] = (),
+        stdout: str = "",
     ) -> tuple[int, str, dict[str, bytes]]:
-        """Ask the admin to run `zfs-unlock-server ARGV` on the key server."""
+        """Ask the admin to run `zfs-unlock-server ARGV` on the key server (with its
+        standard output sent to the file STDOUT, if given)."""
         request = {
             "argv": ["zfs-unlock-server", *argv],
             "files": {name: data.decode() for name, data in (files or {}).items()},
             "want": list(want),
+            **({"stdout": stdout} if stdout else {}),
         }
         with socket.create_connection(self.admin_address, timeout=120) as sock:
             sock.sendall(json.dumps(request).encode() + b"\n")
@@ -141,7 +147,9 @@ class Host:
                 answer: dict[str, Any] = json.loads(reader.readline() or b"{}")
         if "error" in answer or "argv" not in answer:
             raise Failure(f"the admin channel refused {argv}: {answer.get('error', answer)}")
-        emit("cmd", f"server {shlex.join(answer['argv'])}")
+        shown: list[str] = answer["argv"]
+        redirect = f" > {shown[-1]}" if shown[-2:-1] == [">"] else ""
+        emit("cmd", f"server {shlex.join(shown[:-2] if redirect else shown)}{redirect}")
         if answer["output"].strip():
             emit("out", answer["output"].rstrip("\n"))
         if answer["rc"] != 0:
@@ -193,59 +201,50 @@ class Host:
         self.run("zpool", "list", "-o", "name,size,health", POOL)
         check("pool", True, f"{POOL} on {self.pool_file}")
 
-    def write_config(self) -> None:
-        step("The host is told where its key server is: the URL and the pin from 'init'")
-        directory = self.config.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        text = (
-            f"# {self.config}: written by the demo\n"
-            'machine_id_file = "/etc/machine-id"\n\n'
-            "[[server]]\n"
-            f'url = "{self.server_url}"\n'
-            f'pins = ["{self.pin}"]        # the server is trusted on its public key alone\n\n'
-            "[client]\n"
-            'certificate = "client.crt"   # from the admin, after enrollment\n'
-            'key = "client.key"           # made by identity; never leaves this host\n\n'
-            "[datasets]\n"
-            "property = false             # only the demo's dataset, not this host's others\n"
-            f'include = ["{DATASET}"]\n'
+    def setup(self) -> str:
+        step(
+            "The host's first run: 'setup' writes its configuration (the server's URL and the"
+            " pin from 'init') and makes its identity: a private key that never leaves it, and"
+            " a certificate request (CSR) for the admin"
         )
-        self.config.write_text(text)
         if self.config != DEFAULT_CONFIG:
             os.environ["ZFS_UNLOCK_AGENT_CONFIG"] = str(self.config)
             emit("cmd", f"host export ZFS_UNLOCK_AGENT_CONFIG={shlex.quote(str(self.config))}")
-        self.run("cat", str(self.config))
-
-    def identity(self) -> str:
-        step(
-            "The host makes its identity: a private key that never leaves it, and a"
-            " certificate request (CSR) for the admin"
+        _, out = self.agent(
+            "setup", "--server", self.server_url, "--pin", self.pin, "--name", HOST_NAME
         )
-        _, out = self.agent("identity", "--name", HOST_NAME)
         lines = [line for line in out.splitlines() if line.startswith("zfs-unlock-server host add")]
         if not lines:
-            raise Failure("identity printed no 'zfs-unlock-server host add' line")
+            raise Failure("setup printed no 'zfs-unlock-server host add' line")
+        say("the demo confines the agent to its own dataset, not this host's others:")
+        with self.config.open("a") as config:
+            config.write(f'[datasets]\nproperty = false\ninclude = ["{DATASET}"]\n')
+        self.run("cat", str(self.config))
         key = self.config.parent / "client.key"
         mode = key.stat().st_mode & 0o777
-        check("identity", mode == 0o400, f"{key.name} mode {mode:04o}, client.csr for the admin")
+        check("identity", mode == 0o400, f"{key.name} mode {mode:04o}, a CSR for the admin")
         return lines[0]
 
     def enroll(self, line: str) -> None:
         step(
-            "The admin enrolls the host: runs the line 'identity' printed, on the key server,"
+            "The admin enrolls the host: runs the line 'setup' printed, on the key server,"
             " with the host's CSR (the server signs it and binds it to the machine-id)"
         )
         argv = shlex.split(line)[1:]
+        if argv[-2:-1] != [">"]:
+            raise Failure(f"setup's line does not send the certificate to a file: {line}")
+        argv, certificate = argv[:-2], argv[-1]
+        csr_name = argv[argv.index("--csr") + 1]
         csr = (self.config.parent / "client.csr").read_bytes()
-        rc, _, files = self.admin(*argv, files={"client.csr": csr}, want=["client.crt"])
-        cert = files.get("client.crt", b"")
+        rc, _, files = self.admin(*argv, files={csr_name: csr}, stdout=certificate)
+        cert = files.get(certificate, b"")
         if rc != 0 or not cert:
             check("enrolled", False, f"host add exited {rc}")
             raise Failure("the admin could not enroll the host")
         (self.config.parent / "client.crt").write_bytes(cert)
-        say(f"the admin sends the certificate back: {self.config.parent / 'client.crt'}")
-        self.agent("configcheck")
-        check("enrolled", True, f"{HOST_NAME}: certificate issued, configcheck ok")
+        say(f"the admin sends {certificate} back: {self.config.parent / 'client.crt'}")
+        self.agent("check")
+        check("enrolled", True, f"{HOST_NAME}: certificate issued, check passed")
 
     def enroll_dataset(self) -> str:
         step(
@@ -350,8 +349,7 @@ class Host:
 
     def demo(self) -> None:
         self.make_pool()
-        self.write_config()
-        self.enroll(self.identity())
+        self.enroll(self.setup())
         key_id = self.enroll_dataset()
         digest = self.write_data()
         self.reboot()

@@ -59,18 +59,21 @@ def test_the_admin_enrols_a_host_from_its_csr_and_sends_the_certificate_back(
     from zfs_unlock_common.csr import new_key_and_csr
 
     _, csr = new_key_and_csr("web1")
-    line = "host add web1 --machine-id " + "ab" * 16 + " --csr client.csr --cert-out client.crt"
+    # As setup prints it: "... --csr web1.csr > web1.crt", the redirection the admin's shell's.
+    line = "host add web1 --machine-id " + "ab" * 16 + " --csr web1.csr"
     answer = ask(
         admin.port,
         {
             "argv": ["zfs-unlock-server", *line.split()],
-            "files": {"client.csr": csr.decode()},
-            "want": ["client.crt"],
+            "files": {"web1.csr": csr.decode()},
+            "stdout": "web1.crt",
         },
     )
     assert answer["rc"] == 0, answer["output"]
-    assert answer["argv"][-2:] == ["--allow-ip", "127.0.0.1/32"]  # the admin's restriction
-    assert answer["files"]["client.crt"].startswith("-----BEGIN CERTIFICATE-----")
+    assert answer["argv"][-4:] == ["--allow-ip", "127.0.0.1/32", ">", "web1.crt"]
+    assert answer["files"]["web1.crt"].startswith("-----BEGIN CERTIFICATE-----")
+    refused = {"argv": ["zfs-unlock-server", *line.split()], "stdout": "../web1.crt"}
+    assert "plain names" in ask(admin.port, refused)["error"]
     assert "web1" in keyserver.must("host", "list")
     assert ask(admin.port, {"argv": ["zfs-unlock-server", "audit", "--last", "1"]})["rc"] == 0
     assert "bad request" in ask(admin.port, {"argv": 3})["error"]
