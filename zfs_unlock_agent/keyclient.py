@@ -26,6 +26,7 @@ from zfs_unlock_agent.errors import (
 )
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
+from zfs_unlock_common import der as der_fields
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 
@@ -85,14 +86,12 @@ def seconds(value: float) -> str:
 
 def enrolled_name(certificate: Path) -> str:
     """The name the key server enrolled this host under: the server sets its certificate's
-    common name. Read by the ssl module's own decoder, since the X.509 library has no place
-    on the unlock path; UNKNOWN_NAME when that cannot be done."""
-    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    common name. UNKNOWN_NAME when that cannot be read."""
     try:
-        subject = decode(str(certificate))["subject"]  # type: ignore[misc]
-        (name,) = [value for rdn in subject for key, value in rdn if key == "commonName"]
-        return validate.label(name, "host name")
-    except (TypeError, KeyError, ValueError, OSError):  # InvalidInput and SSLError included
+        der = ssl.PEM_cert_to_DER_cert(certificate.read_text(encoding="ascii"))
+        name = der_fields.subject_common_name(der)
+        return validate.label(name or "", "host name")
+    except (OSError, ValueError):  # UnicodeError, InvalidInput, CertificateFormatError
         return UNKNOWN_NAME
 
 

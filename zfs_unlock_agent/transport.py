@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from zfs_unlock_agent import __version__
 from zfs_unlock_common import http1, pinning
+from zfs_unlock_common.der import CertificateFormatError
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADER_LINES = 64
@@ -292,7 +293,7 @@ def _tls_failure(exc: ssl.SSLError, otherwise: type[TransportError]) -> Transpor
 def _presented_pin(der: bytes | None) -> str:
     try:
         return pinning.pin_of_certificate(der) if der else "none (no certificate)"
-    except pinning.CertificateFormatError:
+    except CertificateFormatError:
         return "none (a certificate that cannot be read)"
 
 

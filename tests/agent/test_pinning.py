@@ -14,6 +14,7 @@ length, so each one breaks exactly the rule it is meant to break.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import random
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.certs import verify_issued_by
-from zfs_unlock_common import pinning
+from zfs_unlock_common import der, pinning
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -231,7 +232,7 @@ def matches_safely(der: bytes, pins: list[bytes]) -> bool:
 
 
 def test_spki_is_what_cryptography_calls_the_subject_public_key_info(cert: Cert) -> None:
-    assert pinning.subject_public_key_info(cert.der) == cert.spki
+    assert der.subject_public_key_info(cert.der) == cert.spki
     assert pinning.spki_sha256(cert.der) == cert.pin
     assert pinning.pin_of_certificate(cert.der) == pinning.format_pin(cert.pin)
     assert pinning.parse_pin(pinning.pin_of_certificate(cert.der)) == cert.pin
@@ -241,6 +242,30 @@ def test_spki_is_what_cryptography_calls_the_subject_public_key_info(cert: Cert)
     assert matches_safely(cert.der, [cert.pin, other])
     assert not matches_safely(cert.der, [other])
     assert not matches_safely(cert.der, [])
+
+
+def test_the_common_name_is_what_cryptography_reads(cert: Cert) -> None:
+    # The common name comes first, before units that make the name long, even huge.
+    loaded = x509.load_der_x509_certificate(cert.der)
+    (expected,) = loaded.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert der.subject_common_name(cert.der) == expected.value
+
+
+def test_a_subject_without_a_common_name_has_none() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no common name")])
+    now = datetime.datetime.now(datetime.UTC)
+    built = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    assert der.subject_common_name(built.public_bytes(serialization.Encoding.DER)) is None
 
 
 def test_the_cases_cover_the_length_forms_and_versions() -> None:
@@ -333,7 +358,7 @@ def test_length_forms_the_walker_refuses(cert: Cert) -> None:
 
 def test_short_and_odd_inputs_match_nothing() -> None:
     pin = hashlib.sha256(b"x").digest()
-    for der in [
+    for odd in [
         b"",
         b"\x30",
         b"\x30\x00",
@@ -347,7 +372,7 @@ def test_short_and_odd_inputs_match_nothing() -> None:
         b"\x02\x01\x00",
         b"\xff" * 64,
     ]:
-        assert not matches_safely(der, [pin]), der
+        assert not matches_safely(odd, [pin]), odd
 
 
 def test_random_damage_never_raises() -> None:
@@ -357,14 +382,17 @@ def test_random_damage_never_raises() -> None:
     certs.append(make_certificate("rsa2048", "v1", "short"))
     for _ in range(3000):
         cert = rng.choice(certs)
-        der = bytearray(cert.der)
+        damaged = bytearray(cert.der)
         for _ in range(rng.randint(1, 4)):
-            position = rng.randrange(len(der))
+            position = rng.randrange(len(damaged))
             action = rng.choice(("flip", "insert", "delete"))
             if action == "flip":
-                der[position] ^= 1 << rng.randrange(8)
+                damaged[position] ^= 1 << rng.randrange(8)
             elif action == "insert":
-                der.insert(position, rng.randrange(256))
+                damaged.insert(position, rng.randrange(256))
             else:
-                del der[position]
-        matches_safely(bytes(der), [cert.pin])
+                del damaged[position]
+        matches_safely(bytes(damaged), [cert.pin])
+        with contextlib.suppress(der.CertificateFormatError):
+            name = der.subject_common_name(bytes(damaged))
+            assert name is None or isinstance(name, str)

@@ -1,0 +1,81 @@
+"""Just enough DER to read two fields of an X.509 certificate: its public key (for pins)
+and its subject's common name (the name the key server enrolled a host under).
+
+Elements are found by position, without interpreting the rest: that keeps a large X.509
+library off the path every unlock takes (the initramfs copies what this path imports).
+Anything that does not walk as RFC 5280 says is a CertificateFormatError.
+"""
+
+from __future__ import annotations
+
+SEQUENCE, SET, INTEGER, OID, VERSION = 0x30, 0x31, 0x02, 0x06, 0xA0
+COMMON_NAME = bytes.fromhex("550403")  # 2.5.4.3
+# The string types a common name comes in that decode as UTF-8 (UTF8, Printable, IA5).
+TEXT_TAGS = (0x0C, 0x13, 0x16)
+
+
+class CertificateFormatError(ValueError):
+    """The bytes are not a DER certificate we can walk."""
+
+
+def element(der: bytes, offset: int, tag: int | None, limit: int) -> tuple[int, int]:
+    """Start of the value and end of the DER element at OFFSET, which must have TAG (any
+    tag when None) and end at or before LIMIT (definite lengths only, as DER requires)."""
+    if offset + 2 > limit or (tag is not None and der[offset] != tag):
+        raise CertificateFormatError("unexpected element")
+    length, start = der[offset + 1], offset + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or start + count > limit:
+            raise CertificateFormatError("bad length")
+        length = int.from_bytes(der[start : start + count], "big")
+        start += count
+    if start + length > limit:
+        raise CertificateFormatError("element overruns its container")
+    return start, start + length
+
+
+def _subject_and_key(cert_der: bytes) -> tuple[int, int, int]:
+    """Where the subject starts, where the SubjectPublicKeyInfo starts and ends:
+    Certificate = SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial,
+    signature, issuer, validity, subject, subjectPublicKeyInfo, ... }, ... }."""
+    body, end = element(cert_der, 0, SEQUENCE, len(cert_der))
+    if end != len(cert_der):
+        raise CertificateFormatError("trailing bytes after the certificate")
+    position, tbs_end = element(cert_der, body, SEQUENCE, end)
+    if position < tbs_end and cert_der[position] == VERSION:
+        position = element(cert_der, position, VERSION, tbs_end)[1]
+    for tag in (INTEGER, SEQUENCE, SEQUENCE, SEQUENCE):
+        position = element(cert_der, position, tag, tbs_end)[1]
+    subject = position
+    key = element(cert_der, subject, SEQUENCE, tbs_end)[1]
+    return subject, key, element(cert_der, key, SEQUENCE, tbs_end)[1]
+
+
+def subject_public_key_info(cert_der: bytes) -> bytes:
+    """The DER of the certificate's SubjectPublicKeyInfo (RFC 5280, 4.1)."""
+    _, start, end = _subject_and_key(cert_der)
+    return cert_der[start:end]
+
+
+def subject_common_name(cert_der: bytes) -> str | None:
+    """The subject's common name, or None when it has none (or one in a string type other
+    than UTF8, Printable and IA5). Name = SEQUENCE OF SET OF SEQUENCE { OID, value }."""
+    subject, _, _ = _subject_and_key(cert_der)
+    position, name_end = element(cert_der, subject, SEQUENCE, len(cert_der))
+    while position < name_end:
+        rdn, rdn_end = element(cert_der, position, SET, name_end)
+        while rdn < rdn_end:
+            pair, pair_end = element(cert_der, rdn, SEQUENCE, rdn_end)
+            oid, oid_end = element(cert_der, pair, OID, pair_end)
+            value, value_end = element(cert_der, oid_end, None, pair_end)
+            if cert_der[oid:oid_end] == COMMON_NAME:
+                if cert_der[oid_end] not in TEXT_TAGS:
+                    return None
+                try:
+                    return cert_der[value:value_end].decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+            rdn = pair_end
+        position = rdn_end
+    return None
