@@ -1,4 +1,6 @@
 """STRATEGY:
+0. `zfs-unlock-agent check` passes against the server (real pools, real clock), and
+   `enroll` of a name that does not exist, without --create, exits 69 and creates nothing.
 1. `zfs-unlock-agent enroll --dataset tank/secret --create` creates tank/secret, encrypted,
    and moves it to a key the server issued (raw, keylocation=prompt, managed=on,
    and OpenZFS's org.openzfs.systemd:ignore=on: zfs-mount-generator makes it no units).
@@ -15,6 +17,8 @@ import os
 from pathlib import Path
 
 from tests.vm.guest.harness import (
+    AGENT_MODULE,
+    CONFIG,
     Context,
     check,
     expect_props,
@@ -23,6 +27,14 @@ from tests.vm.guest.harness import (
 
 
 def run(ctx: Context) -> str:
+    checked = ctx.run(*AGENT_MODULE, "-c", CONFIG, "check")
+    check(checked.returncode == 0, f"check exited {checked.returncode}: {checked.stdout}")
+    check("1 of 1 key server(s) would release" in checked.stdout, checked.stdout)
+    typo = ctx.agent("enroll", "--dataset", "tank/secert", expect=69)
+    check("no such dataset" in typo.stderr, f"enroll of a typo said {typo.stderr.strip()!r}")
+    missing = ctx.run("zfs", "list", "tank/secert")
+    check(missing.returncode != 0, "enroll without --create created tank/secert")
+
     done = ctx.agent("enroll", "--dataset", "tank/secret", "--create")
     check("created and enrolled" in done.stdout, f"enroll said {done.stdout.strip()!r}")
     expect_props(
