@@ -249,3 +249,12 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.05)
+
+
+def run_admin_line(server: KeyServer, line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A `zfs-unlock-server ...` line as an admin's shell runs it in CWD (redirections
+    included), on SERVER's data directory."""
+    command = line.replace("zfs-unlock-server ", f"{SERVER_BIN} --data-dir {server.data_dir} ", 1)
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )

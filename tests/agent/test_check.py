@@ -55,13 +55,19 @@ def test_a_host_that_can_fetch_its_keys_passes_every_check(
     assert "host_status" in events and "release" not in events
 
 
-def test_a_port_nobody_listens_on_is_connection_refused(
-    shared_keyserver: KeyServer, tmp_path: Path
-) -> None:
-    host = AgentHost.create(tmp_path, shared_keyserver, "check-refused")
+@pytest.fixture
+def port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound once, then let go)."""
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+        number: int = unused.getsockname()[1]
+        return number
+
+
+def test_a_port_nobody_listens_on_is_connection_refused(
+    shared_keyserver: KeyServer, tmp_path: Path, port: int
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "check-refused")
     host.write_config(urls=[f"https://127.0.0.1:{port}"])
     result = host.run("check")
     assert result.returncode == code("refused") == 11
@@ -290,12 +296,9 @@ def test_a_wrong_url_path_is_a_server_error(shared_keyserver: KeyServer, tmp_pat
 
 
 def test_every_server_is_checked_and_the_first_failure_decides(
-    shared_keyserver: KeyServer, tmp_path: Path
+    shared_keyserver: KeyServer, tmp_path: Path, port: int
 ) -> None:
     host = AgentHost.create(tmp_path, shared_keyserver, "check-two")
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
     host.write_config(urls=[f"https://127.0.0.1:{port}", shared_keyserver.url("")])
     result = host.run("check")
     assert result.returncode == code("refused")

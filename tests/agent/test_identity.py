@@ -12,7 +12,7 @@ from cryptography import x509
 
 from tests.agent.harness import AGENT_BIN, AgentHost
 from tests.certs import spki
-from tests.keyserver import SERVER_BIN, KeyServer
+from tests.keyserver import KeyServer, run_admin_line
 
 
 def test_identity_creates_a_private_key_and_csr_once(
@@ -46,17 +46,7 @@ def test_identity_creates_a_private_key_and_csr_once(
     shared_keyserver.must("host", "remove", "identity-host")
     assert command.endswith(" --csr web7.csr > web7.crt")
     shutil.copy(fresh_key.with_suffix(".csr"), tmp_path / "web7.csr")
-    line = command.replace(
-        "zfs-unlock-server ", f"{SERVER_BIN} --data-dir {shared_keyserver.data_dir} ", 1
-    )
-    enrolled = subprocess.run(
-        ["bash", "-c", line],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    enrolled = run_admin_line(shared_keyserver, command, tmp_path)
     assert enrolled.returncode == 0, enrolled.stderr
     cert = x509.load_pem_x509_certificate((tmp_path / "web7.crt").read_bytes())
     assert spki(cert.public_key()) == spki(csr.public_key())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.agent.harness import AGENT_BIN
 from tests.fakes import FakeZfs
-from tests.keyserver import SERVER_BIN, KeyServer
+from tests.keyserver import KeyServer, run_admin_line
 
 BAD_PIN = "sha256//not-a-pin"
 
@@ -63,20 +63,7 @@ def test_setup_writes_the_config_and_identity_and_the_printed_line_enrolls_the_h
     admin_dir = tmp_path / "admin"
     admin_dir.mkdir()
     shutil.copy(etc / "client.csr", admin_dir / "web9.csr")
-    enrolled = subprocess.run(
-        [
-            "bash",
-            "-c",
-            line.replace(
-                "zfs-unlock-server ", f"{SERVER_BIN} --data-dir {shared_keyserver.data_dir} ", 1
-            ),
-        ],
-        cwd=admin_dir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    enrolled = run_admin_line(shared_keyserver, line, admin_dir)
     assert enrolled.returncode == 0, enrolled.stderr
     shutil.copy(admin_dir / "web9.crt", etc / "client.crt")
     (tmp_path / "machine-id").write_text(machine_id + "\n")

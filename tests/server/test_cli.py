@@ -35,6 +35,7 @@ from tests.keyserver import (
     running,
     wait_for,
 )
+from tests.server.parsers import every_parser
 from zfs_unlock_common import pinning
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import __version__, pki, serve
@@ -921,21 +922,6 @@ def test_version_is_the_projects() -> None:
     assert __version__ == pyproject["project"]["version"]
 
 
-def all_parsers() -> dict[str, argparse.ArgumentParser]:
-    """The program's parser and every command's, by the command's words."""
-    found: dict[str, argparse.ArgumentParser] = {}
-
-    def walk(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
-        found[" ".join(words)] = parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, child in action.choices.items():
-                    walk(child, (*words, name))
-
-    walk(build_parser(), ())
-    return found
-
-
 def examples_of(parser: argparse.ArgumentParser) -> list[str]:
     """The epilog's command lines, each joined across its continuation lines."""
     epilog = parser.epilog or ""
@@ -943,9 +929,9 @@ def examples_of(parser: argparse.ArgumentParser) -> list[str]:
     return epilog.split(":\n", 1)[1].replace("\\\n", "").split("\n")
 
 
-@pytest.mark.parametrize("command", sorted(all_parsers()))
+@pytest.mark.parametrize("command", sorted(every_parser()))
 def test_every_option_has_help_and_every_command_a_real_example(command: str) -> None:
-    parser = all_parsers()[command]
+    parser = every_parser()[command]
     for action in parser._actions:
         assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
     examples = examples_of(parser)

@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from tests.server.parsers import every_parser
 from zfs_unlock_server import errors
 from zfs_unlock_server.cli import build_parser
 from zfs_unlock_server.config import Layout
@@ -175,21 +176,6 @@ def test_each_entry_gives_the_command_its_arguments_and_only_its_own_options() -
             assert re.search(rf"\b{positional}\b", tag), f"{command}: {positional} not in {tag!r}"
         named = set(OPTION_IN_TEXT.findall(plain(text)))
         assert named - GLOBAL_OPTIONS == options_of(parser), command
-
-
-def every_parser() -> dict[str, argparse.ArgumentParser]:
-    """The program's parser and every command's, leaves and groups ("host") alike."""
-    found: dict[str, argparse.ArgumentParser] = {}
-
-    def walk(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
-        found[" ".join(words)] = parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, child in action.choices.items():
-                    walk(child, (*words, name))
-
-    walk(build_parser(), ())
-    return found
 
 
 def test_every_command_and_every_option_of_the_parser_is_on_the_page() -> None:
