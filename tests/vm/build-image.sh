@@ -120,7 +120,7 @@ install_build_packages() {
     # against. OpenZFS itself: its packages of $ZVER, unpacked into $STAGE.
     apt_install base "linux-headers-$KVER" "${RUNTIME_PACKAGES[@]}" busybox-static kmod \
         libcurl4 python3 udev dkms file libc6-dev lsb-release perl python3-distutils \
-        libblkid1 libuuid1 libssl3 libudev1 zlib1g libtirpc3
+        libblkid1 libuuid1 libssl3 libudev1 zlib1g libtirpc3 age
     local packages=() depends package
     depends=$(apt-cache depends "zfsutils-linux=$ZVER" 2>/dev/null || true)
     # its libraries: libzfs4linux, libnvpair3linux... (the names change between lines)
@@ -238,6 +238,8 @@ add_userland() {
     done
     copy_with_libs /usr/lib/x86_64-linux-gnu/libcurl.so.4 /usr/lib/x86_64-linux-gnu/libudev.so.1 \
         /usr/sbin/ldconfig /usr/bin/udevadm /usr/lib/systemd/systemd-udevd
+    # Debian's age: the recovery kit opens with it, by the agent or by hand
+    copy_with_libs /usr/bin/age /usr/bin/age-keygen
     # udev: the host's rules and helpers, no hwdb, no OpenZFS's (a host may have its own
     # ZFS); then the staged OpenZFS's (60-zvol.rules and zvol_id make /dev/zvol/*)
     mkdir -p "$R/usr/lib/udev" "$R/etc/udev"
