@@ -52,6 +52,12 @@ class CannotCreate(ServerError):
     exit_code = EX_CANTCREAT
 
 
+class WriteFailed(ServerError):
+    """A file could not be written in full (a full disk, an I/O error); none of it is left."""
+
+    exit_code = EX_IOERR
+
+
 class NotPermitted(ServerError):
     """Refused for who runs it: serving as root without --allow-root."""
 

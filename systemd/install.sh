@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install and enable the systemd units of one role from this checkout:
 #   agent   zfs-unlock-agent.service and .target, and the zfs-load-key@.service drop-ins
-#   server  zfs-unlock-server.service and its sysusers.d entry
+#   server  zfs-unlock-server.service, its sysusers.d entry, and the daily backup
+#           (zfs-unlock-server-backup.timer and .service, into /var/backups/zfs-unlock-server)
 # into ROOT (default /; an image or a chroot works the same, offline: enabling is
 # the [Install] section's symlinks, made here rather than by systemctl).
 set -eu
@@ -99,6 +100,16 @@ install_unit() {
 case $role in
 server)
     install_unit "$here/zfs-unlock-server.service"
+    install_unit "$here/zfs-unlock-server-backup.service"
+    install_unit "$here/zfs-unlock-server-backup.timer"
+    # The backups' directory: the server user's (the backup service runs as it), once
+    # systemd-sysusers has made that user.
+    install -d -m 0700 "$root/var/backups/zfs-unlock-server"
+    if [ -z "$root" ] && id zfs-unlock >/dev/null 2>&1; then
+        chown zfs-unlock:zfs-unlock /var/backups/zfs-unlock-server
+    else
+        echo "$0: then: chown zfs-unlock:zfs-unlock $root/var/backups/zfs-unlock-server" >&2
+    fi
     # /etc: an admin's install, not a package's (that would be /usr/lib/sysusers.d).
     install -D -m 0644 "$here/sysusers.d/zfs-unlock-server.conf" \
         "$root/etc/sysusers.d/zfs-unlock-server.conf"

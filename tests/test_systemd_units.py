@@ -27,6 +27,8 @@ from zfs_unlock_server import sealing
 ROOT = Path(__file__).parents[1]
 UNITS = ROOT / "systemd"
 SERVER_UNIT = UNITS / "zfs-unlock-server.service"
+BACKUP_UNIT = UNITS / "zfs-unlock-server-backup.service"
+BACKUP_TIMER = UNITS / "zfs-unlock-server-backup.timer"
 SYSUSERS = UNITS / "sysusers.d" / "zfs-unlock-server.conf"
 INSTALL = UNITS / "install.sh"
 HOST_UNITS = Path("/usr/lib/systemd/system")
@@ -38,7 +40,9 @@ needs_analyze = pytest.mark.skipif(
 
 
 def unit_files() -> list[Path]:
-    return sorted(p for p in UNITS.iterdir() if p.is_file() and p.suffix in {".service", ".target"})
+    return sorted(
+        p for p in UNITS.iterdir() if p.is_file() and p.suffix in {".service", ".target", ".timer"}
+    )
 
 
 def drop_ins() -> list[Path]:
@@ -163,9 +167,9 @@ def test_verify_would_catch_a_broken_directive(analyze_root: Path, tmp_path: Pat
     assert verify(root, SERVER_UNIT.name)[0] != 0  # a missing program fails outright
 
 
-def exposure() -> float:
+def exposure(unit: Path = SERVER_UNIT) -> float:
     done = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", str(SERVER_UNIT)],
+        ["systemd-analyze", "security", "--offline=true", str(unit)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -182,6 +186,13 @@ def exposure() -> float:
 def test_server_unit_exposure_is_low() -> None:
     score = exposure()
     print(f"systemd-analyze security: {SERVER_UNIT.name} exposure {score}")
+    assert score <= MAX_EXPOSURE
+
+
+@needs_analyze
+def test_backup_unit_exposure_is_low() -> None:
+    score = exposure(BACKUP_UNIT)
+    print(f"systemd-analyze security: {BACKUP_UNIT.name} exposure {score}")
     assert score <= MAX_EXPOSURE
 
 
@@ -260,6 +271,61 @@ def test_server_unit_serves_the_state_directory_with_the_master_key_credential()
     name, _, source = credential.partition(":")
     assert name == sealing.CREDENTIAL_NAME
     assert Path(source) == sealing.DEFAULT_CREDENTIAL_FILE
+
+
+# The daily backup
+
+
+def test_backup_unit_runs_backup_as_the_servers_user_hardened_without_the_master_key() -> None:
+    def backup(key: str) -> list[str]:
+        return values(BACKUP_UNIT, "Service", key)
+
+    assert backup("Type") == ["oneshot"]
+    assert backup("User") == service("User") and backup("Group") == service("Group")
+    assert backup("StateDirectory") == service("StateDirectory")
+    (command,) = backup("ExecStart")
+    argv = command.split()
+    assert argv[1:] == [
+        "--data-dir",
+        f"/var/lib/{service('StateDirectory')[0]}",
+        "backup",
+        "--dir",
+        "${BACKUP_DIR}",
+        "--keep",
+        "${KEEP}",
+    ]
+    assert backup("Environment") == ["BACKUP_DIR=/var/backups/zfs-unlock-server KEEP=14"]
+    assert backup("EnvironmentFile") == ["-/etc/default/zfs-unlock-server-backup"]
+    assert backup("ReadWritePaths") == ["/var/backups/zfs-unlock-server"]
+    assert not backup("LoadCredential")  # a backup never holds the master key
+    assert not values(BACKUP_UNIT, "Install", "WantedBy")  # the timer starts it
+    assert values(BACKUP_UNIT, "Unit", "ConditionPathExists") == [
+        "/var/lib/zfs-unlock-server/keys.db"
+    ]
+    for key, expected in HARDENING.items():
+        if key not in {"RestrictAddressFamilies", "MemorySwapMax"}:
+            assert backup(key) == [expected], key
+    assert backup("RestrictAddressFamilies") == ["AF_UNIX"]
+    assert backup("PrivateNetwork") == ["yes"]
+    assert backup("SystemCallFilter") == service("SystemCallFilter")
+
+
+def test_backup_timer_is_daily_persistent_randomized_and_enabled() -> None:
+    assert values(BACKUP_TIMER, "Timer", "OnCalendar") == ["daily"]
+    assert values(BACKUP_TIMER, "Timer", "Persistent") == ["true"]
+    assert values(BACKUP_TIMER, "Timer", "RandomizedDelaySec") == ["1h"]
+    assert values(BACKUP_TIMER, "Install", "WantedBy") == ["timers.target"]
+    assert not values(BACKUP_TIMER, "Timer", "Unit")  # the service of its own name
+
+
+def test_the_debian_package_installs_the_timer_and_never_starts_a_backup_itself() -> None:
+    install = (ROOT / "debian/zfs-unlock-server.install").read_text().splitlines()
+    for unit in (SERVER_UNIT, BACKUP_UNIT, BACKUP_TIMER):
+        assert f"systemd/{unit.name} lib/systemd/system" in install
+    rules = (ROOT / "debian/rules").read_text()
+    assert f"dh_installsystemd -X{BACKUP_UNIT.name}\n" in rules
+    postinst = (ROOT / "debian/zfs-unlock-server.postinst").read_text()
+    assert "-m 0700 -o zfs-unlock -g zfs-unlock /var/backups/zfs-unlock-server" in postinst
 
 
 def test_server_unit_is_notify_reloadable_and_restarts() -> None:
@@ -383,19 +449,31 @@ def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
     result = install("--root", str(fresh_root), "server")
     assert result.returncode == 0, result.stderr
     unit = "etc/systemd/system/zfs-unlock-server.service"
+    backup_unit = "etc/systemd/system/zfs-unlock-server-backup.service"
+    timer = "etc/systemd/system/zfs-unlock-server-backup.timer"
     assert tree(fresh_root) == {
         unit: "0o644",
         "etc/systemd/system/multi-user.target.wants/zfs-unlock-server.service": (
             "-> /etc/systemd/system/zfs-unlock-server.service"
         ),
+        backup_unit: "0o644",
+        timer: "0o644",
+        "etc/systemd/system/timers.target.wants/zfs-unlock-server-backup.timer": (
+            "-> /etc/systemd/system/zfs-unlock-server-backup.timer"
+        ),
         "etc/sysusers.d/zfs-unlock-server.conf": "0o644",
     }
     assert (fresh_root / unit).read_bytes() == from_checkout(SERVER_UNIT)
+    assert (fresh_root / backup_unit).read_bytes() == from_checkout(BACKUP_UNIT)
+    backups = fresh_root / "var/backups/zfs-unlock-server"
+    assert backups.is_dir() and backups.stat().st_mode & 0o777 == 0o700
+    assert "chown zfs-unlock:zfs-unlock" in result.stderr  # another root: the admin's step
     if shutil.which("systemctl"):
         other = tmp_path / "systemctl-root"
         (other / "etc/systemd/system").mkdir(parents=True)
         links = {k: v for k, v in tree(fresh_root).items() if v.startswith("->")}
-        assert enabled_by_systemctl(other, SERVER_UNIT) == links
+        enabled_by_systemctl(other, SERVER_UNIT)
+        assert enabled_by_systemctl(other, BACKUP_TIMER) == links  # both, as systemctl does
     again = install(f"--root={fresh_root}", "server")  # idempotent
     assert again.returncode == 0, again.stderr
 

@@ -63,6 +63,7 @@ ADMIN_FILES = ("agent.toml", "client.key", "client.csr", "client.crt")  # made b
 CONFFILE = "/etc/zfs/initramfs-tools-load-key.d/zfs-unlock-agent"
 UNIT_DIR = "/lib/systemd/system"
 AGENT_UNIT, SERVER_UNIT = f"{AGENT}.service", f"{SERVER}.service"
+BACKUP_UNIT, BACKUP_TIMER = f"{SERVER}-backup.service", f"{SERVER}-backup.timer"
 # What systemd's LoadCredential= makes for the server's unit.
 CREDENTIALS = f"/run/credentials/{SERVER_UNIT}"
 HOST_NAME = "zua-deb-host"
@@ -230,6 +231,7 @@ def test_units_are_enabled_and_wait_for_their_configuration(installed: System) -
         (AGENT_UNIT, "multi-user.target"),
         (agent_target, "multi-user.target"),
         (SERVER_UNIT, "multi-user.target"),
+        (BACKUP_TIMER, "timers.target"),  # enabled: a key server without backups loses keys
     ):
         link = chroot.path(f"/etc/systemd/system/{target}.wants/{unit}")
         assert link.is_symlink() and os.readlink(link) == f"{UNIT_DIR}/{unit}", link
@@ -240,12 +242,19 @@ def test_units_are_enabled_and_wait_for_their_configuration(installed: System) -
             chroot.path(f"{UNIT_DIR}/{unit}").read_text(),
             re.MULTILINE,
         )
-        for unit in (AGENT_UNIT, SERVER_UNIT)
+        for unit in (AGENT_UNIT, SERVER_UNIT, BACKUP_UNIT)
     }
     assert f"{AGENT_ETC}/agent.toml" in conditions[AGENT_UNIT]
     assert sorted(conditions[SERVER_UNIT]) == sorted([f"{DATA_DIR}/keys.db", MASTER_KEY])
+    assert conditions[BACKUP_UNIT] == [f"{DATA_DIR}/keys.db"]
+    # The timer's service, never enabled or started by the package itself.
+    assert (
+        chroot.run("systemctl", "is-enabled", BACKUP_UNIT, check=False).stdout.strip() == "static"
+    )
+    backups = chroot.path("/var/backups/zfs-unlock-server")
+    assert backups.is_dir() and backups.stat().st_mode & 0o777 == 0o700
     # Not set up yet: a start would be skipped (the conditions fail), not failed.
-    for unit in (AGENT_UNIT, SERVER_UNIT):
+    for unit in (AGENT_UNIT, SERVER_UNIT, BACKUP_UNIT):
         check = chroot.run("systemd-analyze", "condition", f"--unit={unit}", check=False)
         assert check.returncode != 0 and "Conditions failed" in check.stderr, check
 
