@@ -60,7 +60,9 @@ def main() -> None:
         data = root / "data"
         started = time.perf_counter()
         build(data, options.keys)
-        print(f"built {options.keys} keys on {HOSTS} hosts in {time.perf_counter() - started:.1f} s")
+        print(
+            f"built {options.keys} keys on {HOSTS} hosts in {time.perf_counter() - started:.1f} s"
+        )
         master = str(data / "master.key")
         rows: dict[str, list[float]] = {"backup": [], "verify": [], "verify --master-key": []}
         rows["restore"] = []
