@@ -15,11 +15,28 @@ from typing import Any, NoReturn, TypeVar
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import __version__, admin, audit, prestart, privileges, sealing, simplezfs
+from zfs_unlock_server import (
+    __version__,
+    admin,
+    audit,
+    prestart,
+    privileges,
+    recovery,
+    sealing,
+    simplezfs,
+)
 from zfs_unlock_server import config as server_config
+from zfs_unlock_server.backupcommands import OWN_DATA_DIR, add_backup_commands
 from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
-from zfs_unlock_server.errors import EX_IOERR, EX_USAGE, ConfigError, DataError, ServerError
+from zfs_unlock_server.errors import (
+    EX_IOERR,
+    EX_USAGE,
+    ConfigError,
+    DataError,
+    ServerError,
+    UsageError,
+)
 from zfs_unlock_server.outputs import OutputFile
 from zfs_unlock_server.store import Host, KeyRecord
 
@@ -435,6 +452,54 @@ def cmd_import_simplezfs(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return 0
 
 
+def _refuse_terminal(args: argparse.Namespace) -> None:
+    """An age file is binary: without --out it goes to standard output, never a terminal."""
+    if args.out is None and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write an age file (binary) to a terminal: give --out FILE,"
+            " or redirect standard output"
+        )
+
+
+def _emit_secret(args: argparse.Namespace, inputs: AdminInputs, encrypted: bytes) -> str:
+    """Write ENCRYPTED to --out (0600, whole or not at all) or standard output; say where."""
+    if inputs.secret_out is not None:
+        inputs.secret_out.write(encrypted)
+        inputs.secret_out.commit()
+        return str(inputs.secret_out.path)
+    sys.stdout.flush()
+    sys.stdout.buffer.write(encrypted)
+    sys.stdout.flush()
+    return "standard output"
+
+
+def cmd_master_key_export(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    to = recovery.recipient(args.recipient)
+    _refuse_terminal(args)
+    ops = admin.Admin.open(args.data_dir, inputs.master)
+    try:
+        encrypted = recovery.export_master_key(ops, to)
+    finally:
+        ops.close()
+    where = _emit_secret(args, inputs, encrypted)
+    _say(f"master key, encrypted to {to}, written to {where}")
+    return 0
+
+
+def cmd_recovery_kit(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    to = recovery.recipient(args.recipient)
+    _refuse_terminal(args)
+    ops = admin.Admin.open(args.data_dir, inputs.master)
+    try:
+        kit = recovery.build_kit(ops, to, args.host)
+    finally:
+        ops.close()
+    where = _emit_secret(args, inputs, kit.encrypted)
+    of = f" of host {args.host}" if args.host else ""
+    _say(f"recovery kit with {kit.count} key(s){of}, encrypted to {to}, written to {where}")
+    return 0
+
+
 def wants_of(args: argparse.Namespace) -> Wants:
     """What the admin command ARGS names that must be read, or opened for writing,
     before it becomes the data directory's owner."""
@@ -443,11 +508,16 @@ def wants_of(args: argparse.Namespace) -> Wants:
         outputs.append(Output(Path(args.issue_key), "--issue-key", bundle=True))
     if getattr(args, "cert_out", None):
         outputs.append(Output(Path(args.cert_out), "--cert-out"))
+    secret_out = None
+    if args.handler in (cmd_master_key_export, cmd_recovery_kit) and args.out is not None:
+        secret_out = (Output(Path(args.out), "--out"), bool(args.force))
     return Wants(
         csr=getattr(args, "csr", None),
         simplezfs=Path(args.file) if args.handler is cmd_import_simplezfs else None,
-        seals_keys=args.handler in (cmd_key_create, cmd_import_simplezfs),
+        seals_keys=args.handler
+        in (cmd_key_create, cmd_import_simplezfs, cmd_master_key_export, cmd_recovery_kit),
         outputs=tuple(outputs),
+        secret_out=secret_out,
     )
 
 
@@ -797,6 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="the records as stored, one JSON object per line"
     )
 
+    _add_recovery_commands(sub, add)
+
     p = add(
         sub,
         "import-simplezfs",
@@ -823,7 +895,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="import the row with this id instead of the one SimpleZFSKeySystem serves for"
         " its machine, pool and name (repeatable, one per key)",
     )
+    add_backup_commands(sub, add)
     return parser
+
+
+_RECIPIENT = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+
+
+def _add_recovery_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    """master-key export and recovery-kit: break-glass copies, encrypted with age."""
+    master = add(
+        sub,
+        "master-key",
+        _missing_subcommand,
+        "break-glass copies of the master key",
+        [f"zfs-unlock-server master-key export --recipient {_RECIPIENT} --out master-key.age"],
+    ).add_subparsers(dest="master_key_command", required=True, metavar="ACTION", help="what to do")
+    p = add(
+        master,
+        "export",
+        cmd_master_key_export,
+        "write the master key encrypted to an age recipient (for beside the backups)",
+        [
+            (
+                f"zfs-unlock-server master-key export --recipient {_RECIPIENT} \\\n"
+                "--out /srv/backup/master-key.age"
+            ),
+        ],
+    )
+    _recovery_options(p)
+    p = add(
+        sub,
+        "recovery-kit",
+        cmd_recovery_kit,
+        "write every active and pending key (or one host's) encrypted to an age recipient",
+        [
+            f"zfs-unlock-server recovery-kit --recipient {_RECIPIENT} --out kit.age",
+            (
+                f"zfs-unlock-server recovery-kit --recipient {_RECIPIENT} --host web1 \\\n"
+                "--out web1-kit.age"
+            ),
+        ],
+        description="Write a recovery kit: every active and pending key (revoked ones are"
+        " left out), or those of one host, with its host, machine-id, pool and dataset GUIDs,"
+        " dataset name, keyformat and key id, encrypted to an age recipient whose identity"
+        " never touches the server. `zfs-unlock-agent recover` opens it on a host; so do"
+        " age, awk, base64 and zfs by hand (docs/recovery-kit.md).",
+    )
+    p.add_argument("--host", metavar="NAME", help="only this host's keys")
+    _recovery_options(p)
+
+
+def _recovery_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipient",
+        required=True,
+        metavar="RECIPIENT",
+        help="age recipient: age1... (age-keygen -y IDENTITY) or an SSH public key",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write here (new file, 0600, whole or not at all); default: standard output,"
+        " never a terminal",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out FILE")
 
 
 def _missing_subcommand(args: argparse.Namespace, inputs: AdminInputs) -> int:
@@ -839,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = AdminInputs()
     result = 1
     try:
-        if args.handler not in (cmd_init, cmd_serve):
+        if args.handler not in (cmd_init, cmd_serve, *OWN_DATA_DIR):
             inputs = enter_data_dir(args.data_dir, wants_of(args))
         result = int(args.handler(args, inputs))
     except ServerError as exc:
@@ -863,5 +999,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_IOERR
     finally:
         # What the command line named to write is kept only when the command succeeded.
-        inputs.outputs.finish(succeeded=result == 0)
+        inputs.finish(succeeded=result == 0)
     return result

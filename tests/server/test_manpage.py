@@ -53,12 +53,13 @@ def bold_words(line: str) -> str:
 
 
 def leaf_parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every command that runs something, by its words ("init", "host add", ...)."""
+    """Every command that runs something, by its words ("init", "host add", ...): one
+    without subcommands, or one whose subcommands are optional ("backup", "backup verify")."""
     leaves: dict[str, argparse.ArgumentParser] = {}
 
     def walk(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
         subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subcommands:
+        if words and not any(a.required for a in subcommands):
             leaves[" ".join(words)] = parser
         for action in subcommands:
             for name, child in action.choices.items():
