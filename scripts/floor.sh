@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=/usr/bin/python3
-packages=(python3-venv python3-cryptography python3-gunicorn python3-pyudev python3-sdnotify)
+packages=(python3-venv python3-cryptography python3-gunicorn python3-pyudev python3-sdnotify age)
 bash scripts/need-debian-packages.sh "${packages[@]}"
 
 venv=build/floor

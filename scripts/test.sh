@@ -11,8 +11,9 @@ echo "== import contracts (pyproject.toml [tool.importlinter])" >&2
 echo "== mypy --strict" >&2
 .venv/bin/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 .venv/bin/mypy tests scripts bench
-# libfaketime: tests that move a program's wall clock (tests/faketime.py).
-bash scripts/need-debian-packages.sh libfaketime
+# libfaketime: tests that move a program's wall clock (tests/faketime.py); age: the
+# recovery kit's and master-key export's tests run the real age and age-keygen.
+bash scripts/need-debian-packages.sh libfaketime age
 echo "== pytest" >&2
 .venv/bin/pytest "$@"
 # The whole suite (no arguments) also runs the fast tier on Debian 12's dependencies.

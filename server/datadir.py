@@ -15,6 +15,7 @@ from pathlib import Path
 
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server import privileges, sealing
+from zfs_unlock_server.atomicout import AtomicOutput
 from zfs_unlock_server.errors import DataError
 from zfs_unlock_server.outputs import HostBundle, Outputs, open_file
 from zfs_unlock_server.sealing import Sealer
@@ -38,6 +39,8 @@ class Wants:
     simplezfs: Path | None = None  # a SimpleZFSKeySystem database to import
     seals_keys: bool = False  # it needs the master key
     outputs: tuple[Output, ...] = ()
+    # A file that holds a secret, written whole or not at all (atomicout.py), with --force
+    secret_out: tuple[Output, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,14 @@ class AdminInputs:
     # itself (it did not switch, so it can).
     master: Sealer | None = None
     outputs: Outputs = field(default_factory=Outputs)
+    secret_out: AtomicOutput | None = None
+
+    def finish(self, succeeded: bool) -> None:
+        """Close the outputs; what the command created stays only when it succeeded (a
+        secret output only once the command committed it)."""
+        self.outputs.finish(succeeded)
+        if self.secret_out is not None:
+            self.secret_out.discard()
 
 
 def enter_data_dir(data_dir: Path, wants: Wants) -> AdminInputs:
@@ -63,14 +74,20 @@ def enter_data_dir(data_dir: Path, wants: Wants) -> AdminInputs:
     switch = privileges.owner_to_become(data_dir) is not None
     master = sealing.load_credential() if switch and wants.seals_keys else None
     outputs = open_outputs(wants.outputs)  # last: a refusal above leaves nothing to remove
-    if switch:
-        try:
+    secret_out = None
+    try:
+        if wants.secret_out is not None:
+            output, force = wants.secret_out
+            secret_out = AtomicOutput.open(output.path, output.option, force)
+        if switch:
             outputs.clean_up_as_invoker()
             privileges.become_owner(data_dir)
-        except BaseException:
-            outputs.finish(succeeded=False)
-            raise
-    return AdminInputs(csr_pem, rows, master, outputs)
+    except BaseException:
+        outputs.finish(succeeded=False)
+        if secret_out is not None:
+            secret_out.discard()
+        raise
+    return AdminInputs(csr_pem, rows, master, outputs, secret_out)
 
 
 def open_outputs(wanted: tuple[Output, ...]) -> Outputs:

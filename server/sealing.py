@@ -65,7 +65,12 @@ class Sealer:
         if len(master_key) != MASTER_KEY_BYTES:
             raise ConfigError(f"master key must be {MASTER_KEY_BYTES} bytes")
         self._aead = AESGCM(master_key)
+        self._master_key = bytes(master_key)
         self.source = source  # where it was read from, for messages
+
+    def master_key(self) -> bytes:
+        """The master key itself: for `master-key export` (recovery.py) only."""
+        return self._master_key
 
     def seal(self, material: bytes | bytearray, context: KeyContext | MasterKeyCheck) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
