@@ -22,7 +22,9 @@ from zfs_unlock_agent.errors import (
     EX_SOFTWARE,
     EX_USAGE,
     AgentError,
+    BadKit,
     OutputFailed,
+    UsageError,
 )
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
@@ -256,6 +258,46 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _no_server() -> KeyClient:
+    raise UsageError("recover uses no key server")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Unlock from a recovery kit, with no key server: docs/recovery-kit.md."""
+    from zfs_unlock_agent.recover import read_kit  # noqa: PLC0415 - break-glass only
+
+    for name in args.dataset:
+        validate.dataset_name(name)
+    # The configuration is optional here (a rebuilt host may have none): only [zfs] is used.
+    settings = _load(args, check_files=False).zfs if args.config.exists() else config.ZfsSettings()
+    zfs = Zfs(settings)
+    inventory = zfs.inventory()
+    roots = [inventory.root_of(name) for name in args.dataset]
+    kit = read_kit(args.kit, args.identity)
+    try:
+        if args.all:
+            roots = [
+                r
+                for r in inventory.encryption_roots()
+                if kit.find(inventory.pool_guids.get(r.pool, ""), r)
+            ]
+            if not roots:
+                hosts = ", ".join(sorted({k.host for k in kit.keys})) or "none"
+                raise BadKit(
+                    f"{args.kit}: none of its {len(kit.keys)} key(s) (host(s) {hosts}) is for"
+                    " an encryption root here: no pool and dataset GUID matches; nothing loaded"
+                )
+        unlocker = Unlocker(
+            zfs, _no_server, "", settings.volume_link_timeout, settings.zvol_dir, False
+        )
+        roots = list({r.name: r for r in roots}.values())
+        return exit_code(
+            unlocker.unlock(inventory, roots, mount=not args.no_mount, source=kit.source)
+        )
+    finally:
+        kit.wipe()
+
+
 def _terminal_columns() -> int:
     """What shutil.get_terminal_size() says, without importing shutil (and with it the
     compression modules) on every run: argparse asks as soon as an argument is added."""
@@ -378,6 +420,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="host name to request (default: the short hostname)")
     p.add_argument("--force", action="store_true", help="replace an existing configuration")
+    p = add(
+        "recover",
+        cmd_recover,
+        "no key server: load keys from a recovery kit (age-encrypted) and mount",
+    )
+    p.add_argument("--kit", type=Path, required=True, metavar="FILE", help="the recovery kit")
+    p.add_argument(
+        "--identity",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the age identity file that opens it",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--dataset", action="append", default=[], metavar="DS", help="DS's encryption root"
+    )
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every encryption root here whose pool and dataset GUID the kit holds",
+    )
+    p.add_argument("--no-mount", action="store_true", help="load keys only")
     p = add("enroll", cmd_enroll, "move a dataset to a key from the server")
     p.add_argument("--dataset", required=True, metavar="DS")
     p.add_argument("--keyformat", choices=("raw", "hex"), default="raw")

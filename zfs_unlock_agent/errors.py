@@ -10,6 +10,7 @@ EX_PARTIAL = 1  # some encryption roots unlocked, others failed
 EX_LOCKED = 3  # `status` only: a managed encryption root is locked
 EX_USAGE = 64
 EX_DATAERR = 65  # the server sent key material that does not fit the dataset
+EX_NOINPUT = 66  # `recover`: the kit or identity file cannot be read
 EX_UNAVAILABLE = 69  # zfs missing, pool or dataset not there
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73  # `setup`: the configuration exists and --force was not given
@@ -81,3 +82,28 @@ class ServerRefused(AgentError):
 
 class BadKeyData(AgentError):
     exit_code = EX_DATAERR
+
+
+class InputMissing(AgentError):
+    """`recover`: a file named on the command line cannot be read."""
+
+    exit_code = EX_NOINPUT
+
+
+class BadKit(AgentError):
+    """`recover`: the kit is damaged, truncated, of another format or version, or holds
+    no key for what was asked."""
+
+    exit_code = EX_DATAERR
+
+
+class KitRefused(AgentError):
+    """`recover`: the identity given does not open the kit."""
+
+    exit_code = EX_NOPERM
+
+
+class ToolMissing(AgentError):
+    """`recover`: the age binary is not installed."""
+
+    exit_code = EX_UNAVAILABLE

@@ -31,6 +31,12 @@ from zfs_unlock_common.protocol import DatasetRef
 
 ZVOL_DIR = Path("/dev/zvol")
 
+# Where keys come from: given the inventory, the locked roots and the results so far, the
+# keys it has (by root name), recording in the results why a root got none.
+KeySource = Callable[
+    [Inventory, Sequence[Dataset], dict[str, "RootResult"]], dict[str, ReleasedKey]
+]
+
 
 class RootResult:
     """What became of one encryption root; mounting may still turn it into a failure."""
@@ -133,7 +139,11 @@ class Unlocker:
         machine_id: str,
         volume_link_timeout: float = 30.0,
         zvol_dir: Path = ZVOL_DIR,
+        completes_enrollment: bool = True,
     ) -> None:
+        """COMPLETES_ENROLLMENT: a pending key that loads is reported to the key server as
+        proven (False for recover, which has no key server)."""
+        self.completes_enrollment = completes_enrollment
         self.zfs = zfs
         self.client = client
         self.machine_id = machine_id
@@ -179,8 +189,18 @@ class Unlocker:
         return keys
 
     def unlock(
-        self, inventory: Inventory, roots: Sequence[Dataset], mount: bool = True
+        self,
+        inventory: Inventory,
+        roots: Sequence[Dataset],
+        mount: bool = True,
+        source: KeySource | None = None,
     ) -> list[RootResult]:
+        """Load the keys of ROOTS' locked roots and mount them. The keys come from the key
+        server, or from SOURCE (recover: a recovery kit); the loading is the same."""
+        if source is None:
+            source = lambda inventory, locked, results: self._fetch(
+                inventory, locked, results, "stays locked"
+            )
         results: dict[str, RootResult] = {}
         locked = [r for r in roots if r.keystatus != "available"]
         for root in roots:
@@ -188,7 +208,7 @@ class Unlocker:
                 results[root.name] = RootResult(
                     root.name, "available", message="key already loaded"
                 )
-        keys = self._fetch(inventory, locked, results, "stays locked") if locked else {}
+        keys = source(inventory, locked, results) if locked else {}
         results |= self._load([(r, keys[r.name]) for r in locked if r.name in keys], inventory)
         if mount:
             unlocked = [r for r in roots if results[r.name].outcome == "unlocked"]
@@ -228,7 +248,7 @@ class Unlocker:
                     root.name, "failed", error.exit_code, _zfs_reason(error)
                 )
             else:
-                if key.state == "pending":
+                if key.state == "pending" and self.completes_enrollment:
                     self._activate(inventory, root, key)
                 results[root.name] = RootResult(root.name, "unlocked", message="key loaded")
         return results

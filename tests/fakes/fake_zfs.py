@@ -89,9 +89,20 @@ def refresh_zvols(state: State) -> None:
             link.unlink(missing_ok=True)
 
 
+def get_guid(things: dict[str, Any], args: list[str], kind: str) -> str:
+    """`get -H -o value guid NAME`, the one form the recovery kit's by-hand commands use."""
+    if args[:-1] != ["get", "-H", "-o", "value", "guid"]:
+        raise Failure(f"fake {kind}: unsupported {args}", 2)
+    if args[-1] not in things:
+        raise Failure(f"cannot open '{args[-1]}': no such {kind}", 1)
+    return f"{things[args[-1]]['guid']}\n"
+
+
 def zpool(state: State, args: list[str]) -> str:
     if args[:1] == ["list"]:
         return "".join(f"{name}\t{p['guid']}\n" for name, p in sorted(state["pools"].items()))
+    if args[:1] == ["get"]:
+        return get_guid(state["pools"], args, "pool")
     raise Failure(f"fake zpool: unsupported {args}", 2)
 
 
@@ -173,6 +184,16 @@ def zfs(state: State, args: list[str], stdin: bytes) -> str:
                 ds["mounted"] = False
         root["keystatus"] = "unavailable"
         refresh_zvols(state)
+        return ""
+    if command == "get":
+        return get_guid(datasets, args, "dataset")
+    if command == "mount" and rest == ["-a"]:  # what `zfs mount -a` would mount, all it can
+        effective_keystatus(state)
+        for ds in datasets.values():
+            locked = ds.get("encryptionroot") and ds.get("keystatus") != "available"
+            wanted = ds.get("type") == "filesystem" and ds.get("canmount", "on") == "on"
+            if wanted and not locked and ds.get("mountpoint") not in ("none", "legacy"):
+                ds["mounted"] = True
         return ""
     if command == "mount":
         name = rest[-1]
