@@ -23,7 +23,7 @@ SUITE=bookworm
 # Warm-up only (downloaded, never installed): what debian/control names, and systemd,
 # which apt picks for the server's sysusers dependency.
 PREFETCH=(python3 python3-cryptography python3-gunicorn python3-pyudev python3-sdnotify
-    zfsutils-linux systemd procps)
+    zfsutils-linux systemd procps age)
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
 T_START=$(date +%s.%N)
