@@ -4,7 +4,10 @@
 
 Builds the data directory through the admin API (100 hosts, keys sealed directly in one
 transaction per host), then times each command as an admin runs it (the console script,
-median of 3) and prints a table.
+median of 3) and prints a table, with two baselines measured in the same run: GNU tar of
+the same files (a plain, offline copy: what an admin would do without `backup`) and
+`zfs-unlock-server --version` (what starting the command costs); each row's ratio is to
+the tar.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from zfs_unlock_server.service import new_key_id
 
 SERVER_BIN = Path(sys.executable).with_name("zfs-unlock-server")
 HOSTS = 100
+# What a backup holds, as files of the data directory (the baseline copies them).
+MEMBERS = ("keys.db", "ca.key", "ca.crt", "server.key", "server.crt", "server.toml")
 
 
 def build(root: Path, keys: int) -> None:
@@ -44,9 +49,9 @@ def build(root: Path, keys: int) -> None:
         ops.close()
 
 
-def timed(*args: str) -> float:
+def timed(*args: str, program: str = str(SERVER_BIN)) -> float:
     started = time.perf_counter()
-    subprocess.run([str(SERVER_BIN), *args], check=True, capture_output=True)
+    subprocess.run([program, *args], check=True, capture_output=True)
     return time.perf_counter() - started
 
 
@@ -64,10 +69,14 @@ def main() -> None:
             f"built {options.keys} keys on {HOSTS} hosts in {time.perf_counter() - started:.1f} s"
         )
         master = str(data / "master.key")
-        rows: dict[str, list[float]] = {"backup": [], "verify": [], "verify --master-key": []}
-        rows["restore"] = []
+        rows: dict[str, list[float]] = {"tar (baseline)": [], "--version (baseline)": []}
+        rows |= {"backup": [], "verify": [], "verify --master-key": [], "restore": []}
         size = 0
         for run in range(options.runs):
+            rows["tar (baseline)"].append(
+                timed("-cf", str(root / f"t{run}.tar"), "-C", str(data), *MEMBERS, program="tar")
+            )
+            rows["--version (baseline)"].append(timed("--version"))
             out = root / f"b{run}.tar"
             rows["backup"].append(timed("--data-dir", str(data), "backup", "--out", str(out)))
             size = out.stat().st_size
@@ -76,9 +85,13 @@ def main() -> None:
                 timed("backup", "verify", str(out), "--master-key", master)
             )
             rows["restore"].append(timed("--data-dir", str(root / f"r{run}"), "restore", str(out)))
-        print(f"{'command':<22}{'median s':>10}  (of {options.runs}; {options.keys} keys)")
+        print(
+            f"{'command':<22}{'median s':>10}{'x tar':>8}  (of {options.runs}; {options.keys} keys)"
+        )
+        tar = statistics.median(rows["tar (baseline)"])
         for name, seconds in rows.items():
-            print(f"{name:<22}{statistics.median(seconds):>10.2f}")
+            median = statistics.median(seconds)
+            print(f"{name:<22}{median:>10.2f}{median / tar:>8.1f}")
         print(f"backup file: {size} bytes ({size / 1e6:.1f} MB), {os.cpu_count()} CPUs")
 
 
