@@ -23,6 +23,7 @@ from tests.pinned_requests import pinned_session
 from zfs_unlock_common import pinning
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import admin, cli
+from zfs_unlock_server.config import Layout
 
 SERVER_BIN = Path(sys.executable).with_name("zfs-unlock-server")
 # The suite runs as root on throw-away data directories; serve refuses root without it.
@@ -62,6 +63,19 @@ class KeyServer:
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = root / "server.log"
+
+    @classmethod
+    def over(cls, root: Path, data_dir: Path) -> KeyServer:
+        """A KeyServer for an existing DATA_DIR (one `restore` made), its files under ROOT."""
+        server = cls.__new__(cls)
+        server.root, server.data_dir = root, data_dir
+        server.hosts_dir = root / "hosts"
+        server.hosts_dir.mkdir(parents=True, exist_ok=True)
+        server.pin = admin.server_pin(Layout(data_dir))
+        server.port = 0
+        server.process = None
+        server.log_path = root / "server.log"
+        return server
 
     # Admin CLI, in-process (the same code path as the console script)
 

@@ -31,6 +31,7 @@ import bench.vm
 from bench.common import machine_id_for
 from tests.keyserver import SERVER_BIN, HostCreds, KeyServer
 from tests.vm.guest.cases import SCENARIOS
+from tests.vm.keeper import Keeper
 from tests.vm.vm import (
     GIB,
     SERVER_ADDRESS,
@@ -121,10 +122,17 @@ def outcome(
     write_agent_files(share / "agent", server, creds)
     expected = scenarios_of(zfs)
     (share / "scenarios").write_text(" ".join(expected) + "\n")  # run.sh passes them on
-    importer = SimpleZfsImporter(SERVER_BIN, server.data_dir, MACHINE_ID, root / "simplezfs")
+    keeper = Keeper(root / "keeper", share, server)
+
+    def importer(pool_guid: str, name: str) -> None:
+        """Into the server the guest reaches now: a restored one, after a restore."""
+        data_dir = keeper.current.data_dir
+        SimpleZfsImporter(SERVER_BIN, data_dir, MACHINE_ID, root / "simplezfs")(pool_guid, name)
+
     server.start()
     try:
-        with Forwarder(server.port, legacy=importer) as forwarder:
+        with Forwarder(server.port, legacy=importer, hooks=keeper.hooks()) as forwarder:
+            keeper.forwarder = forwarder
             guest = Guest(
                 image,
                 GUEST_DIR,
@@ -140,7 +148,7 @@ def outcome(
             with guest:
                 run = guest.run()
     finally:
-        server.stop()
+        keeper.stop()
     progress(f"guest exit {run.rc} after {run.seconds:.1f} s; console: {run.console_path}")
     results_file = share / "results.json"
     document: dict[str, Any] = {}

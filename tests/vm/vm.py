@@ -154,12 +154,20 @@ class Forwarder:
 
     While down, new connections are reset at once and open ones are cut, as when the
     server's machine is gone. Every control command is answered "ok" (or "error").
-    "legacy POOL_GUID NAME" calls LEGACY (when given) with the validated arguments.
+    "legacy POOL_GUID NAME" calls LEGACY (when given) with the validated arguments; a
+    word that names one of HOOKS runs it (the admin's work on the server's machine: a
+    backup, a restore, a recovery kit, a lost server), "ok" unless it raises.
     """
 
-    def __init__(self, target_port: int, legacy: LegacyImporter | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        legacy: LegacyImporter | None = None,
+        hooks: Mapping[str, Callable[[], None]] | None = None,
+    ) -> None:
         self.target_port = target_port
         self.legacy = legacy
+        self.hooks = dict(hooks or {})
         self.port = 0
         self.control_port = 0
         self.events: list[str] = []  # what happened, for the test's report
@@ -180,6 +188,12 @@ class Forwarder:
             self.events.append(f"{time.strftime('%H:%M:%S')} {'up' if up else 'down'}")
         if not up:
             self._cut()
+
+    def retarget(self, port: int) -> None:
+        """Send new connections to the server on PORT from now on (a restored server)."""
+        with self._lock:
+            self.target_port = port
+            self.events.append(f"{time.strftime('%H:%M:%S')} now to port {port}")
 
     def _cut(self) -> None:
         with self._lock:
@@ -265,8 +279,20 @@ class Forwarder:
             conn.sendall(b"ok\n")
         elif len(words) == 3 and words[0] == "legacy":
             conn.sendall(b"ok\n" if self._import_legacy(words[1], words[2]) else b"error\n")
+        elif command in self.hooks:
+            conn.settimeout(None)  # a backup or a restore may take a while under TCG load
+            conn.sendall(b"ok\n" if self._run_hook(command) else b"error\n")
         else:
             conn.sendall(b"error\n")
+
+    def _run_hook(self, name: str) -> bool:
+        try:
+            self.hooks[name]()
+        except (VmError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            self.events.append(f"{time.strftime('%H:%M:%S')} {name}: failed: {exc}")
+            return False
+        self.events.append(f"{time.strftime('%H:%M:%S')} {name}: done")
+        return True
 
     def _import_legacy(self, pool_guid: str, name: str) -> bool:
         stamp = time.strftime("%H:%M:%S")

@@ -301,6 +301,24 @@ def server_keys(ctx: Context, *datasets: str) -> dict[str, tuple[str, str]]:
     return states
 
 
+def key_digests(ctx: Context, *datasets: str) -> dict[str, str]:
+    """SHA-256 of each dataset's key as the server releases it now (the key itself is
+    wiped at once): two servers that release the same keys give the same digests."""
+    import hashlib
+
+    from zfs_unlock_common.protocol import DatasetRef
+
+    refs = {name: DatasetRef(*guids(ctx, name)) for name in datasets}
+    with agent_client() as client:
+        released, denied = client.release(machine_id(), list(refs.values()))
+    check(not denied and len(released) == len(refs), f"server refused: {denied}")
+    digests = {}
+    for name, ref in refs.items():
+        with released[ref].secret as secret:
+            digests[name] = hashlib.sha256(secret.view()).hexdigest()
+    return digests
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ": ERROR: " in line]
 

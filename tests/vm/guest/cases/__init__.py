@@ -8,6 +8,7 @@ names the cases and imports none of them (nor the harness).
 SCENARIOS: tuple[str, ...] = (
     "enroll_unlock_mount",
     "server_down_then_up",
+    "backup_restore",
     "zfs_as_the_agent_expects",
     "volume_link_and_wrong_key",
     "unlock_all_two_pools",
@@ -20,6 +21,9 @@ SCENARIOS: tuple[str, ...] = (
     "enroll_interrupted",
     "export_import_rename",
     "zfs_list_cache_warning",
+    # The key server is lost and rebuilt from a backup: the scenarios after it (the
+    # benchmark) meet the rebuilt one.
+    "total_loss_recovery_kit",
     # The benchmark, not a behaviour test, last: it adds the key server's certificate to
     # the guest's trust store, which migrate_from_native_https needs it not to be in.
     "bench_native_vs_agent",
