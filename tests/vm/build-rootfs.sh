@@ -170,7 +170,7 @@ EOF
     logged apt-update in_root "$BASE" apt-get update
     apt_in "$BASE" base systemd systemd-sysv udev kmod iproute2 procps zstd \
         python3 python3-requests python3-cryptography python3-pyudev python3-sdnotify \
-        python3-gunicorn
+        python3-gunicorn age
     # OpenZFS $ZVER and its libraries, matching zfs.ko, which a local package provides
     # (zfs-modules): otherwise apt pulls in zfs-dkms and a compiler.
     modules_package "$BASE/tmp/zfs-modules-local.deb"
