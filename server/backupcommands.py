@@ -20,6 +20,7 @@ from zfs_unlock_server import (
     sealing,
     secretfile,
 )
+from zfs_unlock_server.cliargs import whole_number
 from zfs_unlock_server.datadir import AdminInputs
 from zfs_unlock_server.errors import CannotCreate, UsageError
 from zfs_unlock_server.sealing import Sealer
@@ -35,14 +36,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _keep(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
+_keep = whole_number(1)
 
 
 def cmd_backup(args: argparse.Namespace, inputs: AdminInputs) -> int:

@@ -27,6 +27,7 @@ from zfs_unlock_server import (
 )
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.backupcommands import OWN_DATA_DIR, add_backup_commands
+from zfs_unlock_server.cliargs import whole_number
 from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import (
@@ -524,15 +525,7 @@ def wants_of(args: argparse.Namespace) -> Wants:
 # Parser
 
 
-def _count(text: str) -> int:
-    """A whole number, 0 or more (workers, records)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+_count = whole_number(0)  # workers, records
 
 
 class _Parser(argparse.ArgumentParser):
