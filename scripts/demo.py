@@ -55,7 +55,7 @@ from tests.vm.vm import (
 )
 from zfs_unlock_server.sealing import load_master_key
 from zfs_unlock_server.service import context_of
-from zfs_unlock_server.store import SqliteStore
+from zfs_unlock_server.sqlitestore import SqliteStore
 
 BIN = Path(sys.executable).parent  # zfs-unlock-server and zfs-unlock-agent (the .venv)
 HOST_SCRIPT = Path(zfs_host.__file__).resolve()

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The fast test tier once more, on Debian 12's own Python and its packages of our
-# dependencies (python3-cryptography, -gunicorn, -pyudev, -sdnotify): what the Debian
-# packages run on, and the lower bounds of pyproject.toml's ranges. A virtual
+# dependencies (python3-cryptography, -gunicorn, -pyudev, -sdnotify, -psycopg,
+# -prometheus-client): what the Debian packages run on, and the lower bounds of
+# pyproject.toml's ranges. A virtual
 # environment in build/floor sees the system's site-packages and adds only the test
 # tools and this checkout. As root on Debian, first installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=/usr/bin/python3
-packages=(python3-venv python3-cryptography python3-gunicorn python3-pyudev python3-sdnotify age)
+packages=(python3-venv python3-cryptography python3-gunicorn python3-pyudev python3-sdnotify
+    python3-psycopg python3-prometheus-client age postgresql prometheus)
 bash scripts/need-debian-packages.sh "${packages[@]}"
 
 venv=build/floor
@@ -19,7 +21,7 @@ venv=build/floor
 # The point of this tier: each dependency must be Debian's, not one pip brought along.
 "$venv/bin/python" - <<'PY'
 import importlib, sys
-for name in ("cryptography", "gunicorn", "pyudev", "sdnotify"):
+for name in ("cryptography", "gunicorn", "pyudev", "sdnotify", "psycopg", "prometheus_client"):
     module = importlib.import_module(name)
     where = module.__file__ or ""
     version = getattr(module, "__version__", "?")

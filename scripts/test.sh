@@ -12,12 +12,16 @@ echo "== mypy --strict" >&2
 .venv/bin/mypy -p zfs_unlock_common -p zfs_unlock_agent -p zfs_unlock_server
 .venv/bin/mypy tests scripts bench
 # libfaketime: tests that move a program's wall clock (tests/faketime.py); age: the
-# recovery kit's and master-key export's tests run the real age and age-keygen.
-bash scripts/need-debian-packages.sh libfaketime age
+# recovery kit's and master-key export's tests run the real age and age-keygen;
+# postgresql: the key server's PostgreSQL tests start their own throwaway clusters
+# (tests/postgres.py) with Debian's server; prometheus: its promtool checks a live scrape
+# of the key server's metrics; logrotate: the package's configuration, on a live audit log.
+bash scripts/need-debian-packages.sh libfaketime age postgresql prometheus logrotate
 echo "== pytest" >&2
 .venv/bin/pytest "$@"
 # The whole suite (no arguments) also runs the fast tier on Debian 12's dependencies.
 if [ $# -eq 0 ]; then
-    echo "== pytest on Debian 12's python3-cryptography, -gunicorn, -pyudev, -sdnotify" >&2
+    echo "== pytest on Debian 12's python3-cryptography, -gunicorn, -pyudev, -sdnotify, -psycopg," \
+        "-prometheus-client" >&2
     bash scripts/floor.sh -q
 fi

@@ -20,8 +20,8 @@ from zfs_unlock_common import pinning, protocol, validate
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server import pki, privileges, secretfile
-from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
+from zfs_unlock_server import database, pki, privileges, secretfile
+from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
@@ -29,7 +29,7 @@ from zfs_unlock_server.masterkey import check_master_key, seal_check
 from zfs_unlock_server.outputs import HostBundle
 from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
 from zfs_unlock_server.service import KeyService, new_key_id
-from zfs_unlock_server.store import Host, KeyRecord, NewHost, SqliteStore
+from zfs_unlock_server.store import Host, KeyRecord, NewHost, Store
 
 
 def actor() -> str:
@@ -53,13 +53,16 @@ def init_data_dir(
     server_key: Path | None = None,
     master_key_out: Path | None = None,
     enter: Callable[[], object] = lambda: None,
+    database_url: str = "",
 ) -> str:
     """Create a new data directory; return the server's public-key pin. Never overwrites.
 
     MASTER_KEY_OUT puts the master key there (0400) instead of into the data
     directory. ENTER runs once everything that needs the caller's own rights is
     done (reading --server-key, writing MASTER_KEY_OUT) and before the data
-    directory is touched: the CLI becomes the directory's owner there.
+    directory is touched: the CLI becomes the directory's owner there. DATABASE_URL puts
+    hosts, keys and the audit trail in that PostgreSQL database (created at this server's
+    schema), which must hold no other deployment's.
     """
     if root.exists() and any(root.iterdir()):
         raise CannotCreate(f"{root} exists and is not empty; refusing to overwrite it")
@@ -76,32 +79,64 @@ def init_data_dir(
     else:
         pair = pki.create_server_certificate(list(server_names) or pki.default_server_names())
         cert_pem, key_pem = pair.cert_pem, pair.key_pem
+    config = server_config.parse(server_config.config_text(database_url), "server.toml")
     master_key = new_master_key()
     if master_key_out is not None:
         master_key_out.parent.mkdir(mode=0o700, exist_ok=True)
         secretfile.write_new(master_key_out, master_key, 0o400)
     enter()
+    store = database.open_store(Layout(root), config, migrate=True) if database_url else None
+    try:
+        if store is not None and _in_use(store):
+            raise CannotCreate(
+                f"{database.describe(Layout(root), config)} already holds a deployment; a"
+                " further node of it takes a copy of an existing node's data directory"
+                " instead (docs/high-availability.md)"
+            )
+        _make_data_dir(root, config, master_key, master_key_out is None, cert_pem, key_pem, store)
+    finally:
+        if store is not None:
+            store.close()
+    return server_pin(Layout(root))
+
+
+def _in_use(store: Store) -> bool:
+    return store.counts() != (0, 0) or store.master_key_check() is not None
+
+
+def _make_data_dir(
+    root: Path,
+    config: ServerConfig,
+    master_key: bytes,
+    keep_master_key: bool,
+    cert_pem: bytes,
+    key_pem: bytes,
+    store: Store | None,
+) -> None:
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     layout = Layout(root)
-    if master_key_out is None:
+    if keep_master_key:
         secretfile.write_new(layout.master_key, master_key, 0o400)
     ca = pki.create_ca()
     secretfile.write_new(layout.ca_key, ca.key_pem, 0o400)
     secretfile.write_new(layout.ca_cert, ca.cert_pem, 0o644)
     secretfile.write_new(layout.server_key, key_pem, 0o400)
     secretfile.write_new(layout.server_cert, cert_pem, 0o644)
-    secretfile.write_new(layout.config, server_config.DEFAULT_CONFIG_TEXT.encode(), 0o644)
-    store = SqliteStore(layout.database)
+    url = config.database.url
+    secretfile.write_new(layout.config, server_config.config_text(url).encode(), 0o644)
+    if store is None:
+        store = database.open_store(layout, config, migrate=True)
+        os.chmod(layout.database, 0o600)
     try:
         store.set_master_key_check(seal_check(Sealer(master_key)))
+        audit = database.open_audit(layout, config, store)
+        audit.write(
+            {"event": "init", "decision": "allow", "actor": actor(), "reason": "data_dir_created"}
+        )
     finally:
-        store.close()
-    os.chmod(layout.database, 0o600)
-    AuditLog(layout.default_audit_log).write(
-        {"event": "init", "decision": "allow", "actor": actor(), "reason": "data_dir_created"}
-    )
-    return server_pin(layout)
+        if not url:
+            store.close()
 
 
 def _check_master_key_out(path: Path, root: Path) -> None:
@@ -129,8 +164,8 @@ class Admin:
 
     layout: Layout
     config: ServerConfig
-    store: SqliteStore
-    audit: AuditLog
+    store: Store
+    audit: AuditSink
     master: Sealer | None = None  # read before the command became the directory's owner
     _checked: Sealer | None = field(default=None, init=False, repr=False)
 
@@ -138,13 +173,8 @@ class Admin:
     def open(cls, root: Path, master: Sealer | None = None) -> Admin:
         layout = Layout(root)
         config = server_config.load(layout)
-        return cls(
-            layout,
-            config,
-            SqliteStore(layout.database),
-            AuditLog(server_config.audit_path(layout, config)),
-            master,
-        )
+        store = database.open_store(layout, config)
+        return cls(layout, config, store, database.open_audit(layout, config, store), master)
 
     def close(self) -> None:
         self.store.close()

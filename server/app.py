@@ -16,21 +16,23 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import config as server_config
-from zfs_unlock_server.audit import AuditError, AuditLog, SharedSync
+from zfs_unlock_server import database
+from zfs_unlock_server.audit import AuditError, AuditSink, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
-from zfs_unlock_server.errors import Conflict
+from zfs_unlock_server.errors import Conflict, DatabaseUnavailable
 from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
 from zfs_unlock_server.sealing import load_master_key
 from zfs_unlock_server.service import Caller, Denied, KeyService, Released
-from zfs_unlock_server.store import KeyRecord, SqliteStore
+from zfs_unlock_server.store import KeyRecord
 
 log = logging.getLogger("zfs_unlock_server")
 
@@ -38,6 +40,8 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 # The environ key under which the worker passes the client certificate (DER) it verified.
 PEER_CERTIFICATE = "zfs_unlock_server.peer_certificate"
+# Where _handle notes the name of the route it chose, for the metrics.
+ROUTE_NAME = "zfs_unlock_server.route"
 
 STATUS_TEXT = {
     200: "200 OK",
@@ -164,33 +168,47 @@ class KeyServerApp:
         self._pid = 0
         self._audit_sync = SharedSync()  # made before gunicorn forks the workers
         self.routes = ROUTES + ((SIMPLEZFS_ROUTE,) if config.simplezfs_route else ())
+        # Imported only when asked for: serve has set PROMETHEUS_MULTIPROC_DIR by then.
+        self.metrics: ModuleType | None = None
+        if config.metrics.listen:
+            from zfs_unlock_server import metrics  # noqa: PLC0415
+
+            self.metrics = metrics
 
     # Per-process resources
 
     def _resources(self) -> tuple[KeyService, RateLimiter]:
         if self._service is None or self._limiter is None or self._pid != os.getpid():
-            store = SqliteStore(self.layout.database)
-            audit = AuditLog(server_config.audit_path(self.layout, self.config), self._audit_sync)
+            # A database that cannot be reached raises DatabaseUnavailable here (503), and
+            # the next request tries again.
+            store = database.open_store(self.layout, self.config)
+            audit = database.open_audit(self.layout, self.config, store, self._audit_sync)
             sealer = load_master_key(self.layout.master_key)
-            self._service = KeyService(store, sealer, audit, self.config.deadman_timeout)
+            buckets = database.open_buckets(self.layout, self.config, store)
+            if self.metrics is not None:
+                audit = self.metrics.CountingAudit(audit)
+                store = self.metrics.timed_store(store)
             limits = self.config.rate_limits
             self._limiter = RateLimiter(
-                self.layout.ratelimit,
+                buckets.buckets,
                 {
                     "cert": BucketPolicy(limits.per_certificate_burst, limits.per_certificate_rate),
                     "addr": BucketPolicy(limits.per_address_burst, limits.per_address_rate),
                 },
+                clock=buckets.clock,
             )
+            self._service = KeyService(store, sealer, audit, self.config.deadman_timeout)
             self._pid = os.getpid()
         return self._service, self._limiter
 
-    def audit_log(self) -> AuditLog:
+    def audit_log(self) -> AuditSink:
         return self._resources()[0].audit
 
     # WSGI entry point
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         request_id = os.urandom(8).hex()
+        started = time.perf_counter()
         try:
             response = self._handle(environ, request_id)
         except HttpError as error:
@@ -198,7 +216,10 @@ class KeyServerApp:
         except AuditError:
             log.exception("audit log unwritable; refusing request %s", request_id)
             response = error_response(HttpError(503, headers=[("Retry-After", "30")]))
-        except sqlite3.OperationalError:
+        except DatabaseUnavailable as exc:
+            log.warning("database unavailable (%s); refusing request %s", exc, request_id)
+            response = error_response(HttpError(503, headers=[("Retry-After", "5")]))
+        except sqlite3.OperationalError:  # SQLite's own word for it: locked, or I/O failing
             log.exception("database unavailable; refusing request %s", request_id)
             response = error_response(HttpError(503, headers=[("Retry-After", "5")]))
         except Exception:
@@ -212,6 +233,9 @@ class KeyServerApp:
             *(response.headers or []),
         ]
         start_response(STATUS_TEXT[response.status], headers)
+        if self.metrics is not None:
+            route = str(environ.get(ROUTE_NAME, "none"))
+            self.metrics.observe_request(route, response.status, time.perf_counter() - started)
         return [response.body]
 
     def _handle(self, environ: Environ, request_id: str) -> Response:
@@ -220,6 +244,7 @@ class KeyServerApp:
         if environ.get("QUERY_STRING"):
             raise HttpError(400, "query strings are not accepted")
         route = self._route(method, path)
+        environ[ROUTE_NAME] = getattr(route, "func", route).__name__
         caller = self._caller(environ, request_id)
         service, limiter = self._resources()
         self._rate_limit(service, limiter, caller)

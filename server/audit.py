@@ -14,8 +14,11 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
+
+from zfs_unlock_server.errors import ServerError
 
 AuditValue = str | int | None
 AuditRecord = Mapping[str, AuditValue]
@@ -32,6 +35,44 @@ def utc_now_iso() -> str:
 def encode(record: AuditRecord) -> bytes:
     line = {"ts": utc_now_iso(), **{k: v for k, v in record.items() if v is not None}}
     return json.dumps(line, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+class AuditSink(Protocol):
+    """Where audit records go: a file (AuditLog) or the shared database (TableAuditLog)."""
+
+    def write(self, *records: AuditRecord, durable: bool = True) -> None:
+        """Record RECORDS, durably unless told otherwise, or raise AuditError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AuditTable(Protocol):
+    """A database that keeps the audit trail (pgstore.PgStore)."""
+
+    where: str
+
+    def append_audit(self, lines: Sequence[str], durable: bool) -> None: ...
+    def audit_lines(self, last: int = 0) -> list[str]: ...
+
+
+class TableAuditLog:
+    """The audit trail as rows of the database every node shares: one JSON object a row,
+    the same text as a line of the file. Inside a store transaction the records commit
+    with it, so a release and its record are one commit, made before the key is sent."""
+
+    def __init__(self, table: AuditTable) -> None:
+        self._table = table
+
+    def write(self, *records: AuditRecord, durable: bool = True) -> None:
+        lines = [encode(r).decode("ascii").rstrip("\n") for r in records]
+        try:
+            self._table.append_audit(lines, durable)
+        except ServerError as exc:  # the database is unavailable: nothing was recorded
+            raise AuditError(f"cannot write the audit trail: {exc}") from None
+
+    def close(self) -> None:
+        """The store owns the connection."""
 
 
 class SharedSync:
@@ -154,9 +195,13 @@ class AuditLog:
 def read(path: Path) -> Iterator[dict[str, AuditValue]]:
     """Yield the records of an audit log; a damaged line is reported, not skipped."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                record = {"event": "unreadable_line", "line": number}
-            yield record
+        yield from parse(handle)
+
+
+def parse(lines: Iterable[bytes | str]) -> Iterator[dict[str, AuditValue]]:
+    for number, raw in enumerate(lines, start=1):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            record = {"event": "unreadable_line", "line": number}
+        yield record

@@ -29,6 +29,7 @@ from zfs_unlock_server.errors import (
     ConfigError,
     DataError,
     IntegrityError,
+    UsageError,
     WrongMasterKey,
 )
 from zfs_unlock_server.masterkey import CHECK, CHECK_VALUE
@@ -134,6 +135,12 @@ def take(root: Path, out: Path, replace: bool = False) -> Written:
         raise CannotCreate(f"{out} exists; refusing to overwrite it (--force replaces it)")
     layout = Layout(root)
     config = server_config.load(layout)
+    if config.database.shared:
+        raise UsageError(
+            f"{layout.config} keeps hosts, keys and the audit trail in PostgreSQL; back that up"
+            " with PostgreSQL's own tools (pg_dump, or pg_basebackup with WAL archiving) and"
+            " the data directory's files apart (docs/high-availability.md)"
+        )
     archive, data = snapshot(layout, int(time.time()))
     audit = AuditLog(server_config.audit_path(layout, config))
     record: AuditRecord = {

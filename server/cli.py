@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from zfs_unlock_server import (
     __version__,
     admin,
     audit,
+    auditprune,
+    database,
     prestart,
     privileges,
     recovery,
@@ -28,6 +31,7 @@ from zfs_unlock_server import (
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.backupcommands import OWN_DATA_DIR, add_backup_commands
 from zfs_unlock_server.cliargs import whole_number
+from zfs_unlock_server.config import DatabaseConfig
 from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import (
@@ -90,8 +94,14 @@ def cmd_init(args: argparse.Namespace, inputs: AdminInputs) -> int:
         Path(args.server_key) if args.server_key else None,
         master_key_out,
         enter=lambda: privileges.become_owner(args.data_dir),
+        database_url=args.database or "",
     )
     print(f"created {args.data_dir}", file=sys.stderr)
+    if args.database:
+        _say(
+            f"hosts, keys and the audit trail are in {pgstore_describe(args.database)};"
+            " further nodes take a copy of this data directory"
+        )
     if master_key_out:
         print(
             f"master key written to {master_key_out}, not into the data directory; serve and"
@@ -107,6 +117,27 @@ def cmd_init(args: argparse.Namespace, inputs: AdminInputs) -> int:
     )
     print(f"server public-key pin (put it in each agent's config): {pin}", file=sys.stderr)
     print(pin)
+    return 0
+
+
+def pgstore_describe(url: str) -> str:
+    layout = server_config.Layout(Path("."))
+    return database.describe(layout, server_config.ServerConfig(database=DatabaseConfig(url)))
+
+
+def cmd_migrate(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    layout = server_config.Layout(args.data_dir)
+    config = server_config.load(layout)
+    store = database.open_store(layout, config, migrate=True)
+    try:
+        where = database.describe(layout, config)
+        if store.migrated is None:
+            _say(f"{where}: schema is current ({store.schema_version()}); nothing to do")
+        else:
+            old, new = store.migrated
+            _say(f"{where}: schema migrated from {old} to {new}")
+    finally:
+        store.close()
     return 0
 
 
@@ -131,9 +162,13 @@ def cmd_serve(args: argparse.Namespace, inputs: AdminInputs) -> int:
     layout = server_config.Layout(args.data_dir)
     config = server_config.load(layout)
     listen = args.listen or list(config.listen)
-    serve.check_listen(listen)  # before the start is recorded: one clear error, at once
+    # Before the start is recorded: one clear error, at once.
+    serve.check_listen([*listen, *([config.metrics.listen] if config.metrics.listen else [])])
     prestart.check_data_dir(layout, config)
-    serve.run(build_app(args.data_dir, config), listen, args.workers or config.workers)
+    metrics_directory = serve.prepare_metrics_directory(config)  # before build_app
+    serve.run(
+        build_app(args.data_dir, config), listen, args.workers or config.workers, metrics_directory
+    )
     return 0
 
 
@@ -415,10 +450,9 @@ def cmd_key_restore(args: argparse.Namespace, inputs: AdminInputs) -> int:
 
 def cmd_audit(args: argparse.Namespace, inputs: AdminInputs) -> int:
     layout = server_config.Layout(args.data_dir)
-    path = server_config.audit_path(layout, server_config.load(layout))
     records = [
         r
-        for r in audit.read(path)
+        for r in database.read_audit(layout, server_config.load(layout))
         if (not args.host or r.get("host") == args.host)
         and (not args.event or r.get("event") == args.event)
     ]
@@ -436,6 +470,55 @@ def cmd_audit(args: argparse.Namespace, inputs: AdminInputs) -> int:
                 f"{record.get('ts', '?')} {record.get('event', '?'):<22} "
                 f"{record.get('decision', ''):<6} {rest}"
             )
+    return 0
+
+
+def cmd_migrate_store(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    try:
+        from zfs_unlock_server import migratestore  # noqa: PLC0415 (needs psycopg)
+    except ImportError as exc:
+        raise ConfigError(
+            f"migrate-store needs {exc.name} (Debian: apt install python3-psycopg)"
+        ) from None
+    ops = admin.Admin.open(args.data_dir, inputs.master)
+    try:
+        sealer = ops.sealer()  # the data directory's own, or refused (exit 78)
+        report = migratestore.migrate(ops.layout, ops.config, args.to, sealer)
+    finally:
+        ops.close()
+    _table(
+        ["", "SQLite", "PostgreSQL"],
+        [[what, str(before), str(after)] for what, before, after in report.counts],
+    )
+    keys = report.counts[2][2]
+    print(f"keys that open under the master key in PostgreSQL: {report.keys_opened} of {keys}")
+    if not report.matches:
+        _say(
+            f"the copy in {report.where} does not match (above); server.toml is unchanged and"
+            " the server keeps using keys.db. Drop and re-create that database before trying"
+            " again."
+        )
+        return DataError.exit_code
+    _say(
+        f"copied and checked; server.toml now names {report.where}: restart the server."
+        " keys.db and the audit log are kept as they were (without the [database] table the"
+        " server uses them again)"
+    )
+    return 0
+
+
+def cmd_audit_prune(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    layout = server_config.Layout(args.data_dir)
+    config = server_config.load(layout)
+    pruned = auditprune.prune(layout, config, Path(args.export_dir), time.time())
+    if pruned.file is None:
+        _say(pruned.why_not)
+        return 0
+    _say(
+        f"{pruned.records} audit record(s) older than"
+        f" {config.database.audit_retention_days} day(s) exported to {pruned.file} and deleted"
+    )
+    print(pruned.file)
     return 0
 
 
@@ -516,7 +599,13 @@ def wants_of(args: argparse.Namespace) -> Wants:
         csr=getattr(args, "csr", None),
         simplezfs=Path(args.file) if args.handler is cmd_import_simplezfs else None,
         seals_keys=args.handler
-        in (cmd_key_create, cmd_import_simplezfs, cmd_master_key_export, cmd_recovery_kit),
+        in (
+            cmd_key_create,
+            cmd_import_simplezfs,
+            cmd_master_key_export,
+            cmd_recovery_kit,
+            cmd_migrate_store,
+        ),
         outputs=tuple(outputs),
         secret_out=secret_out,
     )
@@ -627,6 +716,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the master key here (0400, new file, outside the data directory) instead"
         " of into the data directory; serve then needs it as the credential master-key",
+    )
+    p.add_argument(
+        "--database",
+        metavar="URL",
+        help="keep hosts, keys and the audit trail in this PostgreSQL database"
+        " (postgresql://USER@HOST/DB, no password in it; it must hold no other deployment)"
+        " instead of SQLite in the data directory",
+    )
+
+    add(
+        sub,
+        "migrate",
+        cmd_migrate,
+        "bring the database's schema up to this server's version",
+        ["zfs-unlock-server migrate    # the systemd unit runs it before serve"],
+        description="Apply the schema migrations this server has and the database lacks, in"
+        " one transaction each; a database already current is left alone. Several nodes"
+        " migrating one PostgreSQL database at once take turns (an advisory lock). serve"
+        " refuses a database at any other schema version.",
     )
 
     add(sub, "pin", cmd_pin, "print the server's public-key pin", ["zfs-unlock-server pin"])
@@ -860,6 +968,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="the records as stored, one JSON object per line"
     )
 
+    p = add(
+        sub,
+        "migrate-store",
+        cmd_migrate_store,
+        "copy this SQLite server's hosts, keys and audit log into PostgreSQL, and use it",
+        [
+            "zfs-unlock-server migrate-store --to postgresql://zfs-unlock@db/zfs_unlock",
+        ],
+        description="Copy keys.db (one moment of it) and the audit log into an empty"
+        " PostgreSQL database in one transaction, read the copy back and compare: hosts,"
+        " certificates, keys and audit records counted on both sides, and every key opened"
+        " under the master key. Prints both. Only when all match does server.toml name the"
+        " database (a [database] table is added); keys.db and the audit log stay as they"
+        " were. A database that holds anything is refused (exit 73); a copy that does not"
+        " match leaves server.toml alone (exit 65). Stop the server first: what it changes"
+        " after the copy's moment is not copied.",
+    )
+    p.add_argument("--to", required=True, metavar="URL", help="the PostgreSQL database (empty)")
+
+    p = add(
+        sub,
+        "audit-prune",
+        cmd_audit_prune,
+        "export, then delete, audit records older than audit_retention_days",
+        [
+            "zfs-unlock-server audit-prune --export-dir /var/log/zfs-unlock-server",
+        ],
+        description="With the audit trail in PostgreSQL and [database] audit_retention_days"
+        " above 0: write every record older than that many days to a new gzip-compressed"
+        " file of JSON lines in the export directory (0600, synced), then delete them and"
+        " record the export (event audit_exported, with the file, the count and its"
+        " SHA-256), in one transaction. A failure deletes nothing. One node at a time"
+        " prunes; another that runs meanwhile does nothing. Prints the file's path.",
+    )
+    p.add_argument(
+        "--export-dir", required=True, metavar="DIR", help="where the exported file goes"
+    )
+
     _add_recovery_commands(sub, add)
 
     p = add(
@@ -968,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = AdminInputs()
     result = 1
     try:
-        if args.handler not in (cmd_init, cmd_serve, *OWN_DATA_DIR):
+        if args.handler not in (cmd_init, cmd_serve, cmd_migrate, *OWN_DATA_DIR):
             inputs = enter_data_dir(args.data_dir, wants_of(args))
         result = int(args.handler(args, inputs))
     except ServerError as exc:

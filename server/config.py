@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -66,6 +68,27 @@ class RateLimits:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    # Empty: SQLite, keys.db in the data directory. A postgresql:// URL: the database that
+    # several nodes share (pgstore.py); never with a password in it.
+    url: str = ""
+    # Days an audit record stays in the database; older ones are exported to a file and
+    # deleted by `audit-prune`. 0: kept for ever. (SQLite's audit.log is rotated instead.)
+    audit_retention_days: int = 0
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Empty: off. ADDRESS:PORT: a plain-HTTP listener beside the HTTPS one, with /metrics
+    # (Prometheus) and /health (for load balancers); meant for 127.0.0.1.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[str, ...] = ("0.0.0.0:8443",)
     workers: int = 0  # 0: two per CPU core
@@ -78,6 +101,8 @@ class ServerConfig:
     simplezfs_route: bool = False
     audit_log: str = ""  # empty: audit.log in the data directory
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _check_fields(table: dict[str, Any], cls: type, where: str) -> None:
@@ -93,6 +118,15 @@ def _typed(value: Any, expected: type | tuple[type, ...], name: str, where: str)
     if not isinstance(value, expected):
         raise ConfigError(f"{where}: {name} has the wrong type")
     return value
+
+
+def _table(table: dict[str, Any], name: str, cls: type, where: str) -> dict[str, Any]:
+    """TABLE's sub-table NAME ({} when absent), its keys checked against CLS's fields."""
+    sub = table.pop(name, {})
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{where}: {name} must be a table")
+    _check_fields(sub, cls, f"{where} [{name}]")
+    return sub
 
 
 def parse(text: str, where: str) -> ServerConfig:
@@ -113,6 +147,21 @@ def parse(text: str, where: str) -> ServerConfig:
         or min(limits.per_certificate_rate, limits.per_address_rate) <= 0
     ):
         raise ConfigError(f"{where}: rate limits need burst >= 1 and rate > 0")
+    database_table = _table(table, "database", DatabaseConfig, where)
+    database = DatabaseConfig(
+        url=_typed(database_table.get("url", ""), str, "url", where),
+        audit_retention_days=_typed(
+            database_table.get("audit_retention_days", 0), int, "audit_retention_days", where
+        ),
+    )
+    if database.audit_retention_days < 0:
+        raise ConfigError(f"{where}: [database] audit_retention_days must be >= 0")
+    metrics_table = _table(table, "metrics", MetricsConfig, where)
+    metrics = MetricsConfig(listen=_typed(metrics_table.get("listen", ""), str, "listen", where))
+    if metrics.listen and not re.fullmatch(
+        r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):[0-9]{1,5}", metrics.listen
+    ):
+        raise ConfigError(f"{where}: [metrics] listen must be 'ADDRESS:PORT'")
     listen = table.get("listen", list(ServerConfig.listen))
     if not isinstance(listen, list) or not listen or not all(isinstance(x, str) for x in listen):
         raise ConfigError(f"{where}: listen must be a non-empty list of 'ADDRESS:PORT'")
@@ -125,6 +174,8 @@ def parse(text: str, where: str) -> ServerConfig:
         simplezfs_route=_typed(table.get("simplezfs_route", False), bool, "simplezfs_route", where),
         audit_log=_typed(table.get("audit_log", ""), str, "audit_log", where),
         rate_limits=limits,
+        database=database,
+        metrics=metrics,
     )
     if config.workers < 0 or config.deadman_timeout < 0 or config.request_timeout < 1:
         raise ConfigError(f"{where}: workers, deadman_timeout must be >= 0, request_timeout >= 1")
@@ -188,9 +239,40 @@ per_certificate_burst = 60
 per_certificate_rate = 2.0
 per_address_burst = 20
 per_address_rate = 0.5
-"""
+
+# Prometheus metrics (/metrics) and a health check for load balancers (/health) on
+# a plain-HTTP listener of their own; off while empty. For example "127.0.0.1:9843".
+[metrics]
+listen = ""
+{database}"""
 
 # What init writes for a new data directory: a lost host that never calls again is
 # disabled within a month, while a host down for maintenance for weeks is not.
 NEW_DEADMAN_TIMEOUT = 30 * 24 * 3600
-DEFAULT_CONFIG_TEXT = _CONFIG_TEMPLATE.replace("{deadman}", str(NEW_DEADMAN_TIMEOUT))
+
+_DATABASE_TABLE = """
+# Where hosts, keys and (here) the audit trail live: a PostgreSQL database that
+# several key-server nodes share. Never a password in the URL: libpq reads it from
+# a password file (passfile= in the URL, PGPASSFILE, or the systemd credential
+# "pgpass"), or a service file (service=). See docs/high-availability.md.
+[database]
+url = {url}
+
+# Days an audit record stays in the database; 'zfs-unlock-server audit-prune'
+# (a daily timer) exports older ones to a file, then deletes them. 0: keep all.
+audit_retention_days = 0
+"""
+
+
+def config_text(database_url: str = "") -> str:
+    """server.toml as init writes it; DATABASE_URL adds the [database] table."""
+    text = _CONFIG_TEMPLATE.replace("{deadman}", str(NEW_DEADMAN_TIMEOUT))
+    table = _DATABASE_TABLE.replace("{url}", _toml_string(database_url)) if database_url else ""
+    return text.replace("{database}", table)
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a TOML basic string
+
+
+DEFAULT_CONFIG_TEXT = config_text()

@@ -3,7 +3,7 @@ admin enables it again. Requests apply it to their own host, admin listings to a
 
 from __future__ import annotations
 
-from zfs_unlock_server.audit import AuditLog, AuditRecord
+from zfs_unlock_server.audit import AuditRecord, AuditSink
 from zfs_unlock_server.store import Host, Store
 
 # Writing last_seen on every request would cost a disk sync each; the dead-man
@@ -22,7 +22,7 @@ def deadman_expired(host: Host, default: int, now: int) -> bool:
 
 
 def disable_silent_host(
-    store: Store, audit: AuditLog, host: Host, default: int, request: AuditRecord | None = None
+    store: Store, audit: AuditSink, host: Host, default: int, request: AuditRecord | None = None
 ) -> None:
     """The dead-man switch fires: disable HOST until an admin enables it. Audited, with
     REQUEST's fields (certificate, address, request id) when a request fired it."""
@@ -40,7 +40,7 @@ def disable_silent_host(
     audit.write(record)
 
 
-def expire_silent_hosts(store: Store, audit: AuditLog, default: int, now: int) -> list[str]:
+def expire_silent_hosts(store: Store, audit: AuditSink, default: int, now: int) -> list[str]:
     """Apply the dead-man switch to every host at once (admin commands do, before listing)."""
     expired = [h for h in store.hosts() if deadman_expired(h, default, now)]
     for host in expired:

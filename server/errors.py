@@ -48,6 +48,19 @@ class Unavailable(ServerError):
     exit_code = EX_UNAVAILABLE
 
 
+class DatabaseUnavailable(ServerError):
+    """The database cannot be reached or cannot write now (down, read-only, failing over).
+    A request meets it as 503 with Retry-After and no key; the next request tries again."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class DatabaseRefused(ServerError):
+    """The database refused the server's credentials (a wrong password, an unknown role)."""
+
+    exit_code = EX_NOPERM
+
+
 class CannotCreate(ServerError):
     exit_code = EX_CANTCREAT
 

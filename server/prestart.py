@@ -4,15 +4,12 @@ directory fails once, with a clear message and exit code, and not in every worke
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from zfs_unlock_server import audit, tlsctx
-from zfs_unlock_server import config as server_config
+from zfs_unlock_server import audit, database, tlsctx
 from zfs_unlock_server.admin import actor
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.masterkey import check_master_key
 from zfs_unlock_server.sealing import load_master_key
-from zfs_unlock_server.store import SqliteStore
 
 log = logging.getLogger("zfs_unlock_server")
 
@@ -23,16 +20,18 @@ def check_data_dir(layout: Layout, config: ServerConfig) -> None:
     start in the audit log, if it can."""
     sealer = load_master_key(layout.master_key)
     tlsctx.server_context(layout)
-    store = SqliteStore(layout.database)
+    # A database that cannot be reached at start is an error (exit 69), not a node that
+    # would answer 503 to everyone: its configuration is more likely wrong than the
+    # database down. Once serving, a database that goes away only pauses it.
+    store = database.open_store(layout, config)
     try:
         check_master_key(sealer, store, layout)
+        record_start(database.open_audit(layout, config, store))
     finally:
         store.close()
-    record_start(server_config.audit_path(layout, config))
 
 
-def record_start(path: Path) -> None:
-    audit_log = audit.AuditLog(path)
+def record_start(audit_log: audit.AuditSink) -> None:
     try:
         audit_log.write(
             {"event": "server_start", "decision": "allow", "actor": actor()}, durable=False

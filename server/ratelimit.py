@@ -1,10 +1,11 @@
-"""Token buckets shared by every worker process, kept in a small SQLite file.
+"""Token buckets shared by every worker process: in a small SQLite file of the server's
+own, or in the database that several nodes share.
 
 Each client certificate has a bucket; so has each source address, charged only
 for requests that do not come from an enrolled host, so a flood from a shared
 address cannot starve a well-behaved host behind it. The bucket arithmetic is a
-pure function of an injected monotonic clock; durability is not needed (a
-lost bucket is merely a full one), so the file runs with synchronous=OFF.
+pure function of an injected clock; durability is not needed (a lost bucket is
+merely a full one), so the file runs with synchronous=OFF and the table is UNLOGGED.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 PRUNE_EVERY = 1024  # charges between sweeps of idle buckets
 
@@ -49,18 +51,20 @@ def retry_after_header(wait: float) -> str:
     return str(max(1, math.ceil(wait))) if math.isfinite(wait) else "3600"
 
 
-class RateLimiter:
-    def __init__(
+class Buckets(Protocol):
+    """Where buckets live: a file of each server's own (SqliteBuckets), or the shared
+    database (pgstore.PgStore), so that every node charges the same bucket."""
+
+    def update_bucket(
         self,
-        path: Path,
-        policies: dict[str, BucketPolicy],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._policies = policies
-        self._clock = clock
-        self._charges = 0
-        # A bucket untouched this long is full again, so its row can go.
-        self._idle_after = max(p.burst / p.rate for p in policies.values())
+        name: str,
+        update: Callable[[tuple[float, float] | None], tuple[float, float]],
+        prune_before: float | None,
+    ) -> None: ...
+
+
+class SqliteBuckets:
+    def __init__(self, path: Path) -> None:
         # Created private (it lists client fingerprints and addresses); -wal/-shm inherit the mode.
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, timeout=5)
@@ -71,34 +75,66 @@ class RateLimiter:
             " (name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL)"
         )
 
-    def charge(self, kind: str, name: str) -> float:
-        """Spend a token from bucket KIND:NAME; return 0, or the wait before retrying."""
-        policy = self._policies[kind]
-        key = f"{kind}:{name}"
-        now = self._clock()
+    def update_bucket(
+        self,
+        name: str,
+        update: Callable[[tuple[float, float] | None], tuple[float, float]],
+        prune_before: float | None,
+    ) -> None:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             row = self._db.execute(
-                "SELECT tokens, stamp FROM buckets WHERE name = ?", (key,)
+                "SELECT tokens, stamp FROM buckets WHERE name = ?", (name,)
             ).fetchone()
-            bucket = None if row is None else Bucket(row[0], row[1])
-            # A restarted machine resets the monotonic clock; start the bucket afresh.
-            if bucket is not None and bucket.stamp > now:
-                bucket = None
-            new, wait = take(bucket, policy, now)
+            tokens, stamp = update(None if row is None else (row[0], row[1]))
             self._db.execute(
                 "INSERT INTO buckets (name, tokens, stamp) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, stamp = excluded.stamp",
-                (key, new.tokens, new.stamp),
+                (name, tokens, stamp),
             )
-            self._charges += 1
-            if self._charges % PRUNE_EVERY == 0:
-                self._db.execute("DELETE FROM buckets WHERE stamp < ?", (now - self._idle_after,))
+            if prune_before is not None:
+                self._db.execute("DELETE FROM buckets WHERE stamp < ?", (prune_before,))
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        return wait
 
     def close(self) -> None:
         self._db.close()
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        buckets: Buckets,
+        policies: dict[str, BucketPolicy],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """CLOCK must mean the same to everyone sharing BUCKETS: one machine's monotonic
+        clock for its own file, the wall clock for buckets in a shared database."""
+        self._buckets = buckets
+        self._policies = policies
+        self._clock = clock
+        self._charges = 0
+        # A bucket untouched this long is full again, so its row can go.
+        self._idle_after = max(p.burst / p.rate for p in policies.values())
+
+    def charge(self, kind: str, name: str) -> float:
+        """Spend a token from bucket KIND:NAME; return 0, or the wait before retrying."""
+        policy = self._policies[kind]
+        now = self._clock()
+        waits: list[float] = []
+
+        def spend(current: tuple[float, float] | None) -> tuple[float, float]:
+            bucket = None if current is None else Bucket(*current)
+            # A restarted machine resets the monotonic clock; start the bucket afresh.
+            if bucket is not None and bucket.stamp > now:
+                bucket = None
+            new, wait = take(bucket, policy, now)
+            waits.append(wait)
+            return new.tokens, new.stamp
+
+        self._charges += 1
+        prune = now - self._idle_after if self._charges % PRUNE_EVERY == 0 else None
+        self._buckets.update_bucket(f"{kind}:{name}", spend, prune)
+        return waits[-1]

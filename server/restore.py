@@ -23,7 +23,7 @@ from zfs_unlock_server.backupformat import Archive
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.errors import CannotCreate
 from zfs_unlock_server.sealing import Sealer
-from zfs_unlock_server.store import SqliteStore
+from zfs_unlock_server.sqlitestore import SqliteStore
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def restore(
             written.append(layout.master_key)
             secretfile.write_new(layout.master_key, master.material, 0o400)
         written += [layout.database.with_name(layout.database.name + s) for s in ("-wal", "-shm")]
-        SqliteStore(layout.database).close()  # WAL mode, and the schema serve expects
+        # WAL mode, and the schema serve expects (a backup may be of an older server)
+        SqliteStore(layout.database, migrate=True).close()
         config = server_config.load(layout)
         audit = AuditLog(server_config.audit_path(layout, config))
         try:

@@ -14,9 +14,12 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import socket
 import ssl
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gunicorn import glogging
@@ -27,7 +30,8 @@ from gunicorn.workers.sync import SyncWorker
 from zfs_unlock_server import http1
 from zfs_unlock_server.app import PEER_CERTIFICATE, KeyServerApp
 from zfs_unlock_server.audit import AuditError
-from zfs_unlock_server.errors import ConfigError, Unavailable
+from zfs_unlock_server.config import ServerConfig
+from zfs_unlock_server.errors import ConfigError, DatabaseUnavailable, Unavailable
 from zfs_unlock_server.tlsctx import server_context
 
 log = logging.getLogger("zfs_unlock_server")
@@ -109,7 +113,7 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
                 },
                 durable=False,
             )
-        except AuditError:
+        except (AuditError, DatabaseUnavailable):
             log.warning("could not audit a failed TLS handshake from %s", peer)
 
 
@@ -199,6 +203,25 @@ def default_workers() -> int:
     return 2 * (os.cpu_count() or 1)
 
 
+def prepare_metrics_directory(config: ServerConfig) -> Path | None:
+    """With [metrics] listen, an empty directory for the workers' samples, named in
+    PROMETHEUS_MULTIPROC_DIR: set before prometheus_client is first imported, which picks
+    its storage then. $RUNTIME_DIRECTORY/metrics under systemd (RuntimeDirectory=), else a
+    new temporary directory. What an earlier run left would be added to this one's."""
+    if not config.metrics.listen:
+        return None
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        path = Path(runtime.split(":")[0]) / "metrics"
+        path.mkdir(mode=0o700, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+    else:
+        path = Path(tempfile.mkdtemp(prefix="zfs-unlock-server-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
 def gunicorn_options(app: KeyServerApp, listen: list[str], workers: int) -> dict[str, Any]:
     config = app.config
     return {
@@ -228,6 +251,29 @@ def gunicorn_options(app: KeyServerApp, listen: list[str], workers: int) -> dict
     }
 
 
-def run(app: KeyServerApp, listen: list[str], workers: int) -> None:
-    """Serve until SIGTERM (graceful) or SIGINT. gunicorn sends READY=1 to systemd once bound."""
-    KeyServerApplication(app, gunicorn_options(app, listen, workers)).run()
+def run(
+    app: KeyServerApp, listen: list[str], workers: int, metrics_directory: Path | None = None
+) -> None:
+    """Serve until SIGTERM (graceful) or SIGINT. gunicorn sends READY=1 to systemd once
+    bound. With METRICS_DIRECTORY (prepare_metrics_directory), the metrics listener runs in
+    this process, the master, from when gunicorn is ready."""
+    options = gunicorn_options(app, listen, workers)
+    if metrics_directory is None:
+        KeyServerApplication(app, options).run()
+        return
+    from zfs_unlock_server.metricsserver import MetricsListener  # noqa: PLC0415
+
+    listener = MetricsListener(app.config.metrics.listen, metrics_directory, app.layout, app.config)
+
+    def when_ready(arbiter: Any) -> None:
+        announce(arbiter)
+        listener.start()
+
+    options["when_ready"] = when_ready
+    options["child_exit"] = lambda _arbiter, worker: listener.worker_exited(worker.pid)
+    try:
+        KeyServerApplication(app, options).run()
+    finally:
+        listener.close()
+        if not os.environ.get("RUNTIME_DIRECTORY"):
+            shutil.rmtree(metrics_directory, ignore_errors=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server.audit import AuditError, AuditLog, AuditRecord
+from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.deadman import (
     TOUCH_INTERVAL,
     deadman_expired,
@@ -115,7 +115,7 @@ class KeyService:
         self,
         store: Store,
         sealer: Sealer,
-        audit: AuditLog,
+        audit: AuditSink,
         default_deadman_timeout: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -249,15 +249,18 @@ class KeyService:
             released: list[Released] = []
             denied: list[DatasetRef] = []
             records: list[AuditRecord] = []
-            for ref in refs:
-                result, audit_record = self._releasable(caller, host, ref)
-                records.append(audit_record)
-                if result is None:
-                    denied.append(ref)
-                else:
-                    released.append(result)
-            # One durable write for the whole batch; if it fails nothing is released.
-            self.audit.write(*records)
+            # The key reads and their records commit together (in a shared database), and
+            # before anything is returned: one durable write for the whole batch; if it
+            # fails nothing is released.
+            with self.store.transaction():
+                for ref in refs:
+                    result, audit_record = self._releasable(caller, host, ref)
+                    records.append(audit_record)
+                    if result is None:
+                        denied.append(ref)
+                    else:
+                        released.append(result)
+                self.audit.write(*records)
         return BatchResult(released, denied)
 
     def release_legacy(
@@ -266,17 +269,18 @@ class KeyService:
         """The SimpleZFSKeySystem route: imported keys by (machine, pool, name)."""
         with self.serving(caller, machine_id, "release") as host:
             base = self._record(caller, "release", host=host.name, pool=pool_guid, legacy_name=name)
-            if not pool_allowed(host, pool_guid):
-                result: Released | None = None
-                audit_record: AuditRecord = {
-                    **base,
-                    "decision": "deny",
-                    "reason": "pool_not_allowed",
-                }
-            else:
-                record = self.store.key_for_legacy_name(host.id, pool_guid, name)
-                result, audit_record = self._open_for_release(record, base)
-            self.audit.write(audit_record)
+            with self.store.transaction():  # as release()
+                if not pool_allowed(host, pool_guid):
+                    result: Released | None = None
+                    audit_record: AuditRecord = {
+                        **base,
+                        "decision": "deny",
+                        "reason": "pool_not_allowed",
+                    }
+                else:
+                    record = self.store.key_for_legacy_name(host.id, pool_guid, name)
+                    result, audit_record = self._open_for_release(record, base)
+                self.audit.write(audit_record)
             if result is None:
                 raise Denied(str(audit_record["reason"]))
         return result

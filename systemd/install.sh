@@ -1,8 +1,9 @@
 #!/bin/sh
 # Install and enable the systemd units of one role from this checkout:
 #   agent   zfs-unlock-agent.service and .target, and the zfs-load-key@.service drop-ins
-#   server  zfs-unlock-server.service, its sysusers.d entry, and the daily backup
+#   server  zfs-unlock-server.service, its sysusers.d entry, the daily backup
 #           (zfs-unlock-server-backup.timer and .service, into /var/backups/zfs-unlock-server)
+#           and the daily audit retention (zfs-unlock-server-audit-prune.timer and .service)
 # into ROOT (default /; an image or a chroot works the same, offline: enabling is
 # the [Install] section's symlinks, made here rather than by systemctl).
 set -eu
@@ -102,6 +103,8 @@ server)
     install_unit "$here/zfs-unlock-server.service"
     install_unit "$here/zfs-unlock-server-backup.service"
     install_unit "$here/zfs-unlock-server-backup.timer"
+    install_unit "$here/zfs-unlock-server-audit-prune.service"
+    install_unit "$here/zfs-unlock-server-audit-prune.timer"
     # The backups' directory: the server user's (the backup service runs as it), once
     # systemd-sysusers has made that user.
     install -d -m 0700 "$root/var/backups/zfs-unlock-server"

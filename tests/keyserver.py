@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import requests
 
 # One definition of each, shared with the benchmarks.
@@ -22,7 +24,8 @@ from bench.common import free_port, machine_id_for
 from tests.pinned_requests import pinned_session
 from zfs_unlock_common import pinning
 from zfs_unlock_common.csr import new_key_and_csr
-from zfs_unlock_server import admin, cli
+from zfs_unlock_server import admin, cli, database
+from zfs_unlock_server import config as server_config
 from zfs_unlock_server.config import Layout
 
 SERVER_BIN = Path(sys.executable).with_name("zfs-unlock-server")
@@ -50,16 +53,21 @@ def toml_value(value: Any) -> str:
 
 class KeyServer:
     def __init__(
-        self, root: Path, server_names: Sequence[str] = ("localhost", "127.0.0.1")
+        self,
+        root: Path,
+        server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+        database_url: str = "",
     ) -> None:
         """A new data directory under ROOT; SERVER_NAMES go into the server certificate's
         subject alternative names (a client that checks them, such as libcurl, needs the
-        address it connects to among them)."""
+        address it connects to among them). DATABASE_URL: PostgreSQL instead of SQLite."""
         self.root = root
         self.data_dir = root / "data"
         self.hosts_dir = root / "hosts"
         self.hosts_dir.mkdir(parents=True)
-        self.pin = admin.init_data_dir(self.data_dir, list(server_names))
+        self.database_url = database_url
+        self.settings: dict[str, Any] = {}  # what configure() was last given
+        self.pin = admin.init_data_dir(self.data_dir, list(server_names), database_url=database_url)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = root / "server.log"
@@ -72,6 +80,8 @@ class KeyServer:
         server.hosts_dir = root / "hosts"
         server.hosts_dir.mkdir(parents=True, exist_ok=True)
         server.pin = admin.server_pin(Layout(data_dir))
+        server.database_url = server_config.load(Layout(data_dir)).database.url
+        server.settings = {}
         server.port = 0
         server.process = None
         server.log_path = root / "server.log"
@@ -97,7 +107,11 @@ class KeyServer:
         return out
 
     def configure(self, **settings: Any) -> None:
-        """Rewrite server.toml with these settings (dicts become tables)."""
+        """Rewrite server.toml with these settings (dicts become tables); the database
+        stays the one it was made with unless SETTINGS name one."""
+        self.settings = settings
+        if self.database_url:
+            settings = {"database": {"url": self.database_url}, **settings}
         lines = [f"{k} = {toml_value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
         for table, values in settings.items():
             if isinstance(values, dict):
@@ -202,10 +216,46 @@ class KeyServer:
             (source_address, 0) if source_address else None,
         )
 
-    def audit_records(self) -> list[dict[str, Any]]:
-        from zfs_unlock_server import audit
+    @property
+    def shared_database(self) -> bool:
+        return bool(self.database_url)
 
-        return list(audit.read(self.data_dir / "audit.log"))
+    def sql(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run STATEMENT (qmark placeholders) on the server's database behind its back, as
+        an intruder or a broken disk would; return its rows."""
+        if not self.database_url:
+            with contextlib.closing(sqlite3.connect(self.data_dir / "keys.db")) as db, db:
+                return db.execute(statement, params).fetchall()
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            cursor = conn.execute(statement.replace("?", "%s").encode(), params)
+            return cursor.fetchall() if cursor.description else []
+
+    def break_audit(self) -> None:
+        """Make every audit write fail as on a full disk: the log is /dev/full (ENOSPC), or
+        the audit table's inserts fail with PostgreSQL's disk_full."""
+        if not self.database_url:
+            self.configure(**{**self.settings, "audit_log": "/dev/full"})
+            return
+        self.sql(
+            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'no room' USING ERRCODE = 'disk_full'; END $$"
+        )
+        self.sql(
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+        )
+
+    def mend_audit(self) -> None:
+        """Undo break_audit()."""
+        if not self.database_url:
+            self.configure(**{k: v for k, v in self.settings.items() if k != "audit_log"})
+            return
+        self.sql("DROP TRIGGER refuse_audit ON audit")
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The audit trail, wherever the server keeps it (audit.log, or its database)."""
+        layout = Layout(self.data_dir)
+        return list(database.read_audit(layout, server_config.load(layout)))
 
 
 @contextlib.contextmanager
@@ -272,3 +322,33 @@ def run_admin_line(server: KeyServer, line: str, cwd: Path) -> subprocess.Comple
     return subprocess.run(
         ["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def run_serve(server: KeyServer, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run the real console script's `serve`; return (exit code, stderr, seconds taken)."""
+    environment = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    process = subprocess.Popen(
+        [
+            str(SERVER_BIN),
+            "--data-dir",
+            str(server.data_dir),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--workers",
+            "1",
+            *ROOT_ONLY,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**environment, **(env or {})},
+        start_new_session=True,
+    )
+    started = time.monotonic()
+    try:
+        _, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError("serve did not exit: it is serving") from None
+    return process.returncode, err.decode(errors="replace"), time.monotonic() - started

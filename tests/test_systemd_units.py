@@ -29,6 +29,8 @@ UNITS = ROOT / "systemd"
 SERVER_UNIT = UNITS / "zfs-unlock-server.service"
 BACKUP_UNIT = UNITS / "zfs-unlock-server-backup.service"
 BACKUP_TIMER = UNITS / "zfs-unlock-server-backup.timer"
+PRUNE_UNIT = UNITS / "zfs-unlock-server-audit-prune.service"
+PRUNE_TIMER = UNITS / "zfs-unlock-server-audit-prune.timer"
 SYSUSERS = UNITS / "sysusers.d" / "zfs-unlock-server.conf"
 INSTALL = UNITS / "install.sh"
 HOST_UNITS = Path("/usr/lib/systemd/system")
@@ -190,9 +192,10 @@ def test_server_unit_exposure_is_low() -> None:
 
 
 @needs_analyze
-def test_backup_unit_exposure_is_low() -> None:
-    score = exposure(BACKUP_UNIT)
-    print(f"systemd-analyze security: {BACKUP_UNIT.name} exposure {score}")
+@pytest.mark.parametrize("unit", [BACKUP_UNIT, PRUNE_UNIT], ids=lambda u: u.name)
+def test_timer_services_exposure_is_low(unit: Path) -> None:
+    score = exposure(unit)
+    print(f"systemd-analyze security: {unit.name} exposure {score}")
     assert score <= MAX_EXPOSURE
 
 
@@ -310,20 +313,47 @@ def test_backup_unit_runs_backup_as_the_servers_user_hardened_without_the_master
     assert backup("SystemCallFilter") == service("SystemCallFilter")
 
 
-def test_backup_timer_is_daily_persistent_randomized_and_enabled() -> None:
-    assert values(BACKUP_TIMER, "Timer", "OnCalendar") == ["daily"]
-    assert values(BACKUP_TIMER, "Timer", "Persistent") == ["true"]
-    assert values(BACKUP_TIMER, "Timer", "RandomizedDelaySec") == ["1h"]
-    assert values(BACKUP_TIMER, "Install", "WantedBy") == ["timers.target"]
-    assert not values(BACKUP_TIMER, "Timer", "Unit")  # the service of its own name
+@pytest.mark.parametrize("timer", [BACKUP_TIMER, PRUNE_TIMER], ids=lambda u: u.name)
+def test_timers_are_daily_persistent_randomized_and_enabled(timer: Path) -> None:
+    assert values(timer, "Timer", "OnCalendar") == ["daily"]
+    assert values(timer, "Timer", "Persistent") == ["true"]
+    assert values(timer, "Timer", "RandomizedDelaySec") == ["1h"]
+    assert values(timer, "Install", "WantedBy") == ["timers.target"]
+    assert not values(timer, "Timer", "Unit")  # the service of its own name
 
 
-def test_the_debian_package_installs_the_timer_and_never_starts_a_backup_itself() -> None:
+def test_audit_prune_unit_runs_as_the_servers_user_hardened_with_the_network() -> None:
+    def prune(key: str) -> list[str]:
+        return values(PRUNE_UNIT, "Service", key)
+
+    assert prune("Type") == ["oneshot"]
+    assert prune("User") == service("User") and prune("Group") == service("Group")
+    (command,) = prune("ExecStart")
+    assert command.split()[1:] == [
+        "--data-dir",
+        f"/var/lib/{service('StateDirectory')[0]}",
+        "audit-prune",
+        "--export-dir",
+        f"/var/log/{service('LogsDirectory')[0]}",
+    ]
+    assert prune("LogsDirectory") == service("LogsDirectory")
+    assert not prune("LoadCredential")  # it opens no key
+    assert not values(PRUNE_UNIT, "Install", "WantedBy")  # the timer starts it
+    assert values(PRUNE_UNIT, "Unit", "ConditionPathExists") == [
+        "/var/lib/zfs-unlock-server/server.toml"
+    ]
+    for key, expected in HARDENING.items():
+        if key != "MemorySwapMax":
+            assert prune(key) == [expected], key
+    assert prune("SystemCallFilter") == service("SystemCallFilter")
+
+
+def test_the_debian_package_installs_the_timers_and_never_starts_their_services() -> None:
     install = (ROOT / "debian/zfs-unlock-server.install").read_text().splitlines()
-    for unit in (SERVER_UNIT, BACKUP_UNIT, BACKUP_TIMER):
+    for unit in (SERVER_UNIT, BACKUP_UNIT, BACKUP_TIMER, PRUNE_UNIT, PRUNE_TIMER):
         assert f"systemd/{unit.name} lib/systemd/system" in install
     rules = (ROOT / "debian/rules").read_text()
-    assert f"dh_installsystemd -X{BACKUP_UNIT.name}\n" in rules
+    assert f"dh_installsystemd -X{BACKUP_UNIT.name} -X{PRUNE_UNIT.name}\n" in rules
     postinst = (ROOT / "debian/zfs-unlock-server.postinst").read_text()
     assert "-m 0700 -o zfs-unlock -g zfs-unlock /var/backups/zfs-unlock-server" in postinst
 
@@ -451,6 +481,7 @@ def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
     unit = "etc/systemd/system/zfs-unlock-server.service"
     backup_unit = "etc/systemd/system/zfs-unlock-server-backup.service"
     timer = "etc/systemd/system/zfs-unlock-server-backup.timer"
+    prune_timer = "etc/systemd/system/zfs-unlock-server-audit-prune.timer"
     assert tree(fresh_root) == {
         unit: "0o644",
         "etc/systemd/system/multi-user.target.wants/zfs-unlock-server.service": (
@@ -460,6 +491,11 @@ def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
         timer: "0o644",
         "etc/systemd/system/timers.target.wants/zfs-unlock-server-backup.timer": (
             "-> /etc/systemd/system/zfs-unlock-server-backup.timer"
+        ),
+        "etc/systemd/system/zfs-unlock-server-audit-prune.service": "0o644",
+        prune_timer: "0o644",
+        "etc/systemd/system/timers.target.wants/zfs-unlock-server-audit-prune.timer": (
+            f"-> /{prune_timer}"
         ),
         "etc/sysusers.d/zfs-unlock-server.conf": "0o644",
     }
@@ -473,7 +509,8 @@ def test_install_server_installs_the_unit_and_sysusers_and_enables_it(
         (other / "etc/systemd/system").mkdir(parents=True)
         links = {k: v for k, v in tree(fresh_root).items() if v.startswith("->")}
         enabled_by_systemctl(other, SERVER_UNIT)
-        assert enabled_by_systemctl(other, BACKUP_TIMER) == links  # both, as systemctl does
+        enabled_by_systemctl(other, BACKUP_TIMER)
+        assert enabled_by_systemctl(other, PRUNE_TIMER) == links  # all, as systemctl does
     again = install(f"--root={fresh_root}", "server")  # idempotent
     assert again.returncode == 0, again.stderr
 

@@ -55,6 +55,8 @@ class DaemonSettings(NamedTuple):
     retry_max: float = 300.0  # the longest pause between tries of a failed root
     rescan_interval: float = 60.0  # re-read the pools even without a udev event
     checkin_interval: float = 900.0  # tell the server we are alive (dead-man switch); 0 = off
+    # node_exporter's textfile collector: the daemon's state, rewritten after each pass
+    textfile: Path | None = None
 
 
 class Config(NamedTuple):
@@ -219,14 +221,18 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
 
     d = _Reader(top.take("daemon", dict, {}), "daemon", file)
     defaults = DaemonSettings._field_defaults
+    textfile = d.take("textfile", str, "")  # "": off
     daemon = DaemonSettings(
         boot_deadline=d.number("boot_deadline", defaults["boot_deadline"]),
         retry_initial=d.number("retry_initial", defaults["retry_initial"]),
         retry_max=d.number("retry_max", defaults["retry_max"]),
         rescan_interval=d.number("rescan_interval", defaults["rescan_interval"]),
         checkin_interval=d.interval("checkin_interval", defaults["checkin_interval"]),
+        textfile=_relative(Path(textfile), file) if textfile else None,
     )
     d.done()
+    if daemon.textfile is not None and daemon.textfile.suffix != ".prom":
+        raise d.fail("textfile", "must end in .prom (node_exporter reads only those)")
     if daemon.retry_max < daemon.retry_initial:
         raise d.fail("retry_max", "must not be less than retry_initial")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from zfs_unlock_agent import config
+from zfs_unlock_agent import config, textfile
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
@@ -104,6 +104,7 @@ class Daemon:
         watch: PoolDiskWatch,
         clock: Callable[[], float] = time.monotonic,
         mount_pending: Callable[[], bool] = zfs_mount_pending,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = cfg
         self.machine_id = read_machine_id(cfg.machine_id_file)
@@ -119,6 +120,9 @@ class Daemon:
         self.watch_until = 0.0
         self.next_checkin = 0.0
         self.reload_requested = False
+        self.wall_clock = wall_clock
+        self.last_success: float | None = None  # for the textfile (wall clock)
+        self.last_error: tuple[float, str] | None = None
 
     # Waiting
 
@@ -184,6 +188,8 @@ class Daemon:
             roots = select_roots(inventory, self.config, [], True, on_missing=self._note_missing)
         except AgentError as exc:
             log.error("cannot list pools and datasets: %s", exc)
+            self._failed(f"cannot list pools and datasets: {exc}")
+            self.write_textfile()
             return
         now = self.clock()
         guids = {root.guid for root in roots}
@@ -197,15 +203,19 @@ class Daemon:
             and (root.guid not in self.retries or self.retries[root.guid].due <= now)
         ]
         if not due:
+            self.write_textfile()
             return
         results = unlocker.unlock(inventory, due, mount=not self.mount_pending())
         for root, result in zip(due, results, strict=True):
             self._record(root.guid, result)
+        self.write_textfile()
 
     def _record(self, guid: str, result: RootResult) -> None:
         if result.ok:
             self.retries.pop(guid, None)
+            self._succeeded()
             return
+        self._failed(f"{result.root}: {result.message or result.outcome}")
         settings = self.config.daemon
         previous = self.retries.get(guid)
         pause = settings.retry_initial if previous is None else previous.pause * 2
@@ -219,10 +229,38 @@ class Daemon:
             with self._unlocker(self.config.network.deadline).client() as client:
                 client.checkin(self.machine_id)
             self.next_checkin = self.clock() + interval
+            self._succeeded()
         except AgentError as exc:
             retry = min(interval, self.config.daemon.retry_max)
             log.warning("check-in failed (trying again in %g s): %s", retry, exc)
             self.next_checkin = self.clock() + retry
+            self._failed(f"check-in: {exc}")
+        self.write_textfile()
+
+    def _succeeded(self) -> None:
+        self.last_success = self.wall_clock()
+
+    def _failed(self, message: str) -> None:
+        self.last_error = (self.wall_clock(), message)
+
+    def write_textfile(self) -> None:
+        """The state for node_exporter, when [daemon] textfile names a file; a failure to
+        write it is logged, never fatal."""
+        path = self.config.daemon.textfile
+        if path is None:
+            return
+        locked = len(self.retries)
+        state = textfile.AgentState(
+            unlocked=self.managed - locked,
+            locked=locked,
+            last_success=self.last_success,
+            last_error=None if self.last_error is None else self.last_error[0],
+            last_error_message="" if self.last_error is None else self.last_error[1],
+        )
+        try:
+            textfile.write(path, state)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc.strerror or exc)
 
     def reload(self) -> None:
         self.reload_requested = False

@@ -14,8 +14,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +178,45 @@ def test_ready_after_the_boot_pass_then_idle_pings_and_a_clean_stop(
     assert "stopping" in daemon.log()
     assert "Traceback" not in daemon.log()
     assert_key_not_in(daemon, [key])
+
+
+def test_the_textfile_tells_node_exporter_the_roots_and_the_last_failure(
+    shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
+) -> None:
+    textfile = tmp_path / "node-exporter" / "zfs_unlock_agent.prom"
+    textfile.parent.mkdir()
+    host, pool = new_host(shared_keyserver, tmp_path, "d-textfile", {"textfile": str(textfile)})
+    key = host.encrypted_dataset("tank/secret", pool)
+    daemon = daemons.start(host)
+    daemon.expect_ready()
+    text = textfile.read_text()
+    assert 'zfs_unlock_agent_roots{state="unlocked"} 1\n' in text
+    assert 'zfs_unlock_agent_roots{state="locked"} 0\n' in text
+    assert "zfs_unlock_agent_last_success_timestamp_seconds 1" in text
+    assert "last_error" not in text
+    assert textfile.stat().st_mode & 0o777 == 0o644  # node_exporter is another user
+
+    # A root whose key the server does not hold: refused at the next rescan.
+    host.zfs.add_pool("other")
+    unknown = os.urandom(32)
+    host.zfs.add_encrypted("other/locked", unknown)
+    deadline = time.monotonic() + WAIT
+    while 'state="locked"} 1' not in textfile.read_text():
+        assert time.monotonic() < deadline, textfile.read_text()
+        time.sleep(0.1)
+    text = textfile.read_text()
+    assert 'zfs_unlock_agent_roots{state="unlocked"} 1\n' in text
+    assert re.search(r'zfs_unlock_agent_last_error_info\{message="other/locked: [^"]+"\} 1', text)
+    assert_absent(text.encode(), [key, unknown], "the textfile")
+    assert [p.name for p in textfile.parent.iterdir()] == [textfile.name]  # no leftovers
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian's prometheus) is missing: scripts/test.sh installs it"
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert daemon.terminate() == 0
 
 
 # The server is down at boot, or answers "no"

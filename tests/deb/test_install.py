@@ -64,6 +64,7 @@ CONFFILE = "/etc/zfs/initramfs-tools-load-key.d/zfs-unlock-agent"
 UNIT_DIR = "/lib/systemd/system"
 AGENT_UNIT, SERVER_UNIT = f"{AGENT}.service", f"{SERVER}.service"
 BACKUP_UNIT, BACKUP_TIMER = f"{SERVER}-backup.service", f"{SERVER}-backup.timer"
+PRUNE_UNIT, PRUNE_TIMER = f"{SERVER}-audit-prune.service", f"{SERVER}-audit-prune.timer"
 # What systemd's LoadCredential= makes for the server's unit.
 CREDENTIALS = f"/run/credentials/{SERVER_UNIT}"
 HOST_NAME = "zua-deb-host"
@@ -232,6 +233,7 @@ def test_units_are_enabled_and_wait_for_their_configuration(installed: System) -
         (agent_target, "multi-user.target"),
         (SERVER_UNIT, "multi-user.target"),
         (BACKUP_TIMER, "timers.target"),  # enabled: a key server without backups loses keys
+        (PRUNE_TIMER, "timers.target"),  # enabled: it does nothing until asked to
     ):
         link = chroot.path(f"/etc/systemd/system/{target}.wants/{unit}")
         assert link.is_symlink() and os.readlink(link) == f"{UNIT_DIR}/{unit}", link
@@ -242,19 +244,19 @@ def test_units_are_enabled_and_wait_for_their_configuration(installed: System) -
             chroot.path(f"{UNIT_DIR}/{unit}").read_text(),
             re.MULTILINE,
         )
-        for unit in (AGENT_UNIT, SERVER_UNIT, BACKUP_UNIT)
+        for unit in (AGENT_UNIT, SERVER_UNIT, BACKUP_UNIT, PRUNE_UNIT)
     }
     assert f"{AGENT_ETC}/agent.toml" in conditions[AGENT_UNIT]
-    assert sorted(conditions[SERVER_UNIT]) == sorted([f"{DATA_DIR}/keys.db", MASTER_KEY])
+    assert sorted(conditions[SERVER_UNIT]) == sorted([f"{DATA_DIR}/server.toml", MASTER_KEY])
     assert conditions[BACKUP_UNIT] == [f"{DATA_DIR}/keys.db"]
-    # The timer's service, never enabled or started by the package itself.
-    assert (
-        chroot.run("systemctl", "is-enabled", BACKUP_UNIT, check=False).stdout.strip() == "static"
-    )
+    assert conditions[PRUNE_UNIT] == [f"{DATA_DIR}/server.toml"]
+    # The timers' services, never enabled or started by the package itself.
+    for unit in (BACKUP_UNIT, PRUNE_UNIT):
+        assert chroot.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "static"
     backups = chroot.path("/var/backups/zfs-unlock-server")
     assert backups.is_dir() and backups.stat().st_mode & 0o777 == 0o700
     # Not set up yet: a start would be skipped (the conditions fail), not failed.
-    for unit in (AGENT_UNIT, SERVER_UNIT, BACKUP_UNIT):
+    for unit in (AGENT_UNIT, SERVER_UNIT, BACKUP_UNIT, PRUNE_UNIT):
         check = chroot.run("systemd-analyze", "condition", f"--unit={unit}", check=False)
         assert check.returncode != 0 and "Conditions failed" in check.stderr, check
 
@@ -315,6 +317,16 @@ def test_the_package_made_the_server_user_and_directories(installed: System) -> 
         f"{DATA_DIR} 700 {SERVER_USER} {SERVER_USER}",
         f"{SERVER_ETC} 700 root root",
     ]
+
+
+def test_the_audit_log_rotation_is_a_conffile_naming_the_server_user(installed: System) -> None:
+    """Its run against a live audit log is tests/server/test_logrotate.py's."""
+    chroot = installed.chroot
+    config = chroot.path(f"/etc/logrotate.d/{SERVER}").read_text()
+    assert f"su {SERVER_USER} {SERVER_USER}" in config
+    assert f"{DATA_DIR}/audit.log" in config
+    conffiles = chroot.run("dpkg-query", "--showformat=${Conffiles}", "--show", SERVER).stdout
+    assert f"/etc/logrotate.d/{SERVER}" in conffiles
 
 
 @dataclass(frozen=True)

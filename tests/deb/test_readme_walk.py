@@ -90,7 +90,7 @@ from tests.deb.system import AGENT, COMMON, REPO, SERVER, Chroot
 from tests.fakes import FAKE
 from zfs_unlock_server.sealing import load_master_key
 from zfs_unlock_server.service import context_of
-from zfs_unlock_server.store import SqliteStore
+from zfs_unlock_server.sqlitestore import SqliteStore
 
 pytestmark = [pytest.mark.deb, pytest.mark.usefixtures("deb_tier")]
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
+
+import pytest
 
 from tests.keyserver import KeyServer, enroll, release
 from zfs_unlock_common.csr import new_key_and_csr
+
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py), but for those
+# marked sqlite_only.
+BOTH_STORES = True
 
 POOL = "4444444444444444444"
 EX_DATAERR, EX_IOERR = 65, 74
@@ -33,7 +38,7 @@ def test_unwritable_audit_log_stops_granting_changes_but_not_revoking(
         "tank/five",
     )
     key_id = keyserver.must("key", "list", "--json").split('"key_id": "')[1].split('"')[0]
-    keyserver.configure(audit_log="/dev/full")  # every write fails: ENOSPC
+    keyserver.break_audit()
 
     code, _, err = keyserver.admin(
         "host",
@@ -166,11 +171,8 @@ def test_a_tampered_pending_key_is_not_handed_out_again(keyserver: KeyServer) ->
     with keyserver.session(host) as session:
         assert enroll(session, keyserver, host, POOL, "1").status_code == 201
         assert enroll(session, keyserver, host, POOL, "2").status_code == 201
-        db = sqlite3.connect(keyserver.data_dir / "keys.db")
-        with db:
-            rows = dict(db.execute("SELECT dataset_guid, sealed FROM keys").fetchall())
-            db.execute("UPDATE keys SET sealed = ? WHERE dataset_guid = '1'", (rows["2"],))
-        db.close()
+        rows = dict(keyserver.sql("SELECT dataset_guid, sealed FROM keys"))
+        keyserver.sql("UPDATE keys SET sealed = ? WHERE dataset_guid = '1'", (rows["2"],))
         repeated = enroll(session, keyserver, host, POOL, "1")
     assert repeated.status_code == 403 and "key" not in repeated.json()
     assert keyserver.audit_records()[-1]["reason"] == "integrity_failure"
@@ -181,7 +183,7 @@ def test_enrolment_and_checkin_that_cannot_be_audited_change_nothing(
 ) -> None:
     host = keyserver.add_host("unrecorded", "--deadman-timeout", "3600")
     seen_before = keyserver.must("host", "show", "unrecorded", "--json")
-    keyserver.configure(audit_log="/dev/full")
+    keyserver.break_audit()
     time.sleep(1.1)  # so a touched last_seen would differ
     keyserver.start()
     with keyserver.session(host) as session:
@@ -195,6 +197,7 @@ def test_enrolment_and_checkin_that_cannot_be_audited_change_nothing(
     assert keyserver.must("host", "show", "unrecorded", "--json") == seen_before
 
 
+@pytest.mark.sqlite_only  # files of the data directory
 def test_rate_limit_state_is_private(keyserver: KeyServer) -> None:
     host = keyserver.add_host("private")
     keyserver.start()

@@ -25,8 +25,15 @@ import pytest
 import requests
 
 from tests.keyserver import HostCreds, KeyServer, enroll
-from zfs_unlock_server import sealing
-from zfs_unlock_server.sealing import KeyContext, Sealer
+from zfs_unlock_server import config as server_config
+from zfs_unlock_server import database, sealing
+from zfs_unlock_server.config import Layout
+from zfs_unlock_server.sealing import Sealer
+from zfs_unlock_server.service import context_of
+
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py), but for those
+# marked sqlite_only.
+BOTH_STORES = True
 
 POOL = "6666666666666666666"
 CRASH_LOOPS = int(os.environ.get("ZUA_CRASH_LOOPS", "20"))
@@ -138,25 +145,24 @@ def fetch_all(server: KeyServer, host: HostCreds, guids: list[str]) -> dict[str,
 
 
 def stored_keys(server: KeyServer) -> dict[str, bytes]:
-    """Check the database file itself; return dataset GUID -> key for every row."""
-    with contextlib.closing(sqlite3.connect(server.data_dir / "keys.db")) as db:
-        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-        incomplete = db.execute(
-            "SELECT count(*) FROM keys WHERE sealed IS NULL OR length(sealed) = 0"
-            " OR state IS NULL OR state NOT IN ('pending', 'active', 'revoked')"
-        ).fetchone()[0]
-        assert incomplete == 0
-        rows = db.execute(
-            "SELECT h.name, k.pool_guid, k.dataset_guid, k.legacy_name, k.key_id, k.keyformat,"
-            " k.sealed FROM keys k JOIN hosts h ON h.id = k.host_id"
-        ).fetchall()
+    """Check the database itself; return dataset GUID -> key for every row."""
+    if not server.shared_database:
+        with contextlib.closing(sqlite3.connect(server.data_dir / "keys.db")) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    layout = Layout(server.data_dir)
+    store = database.open_store(layout, server_config.load(layout))
+    try:
+        records = store.keys()
+    finally:
+        store.close()
     sealer = Sealer((server.data_dir / "master.key").read_bytes())
     stored = {}
-    for host, pool, dataset_guid, legacy_name, key_id, keyformat, sealed in rows:
-        context = KeyContext(host, pool, dataset_guid, legacy_name, key_id, keyformat)
-        stored[dataset_guid] = sealer.open(sealed, context)  # every row opens: none is torn
-        assert len(sealed) == 1 + sealing.NONCE_BYTES + 16 + len(stored[dataset_guid])
+    for record in records:
+        assert record.state in ("pending", "active", "revoked")
+        # Every row opens: none is torn.
+        stored[record.dataset_guid] = sealer.open(record.sealed, context_of(record))
+        assert len(record.sealed) == 1 + sealing.NONCE_BYTES + 16 + len(stored[record.dataset_guid])
     return stored
 
 

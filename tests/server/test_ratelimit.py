@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from tests.keyserver import HostCreds, KeyServer, enroll, release
+from zfs_unlock_server.pgstore import PgStore
 from zfs_unlock_server.ratelimit import (
     Bucket,
     BucketPolicy,
+    Buckets,
     RateLimiter,
+    SqliteBuckets,
     retry_after_header,
     take,
 )
@@ -116,20 +120,40 @@ def test_retry_after_rounds_up_to_whole_seconds_at_least_one(wait: float, header
     assert retry_after_header(wait) == header
 
 
-# RateLimiter: the same buckets, shared through SQLite
+# RateLimiter: the same buckets, shared through SQLite or through PostgreSQL
+
+# Run on SQLite's file and on PostgreSQL's table (tests/conftest.py).
+BOTH_STORES = True
+
+Opener = Callable[[], Buckets]
 
 
-def limiter(path: Path, clock: FakeClock) -> RateLimiter:
+@pytest.fixture
+def buckets(tmp_path: Path, store_url: str) -> Iterator[Opener]:
+    """Opens the same buckets anew for each caller, as each worker (or node) does."""
+    opened: list[SqliteBuckets | PgStore] = []
+
+    def open_buckets() -> Buckets:
+        place = PgStore(store_url, migrate=True) if store_url else SqliteBuckets(tmp_path / "r.db")
+        opened.append(place)
+        return place
+
+    yield open_buckets
+    for place in opened:
+        place.close()
+
+
+def limiter(open_buckets: Opener, clock: FakeClock) -> RateLimiter:
     return RateLimiter(
-        path / "ratelimit.db",
+        open_buckets(),
         {"cert": BucketPolicy(3.0, 1.0), "addr": BucketPolicy(2.0, 0.25)},
         clock=clock,
     )
 
 
-def test_limiter_allows_a_burst_then_gives_the_exact_wait(tmp_path: Path) -> None:
+def test_limiter_allows_a_burst_then_gives_the_exact_wait(buckets: Opener) -> None:
     clock = FakeClock()
-    limits = limiter(tmp_path, clock)
+    limits = limiter(buckets, clock)
     assert [limits.charge("cert", "a") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert limits.charge("cert", "a") == 1.0
     clock.now += 0.25
@@ -137,64 +161,57 @@ def test_limiter_allows_a_burst_then_gives_the_exact_wait(tmp_path: Path) -> Non
     clock.now += 0.75
     assert limits.charge("cert", "a") == 0.0
     assert limits.charge("cert", "a") == 1.0
-    limits.close()
 
 
-def test_limiter_caps_at_burst_after_a_long_quiet(tmp_path: Path) -> None:
+def test_limiter_caps_at_burst_after_a_long_quiet(buckets: Opener) -> None:
     clock = FakeClock()
-    limits = limiter(tmp_path, clock)
+    limits = limiter(buckets, clock)
     limits.charge("addr", "10.0.0.1")
     clock.now += 3600
     assert [limits.charge("addr", "10.0.0.1") for _ in range(3)] == [0.0, 0.0, 4.0]
-    limits.close()
 
 
-def test_limiter_buckets_are_per_kind_and_name(tmp_path: Path) -> None:
+def test_limiter_buckets_are_per_kind_and_name(buckets: Opener) -> None:
     clock = FakeClock()
-    limits = limiter(tmp_path, clock)
+    limits = limiter(buckets, clock)
     for _ in range(3):
         limits.charge("cert", "a")
     assert limits.charge("cert", "a") > 0
     assert limits.charge("cert", "b") == 0.0
     # The same name under another kind is another bucket, with its own policy.
     assert [limits.charge("addr", "a") for _ in range(3)] == [0.0, 0.0, 4.0]
-    limits.close()
 
 
-def test_limiter_is_shared_by_every_worker(tmp_path: Path) -> None:
-    """Two limiters on one file (two gunicorn workers) spend from the same buckets."""
+def test_limiter_is_shared_by_every_worker(buckets: Opener) -> None:
+    """Two limiters on one place (two gunicorn workers, or two nodes) spend from the same
+    buckets."""
     clock = FakeClock()
-    first, second = limiter(tmp_path, clock), limiter(tmp_path, clock)
+    first, second = limiter(buckets, clock), limiter(buckets, clock)
     assert first.charge("cert", "a") == 0.0
     assert second.charge("cert", "a") == 0.0
     assert first.charge("cert", "a") == 0.0
     assert second.charge("cert", "a") == 1.0
-    first.close()
-    second.close()
 
 
-def test_a_clock_that_went_backwards_starts_afresh(tmp_path: Path) -> None:
+def test_a_clock_that_went_backwards_starts_afresh(buckets: Opener) -> None:
     """A reboot resets the monotonic clock; a bucket stamped in the 'future' is discarded."""
     clock = FakeClock(1000.0)
-    limits = limiter(tmp_path, clock)
+    limits = limiter(buckets, clock)
     for _ in range(3):
         limits.charge("cert", "a")
     assert limits.charge("cert", "a") == 1.0
     clock.now = 5.0
     # A full bucket again: the burst, and then the normal wait.
     assert [limits.charge("cert", "a") for _ in range(4)] == [0.0, 0.0, 0.0, 1.0]
-    limits.close()
 
 
-def test_limiter_state_outlives_the_process_that_wrote_it(tmp_path: Path) -> None:
+def test_limiter_state_outlives_the_process_that_wrote_it(buckets: Opener) -> None:
     clock = FakeClock()
-    limits = limiter(tmp_path, clock)
+    limits = limiter(buckets, clock)
     for _ in range(3):
         limits.charge("cert", "a")
-    limits.close()
-    reopened = limiter(tmp_path, clock)
+    reopened = limiter(buckets, clock)
     assert reopened.charge("cert", "a") == 1.0
-    reopened.close()
 
 
 # Against the running server

@@ -23,6 +23,9 @@ from zfs_unlock_server import pki
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.tlsctx import server_context
 
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
+BOTH_STORES = True
+
 POOL = "1111111111111111111"
 _guids = itertools.count(1000)
 

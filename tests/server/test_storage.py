@@ -15,11 +15,8 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import stat
-import subprocess
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,23 +24,27 @@ from typing import Any
 import pytest
 import requests
 
-from bench.common import free_port
 from tests.keyserver import (
-    ROOT_ONLY,
-    SERVER_BIN,
     HostCreds,
     KeyServer,
     enroll,
     release,
+    run_serve,
 )
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import audit, cli, sealing, secretfile
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, IntegrityError
+from zfs_unlock_server.schema import SQLITE as MIGRATIONS
 from zfs_unlock_server.sealing import KeyContext, Sealer
-from zfs_unlock_server.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from zfs_unlock_server.sqlitestore import SqliteStore
+
+# Every test here runs on SQLite and on PostgreSQL (tests/conftest.py), but for those
+# marked sqlite_only: they read SQLite's file, or the audit log file, themselves.
+BOTH_STORES = True
 
 POOL = "3333333333333333333"
+SCHEMA_VERSION = len(MIGRATIONS)
 _guids = itertools.count(7000)
 
 # Generous enough that no test here is ever rate limited.
@@ -195,6 +196,7 @@ def test_the_search_finds_keys_in_every_form() -> None:
 # A stolen data directory
 
 
+@pytest.mark.sqlite_only  # its files; test_postgresql.py searches a PostgreSQL cluster's
 def test_stolen_data_directory_reveals_no_key(keyserver: KeyServer) -> None:
     configure(keyserver)
     hosts = [keyserver.add_host("stolen-a"), keyserver.add_host("stolen-b")]
@@ -275,11 +277,10 @@ def test_sealed_column_is_version_nonce_ciphertext_tag(keyserver: KeyServer) -> 
             "--keyformat",
             keyformat,
         )
-    with db(keyserver) as conn:
-        rows = conn.execute(
-            "SELECT h.name, k.pool_guid, k.dataset_guid, k.legacy_name, k.key_id, k.keyformat,"
-            " k.sealed FROM keys k JOIN hosts h ON h.id = k.host_id"
-        ).fetchall()
+    rows = keyserver.sql(
+        "SELECT h.name, k.pool_guid, k.dataset_guid, k.legacy_name, k.key_id, k.keyformat,"
+        " k.sealed FROM keys k JOIN hosts h ON h.id = k.host_id"
+    )
     assert len(rows) == 5
     master = Sealer((keyserver.data_dir / "master.key").read_bytes())
     wrong = Sealer(sealing.new_master_key())
@@ -310,15 +311,13 @@ def test_sealed_column_is_version_nonce_ciphertext_tag(keyserver: KeyServer) -> 
     assert len(nonces) == len(rows)  # a fresh nonce for every seal
 
 
-def _tamper(conn: sqlite3.Connection, tampering: str, source: str, victims: list[str]) -> None:
+def _tamper(server: KeyServer, tampering: str, source: str, victims: list[str]) -> None:
     def sealed_of(guid: str) -> bytes:
-        value: bytes = conn.execute(
-            "SELECT sealed FROM keys WHERE dataset_guid = ?", (guid,)
-        ).fetchone()[0]
+        value: bytes = server.sql("SELECT sealed FROM keys WHERE dataset_guid = ?", (guid,))[0][0]
         return value
 
     def set_sealed(guid: str, value: bytes) -> None:
-        conn.execute("UPDATE keys SET sealed = ? WHERE dataset_guid = ?", (value, guid))
+        server.sql("UPDATE keys SET sealed = ? WHERE dataset_guid = ?", (value, guid))
 
     if tampering == "copied_from_another_host":
         set_sealed(victims[0], sealed_of(source))
@@ -327,10 +326,9 @@ def _tamper(conn: sqlite3.Connection, tampering: str, source: str, victims: list
         set_sealed(victims[0], second)
         set_sealed(victims[1], first)
     elif tampering == "keyformat_changed":
-        conn.execute("UPDATE keys SET keyformat = 'hex' WHERE dataset_guid = ?", (victims[0],))
+        server.sql("UPDATE keys SET keyformat = 'hex' WHERE dataset_guid = ?", (victims[0],))
     else:
         raise AssertionError(tampering)
-    conn.commit()
 
 
 @pytest.mark.parametrize(
@@ -348,8 +346,7 @@ def test_sealed_value_moved_to_another_row_fails_closed(
     bob_guids = list(bob_keys)
     victims = bob_guids[:2] if tampering == "swapped_within_a_host" else bob_guids[:1]
     intact = [g for g in bob_guids if g not in victims]
-    with db(keyserver) as conn:
-        _tamper(conn, tampering, alice_guid, victims)
+    _tamper(keyserver, tampering, alice_guid, victims)
     # Any key these rows could yield if the server opened them regardless.
     exposed = [alice_key, *(bob_keys[g] for g in victims)]
 
@@ -375,12 +372,13 @@ def test_sealed_value_moved_to_another_row_fails_closed(
     with keyserver.session(alice) as session:
         response = release(session, keyserver, alice, POOL, alice_guid)
     assert base64.b64decode(response.json()["key"]) == alice_key
-    assert leaked((keyserver.data_dir / "audit.log").read_bytes(), exposed) == []
+    assert leaked(json.dumps(keyserver.audit_records()).encode(), exposed) == []
 
 
 # The database file
 
 
+@pytest.mark.sqlite_only
 def test_store_is_wal_with_full_sync_at_the_current_schema(keyserver: KeyServer) -> None:
     store = SqliteStore(Layout(keyserver.data_dir).database)
     try:
@@ -411,6 +409,7 @@ def query_plan(store: SqliteStore, statement: str) -> str:
     return " | ".join(str(row[-1]) for row in rows)
 
 
+@pytest.mark.sqlite_only
 def test_release_lookups_use_an_index_not_a_scan_of_every_key(keyserver: KeyServer) -> None:
     """A release looks up one key; scanning the table made each release cost O(keys),
     which a reboot storm of 10,000 hosts turned into most of the server's time."""
@@ -427,6 +426,7 @@ def test_release_lookups_use_an_index_not_a_scan_of_every_key(keyserver: KeyServ
         store.close()
 
 
+@pytest.mark.sqlite_only
 def test_a_hosts_keys_are_found_through_an_index(keyserver: KeyServer) -> None:
     """key list --host and host remove ask for one host's keys; the partial unique indexes
     cannot answer that, so without keys_host each scanned every key."""
@@ -461,7 +461,7 @@ def write_old_database(path: Path, schema: int) -> None:
 def test_a_schema_1_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
     path = tmp_path / "keys.db"
     write_old_database(path, schema=1)
-    store = SqliteStore(path)
+    store = SqliteStore(path, migrate=True)
     try:
         assert store.pragma("user_version") == SCHEMA_VERSION
         assert [k.key_id for k in store.keys(1)] == ["k-1"]
@@ -471,10 +471,11 @@ def test_a_schema_1_database_is_migrated_with_its_rows_intact(tmp_path: Path) ->
         store.close()
 
 
+@pytest.mark.sqlite_only
 def test_newer_schema_is_refused_with_a_clear_error(keyserver: KeyServer) -> None:
     with db(keyserver) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    newer = rf"schema {SCHEMA_VERSION + 1} is newer than this server \({SCHEMA_VERSION}\)"
+    newer = rf"schema {SCHEMA_VERSION + 1} is newer than this server's \({SCHEMA_VERSION}\)"
     with pytest.raises(ConfigError, match=newer):
         SqliteStore(Layout(keyserver.data_dir).database)
     code, _, err = keyserver.admin("key", "list")
@@ -536,36 +537,6 @@ def test_init_refuses_a_non_empty_directory_and_changes_nothing(
     with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):
         assert cli.main(["--data-dir", str(other), "init"]) == EX_CANTCREAT
     assert snapshot(other) == before
-
-
-def run_serve(server: KeyServer, env: dict[str, str] | None = None) -> tuple[int, str, float]:
-    """Run the real console script's `serve`; return (exit code, stderr, seconds taken)."""
-    environment = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
-    process = subprocess.Popen(
-        [
-            str(SERVER_BIN),
-            "--data-dir",
-            str(server.data_dir),
-            "serve",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--workers",
-            "1",
-            *ROOT_ONLY,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**environment, **(env or {})},
-        start_new_session=True,
-    )
-    started = time.monotonic()
-    try:
-        _, err = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise AssertionError("serve did not exit: it is serving") from None
-    return process.returncode, err.decode(errors="replace"), time.monotonic() - started
 
 
 @pytest.mark.parametrize(
@@ -653,11 +624,13 @@ def restore_master_key(server: KeyServer, original: bytes) -> None:
 
 
 def make_old(server: KeyServer) -> None:
-    """What a data directory made before init wrote a master key check looks like."""
+    """What a data directory made before init wrote a master key check looks like, once
+    `migrate` (which the unit runs before serve) has brought it to this schema."""
     with db(server) as conn:
         conn.execute("DROP TABLE IF EXISTS meta")
         conn.execute("PRAGMA user_version = 2")
         conn.commit()
+    server.must("migrate")
 
 
 def starts(server: KeyServer) -> int:
@@ -699,6 +672,7 @@ def test_serve_refuses_a_master_key_that_is_not_the_data_directorys(
     assert keyserver.stop() == 0
 
 
+@pytest.mark.sqlite_only
 def test_an_old_data_directory_is_checked_with_its_first_sealed_key(
     keyserver: KeyServer,
 ) -> None:
@@ -724,6 +698,7 @@ def test_an_old_data_directory_is_checked_with_its_first_sealed_key(
     assert_refused_before_binding(keyserver, keyserver.data_dir / "master.key", {})
 
 
+@pytest.mark.sqlite_only
 def test_an_old_data_directory_without_keys_takes_the_master_key_it_is_given(
     keyserver: KeyServer,
 ) -> None:
@@ -753,7 +728,7 @@ def test_commands_that_seal_refuse_a_master_key_that_is_not_the_data_directorys(
         )
         conn.commit()
     replace_master_key(keyserver)
-    before = (keyserver.data_dir / "audit.log").read_bytes()
+    before = keyserver.audit_records()
     args = {
         "key create": (
             "key",
@@ -774,13 +749,13 @@ def test_commands_that_seal_refuse_a_master_key_that_is_not_the_data_directorys(
     assert str(keyserver.data_dir / "master.key") in err and "not the master key" in err
     assert out == ""
     assert keys_listed(keyserver) == []
-    assert (keyserver.data_dir / "audit.log").read_bytes() == before  # not even a record
+    assert keyserver.audit_records() == before  # not even a record
 
 
 def test_a_schema_2_database_is_migrated_with_its_rows_intact(tmp_path: Path) -> None:
     path = tmp_path / "keys.db"
     write_old_database(path, schema=2)
-    store = SqliteStore(path)
+    store = SqliteStore(path, migrate=True)
     try:
         assert store.pragma("user_version") == SCHEMA_VERSION == 3
         assert [k.key_id for k in store.keys(1)] == ["k-1"]
@@ -800,6 +775,9 @@ def keys_listed(server: KeyServer) -> list[dict[str, Any]]:
 
 
 def audit_lines(server: KeyServer) -> list[bytes]:
+    """The audit trail, a record a line: the log file's, or the audit table's rows."""
+    if server.shared_database:
+        return [row[0].encode() for row in server.sql("SELECT record FROM audit ORDER BY id")]
     data = (server.data_dir / "audit.log").read_bytes()
     assert data.endswith(b"\n")
     return data.splitlines()
@@ -953,7 +931,7 @@ def test_unwritable_audit_log_means_no_key_is_released(keyserver: KeyServer) -> 
     owned = dict(enroll_key(keyserver, host, f) for f in ("raw", "hex"))
     keyserver.stop()
 
-    configure(keyserver, audit_log="/dev/full")  # every write fails: ENOSPC
+    keyserver.break_audit()  # every write fails, as on a full disk
     keyserver.start()  # a full disk is not a reason to stay down; answering is the server's job
     with keyserver.session(host) as session:
         for guid in owned:
@@ -966,11 +944,12 @@ def test_unwritable_audit_log_means_no_key_is_released(keyserver: KeyServer) -> 
         assert_unavailable(checkin, owned.values())
     keyserver.stop()
     log = keyserver.log_path.read_text()
-    assert "cannot write audit log /dev/full" in log  # said at start, and on every refusal
-    assert "audit log unwritable; refusing request" in log
+    # Said at start, and on every refusal.
+    said = "cannot write the audit trail" if keyserver.shared_database else "/dev/full"
+    assert said in log and "audit log unwritable; refusing request" in log
 
     # The refusals were the audit log's doing: with a log again, the keys come back.
-    configure(keyserver)
+    keyserver.mend_audit()
     keyserver.start()
     with keyserver.session(host) as session:
         response = release_batch(session, keyserver, host, owned)
@@ -978,6 +957,7 @@ def test_unwritable_audit_log_means_no_key_is_released(keyserver: KeyServer) -> 
     assert got == owned
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("damage", ["removed", "made_a_file"])
 def test_audit_directory_lost_while_serving_means_no_key_is_released(
     keyserver: KeyServer, damage: str
@@ -1009,6 +989,7 @@ def test_audit_directory_lost_while_serving_means_no_key_is_released(
     ]
 
 
+@pytest.mark.sqlite_only
 def test_audit_log_moved_away_continues_in_a_new_file(keyserver: KeyServer) -> None:
     """Rotation by rename: the next record goes to the configured path, not the old file."""
     configure(keyserver)

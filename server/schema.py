@@ -1,0 +1,158 @@
+"""The database schema of each backend, as numbered migration steps.
+
+Each tuple's entry N migrates that backend from version N to N+1; a released step is
+never edited, only followed by a new one. `zfs-unlock-server migrate` applies them;
+everything else opens a database only at exactly the version it was written for.
+"""
+
+from __future__ import annotations
+
+from zfs_unlock_server.errors import ConfigError
+
+
+class SchemaMismatch(ConfigError):
+    """The database is at a schema version this server was not written for."""
+
+
+SQLITE: tuple[str, ...] = (
+    """
+    CREATE TABLE hosts (
+        id               INTEGER PRIMARY KEY,
+        name             TEXT NOT NULL UNIQUE,
+        machine_id       TEXT NOT NULL UNIQUE,
+        allowed_networks TEXT NOT NULL DEFAULT '[]',
+        pools            TEXT NOT NULL DEFAULT '[]',
+        enabled          INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+        disabled_reason  TEXT NOT NULL DEFAULT '',
+        deadman_timeout  INTEGER CHECK (deadman_timeout IS NULL OR deadman_timeout >= 0),
+        created_at       INTEGER NOT NULL,
+        last_seen        INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE certificates (
+        fingerprint TEXT PRIMARY KEY,
+        host_id     INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        not_after   INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX certificates_host ON certificates(host_id);
+    CREATE TABLE keys (
+        key_id       TEXT PRIMARY KEY,
+        host_id      INTEGER NOT NULL REFERENCES hosts(id) ON DELETE RESTRICT,
+        pool_guid    TEXT NOT NULL,
+        dataset_guid TEXT NOT NULL DEFAULT '',
+        legacy_name  TEXT NOT NULL DEFAULT '',
+        dataset      TEXT NOT NULL,
+        keyformat    TEXT NOT NULL CHECK (keyformat IN ('raw', 'hex', 'passphrase')),
+        state        TEXT NOT NULL CHECK (state IN ('pending', 'active', 'revoked')),
+        origin       TEXT NOT NULL CHECK (origin IN ('generated', 'imported')),
+        sealed       BLOB NOT NULL,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        CHECK ((dataset_guid = '') <> (legacy_name = ''))
+    ) STRICT;
+    -- One key per dataset, whatever its state: a revoked key is kept, never replaced.
+    CREATE UNIQUE INDEX keys_dataset ON keys(host_id, pool_guid, dataset_guid)
+        WHERE dataset_guid <> '';
+    CREATE UNIQUE INDEX keys_legacy ON keys(host_id, pool_guid, legacy_name)
+        WHERE legacy_name <> '';
+    """,
+    # A host's keys (key list --host, host remove and its foreign-key check) were found by
+    # scanning every key: the unique indexes above are partial, so no query by host alone
+    # can use them.
+    """
+    CREATE INDEX keys_host ON keys(host_id);
+    """,
+    # Facts about the data directory itself: init seals a check value under the master
+    # key here, so that serve and the commands that seal can refuse a wrong master key.
+    """
+    CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) STRICT;
+    """,
+)
+
+
+# The same rows as SQLite's, plus what one SQLite server keeps elsewhere: the audit trail
+# (a file beside SQLite) and the rate-limit buckets (a file per server), so that any node
+# can answer any host. Buckets are UNLOGGED: losing them in a crash only refills them.
+POSTGRESQL: tuple[str, ...] = (
+    """
+    CREATE TABLE hosts (
+        id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        name             TEXT NOT NULL UNIQUE,
+        machine_id       TEXT NOT NULL UNIQUE,
+        allowed_networks TEXT NOT NULL DEFAULT '[]',
+        pools            TEXT NOT NULL DEFAULT '[]',
+        enabled          BOOLEAN NOT NULL DEFAULT true,
+        disabled_reason  TEXT NOT NULL DEFAULT '',
+        deadman_timeout  BIGINT CHECK (deadman_timeout IS NULL OR deadman_timeout >= 0),
+        created_at       BIGINT NOT NULL,
+        last_seen        BIGINT NOT NULL
+    );
+    CREATE TABLE certificates (
+        seq         BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        fingerprint TEXT PRIMARY KEY,
+        host_id     BIGINT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        not_after   BIGINT NOT NULL,
+        created_at  BIGINT NOT NULL
+    );
+    CREATE INDEX certificates_host ON certificates(host_id);
+    CREATE TABLE keys (
+        seq          BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        key_id       TEXT PRIMARY KEY,
+        host_id      BIGINT NOT NULL REFERENCES hosts(id) ON DELETE RESTRICT,
+        pool_guid    TEXT NOT NULL,
+        dataset_guid TEXT NOT NULL DEFAULT '',
+        legacy_name  TEXT NOT NULL DEFAULT '',
+        dataset      TEXT NOT NULL,
+        keyformat    TEXT NOT NULL CHECK (keyformat IN ('raw', 'hex', 'passphrase')),
+        state        TEXT NOT NULL CHECK (state IN ('pending', 'active', 'revoked')),
+        origin       TEXT NOT NULL CHECK (origin IN ('generated', 'imported')),
+        sealed       BYTEA NOT NULL,
+        created_at   BIGINT NOT NULL,
+        updated_at   BIGINT NOT NULL,
+        CHECK ((dataset_guid = '') <> (legacy_name = ''))
+    );
+    CREATE UNIQUE INDEX keys_dataset ON keys(host_id, pool_guid, dataset_guid)
+        WHERE dataset_guid <> '';
+    CREATE UNIQUE INDEX keys_legacy ON keys(host_id, pool_guid, legacy_name)
+        WHERE legacy_name <> '';
+    CREATE INDEX keys_host ON keys(host_id);
+    CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    CREATE TABLE audit (
+        id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        ts     TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        record TEXT NOT NULL
+    );
+    CREATE INDEX audit_ts ON audit(ts);
+    CREATE UNLOGGED TABLE rate_buckets (
+        name   TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        stamp  DOUBLE PRECISION NOT NULL
+    );
+    """,
+)
+
+
+def statements(step: str) -> list[str]:
+    """A step's statements, one by one (no step has a semicolon inside a statement)."""
+    return [s.strip() for s in step.split(";") if s.strip()]
+
+
+def check_version(found: int, steps: tuple[str, ...], where: str) -> None:
+    """Refuse a database at any version but the newest of STEPS."""
+    current = len(steps)
+    if found > current:
+        raise SchemaMismatch(
+            f"{where}: database schema {found} is newer than this server's ({current});"
+            " run the newer server, or restore a backup made for this one"
+        )
+    if found < current:
+        raise SchemaMismatch(
+            f"{where}: database schema {found} is older than this server's ({current});"
+            " run 'zfs-unlock-server migrate' first"
+        )

@@ -1,0 +1,370 @@
+"""The Store on one SQLite file: the embedded default, for one key server.
+
+WAL mode with synchronous=FULL: a commit that returned is on disk, so an acknowledged
+enrollment survives a crash or power loss. Every method is one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from zfs_unlock_server import schema
+from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
+from zfs_unlock_server.store import (
+    KEY_COLUMNS,
+    Certificate,
+    Host,
+    KeyRecord,
+    NewHost,
+    Snapshot,
+    host_of,
+)
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(*tuple(row))
+
+
+class SqliteStore:
+    """Store on one SQLite file. Open one per process (connections do not survive fork)."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = 5000, migrate: bool = False) -> None:
+        """Open PATH at this server's schema version. MIGRATE creates the file if missing and
+        brings an older schema up to date (`migrate`, `init`); without it a missing file or
+        another version is refused (ConfigError)."""
+        self.path = path
+        self.migrated: tuple[int, int] | None = None  # (from, to) when MIGRATE changed it
+        mode = "rwc" if migrate else "rw"
+        try:
+            self._db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode={mode}",
+                uri=True,
+                isolation_level=None,
+                timeout=busy_timeout_ms / 1000,
+            )
+        except sqlite3.OperationalError as exc:
+            raise ConfigError(f"{path}: cannot open the database: {exc}") from None
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA trusted_schema=OFF")
+            if migrate:
+                self._migrate()
+            else:
+                schema.check_version(self.schema_version(), schema.SQLITE, str(path))
+        except BaseException:
+            self._db.close()
+            raise
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so two workers never
+        # both read-then-write the same row.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        # The write lock is the migration lock: a second migrate waits, then finds
+        # nothing left to do.
+        with self._write() as db:
+            version = self.schema_version()
+            if version > len(schema.SQLITE):
+                schema.check_version(version, schema.SQLITE, str(self.path))
+            for step in range(version, len(schema.SQLITE)):
+                for statement in schema.statements(schema.SQLITE[step]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={step + 1}")
+        if version < len(schema.SQLITE):
+            self.migrated = (version, len(schema.SQLITE))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield
+
+    def host_states(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT CASE WHEN enabled THEN 'enabled' ELSE 'disabled_' || disabled_reason END,"
+            " count(*) FROM hosts GROUP BY 1"
+        )
+        return {str(state): int(n) for state, n in rows}
+
+    def snapshot(self) -> Snapshot:
+        self._db.execute("BEGIN")  # one read transaction: one moment
+        try:
+            hosts = [host_of(r) for r in self._db.execute("SELECT * FROM hosts ORDER BY id")]
+            certificates = [
+                Certificate(*tuple(r))
+                for r in self._db.execute(
+                    "SELECT fingerprint, host_id, not_after, created_at FROM certificates"
+                    " ORDER BY rowid"
+                )
+            ]
+            keys = [
+                _key(r)
+                for r in self._db.execute(
+                    f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+                    " ORDER BY k.rowid"
+                )
+            ]
+            meta = {r[0]: bytes(r[1]) for r in self._db.execute("SELECT name, value FROM meta")}
+        finally:
+            self._db.execute("COMMIT")
+        return Snapshot(hosts, certificates, keys, meta)
+
+    def counts(self) -> tuple[int, int]:
+        hosts = self._db.execute("SELECT count(*) FROM hosts").fetchone()[0]
+        keys = self._db.execute("SELECT count(*) FROM keys").fetchone()[0]
+        return int(hosts), int(keys)
+
+    def pragma(self, name: str) -> object:
+        if not name.isidentifier():
+            raise ValueError("not a pragma name")
+        return self._db.execute(f"PRAGMA {name}").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    # Hosts
+
+    def add_host(self, host: NewHost, fingerprint: str, cert_not_after: int) -> Host:
+        now = int(time.time())
+        with self._write() as db:
+            try:
+                cursor = db.execute(
+                    "INSERT INTO hosts (name, machine_id, allowed_networks, pools,"
+                    " deadman_timeout, created_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        host.name,
+                        host.machine_id,
+                        json.dumps(list(host.allowed_networks)),
+                        json.dumps(list(host.pools)),
+                        host.deadman_timeout,
+                        now,
+                        now,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(
+                    f"a host named {host.name!r} or with that machine-id already exists"
+                ) from None
+            host_id = cursor.lastrowid
+            db.execute(
+                "INSERT INTO certificates (fingerprint, host_id, not_after, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (fingerprint, host_id, cert_not_after, now),
+            )
+        return self.host_by_name(host.name)
+
+    def add_certificate(self, host_id: int, fingerprint: str, not_after: int) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO certificates (fingerprint, host_id, not_after, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (fingerprint, host_id, not_after, int(time.time())),
+            )
+
+    def remove_certificate(self, host_id: int, fingerprint: str) -> None:
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM certificates WHERE host_id = ? AND fingerprint = ?",
+                (host_id, fingerprint),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound("the host has no certificate with that SHA-256 fingerprint")
+
+    def host_by_name(self, name: str) -> Host:
+        row = self._db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no host named {name!r}")
+        return host_of(row)
+
+    def host_by_fingerprint(self, fingerprint: str) -> Host | None:
+        row = self._db.execute(
+            "SELECT h.* FROM hosts h JOIN certificates c ON c.host_id = h.id"
+            " WHERE c.fingerprint = ?",
+            (fingerprint,),
+        ).fetchone()
+        return None if row is None else host_of(row)
+
+    def host_by_machine_id(self, machine_id: str) -> Host | None:
+        row = self._db.execute("SELECT * FROM hosts WHERE machine_id = ?", (machine_id,)).fetchone()
+        return None if row is None else host_of(row)
+
+    def hosts(self) -> list[Host]:
+        return [host_of(r) for r in self._db.execute("SELECT * FROM hosts ORDER BY name")]
+
+    def certificates(self, host_id: int) -> list[tuple[str, int]]:
+        rows = self._db.execute(
+            "SELECT fingerprint, not_after FROM certificates WHERE host_id = ? ORDER BY created_at",
+            (host_id,),
+        )
+        return [(r["fingerprint"], r["not_after"]) for r in rows]
+
+    def set_host_enabled(self, host_id: int, enabled: bool, reason: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE hosts SET enabled = ?, disabled_reason = ?,"
+                " last_seen = CASE WHEN ? THEN ? ELSE last_seen END WHERE id = ?",
+                # Re-enabling restarts the dead-man clock, or the host would be
+                # disabled again on its very next request.
+                (int(enabled), "" if enabled else reason, enabled, int(time.time()), host_id),
+            )
+
+    def remove_host(self, host_id: int, delete_keys: bool) -> int:
+        with self._write() as db:
+            count = db.execute("SELECT count(*) FROM keys WHERE host_id = ?", (host_id,))
+            key_count = int(count.fetchone()[0])
+            if key_count and not delete_keys:
+                raise Conflict(
+                    f"the host owns {key_count} key(s); removing it would lose them"
+                    " (pass --delete-keys if that is intended)"
+                )
+            db.execute("DELETE FROM keys WHERE host_id = ?", (host_id,))
+            db.execute("DELETE FROM hosts WHERE id = ?", (host_id,))
+        return key_count
+
+    def touch_host(self, host_id: int, now: int) -> None:
+        # Not synced on its own: in WAL mode a synchronous=NORMAL commit becomes durable
+        # with the next synced commit or checkpoint. A crash can only make the host look
+        # a few moments staler to the dead-man switch, and a reboot storm of new hosts
+        # does not pay a disk sync per host for it.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._write() as db:
+                db.execute(
+                    "UPDATE hosts SET last_seen = max(last_seen, ?) WHERE id = ?", (now, host_id)
+                )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    # Keys
+
+    def insert_key(self, record: KeyRecord) -> None:
+        self.insert_keys([record])
+
+    def insert_keys(self, records: Sequence[KeyRecord]) -> None:
+        """Insert every record or none (one transaction)."""
+        with self._write() as db:
+            try:
+                db.executemany(
+                    "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, legacy_name,"
+                    " dataset, keyformat, state, origin, sealed, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            r.key_id,
+                            r.host_id,
+                            r.pool_guid,
+                            r.dataset_guid,
+                            r.legacy_name,
+                            r.dataset,
+                            r.keyformat,
+                            r.state,
+                            r.origin,
+                            r.sealed,
+                            r.created_at,
+                            r.updated_at,
+                        )
+                        for r in records
+                    ],
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("that dataset already has a key") from None
+
+    def key_for_dataset(self, host_id: int, pool_guid: str, dataset_guid: str) -> KeyRecord | None:
+        row = self._db.execute(
+            f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+            " WHERE k.host_id = ? AND k.pool_guid = ? AND k.dataset_guid = ?"
+            # Repeats the partial index's condition: without it SQLite cannot use
+            # keys_dataset and scans every key (found by the reboot-storm benchmark).
+            " AND k.dataset_guid <> ''",
+            (host_id, pool_guid, dataset_guid),
+        ).fetchone()
+        return None if row is None else _key(row)
+
+    def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None:
+        row = self._db.execute(
+            f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+            " WHERE k.host_id = ? AND k.pool_guid = ? AND k.legacy_name = ?"
+            " AND k.legacy_name <> ''",  # so that keys_legacy is used, as above
+            (host_id, pool_guid, name),
+        ).fetchone()
+        return None if row is None else _key(row)
+
+    def key_by_id(self, key_id: str) -> KeyRecord:
+        row = self._db.execute(
+            f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+            " WHERE k.key_id = ?",
+            (key_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no key {key_id}")
+        return _key(row)
+
+    def keys(self, host_id: int | None = None) -> list[KeyRecord]:
+        query = f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+        if host_id is None:
+            rows = self._db.execute(query + " ORDER BY h.name, k.dataset")
+        else:
+            rows = self._db.execute(query + " WHERE k.host_id = ? ORDER BY k.dataset", (host_id,))
+        return [_key(r) for r in rows]
+
+    def delete_key(self, key_id: str, expected: tuple[str, ...]) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            if row["state"] not in expected:
+                raise Conflict(f"key {key_id} is {row['state']}; revoke it first")
+            db.execute("DELETE FROM keys WHERE key_id = ?", (key_id,))
+
+    def set_key_state(self, key_id: str, state: str, expected: tuple[str, ...], now: int) -> None:
+        """Move a key to STATE if it is in one of EXPECTED; NotFound/Conflict otherwise."""
+        with self._write() as db:
+            row = db.execute("SELECT state FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no key {key_id}")
+            if row["state"] not in expected:
+                raise Conflict(f"key {key_id} is {row['state']}, not {' or '.join(expected)}")
+            db.execute(
+                "UPDATE keys SET state = ?, updated_at = ? WHERE key_id = ?",
+                (state, now, key_id),
+            )
+
+    def first_sealed_key(self) -> KeyRecord | None:
+        """The oldest row of keys (by rowid), or None when there is no key."""
+        row = self._db.execute(
+            f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+            " ORDER BY k.rowid LIMIT 1"
+        ).fetchone()
+        return None if row is None else _key(row)
+
+    # The data directory
+
+    def master_key_check(self) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
+        return None if row is None else bytes(row["value"])
+
+    def set_master_key_check(self, sealed: bytes) -> None:
+        """Store the check value, unless one is there already: it is never replaced."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('master_key_check', ?)",
+                (sealed,),
+            )
