@@ -89,8 +89,10 @@ class Cluster:
 
     def write_passfile(self) -> None:
         # libpq's password file (0600): the key server's URL names it with passfile=.
-        self.passfile.write_text(f"127.0.0.1:{self.port}:*:*:{PASSWORD}\n")
+        # Any port: a URL naming two servers (a primary and its standby) needs both.
+        self.passfile.write_text(f"127.0.0.1:*:*:*:{PASSWORD}\n")
         self.passfile.chmod(0o600)
+        self._chown(self.passfile)  # pg_basebackup runs as the server's user
 
     def _chown(self, path: Path) -> None:
         if os.geteuid() == 0:
@@ -109,9 +111,12 @@ class Cluster:
         )
 
     def kill(self) -> None:
-        """kill -9 the postmaster: a crash, not a shutdown."""
+        """kill -9 the postmaster and every backend at once: the machine's crash, not a
+        shutdown (a postmaster killed alone leaves backends that still answer)."""
         pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, 9)
+        for victim in [pid, *_children(pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, 9)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -120,6 +125,33 @@ class Cluster:
                 return
             time.sleep(0.05)
         raise TimeoutError("postmaster did not die")
+
+    def promote(self) -> None:
+        self._run(str(bindir() / "pg_ctl"), "-D", str(self.data), "-w", "promote")
+
+    def standby_of(self, primary: Cluster, name: str) -> None:
+        """Make this (not yet initialised) cluster a streaming standby of PRIMARY, named
+        NAME for its synchronous_standby_names."""
+        self.write_passfile()
+        self._run(
+            str(bindir() / "pg_basebackup"),
+            "-d",
+            f"host=127.0.0.1 port={primary.port} user={ADMIN} passfile={primary.passfile}"
+            f" application_name={name}",
+            "-D",
+            str(self.data),
+            "-R",  # standby.signal, and primary_conninfo as given
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-w",  # never ask for a password: fail
+        )
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.port}\nunix_socket_directories = '{self.socket_dir}'\n"
+                "hot_standby = on\n"
+            )
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         result = self._run(
@@ -150,6 +182,16 @@ class Cluster:
         return f"postgresql://{ADMIN}@127.0.0.1:{self.port}/{database}?passfile={self.passfile}"
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _private_directory() -> Path:
     # Not under pytest's tmp_path: its parents are root's 0700, which the server's user
     # cannot cross.
@@ -172,6 +214,33 @@ def cluster(extra_conf: str = "") -> Iterator[Cluster]:
     finally:
         running.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replicated(standby_name: str = "standby1") -> Iterator[tuple[Cluster, Cluster]]:
+    """A primary whose commits wait for a synchronous standby (remote flush), and that
+    standby, streaming; both stopped and removed afterwards."""
+    roots = [_private_directory(), _private_directory()]
+    primary, standby = Cluster(roots[0]), Cluster(roots[1])
+    try:
+        primary.init(
+            "wal_level = replica\nmax_wal_senders = 5\n"
+            f"synchronous_standby_names = '{standby_name}'\nsynchronous_commit = on\n"
+        )
+        primary.start()
+        standby.standby_of(primary, standby_name)
+        standby.start()
+        deadline = time.monotonic() + 60
+        while primary.psql("SELECT sync_state FROM pg_stat_replication") != "sync":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the standby did not become synchronous")
+            time.sleep(0.1)
+        yield primary, standby
+    finally:
+        for cluster in (standby, primary):
+            cluster.stop("immediate")
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def available() -> bool:
