@@ -3,7 +3,7 @@
  * request, as booting hosts make them; the same code drives our server, nginx and tangd.
  *
  *   loadgen steady HOST PORT CONCURRENCY WARMUP_S DURATION_S REQUEST_FILE [CERT KEY PIN]
- *   loadgen storm  HOST PORT HOSTS_FILE CONNECT_TIMEOUT_S READ_TIMEOUT_S DEADLINE_S PIN
+ *   loadgen storm  HOST PORT[,PORT...] HOSTS_FILE CONNECT_TIMEOUT_S READ_TIMEOUT_S DEADLINE_S PIN
  *
  *   CERT, KEY: the client certificate and key (TLS); PIN: hex SHA-256 of the server's
  *   SubjectPublicKeyInfo, checked after the handshake as the agent does. Without them
@@ -17,6 +17,10 @@
  * would pass DEADLINE_S: the retry loop of the agent's KeyClient.call, with the delays
  * Dk drawn by the Python side from the agent's own policy. A host answered after
  * DEADLINE_S is counted as failed ("late"): its boot has fallen back to a prompt.
+ * With several PORTs (several key-server nodes), each round of a host tries every node
+ * in turn, the next one at once after a failure, as the agent walks its [[server]]
+ * list; host number i lists them starting at node i mod N, so that a fleet's hosts
+ * spread over the nodes, and the pause comes after a round in which every node failed.
  * Both print one JSON object on stdout. Exit status 0 unless the tool itself failed.
  */
 #define _GNU_SOURCE
@@ -27,6 +31,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -46,7 +51,9 @@ enum outcome { OK = 0, E_CONNECT, E_TIMEOUT, E_TLS, E_PIN, E_IO, E_STATUS_RETRY,
 static const char *outcome_names[N_OUTCOMES] = {
     "ok", "connect", "timeout", "tls", "pin", "io", "status_retryable", "status_other"};
 
-static struct sockaddr_in target;
+#define MAX_TARGETS 16
+static struct sockaddr_in targets[MAX_TARGETS];
+static int n_targets;
 static unsigned char pin[32];
 static int use_pin;
 
@@ -103,12 +110,12 @@ static int pin_matches(SSL *ssl) {
     return ok;
 }
 
-static int connect_with_timeout(double timeout) {
+static int connect_with_timeout(const struct sockaddr_in *target, double timeout) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(fd, (struct sockaddr *)&target, sizeof target) < 0) {
+    if (connect(fd, (const struct sockaddr *)target, sizeof *target) < 0) {
         if (errno != EINPROGRESS) { close(fd); return -1; }
         struct pollfd p = {fd, POLLOUT, 0};
         int r = poll(&p, 1, (int)(timeout * 1000));
@@ -130,13 +137,14 @@ static void set_io_timeout(int fd, double timeout) {
 }
 
 /* One exchange on a new connection. Sets *status and *retry_after from the answer. */
-static enum outcome exchange(SSL_CTX *ctx, const char *request, size_t request_len, double connect_timeout,
-                             double io_timeout, int *status, double *retry_after) {
+static enum outcome exchange(const struct sockaddr_in *target, SSL_CTX *ctx, const char *request,
+                             size_t request_len, double connect_timeout, double io_timeout, int *status,
+                             double *retry_after) {
     char buf[16384];
     size_t got = 0;
     *status = 0;
     *retry_after = 0;
-    int fd = connect_with_timeout(connect_timeout);
+    int fd = connect_with_timeout(target, connect_timeout);
     if (fd < 0) return errno == ETIMEDOUT ? E_TIMEOUT : E_CONNECT;
     SSL *ssl = NULL;
     enum outcome result = E_IO;
@@ -238,7 +246,7 @@ static void *steady_run(void *arg) {
         if (t0 >= w->stop) break;
         int status;
         double retry_after;
-        enum outcome o = exchange(w->ctx, w->request, w->request_len, 10, 10, &status, &retry_after);
+        enum outcome o = exchange(&targets[0], w->ctx, w->request, w->request_len, 10, 10, &status, &retry_after);
         double t1 = now();
         if (o == OK) w->all_ok++;
         if (t0 < w->measure_from || t1 > w->stop) continue;
@@ -305,6 +313,7 @@ static int steady(int argc, char **argv) {
 
 struct host {
     pthread_t thread;
+    size_t index; /* its place in HOSTS_FILE: where its list of nodes starts */
     SSL_CTX *ctx;
     char *request;
     size_t request_len;
@@ -330,30 +339,35 @@ static void *storm_run(void *arg) {
     sleep_seconds(storm_start - now());
     double stop = storm_start + deadline;
     h->served_at = -1;
-    for (int attempt = 0;; attempt++) {
-        double remaining = stop - now();
-        if (remaining <= 0) return NULL;
-        int status;
-        double retry_after;
-        double ct = connect_timeout < remaining ? connect_timeout : remaining;
-        double rt = read_timeout < remaining ? read_timeout : remaining;
-        enum outcome o = exchange(h->ctx, h->request, h->request_len, ct, rt, &status, &retry_after);
-        h->attempts++;
-        h->outcomes[o]++;
-        double at = now() - storm_start;
-        if (o == OK && at <= deadline) {
-            h->served_at = at;
-            return NULL;
+    for (int round = 0;; round++) {
+        double retry_after = 0;
+        for (int k = 0; k < n_targets; k++) {
+            double remaining = stop - now();
+            if (remaining <= 0) return NULL;
+            int status;
+            double hint;
+            double ct = connect_timeout < remaining ? connect_timeout : remaining;
+            double rt = read_timeout < remaining ? read_timeout : remaining;
+            const struct sockaddr_in *node = &targets[(h->index + k) % n_targets];
+            enum outcome o = exchange(node, h->ctx, h->request, h->request_len, ct, rt, &status, &hint);
+            h->attempts++;
+            h->outcomes[o]++;
+            double at = now() - storm_start;
+            if (o == OK && at <= deadline) {
+                h->served_at = at;
+                return NULL;
+            }
+            /* Timeouts bound each socket operation, as in the agent, not the whole exchange,
+               so an answer can come after the deadline; it counts as a failure. */
+            h->gave_up_at = at;
+            if (o == OK) {
+                h->late = 1;
+                return NULL;
+            }
+            if (o == E_PIN || o == E_STATUS_OTHER) return NULL; /* the agent stops at once */
+            if (hint > retry_after) retry_after = hint;
         }
-        /* Timeouts bound each socket operation, as in the agent, not the whole exchange, so
-           an answer can come after the deadline; it counts as a failure. */
-        h->gave_up_at = at;
-        if (o == OK) {
-            h->late = 1;
-            return NULL;
-        }
-        if (o == E_PIN || o == E_STATUS_OTHER) return NULL; /* the agent stops at once */
-        double delay = h->delays[attempt < h->n_delays ? attempt : h->n_delays - 1];
+        double delay = h->delays[round < h->n_delays ? round : h->n_delays - 1];
         if (retry_after > delay) delay = retry_after;
         if (now() + delay >= stop) return NULL;
         sleep_seconds(delay);
@@ -376,7 +390,8 @@ static int storm(int argc, char **argv) {
             memset(hosts + capacity, 0, capacity * sizeof *hosts);
             capacity *= 2;
         }
-        struct host *h = &hosts[n++];
+        struct host *h = &hosts[n];
+        h->index = n++;
         h->ctx = client_context(cert, key);
         h->request = read_file(request, &h->request_len);
         h->delays = malloc(sizeof(double) * (strlen(delays) / 2 + 2));
@@ -417,11 +432,19 @@ static int storm(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    /* A node killed mid-exchange must cost its hosts an error, as the agent sees it (Python
+       ignores SIGPIPE), not this process. */
+    signal(SIGPIPE, SIG_IGN);
     if (argc < 4) goto usage;
     struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res;
-    if (getaddrinfo(argv[2], argv[3], &hints, &res) != 0) goto usage;
-    memcpy(&target, res->ai_addr, sizeof target);
-    freeaddrinfo(res);
+    char ports[256];
+    snprintf(ports, sizeof ports, "%s", argv[3]);
+    for (char *port = strtok(ports, ","); port; port = strtok(NULL, ",")) {
+        if (n_targets == MAX_TARGETS || getaddrinfo(argv[2], port, &hints, &res) != 0) goto usage;
+        memcpy(&targets[n_targets++], res->ai_addr, sizeof targets[0]);
+        freeaddrinfo(res);
+    }
+    if (!n_targets) goto usage;
     int rest = argc - 4;
     char **args = argv + 4;
     int r = -1;
@@ -431,6 +454,6 @@ int main(int argc, char **argv) {
 usage:
     fprintf(stderr,
             "usage: loadgen steady HOST PORT CONCURRENCY WARMUP_S DURATION_S REQUEST_FILE [CERT KEY PIN]\n"
-            "       loadgen storm HOST PORT HOSTS_FILE CONNECT_TIMEOUT_S READ_TIMEOUT_S DEADLINE_S PIN\n");
+            "       loadgen storm HOST PORT[,PORT...] HOSTS_FILE CONNECT_TIMEOUT_S READ_TIMEOUT_S DEADLINE_S PIN\n");
     return 2;
 }

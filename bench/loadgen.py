@@ -39,8 +39,10 @@ def binary() -> Path:
     return BINARY
 
 
-def run(mode: str, port: int, args: Sequence[str | Path | float | int]) -> Run:
-    argv = [str(binary()), mode, "127.0.0.1", str(port), *(str(a) for a in args)]
+def run(mode: str, port: int | Sequence[int], args: Sequence[str | Path | float | int]) -> Run:
+    """PORT: one server; several (storm only): nodes each host tries in turn."""
+    ports = ",".join(str(p) for p in ([port] if isinstance(port, int) else port))
+    argv = [str(binary()), mode, "127.0.0.1", ports, *(str(a) for a in args)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         process = subprocess.Popen(argv, stdout=out, stderr=err)

@@ -30,7 +30,15 @@ MAX_PAUSES = 1000  # bounds the list if jitter keeps drawing (almost) zero
 
 # The code that shapes an enrolled data directory: a cached fleet made by other code is
 # made again.
-_FLEET_CODE = ("store.py", "admin.py", "pki.py", "sealing.py", "config.py")
+_FLEET_CODE = (
+    "store.py",
+    "sqlitestore.py",
+    "schema.py",
+    "admin.py",
+    "pki.py",
+    "sealing.py",
+    "config.py",
+)
 
 
 # Pauses

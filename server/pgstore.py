@@ -19,7 +19,7 @@ import os
 import re
 import select
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from zfs_unlock_server.errors import (
     DatabaseUnavailable,
     NotFound,
 )
+from zfs_unlock_server.ratelimit import BucketPolicy
 from zfs_unlock_server.store import (
     KEY_COLUMNS,
     Certificate,
@@ -442,10 +443,12 @@ class PgStore:
         return key_count
 
     def touch_host(self, host_id: int, now: int) -> None:
-        # Not waited for on disk (nor on a synchronous standby): a crash can only make
-        # the host look a few moments staler to the dead-man switch.
+        # On its own, not waited for on disk (nor on a synchronous standby): a crash can
+        # only make the host look a few moments staler to the dead-man switch. Inside a
+        # release's transaction it commits with the release, durably.
+        joined = self._depth > 0
         with self._session(write=True) as conn:
-            if self._depth == 1:
+            if not joined:
                 conn.execute("SET LOCAL synchronous_commit TO off")
             conn.execute(
                 "UPDATE hosts SET last_seen = greatest(last_seen, %s) WHERE id = %s",
@@ -501,6 +504,21 @@ class PgStore:
             " AND k.dataset_guid <> ''",  # the partial index's condition, so it is used
             (host_id, pool_guid, dataset_guid),
         )
+
+    def keys_for_datasets(
+        self, host_id: int, refs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], KeyRecord]:
+        if not refs:
+            return {}
+        with self._session() as conn:
+            rows = conn.execute(
+                f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+                " WHERE k.host_id = %s AND k.dataset_guid <> ''"
+                " AND (k.pool_guid, k.dataset_guid) IN"
+                " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                (host_id, [p for p, _ in refs], [d for _, d in refs]),
+            ).fetchall()
+        return {(r["pool_guid"], r["dataset_guid"]): _key(r) for r in rows}
 
     def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None:
         return self._one_key(
@@ -574,11 +592,20 @@ class PgStore:
     # The audit trail (dbaudit.py writes through these)
 
     def append_audit(self, lines: Sequence[str], durable: bool) -> None:
-        """Insert audit records; inside transaction() they commit with it."""
-        with self._session(write=True) as conn, conn.cursor() as cursor:
-            if not durable and self._depth == 1:
-                cursor.execute("SET LOCAL synchronous_commit TO off")
-            cursor.executemany("INSERT INTO audit (record) VALUES (%s)", [(x,) for x in lines])
+        """Insert audit records, in one statement; inside transaction() they commit with
+        it (durably, whatever DURABLE says)."""
+        values: tuple[object, ...]
+        if len(lines) == 1:
+            insert, values = "INSERT INTO audit (record) VALUES (%s)", (lines[0],)
+        else:
+            insert, values = "INSERT INTO audit (record) SELECT unnest(%s::text[])", (list(lines),)
+        if durable or self._depth > 0:
+            with self._session() as conn:
+                conn.execute(insert, values)
+            return
+        with self._session(write=True) as conn:
+            conn.execute("SET LOCAL synchronous_commit TO off")
+            conn.execute(insert, values)
 
     def audit_lines(self, last: int = 0) -> list[str]:
         """Every audit record in order, or the LAST ones."""
@@ -617,29 +644,37 @@ class PgStore:
 
     # Rate-limit buckets (ratelimit.py)
 
-    def update_bucket(
-        self,
-        name: str,
-        update: Callable[[tuple[float, float] | None], tuple[float, float]],
-        prune_before: float | None,
-    ) -> None:
-        """Replace bucket NAME's (tokens, stamp) with UPDATE(the current one, or None),
-        under a row lock, so that nodes charging the same bucket take turns."""
-        with self._session(write=True) as conn:
-            if self._depth == 1:
-                conn.execute("SET LOCAL synchronous_commit TO off")
+    def charge(self, name: str, policy: BucketPolicy, now: float) -> float:
+        """ratelimit.take() in one statement, so that nodes charging one bucket take turns
+        on its row: the same arithmetic, in the same order (test_ratelimit.py holds both
+        to the same exact waits). UNLOGGED: its commit waits for no disk and no standby."""
+        with self._session() as conn:
             row = conn.execute(
-                "SELECT tokens, stamp FROM rate_buckets WHERE name = %s FOR UPDATE", (name,)
+                _CHARGE, {"name": name, "burst": policy.burst, "rate": policy.rate, "now": now}
             ).fetchone()
-            tokens, stamp = update(None if row is None else (row["tokens"], row["stamp"]))
-            conn.execute(
-                "INSERT INTO rate_buckets (name, tokens, stamp) VALUES (%s, %s, %s)"
-                " ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens,"
-                " stamp = excluded.stamp",
-                (name, tokens, stamp),
-            )
-            if prune_before is not None:
-                conn.execute("DELETE FROM rate_buckets WHERE stamp < %s", (prune_before,))
+        if row is None or row["granted"]:
+            return 0.0
+        return (1.0 - float(row["tokens"])) / policy.rate
+
+    def prune(self, before: float) -> None:
+        with self._session() as conn:
+            conn.execute("DELETE FROM rate_buckets WHERE stamp < %s", (before,))
+
+
+# What the bucket holds at %(now)s before the charge: full for a clock that went back.
+_AVAILABLE = (
+    "(CASE WHEN b.stamp > %(now)s THEN %(burst)s"
+    " ELSE least(%(burst)s, b.tokens + greatest(0, %(now)s - b.stamp) * %(rate)s) END)"
+)
+# Constants only; the values are parameters.
+_CHARGE = (
+    "INSERT INTO rate_buckets AS b (name, tokens, stamp, granted)"  # noqa: S608
+    " VALUES (%(name)s, %(burst)s - 1, %(now)s, true)"
+    " ON CONFLICT (name) DO UPDATE SET"
+    f" tokens = CASE WHEN {_AVAILABLE} >= 1 THEN {_AVAILABLE} - 1 ELSE {_AVAILABLE} END,"
+    f" granted = {_AVAILABLE} >= 1, stamp = %(now)s"
+    " RETURNING tokens, granted"
+)
 
 
 def _json(values: Sequence[str]) -> str:

@@ -53,14 +53,17 @@ def retry_after_header(wait: float) -> str:
 
 class Buckets(Protocol):
     """Where buckets live: a file of each server's own (SqliteBuckets), or the shared
-    database (pgstore.PgStore), so that every node charges the same bucket."""
+    database (pgstore.PgStore, in one SQL statement that does what take() does), so that
+    every node charges the same bucket."""
 
-    def update_bucket(
-        self,
-        name: str,
-        update: Callable[[tuple[float, float] | None], tuple[float, float]],
-        prune_before: float | None,
-    ) -> None: ...
+    def charge(self, name: str, policy: BucketPolicy, now: float) -> float:
+        """Spend a token of bucket NAME at NOW; return 0, or the seconds until one exists.
+        A bucket stamped after NOW (a clock that went back) starts afresh."""
+        ...
+
+    def prune(self, before: float) -> None:
+        """Forget buckets untouched since BEFORE: they are full again."""
+        ...
 
 
 class SqliteBuckets:
@@ -75,29 +78,29 @@ class SqliteBuckets:
             " (name TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL)"
         )
 
-    def update_bucket(
-        self,
-        name: str,
-        update: Callable[[tuple[float, float] | None], tuple[float, float]],
-        prune_before: float | None,
-    ) -> None:
+    def charge(self, name: str, policy: BucketPolicy, now: float) -> float:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             row = self._db.execute(
                 "SELECT tokens, stamp FROM buckets WHERE name = ?", (name,)
             ).fetchone()
-            tokens, stamp = update(None if row is None else (row[0], row[1]))
+            bucket = None if row is None else Bucket(row[0], row[1])
+            if bucket is not None and bucket.stamp > now:
+                bucket = None
+            new, wait = take(bucket, policy, now)
             self._db.execute(
                 "INSERT INTO buckets (name, tokens, stamp) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, stamp = excluded.stamp",
-                (name, tokens, stamp),
+                (name, new.tokens, new.stamp),
             )
-            if prune_before is not None:
-                self._db.execute("DELETE FROM buckets WHERE stamp < ?", (prune_before,))
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        return wait
+
+    def prune(self, before: float) -> None:
+        self._db.execute("DELETE FROM buckets WHERE stamp < ?", (before,))
 
     def close(self) -> None:
         self._db.close()
@@ -121,20 +124,9 @@ class RateLimiter:
 
     def charge(self, kind: str, name: str) -> float:
         """Spend a token from bucket KIND:NAME; return 0, or the wait before retrying."""
-        policy = self._policies[kind]
         now = self._clock()
-        waits: list[float] = []
-
-        def spend(current: tuple[float, float] | None) -> tuple[float, float]:
-            bucket = None if current is None else Bucket(*current)
-            # A restarted machine resets the monotonic clock; start the bucket afresh.
-            if bucket is not None and bucket.stamp > now:
-                bucket = None
-            new, wait = take(bucket, policy, now)
-            waits.append(wait)
-            return new.tokens, new.stamp
-
+        wait = self._buckets.charge(f"{kind}:{name}", self._policies[kind], now)
         self._charges += 1
-        prune = now - self._idle_after if self._charges % PRUNE_EVERY == 0 else None
-        self._buckets.update_bucket(f"{kind}:{name}", spend, prune)
-        return waits[-1]
+        if self._charges % PRUNE_EVERY == 0:
+            self._buckets.prune(now - self._idle_after)
+        return wait

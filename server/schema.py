@@ -130,9 +130,10 @@ POSTGRESQL: tuple[str, ...] = (
     );
     CREATE INDEX audit_ts ON audit(ts);
     CREATE UNLOGGED TABLE rate_buckets (
-        name   TEXT PRIMARY KEY,
-        tokens DOUBLE PRECISION NOT NULL,
-        stamp  DOUBLE PRECISION NOT NULL
+        name    TEXT PRIMARY KEY,
+        tokens  DOUBLE PRECISION NOT NULL,
+        stamp   DOUBLE PRECISION NOT NULL,
+        granted BOOLEAN NOT NULL
     );
     """,
 )

@@ -124,6 +124,7 @@ class KeyService:
         self.audit = audit
         self.default_deadman_timeout = default_deadman_timeout
         self.clock = clock
+        self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
 
     # The host-level gate, shared by every route.
 
@@ -135,15 +136,21 @@ class KeyService:
         self.audit.write(self._record(caller, event, decision="deny", reason=reason, **fields))
         return Denied(reason)
 
-    def known_host(self, fingerprint: str) -> Host | None:
-        return self.store.host_by_fingerprint(fingerprint)
+    def known_host(self, caller: Caller) -> Host | None:
+        """The caller's host, read once per request: the rate limit asks first, the route's
+        checks use the same answer (a shared database costs a round trip per read)."""
+        if self._looked_up is not None and self._looked_up[0] == caller.request_id:
+            return self._looked_up[1]
+        host = self.store.host_by_fingerprint(caller.fingerprint)
+        self._looked_up = (caller.request_id, host)
+        return host
 
     def deadman_timeout(self, host: Host) -> int:
         return deadman_timeout(host, self.default_deadman_timeout)
 
     def authenticate(self, caller: Caller, machine_id: str, event: str) -> Host:
         """Return the caller's host if every host-level check passes, else raise Denied."""
-        host = self.store.host_by_fingerprint(caller.fingerprint)
+        host = self.known_host(caller)
         if host is None:
             raise self.deny(caller, event, "unknown_certificate", machine_id=machine_id)
         named = {"host": host.name, "machine_id": machine_id}
@@ -162,8 +169,11 @@ class KeyService:
         return host
 
     @contextlib.contextmanager
-    def serving(self, caller: Caller, machine_id: str, event: str) -> Iterator[Host]:
-        """Authenticate, run a route, then count the host as seen for the dead-man switch.
+    def serving(
+        self, caller: Caller, machine_id: str, event: str, seen: bool = True
+    ) -> Iterator[Host]:
+        """Authenticate, run a route, then count the host as seen for the dead-man switch
+        (unless SEEN is False: the route does it itself, with its record).
 
         Seen means: it passed the host checks and its request was recorded. A
         request the audit log could not record (AuditError) does not count.
@@ -172,9 +182,11 @@ class KeyService:
         try:
             yield host
         except (Denied, Conflict):
-            self._seen(host)
+            if seen:
+                self._seen(host)
             raise
-        self._seen(host)
+        if seen:
+            self._seen(host)
 
     def _seen(self, host: Host) -> None:
         now = int(self.clock())
@@ -218,16 +230,16 @@ class KeyService:
         )
 
     def _releasable(
-        self, caller: Caller, host: Host, ref: DatasetRef
+        self, caller: Caller, host: Host, ref: DatasetRef, keys: dict[tuple[str, str], KeyRecord]
     ) -> tuple[Released | None, AuditRecord]:
-        """Decide one dataset. Returns the key (or None) and the audit record to write."""
+        """Decide one dataset, with KEYS the host's keys of the batch. Returns the key (or
+        None) and the audit record to write."""
         base = self._record(
             caller, "release", host=host.name, pool=ref.pool_guid, dataset_guid=ref.dataset_guid
         )
         if not pool_allowed(host, ref.pool_guid):
             return None, {**base, "decision": "deny", "reason": "pool_not_allowed"}
-        record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
-        return self._open_for_release(record, base)
+        return self._open_for_release(keys.get((ref.pool_guid, ref.dataset_guid)), base)
 
     def _open_for_release(
         self, record: KeyRecord | None, base: AuditRecord
@@ -245,22 +257,26 @@ class KeyService:
 
     def release(self, caller: Caller, machine_id: str, refs: Sequence[DatasetRef]) -> BatchResult:
         """Release each requested key the host may have. Audited before anything is returned."""
-        with self.serving(caller, machine_id, "release") as host:
+        with self.serving(caller, machine_id, "release", seen=False) as host:
             released: list[Released] = []
             denied: list[DatasetRef] = []
             records: list[AuditRecord] = []
-            # The key reads and their records commit together (in a shared database), and
-            # before anything is returned: one durable write for the whole batch; if it
-            # fails nothing is released.
+            # The key reads, their records and the host's last_seen commit together (in a
+            # shared database), and before anything is returned: one durable write for the
+            # whole batch; if it fails nothing is released.
             with self.store.transaction():
+                keys = self.store.keys_for_datasets(
+                    host.id, [(r.pool_guid, r.dataset_guid) for r in refs]
+                )
                 for ref in refs:
-                    result, audit_record = self._releasable(caller, host, ref)
+                    result, audit_record = self._releasable(caller, host, ref, keys)
                     records.append(audit_record)
                     if result is None:
                         denied.append(ref)
                     else:
                         released.append(result)
                 self.audit.write(*records)
+                self._seen(host)
         return BatchResult(released, denied)
 
     def release_legacy(

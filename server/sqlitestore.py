@@ -298,6 +298,16 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else _key(row)
 
+    def keys_for_datasets(
+        self, host_id: int, refs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], KeyRecord]:
+        found = {}
+        for pool_guid, dataset_guid in dict.fromkeys(refs):
+            record = self.key_for_dataset(host_id, pool_guid, dataset_guid)
+            if record is not None:
+                found[(pool_guid, dataset_guid)] = record
+        return found
+
     def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None:
         row = self._db.execute(
             f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608

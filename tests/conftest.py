@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import postgres
+from bench import postgres
 from tests.keyserver import KeyServer
 
 # The key server's two stores. A test module that sets BOTH_STORES = True runs each of

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests import postgres
+from bench import postgres
 from tests.keyserver import HostCreds, KeyServer, enroll, release
 
 POOL = "8888888888888888888"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import postgres
 from bench.common import free_port
-from tests import postgres
 from tests.keyserver import KeyServer, enroll, release, run_serve
 from zfs_unlock_server.errors import EX_UNAVAILABLE
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from bench import postgres
 from bench.common import free_port
-from tests import postgres
 from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, enroll, release, run_serve
 from zfs_unlock_server.errors import (
     EX_CANTCREAT,

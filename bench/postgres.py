@@ -1,4 +1,5 @@
-"""Throwaway PostgreSQL clusters for tests: Debian's server, started by the test itself.
+"""Throwaway PostgreSQL clusters for tests and benchmarks: Debian's server, started by the
+caller itself.
 
 `initdb` in a new temporary directory, as the unprivileged `postgres` user when the
 suite runs as root (PostgreSQL refuses to run as root), listening on 127.0.0.1 and a

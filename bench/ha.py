@@ -1,0 +1,156 @@
+"""Part 2b: the reboot storm against several key-server nodes on one PostgreSQL database,
+with every node up, and with one node killed (kill -9, master and workers) halfway.
+
+The fleet is part 2's: its keys.db is loaded into a new database of a cluster started for
+the run (bench/postgres.py), and each node is a copy of its data directory naming that
+database, as docs/high-availability.md sets nodes up. Each host lists every node, in an
+order rotated by its number (the load generator's storm with several ports), and walks
+the list as the agent walks its [[server]] entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import common, loadgen, postgres, storm
+from zfs_unlock_agent.config import NetworkSettings
+from zfs_unlock_server import config as server_config
+from zfs_unlock_server.config import Layout
+from zfs_unlock_server.pgstore import PgStore
+from zfs_unlock_server.sqlitestore import SqliteStore
+
+
+@dataclass(frozen=True)
+class HaStorm:
+    nodes: int
+    killed_at: float | None  # seconds after the storm's start when node 0 was killed
+    hosts: int
+    served: int
+    failed: int
+    late: int
+    attempts: int
+    makespan: float
+    p50: float
+    p99: float
+    outcomes: dict[str, int]
+    releases: int  # allowed release records in the audit table
+    machine_cpu: float
+    wall: float
+
+
+def nodes_on(
+    cluster: postgres.Cluster, flt: storm.Fleet, count: int, root: Path
+) -> list[common.KeyServer]:
+    """COUNT nodes of FLT's deployment on a new database of CLUSTER."""
+    url = cluster.new_database("storm_" + os.urandom(4).hex())
+    source = SqliteStore(flt.server.data / "keys.db")
+    target = PgStore(url, migrate=True)
+    try:
+        target.load(source.snapshot(), [])
+    finally:
+        source.close()
+        target.close()
+    nodes = []
+    config = (flt.server.data / "server.toml").read_text()
+    for number in range(count):
+        node_root = root / f"node{number}"
+        shutil.copytree(
+            flt.server.data,
+            node_root / "data",
+            ignore=shutil.ignore_patterns("keys.db*", "audit.log", "ratelimit.db*"),
+        )
+        (node_root / "data" / "server.toml").write_text(
+            f"{config.rstrip()}\n\n[database]\nurl = {json.dumps(url)}\n"
+        )
+        nodes.append(common.KeyServer(node_root, reuse=True))
+    return nodes
+
+
+def releases_allowed(node: common.KeyServer) -> int:
+    layout = Layout(node.data)
+    store = PgStore(server_config.load(layout).database.url)
+    try:
+        return sum(
+            1 for line in store.audit_lines() if '"event":"release"' in line and '"ok"' in line
+        )
+    finally:
+        store.close()
+
+
+def kill(node: common.KeyServer) -> None:
+    if node.process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def serving(nodes: Sequence[common.KeyServer], workers: int) -> Iterator[list[int]]:
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(node.serving(workers)).port for node in nodes]
+        yield ports
+
+
+def run(
+    flt: storm.Fleet,
+    nodes: Sequence[common.KeyServer],
+    pauses: Callable[[], Sequence[float]],
+    work: Path,
+    network: NetworkSettings,
+    kill_after: float | None,
+    workers: int,
+) -> HaStorm:
+    """One storm of every host of FLT against NODES; with KILL_AFTER, node 0 is killed
+    that many seconds after the storm's start."""
+    plan = storm.hosts_file(work / "storm-ha.hosts", flt.hosts, flt.requests, pauses)
+    before = releases_allowed(nodes[0])
+    common.raise_fd_limit()
+    killed_at = None
+    with serving(nodes, workers) as ports:
+        # The load generator starts every host 1 s plus 1 s per 20,000 hosts after launch.
+        start = time.monotonic() + 1.0 + len(flt.hosts) / 20000.0
+        timer = None
+        if kill_after is not None:
+            killed_at = kill_after
+            timer = threading.Timer(start + kill_after - time.monotonic(), kill, (nodes[0],))
+            timer.start()
+        machine_before = common.machine_cpu_seconds()
+        result = loadgen.run(
+            "storm",
+            ports,
+            [
+                plan,
+                network.connect_timeout,
+                network.read_timeout,
+                storm.BOOT_BUDGET,
+                common.pin_hex(flt.server.pin),
+            ],
+        )
+        machine_cpu = common.machine_cpu_seconds() - machine_before
+        if timer is not None:
+            timer.join()
+    out = result.output
+    return HaStorm(
+        nodes=len(nodes),
+        killed_at=killed_at,
+        hosts=int(out["hosts"]),
+        served=int(out["served"]),
+        failed=int(out["failed"]),
+        late=int(out["late"]),
+        attempts=int(out["attempts"]),
+        makespan=float(out["makespan_s"]),
+        p50=float(out["p50_s"]),
+        p99=float(out["p99_s"]),
+        outcomes={k: int(v) for k, v in out["outcomes"].items()},
+        releases=releases_allowed(nodes[0]) - before,
+        machine_cpu=machine_cpu,
+        wall=result.wall_seconds,
+    )
