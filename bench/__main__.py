@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import os
@@ -21,14 +22,39 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import agent, baselines, common, loadgen, memory, report, storm, throughput
+from bench import (
+    agent,
+    baselines,
+    common,
+    ha,
+    loadgen,
+    memory,
+    postgres,
+    report,
+    storm,
+    throughput,
+)
 from bench.results import Results, load, save
 from zfs_unlock_server.serve import default_workers
 
 # Part 1 makes every request with one host's certificate: its bucket must not be what
 # is measured. The limiter still runs (a shared SQLite update per request).
 STEADY_LIMITS = {"per_certificate_burst": 1e6, "per_certificate_rate": 1e6}
-PACKAGES = ("nginx", "tang", "clevis", "jose", "curl", "openssl", "libssl3", "systemd")
+PACKAGES = (
+    "nginx",
+    "tang",
+    "clevis",
+    "jose",
+    "curl",
+    "openssl",
+    "libssl3",
+    "systemd",
+    "postgresql-15",
+)
+# Part 2b: nodes of one deployment on one PostgreSQL cluster, on this machine's cores.
+HA_NODES = 3
+HA_WORKERS = 2  # per node: six in all on two cores, beside PostgreSQL and the load generator
+PG_CONF = "max_connections = 100\n"
 
 
 @dataclass(frozen=True)
@@ -71,56 +97,77 @@ def commit() -> str:
 def measure(settings: Settings, work: Path) -> Results:
     started = time.monotonic()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    step("part 1: releases per second (key server, nginx, tangd, Python floor, interleaved)")
     ours = common.KeyServer(work / "keyserver", rate_limits=STEADY_LIMITS)
     host = ours.add_hosts(["steady"])[0]
     requests = work / "requests"
     requests.mkdir()
     client = loadgen.Client(host.cert, host.key, common.pin_hex(ours.pin))
-    with contextlib.ExitStack() as stack:
-        serving = stack.enter_context(ours.serving())
-        nginx = stack.enter_context(baselines.nginx(work / "nginx", ours))
-        tang = stack.enter_context(baselines.tangd(work / "tang"))
-        # As many workers as the key server runs by default (serving() passes none).
-        floor_workers = default_workers()
-        floor = stack.enter_context(throughput.python_floor(work / "floor", ours, floor_workers))
-        (requests / "ours.http").write_bytes(common.release_request(host))
-        (requests / "nginx.http").write_bytes(nginx.request())
-        (requests / "tang.http").write_bytes(tang.recovery_request())
-        targets = [
-            throughput.Target("ours", serving.port, requests / "ours.http", client, serving.pids),
-            throughput.Target(
-                "nginx",
-                nginx.port,
-                requests / "nginx.http",
-                client,
-                lambda: [nginx.master_pid, *nginx.worker_pids()],
-            ),
-            throughput.Target("tang", tang.port, requests / "tang.http", None, list),
-            # Only where the targets are judged: it explains a gap, it is not one of them.
-            throughput.Target(
-                "floor",
-                floor.port,
-                requests / "nginx.http",  # it answers any request with 64 bytes
-                client,
-                floor.pids,
-                concurrencies=(max(settings.plan.concurrencies),),
-            ),
-        ]
-        windows = throughput.measure(targets, settings.plan)
-        workers = serving.worker_pids()
-        step("part 3: peak memory of the server's and nginx's workers")
-        peaks = memory.measure(workers, nginx.worker_pids())
-        step("the agent: cold unlocks against clevis and curl")
-        agent_results = agent.run(work / "agent", ours, tang, settings.quick)
-    step(f"part 2: reboot storm of {settings.storm_hosts} hosts")
-    if settings.quick:
-        fleet_root, reuse = work / "storm", False
-    else:
-        fleet_root, reuse = common.BUILD / f"storm-{settings.storm_hosts}", True
-    cached = reuse and (fleet_root / "complete").exists()
-    fleet = storm.fleet(settings.storm_hosts, fleet_root, reuse)
-    storms = storm.measure(fleet, work, secrets.randbits(32), settings.storm_rounds)
+    # One PostgreSQL cluster for the run: part 1's node on it, the audit volume, part 2b.
+    with postgres.cluster(PG_CONF) as cluster:
+        # The same deployment on PostgreSQL, one node: its keys.db loaded into a database.
+        pg_node = ha.copies_on(cluster, ours, 1, work / "pg")[0]
+        step(
+            "part 1: releases per second (key server on SQLite and on PostgreSQL, nginx,"
+            " tangd, Python floor, interleaved)"
+        )
+        with contextlib.ExitStack() as stack:
+            serving = stack.enter_context(ours.serving())
+            pg_serving = stack.enter_context(pg_node.serving())
+            nginx = stack.enter_context(baselines.nginx(work / "nginx", ours))
+            tang = stack.enter_context(baselines.tangd(work / "tang"))
+            # As many workers as the key server runs by default (serving() passes none).
+            floor_workers = default_workers()
+            floor = stack.enter_context(
+                throughput.python_floor(work / "floor", ours, floor_workers)
+            )
+            (requests / "ours.http").write_bytes(common.release_request(host))
+            (requests / "nginx.http").write_bytes(nginx.request())
+            (requests / "tang.http").write_bytes(tang.recovery_request())
+            targets = [
+                throughput.Target(
+                    "ours", serving.port, requests / "ours.http", client, serving.pids
+                ),
+                throughput.Target(
+                    "pg", pg_serving.port, requests / "ours.http", client, pg_serving.pids
+                ),
+                throughput.Target(
+                    "nginx",
+                    nginx.port,
+                    requests / "nginx.http",
+                    client,
+                    lambda: [nginx.master_pid, *nginx.worker_pids()],
+                ),
+                throughput.Target("tang", tang.port, requests / "tang.http", None, list),
+                # Only where the targets are judged: it explains a gap, it is not one of them.
+                throughput.Target(
+                    "floor",
+                    floor.port,
+                    requests / "nginx.http",  # it answers any request with 64 bytes
+                    client,
+                    floor.pids,
+                    concurrencies=(max(settings.plan.concurrencies),),
+                ),
+            ]
+            windows = throughput.measure(targets, settings.plan)
+            workers = serving.worker_pids()
+            step("part 3: peak memory of the server's and nginx's workers")
+            peaks = memory.measure(workers, nginx.worker_pids())
+            step("the agent: cold unlocks against clevis and curl")
+            agent_results = agent.run(work / "agent", ours, tang, settings.quick)
+        step("what check-ins add to the audit trail, in a file and in PostgreSQL")
+        audit_volume = ha.audit_volume(ours, pg_node, host, work)
+        step(f"part 2: reboot storm of {settings.storm_hosts} hosts")
+        if settings.quick:
+            fleet_root, reuse = work / "storm", False
+        else:
+            fleet_root, reuse = common.BUILD / f"storm-{settings.storm_hosts}", True
+        cached = reuse and (fleet_root / "complete").exists()
+        fleet = storm.fleet(settings.storm_hosts, fleet_root, reuse)
+        seed = secrets.randbits(32)
+        storms = storm.measure(fleet, work, seed, settings.storm_rounds)
+        step(f"part 2b: the storm against {HA_NODES} nodes on PostgreSQL, then one killed")
+        ha_results = ha.measure(cluster, fleet, HA_NODES, HA_WORKERS, work / "ha", seed)
+        ha_results = dataclasses.replace(ha_results, audit=audit_volume)
     cores = os.cpu_count() or 1
     return Results(
         quick=settings.quick,
@@ -138,6 +185,7 @@ def measure(settings: Settings, work: Path) -> Results:
         storms=storms,
         agent=agent_results,
         floor_workers=floor_workers,
+        ha=ha_results,
     )
 
 

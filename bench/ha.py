@@ -13,20 +13,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+
 from bench import common, loadgen, postgres, storm
-from zfs_unlock_agent.config import NetworkSettings
+from zfs_unlock_agent.config import DaemonSettings, NetworkSettings
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.pgstore import PgStore
 from zfs_unlock_server.sqlitestore import SqliteStore
+
+
+@dataclass(frozen=True)
+class AuditVolume:
+    """What check-ins add to the audit trail: the agent's daemon checks in every 15 minutes."""
+
+    checkins: int
+    file_bytes: int  # SQLite server: audit.log's growth
+    table_bytes: int  # PostgreSQL: pg_total_relation_size('audit')'s growth, indexes included
+
+    def per_thousand_hosts_a_day(self, size: int) -> float:
+        return size / self.checkins * CHECKINS_A_DAY * 1000 if self.checkins else 0.0
+
+
+CHECKINS_A_DAY = int(86400 / DaemonSettings().checkin_interval)
 
 
 @dataclass(frozen=True)
@@ -51,8 +70,16 @@ def nodes_on(
     cluster: postgres.Cluster, flt: storm.Fleet, count: int, root: Path
 ) -> list[common.KeyServer]:
     """COUNT nodes of FLT's deployment on a new database of CLUSTER."""
-    url = cluster.new_database("storm_" + os.urandom(4).hex())
-    source = SqliteStore(flt.server.data / "keys.db")
+    return copies_on(cluster, flt.server, count, root)
+
+
+def copies_on(
+    cluster: postgres.Cluster, server: common.KeyServer, count: int, root: Path
+) -> list[common.KeyServer]:
+    """COUNT nodes of SERVER's deployment (its keys.db loaded into a new database of
+    CLUSTER, its data directory copied once per node, naming that database)."""
+    url = cluster.new_database("bench_" + os.urandom(4).hex())
+    source = SqliteStore(server.data / "keys.db")
     target = PgStore(url, migrate=True)
     try:
         target.load(source.snapshot(), [])
@@ -60,11 +87,11 @@ def nodes_on(
         source.close()
         target.close()
     nodes = []
-    config = (flt.server.data / "server.toml").read_text()
+    config = (server.data / "server.toml").read_text()
     for number in range(count):
         node_root = root / f"node{number}"
         shutil.copytree(
-            flt.server.data,
+            server.data,
             node_root / "data",
             ignore=shutil.ignore_patterns("keys.db*", "audit.log", "ratelimit.db*"),
         )
@@ -154,3 +181,72 @@ def run(
         machine_cpu=machine_cpu,
         wall=result.wall_seconds,
     )
+
+
+@dataclass(frozen=True)
+class HaResults:
+    nodes: int
+    workers: int  # per node
+    storms: list[HaStorm]  # every node up; then one killed halfway through
+    audit: AuditVolume
+
+
+def checkin_request(host: common.Host) -> bytes:
+    body = json.dumps({"machine_id": host.machine_id}, separators=(",", ":")).encode()
+    head = (
+        "POST /v1/checkin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nAccept: application/json\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def audit_volume(
+    sqlite_server: common.KeyServer, pg_node: common.KeyServer, host: common.Host, work: Path
+) -> AuditVolume:
+    """Check-ins of one host for a few seconds against each store; the bytes they added."""
+    request = work / "checkin.http"
+    request.write_bytes(checkin_request(host))
+    client: list[str | Path] = [host.cert, host.key, common.pin_hex(sqlite_server.pin)]
+    log = sqlite_server.data / "audit.log"
+    before = log.stat().st_size
+    with sqlite_server.serving() as serving:
+        done = loadgen.run("steady", serving.port, [8, 0.0, 2.0, request, *client])
+    file_checkins = int(done.output["all_ok"])
+    file_bytes = log.stat().st_size - before
+    url = server_config.load(Layout(pg_node.data)).database.url
+    with psycopg.connect(url, autocommit=True) as conn:
+        size = "SELECT pg_total_relation_size('audit')"
+        table_before = int(conn.execute(size).fetchone()[0])  # type: ignore[index]
+        with pg_node.serving() as serving:
+            done = loadgen.run("steady", serving.port, [8, 0.0, 2.0, request, *client])
+        table_checkins = int(done.output["all_ok"])
+        table_bytes = int(conn.execute(size).fetchone()[0]) - table_before  # type: ignore[index]
+    # Per check-in on each side, expressed for the file's count.
+    per_row = table_bytes / table_checkins if table_checkins else 0.0
+    return AuditVolume(file_checkins, file_bytes, round(per_row * file_checkins))
+
+
+def measure(
+    cluster: postgres.Cluster, flt: storm.Fleet, count: int, workers: int, work: Path, seed: int
+) -> HaResults:
+    """Two storms of FLT against COUNT nodes: every node up, then node 0 killed at half
+    the first storm's length. The audit volume is measured apart (audit_volume)."""
+    network = NetworkSettings()
+    jitter = random.Random(seed).random  # noqa: S311 - backoff jitter, as the agent draws it
+    work.mkdir(parents=True, exist_ok=True)
+    nodes = nodes_on(cluster, flt, count, work)
+
+    def pauses() -> list[float]:
+        return storm.agent_pauses(network, storm.BOOT_BUDGET, jitter)
+
+    runs = [run(flt, nodes, pauses, work, network, None, workers)]
+    halfway = (runs[0].makespan or storm.BOOT_BUDGET) / 2
+    runs.append(run(flt, nodes, pauses, work, network, halfway, workers))
+    for result in runs:
+        print(
+            f"   {count} nodes{'' if result.killed_at is None else ', one killed'}:"
+            f" {result.served} of {result.hosts} served, the last after {result.makespan:.1f} s",
+            file=sys.stderr,
+        )
+    return HaResults(count, workers, runs, AuditVolume(0, 0, 0))

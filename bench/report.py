@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import agent, storm
+from bench import agent, ha, storm
 from bench.common import REPO, ratio, summarize
 from bench.results import Results
 from bench.throughput import Window
@@ -32,6 +32,11 @@ MIN_OURS_VS_NGINX = 0.8  # releases per second at the highest concurrency
 MAX_P99_VS_NGINX = 2.0
 MIN_OURS_VS_TANG = 3.0
 MAX_STORM_VS_STEADY = 1.25  # storm makespan against hosts / steady throughput
+MAX_STORM_CPU_VS_STEADY = 1.1  # the server's CPU per release, storm against steady
+# One node on PostgreSQL against one on SQLite, at the highest concurrency (part 1).
+PG = "pg"
+MIN_PG_VS_SQLITE = 0.8
+MAX_PG_P99_VS_SQLITE = 1.5
 
 
 # Selections and arithmetic
@@ -170,7 +175,48 @@ def verdicts(results: Results) -> list[Verdict]:
             failed == 0 and slowdown <= MAX_STORM_VS_STEADY,
         ),
     ]
+    steady_cpu = median_or_nan(finite(series(results.windows, "ours", top, server_cpu_per_release)))
+    storm_cpu = median_or_nan([r.server_cpu / r.served for r in runs if r.served])
+    found.append(
+        Verdict(
+            f"server CPU per release in the storm <= {MAX_STORM_CPU_VS_STEADY:g}x steady (c={top})",
+            f"{storm_cpu * 1000:.2f} ms against {steady_cpu * 1000:.2f} ms ="
+            f" {ratio(storm_cpu, steady_cpu):.2f}x",
+            ratio(storm_cpu, steady_cpu) <= MAX_STORM_CPU_VS_STEADY,
+        )
+    )
+    found += ha_verdicts(results)
     found += agent_verdicts(results.agent)
+    return found
+
+
+def ha_verdicts(results: Results) -> list[Verdict]:
+    if results.ha is None:
+        return []
+    top = saturation(results)
+    vs = summarize(round_ratios(results.windows, PG, "ours", top, rate))
+    p99_vs = summarize(round_ratios(results.windows, PG, "ours", top, p99))
+    found = [
+        Verdict(
+            f"releases/s at c={top}: a node on PostgreSQL >= {MIN_PG_VS_SQLITE:g}x one on SQLite",
+            vs.text("x", 2),
+            vs.median >= MIN_PG_VS_SQLITE,
+        ),
+        Verdict(
+            f"p99 latency at c={top}: on PostgreSQL <= {MAX_PG_P99_VS_SQLITE:g}x on SQLite",
+            p99_vs.text("x", 2),
+            p99_vs.median <= MAX_PG_P99_VS_SQLITE,
+        ),
+    ]
+    for run in results.ha.storms:
+        how = "every node up" if run.killed_at is None else "one killed halfway"
+        found.append(
+            Verdict(
+                f"storm of {run.hosts} hosts on {run.nodes} nodes, {how}: every host served",
+                f"{run.served} of {run.hosts}, the last after {run.makespan:.1f} s",
+                run.served == run.hosts and run.failed == 0,
+            )
+        )
     return found
 
 
@@ -731,14 +777,164 @@ def scale_section(results: Results) -> str:
             f"A fleet of {FLEET:,} hosts that all reboot at once (a power cut) so needs"
             f" {FLEET:,} / {s.hosts_per_server:,} = {s.servers} servers of this size to unlock"
             f" every host within {s.budget:g} s, and {s.servers + 1} to survive losing one."
-            " Servers do not replicate each other, so the fleet is partitioned: each host is"
-            " enrolled on one server. To survive losing a server, each host's keys must also"
-            " be held by a second one (imported there with `zfs-unlock-server key create"
-            " --import`, that server listed second in the host's agent.toml: the agent tries"
-            " them in order), the second copies spread over the other servers. This counts"
-            " CPU only; the network and the disks that sync every audit record come on top."
+            " Servers on SQLite do not share their state, so such a fleet is partitioned:"
+            " each host is enrolled on one server. Nodes on one PostgreSQL database share it"
+            " (below). This counts CPU only; the network and the disks that sync every audit"
+            " record come on top."
         )
+    text += ha_scale(results, s)
     return "## Scale beyond one machine\n\n" + text
+
+
+def ha_scale(results: Results, s: Scale) -> str:
+    """What nodes on PostgreSQL, and the database, a fleet of FLEET hosts needs, from the
+    CPU per release that part 1 measured on PostgreSQL."""
+    if results.ha is None:
+        return ""
+    top = saturation(results)
+    windows = [w for w in results.windows if w.system == PG and w.concurrency == top]
+    if not windows:
+        return ""
+    node_cpu = median_or_nan(finite([server_cpu_per_release(w) for w in windows]))
+    # Everything the machine did per release but the node and the load generator: the
+    # database's backends (and the kernel's loopback networking, counted with them).
+    database_cpu = median_or_nan(
+        finite(
+            [(w.machine_cpu - (w.server_cpu or 0.0) - w.loadgen_cpu) / w.all_ok for w in windows]
+        )
+    )
+    needed = FLEET / s.budget
+    efficiency = s.storm_efficiency or 1.0
+    node_cores = needed * node_cpu / efficiency
+    database_cores = needed * database_cpu / efficiency
+    nodes = math.ceil(node_cores / s.cores) + 1
+    return "\n" + paragraph(
+        f"On PostgreSQL, the fleet is one deployment. A node used {node_cpu * 1000:.2f} ms of"
+        f" its own CPU per release at c={top}, and the database (with the kernel's loopback"
+        f" networking) about {database_cpu * 1000:.2f} ms. {FLEET:,} hosts within"
+        f" {s.budget:g} s are {needed:,.0f} releases per second; at the storm's efficiency of"
+        f" {efficiency:.2f} that is {node_cores:.1f} cores of nodes and {database_cores:.1f}"
+        f" cores of database: {nodes} nodes of {s.cores} cores (one more than needed, to"
+        f" survive losing one), and a database server with {math.ceil(database_cores)} or more"
+        " cores free for the key server, its synchronous standby beside it. The commits are"
+        " small and group well; the disk of the primary and the standby's round trip decide"
+        " whether it keeps up, which this machine does not measure."
+    )
+
+
+def ha_section(results: Results) -> str:
+    """Part 1's node on PostgreSQL against the one on SQLite; part 2b's storms; the audit
+    trail's volume."""
+    if results.ha is None:
+        return ""
+    ha_results = results.ha
+
+    def both(clients: int, metric: Callable[[Window], float], digits: int) -> list[str]:
+        return [
+            summary_or_dash(series(results.windows, "ours", clients, metric), "", digits),
+            summary_or_dash(series(results.windows, PG, clients, metric), "", digits),
+            summary_or_dash(round_ratios(results.windows, PG, "ours", clients, metric), "", 2),
+        ]
+
+    rows = [
+        [str(clients), *both(clients, rate, 0), *both(clients, p99, 1)]
+        for clients in results.plan.concurrencies
+    ]
+    top = saturation(results)
+    pg_cpu = median_or_nan(finite(series(results.windows, PG, top, server_cpu_per_release)))
+    sqlite_cpu = median_or_nan(finite(series(results.windows, "ours", top, server_cpu_per_release)))
+    rest = summarize(
+        [
+            shares(w, results.cores)[2]
+            for w in results.windows
+            if w.system == PG and w.concurrency == top
+        ]
+    ).median
+    text = "## Several nodes on PostgreSQL\n\n" + paragraph(
+        "The same deployment as part 1's key server, its keys.db loaded into a PostgreSQL"
+        " database of a cluster started for the run on this machine (Debian's server,"
+        " fsync and synchronous_commit on), served by one node with the same number of"
+        " workers, measured in the same interleaved rounds."
+    )
+    text += "\n" + table(
+        [
+            "clients",
+            "SQLite, requests/s",
+            "PostgreSQL, requests/s",
+            "PostgreSQL / SQLite",
+            "SQLite p99 ms",
+            "PostgreSQL p99 ms",
+            "p99 PostgreSQL / SQLite",
+        ],
+        rows,
+    )
+    text += "\n" + paragraph(
+        f"At c={top} the node on PostgreSQL used {pg_cpu * 1000:.2f} ms of CPU per request in"
+        f" its own processes, against {sqlite_cpu * 1000:.2f} ms on SQLite, and PostgreSQL's"
+        " own backends ran on the same cores: everything but the two servers' and the load"
+        f" generator's processes kept {rest:.0%} of the cores busy while the node was loaded."
+        " Each request makes its round trips to the database (the rate-limit bucket, the"
+        " host, and the release's transaction: its keys, its audit record, commit), each"
+        " paid in CPU by the node's client library and by the database, where SQLite's are"
+        " calls into the same process."
+    )
+    storm_rows = []
+    for run in ha_results.storms:
+        killed = "-" if run.killed_at is None else f"after {run.killed_at:.1f} s"
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(run.outcomes.items()) if v) or "-"
+        storm_rows.append(
+            [
+                killed,
+                f"{run.served} of {run.hosts}",
+                str(run.failed),
+                f"{run.makespan:.1f} s",
+                f"{run.p50:.1f} s",
+                f"{run.p99:.1f} s",
+                str(run.attempts),
+                outcomes,
+                str(run.releases),
+            ]
+        )
+    text += "\n" + paragraph(
+        f"Part 2b: part 2's fleet against {ha_results.nodes} nodes of one deployment on one"
+        f" database, {ha_results.workers} workers each, all on this machine's"
+        f" {results.cores} cores with PostgreSQL and the load generator. Each host lists"
+        " every node, in an order rotated by its number, and walks the list as the agent"
+        " walks its [[server]] entries: a node that refuses or fails is followed by the next"
+        " one at once, and the agent's pause comes after a round in which every node failed."
+        " The second storm kills the first node (kill -9, its master and workers) half the"
+        " first storm's length after the start."
+    )
+    text += "\n" + table(
+        [
+            "node killed",
+            "served within the budget",
+            "failed",
+            "last served",
+            "half served",
+            "99% served",
+            "attempts",
+            "outcomes",
+            "releases audited",
+        ],
+        storm_rows,
+    )
+    volume = ha_results.audit
+    if volume.checkins:
+        per_file = volume.file_bytes / volume.checkins
+        per_row = volume.table_bytes / volume.checkins
+        day = ha.CHECKINS_A_DAY
+        text += "\n" + paragraph(
+            f"Audit volume: every check-in is an audit record, and the agent's daemon checks"
+            f" in {day} times a day. {volume.checkins} check-ins added {per_file:.0f} bytes"
+            f" each to audit.log and {per_row:.0f} bytes each to the audit table (its indexes"
+            f" included): per 1,000 hosts a day, {day * 1000:,} records,"
+            f" {volume.per_thousand_hosts_a_day(volume.file_bytes) / 1e6:.1f} MB of audit.log"
+            f" or {volume.per_thousand_hosts_a_day(volume.table_bytes) / 1e6:.1f} MB of table;"
+            f" for 10,000 hosts, {day * 10_000:,} records a day. logrotate rotates the file;"
+            " audit_retention_days and audit-prune keep the table (docs/high-availability.md)."
+        )
+    return text
 
 
 def changes_section(changes: str) -> str:
@@ -758,6 +954,7 @@ def render(results: Results, changes: str) -> str:
         targets_section(results),
         throughput_section(results),
         storm_section(results),
+        ha_section(results),
         memory_section(results),
         agent.render_markdown(results.agent),
         scale_section(results),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.agent import AgentResults
+from bench.ha import HaResults
 from bench.memory import Memory
 from bench.storm import Storms
 from bench.throughput import Plan, Window
@@ -34,6 +35,9 @@ class Results:
     storms: Storms
     agent: AgentResults
     floor_workers: int = 0  # bench/pyfloor.py's processes; 0 in runs saved before it
+    # Several nodes on PostgreSQL (bench/ha.py); None in runs saved before it. The steady
+    # windows of a node on PostgreSQL are among `windows`, system "pg".
+    ha: HaResults | None = None
 
 
 def save(results: Results, path: Path) -> None:

@@ -273,7 +273,7 @@ class Admin:
             )
         bundle = HostBundle.open(issue_into) if isinstance(issue_into, Path) else issue_into
         try:
-            return self._add_host(
+            added = self._add_host(
                 NewHost(
                     name, machine_id, tuple(networks), tuple(dict.fromkeys(pools)), deadman_timeout
                 ),
@@ -284,6 +284,9 @@ class Admin:
             if isinstance(issue_into, Path) and bundle is not None:
                 bundle.discard()
             raise
+        if isinstance(issue_into, Path) and bundle is not None:
+            bundle.close()  # opened here: closed here (a fleet's worth would run out of fds)
+        return added
 
     def _add_host(
         self, new: NewHost, csr_pem: bytes | None, bundle: HostBundle | None

@@ -93,10 +93,14 @@ class HostBundle:
     def files(self) -> list[OutputFile]:
         return [self.key, self.cert]
 
-    def discard(self) -> None:
-        """Remove what open() made (the command that owns it failed)."""
+    def close(self) -> None:
+        """Keep what was written; let go of the files."""
         for output in self.files():
             output.close()
+
+    def discard(self) -> None:
+        """Remove what open() made (the command that owns it failed)."""
+        self.close()
         _remove([f.path for f in self.files()], self.made_dirs)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from bench import report
 from bench.agent import AgentResults
+from bench.ha import AuditVolume, HaResults, HaStorm
 from bench.memory import Memory
 from bench.results import Results, load, save
 from bench.storm import Storm, Storms
@@ -371,3 +372,64 @@ def test_a_results_file_saved_before_the_floor_still_renders(tmp_path: Path) -> 
     old = load(path)
     assert old == without_floor(sample())
     assert report.render(old, "x") == report.render(without_floor(sample()), "x")
+
+
+# Several nodes on PostgreSQL
+
+
+def with_ha(results: Results, pg_rates: list[float], killed_served: int = 10_000) -> Results:
+    """RESULTS with a node on PostgreSQL at c=64 (PG_RATES per round, p99 as SQLite's x2)
+    and part 2b's two storms."""
+    pg = [
+        dataclasses.replace(window("ours", 64, round_ + 1, rate), system="pg")
+        for round_, rate in enumerate(pg_rates)
+    ]
+    pg = [dataclasses.replace(w, p99_ms=w.p99_ms * 2) for w in pg]
+
+    def ha_storm(killed_at: float | None, served: int) -> HaStorm:
+        return HaStorm(3, killed_at, 10_000, served, 10_000 - served, 0, 15_000, 26.0, 14.0,
+                       25.0, {"ok": served, "connect": 900}, served, 50.0, 40.0)  # fmt: skip
+
+    ha_results = HaResults(
+        3,
+        2,
+        [ha_storm(None, 10_000), ha_storm(13.0, killed_served)],
+        AuditVolume(1000, 240_000, 400_000),
+    )
+    return dataclasses.replace(results, windows=[*results.windows, *pg], ha=ha_results)
+
+
+def test_postgresql_is_judged_against_sqlite_in_each_round() -> None:
+    # SQLite's rates at c=64 are 800, 600, 700: ratios 0.75, 1.0, 0.857 -> median 0.857.
+    verdicts = {v.target: v for v in report.verdicts(with_ha(sample(), [600, 600, 600]))}
+    rate = verdicts["releases/s at c=64: a node on PostgreSQL >= 0.8x one on SQLite"]
+    assert rate.met and rate.measured.startswith("0.86x")
+    p99 = verdicts["p99 latency at c=64: on PostgreSQL <= 1.5x on SQLite"]
+    assert not p99.met and p99.measured.startswith("2.00x")
+    killed = verdicts["storm of 10000 hosts on 3 nodes, one killed halfway: every host served"]
+    assert killed.met
+    missed = report.verdicts(with_ha(sample(), [400, 400, 400], killed_served=9_990))
+    assert [v.met for v in missed if "on 3 nodes" in v.target] == [True, False]
+
+
+def test_the_storms_cpu_per_release_is_judged_against_steady() -> None:
+    # Storm: 20 s of server CPU for 10,000 hosts = 2 ms; steady at c=64: 1 ms.
+    [verdict] = [v for v in report.verdicts(sample()) if "CPU per release" in v.target]
+    assert verdict.measured == "2.00 ms against 1.00 ms = 2.00x" and not verdict.met
+
+
+def test_the_postgresql_section_has_both_stores_the_storms_and_the_audit_volume() -> None:
+    text = report.render(with_ha(sample(), [600, 600, 600]), "")
+    section = text.split("## Several nodes on PostgreSQL")[1].split("\n## ")[0]
+    assert "| 64 | 700 (600-800) | 600 (600-600) | 0.86 (0.75-1.00) |" in section
+    assert "| after 13.0 s | 10000 of 10000 |" in section
+    prose = " ".join(section.split())
+    assert "240 bytes each to audit.log and 400 bytes each to the audit table" in prose
+    assert "96,000 records, 23.0 MB of audit.log or 38.4 MB of table" in prose
+    assert "## Several nodes on PostgreSQL" not in report.render(sample(), "")
+
+
+def test_results_with_postgresql_survive_a_save_and_load(tmp_path: Path) -> None:
+    results = with_ha(sample(), [600, 600, 600])
+    save(results, tmp_path / "results.json")
+    assert load(tmp_path / "results.json") == results

@@ -60,7 +60,13 @@ def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path
     assert "release 200" in storm["server's audit events"][0]
 
     verdicts = table_after(text, "## Targets")[1:]
-    assert len(verdicts) == 8
+    assert len(verdicts) == 13
     assert all(row[2] in {"met", "**missed**"} for row in verdicts)
     by_target = {row[0]: row[2] for row in verdicts}
     assert by_target["storm of 200 hosts: every host served, none failed"] == "met"
+    # Several nodes on PostgreSQL: the node of part 1 measured, the storms served.
+    ha_rates = table_after(text, "## Several nodes on PostgreSQL")[1:]
+    assert re.fullmatch(SUMMARY, ha_rates[-1][2]) and float(ha_rates[-1][2].split()[0]) > 0
+    on_nodes = [t for t in by_target if "on 3 nodes" in t]
+    assert [by_target[t] for t in on_nodes] == ["met", "met"], on_nodes
+    assert re.search(r"per 1,000 hosts a day, 96,000 records, \d+\.\d MB of audit.log", prose)
