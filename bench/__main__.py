@@ -26,6 +26,7 @@ from bench import (
     agent,
     baselines,
     common,
+    curlstorm,
     ha,
     loadgen,
     memory,
@@ -165,9 +166,11 @@ def measure(settings: Settings, work: Path) -> Results:
         fleet = storm.fleet(settings.storm_hosts, fleet_root, reuse)
         seed = secrets.randbits(32)
         storms = storm.measure(fleet, work, seed, settings.storm_rounds)
+        step("part 2c: the same storm driven by Debian's curl, on one node")
+        curl_storm = curlstorm.run(fleet, work / "curl")
         step(f"part 2b: the storm against {HA_NODES} nodes on PostgreSQL, then one killed")
         ha_results = ha.measure(cluster, fleet, HA_NODES, HA_WORKERS, work / "ha", seed)
-        ha_results = dataclasses.replace(ha_results, audit=audit_volume)
+        ha_results = dataclasses.replace(ha_results, audit=audit_volume, curl=curl_storm)
     cores = os.cpu_count() or 1
     return Results(
         quick=settings.quick,

@@ -26,6 +26,7 @@ from pathlib import Path
 import psycopg
 
 from bench import common, loadgen, postgres, storm
+from bench.curlstorm import CurlStorm
 from zfs_unlock_agent.config import DaemonSettings, NetworkSettings
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.config import Layout
@@ -189,6 +190,7 @@ class HaResults:
     workers: int  # per node
     storms: list[HaStorm]  # every node up; then one killed halfway through
     audit: AuditVolume
+    curl: CurlStorm | None = None  # part 2c: the one-node storm, driven by curl
 
 
 def checkin_request(host: common.Host) -> bytes:

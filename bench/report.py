@@ -208,6 +208,17 @@ def ha_verdicts(results: Results) -> list[Verdict]:
             p99_vs.median <= MAX_PG_P99_VS_SQLITE,
         ),
     ]
+    curl = results.ha.curl
+    if curl is not None:
+        ideal = storm_ideal(results)
+        found.append(
+            Verdict(
+                f"storm driven by curl done within {MAX_STORM_VS_STEADY:g}x hosts / steady rate",
+                f"{curl.served} of {curl.hosts} served, {curl.makespan:.1f} s ="
+                f" {ratio(curl.makespan, ideal):.2f}x {ideal:.1f} s",
+                curl.served == curl.hosts and ratio(curl.makespan, ideal) <= MAX_STORM_VS_STEADY,
+            )
+        )
     for run in results.ha.storms:
         how = "every node up" if run.killed_at is None else "one killed halfway"
         found.append(
@@ -919,6 +930,19 @@ def ha_section(results: Results) -> str:
         ],
         storm_rows,
     )
+    curl = ha_results.curl
+    if curl is not None:
+        text += "\n" + paragraph(
+            f"Part 2c: part 2's storm against the one node on SQLite, driven not by our load"
+            f" generator but by Debian's curl {curl.version}: each host one transfer of curl's"
+            f" parallel mode ({curl.processes} processes of at most 300 transfers, started"
+            " together) with its own certificate and key, the pin (--pinnedpubkey), and"
+            " curl's own retries (--retry-all-errors: pauses of 1 s doubling, Retry-After"
+            f" honoured) within the {results.storms.budget:g} s budget. {curl.served} of"
+            f" {curl.hosts} transfers ended with 200, the last curl after"
+            f" {curl.makespan:.1f} s: {ratio(curl.makespan, storm_ideal(results)):.2f}x the"
+            f" {storm_ideal(results):.1f} s that the steady rate at c={top} predicts."
+        )
     volume = ha_results.audit
     if volume.checkins:
         per_file = volume.file_bytes / volume.checkins

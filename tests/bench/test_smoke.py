@@ -60,7 +60,7 @@ def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path
     assert "release 200" in storm["server's audit events"][0]
 
     verdicts = table_after(text, "## Targets")[1:]
-    assert len(verdicts) == 13
+    assert len(verdicts) == 14
     assert all(row[2] in {"met", "**missed**"} for row in verdicts)
     by_target = {row[0]: row[2] for row in verdicts}
     assert by_target["storm of 200 hosts: every host served, none failed"] == "met"
