@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -514,3 +515,33 @@ def test_migrate_store_does_not_switch_when_a_copied_key_does_not_open(
     assert "keys that open under the master key in PostgreSQL: 2 of 3" in out
     assert "does not match" in err
     assert (server.data_dir / "server.toml").read_text() == before
+
+
+MDWE_SCRIPT = """
+import ctypes, sys
+from zfs_unlock_server.pgstore import PgStore
+libc = ctypes.CDLL(None, use_errno=True)
+# PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN: what the unit's MemoryDenyWriteExecute=yes enforces.
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(f"prctl: errno {ctypes.get_errno()}")
+store = PgStore(sys.argv[1], migrate=True)
+print(store.counts(), store.host_states())
+store._connection().execute("DO $$ BEGIN RAISE NOTICE 'a notice: a callback'; END $$")
+store.close()
+"""
+
+
+def test_the_postgresql_store_works_where_memory_may_not_be_writable_and_executable(
+    pg_cluster: postgres.Cluster,
+) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes; Debian's psycopg calls libpq through ctypes
+    (scripts/floor.sh runs this on it), whose callbacks must not need such memory."""
+    done = subprocess.run(
+        [sys.executable, "-c", MDWE_SCRIPT, new_database(pg_cluster)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(0, 0) {}"
