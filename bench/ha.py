@@ -165,19 +165,10 @@ def run(
         machine_cpu = common.machine_cpu_seconds() - machine_before
         if timer is not None:
             timer.join()
-    out = result.output
     return HaStorm(
         nodes=len(nodes),
         killed_at=killed_at,
-        hosts=int(out["hosts"]),
-        served=int(out["served"]),
-        failed=int(out["failed"]),
-        late=int(out["late"]),
-        attempts=int(out["attempts"]),
-        makespan=float(out["makespan_s"]),
-        p50=float(out["p50_s"]),
-        p99=float(out["p99_s"]),
-        outcomes={k: int(v) for k, v in out["outcomes"].items()},
+        **storm.counts(result.output),
         releases=releases_allowed(nodes[0]) - before,
         machine_cpu=machine_cpu,
         wall=result.wall_seconds,

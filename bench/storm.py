@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import common, loadgen
 from zfs_unlock_agent.config import DaemonSettings, NetworkSettings
@@ -154,6 +155,21 @@ def audit_events(log: Path, offset: int) -> dict[str, int]:
     return counts
 
 
+def counts(out: dict[str, Any]) -> dict[str, Any]:
+    """The load generator's answer to a storm, as the fields Storm and ha.HaStorm share."""
+    return {
+        "hosts": int(out["hosts"]),
+        "served": int(out["served"]),
+        "failed": int(out["failed"]),
+        "late": int(out["late"]),
+        "attempts": int(out["attempts"]),
+        "makespan": float(out["makespan_s"]),
+        "p50": float(out["p50_s"]),
+        "p99": float(out["p99_s"]),
+        "outcomes": {k: int(v) for k, v in out["outcomes"].items()},
+    }
+
+
 def run(
     flt: Fleet,
     policy: str,
@@ -190,20 +206,12 @@ def run(
     out = result.output
     return Storm(
         policy=policy,
-        hosts=int(out["hosts"]),
-        served=int(out["served"]),
-        failed=int(out["failed"]),
-        late=int(out["late"]),
-        attempts=int(out["attempts"]),
-        makespan=float(out["makespan_s"]),
-        p50=float(out["p50_s"]),
-        p99=float(out["p99_s"]),
+        **counts(out),
         gave_up=(
             float(out["gave_up_min_s"]),
             float(out["gave_up_p50_s"]),
             float(out["gave_up_max_s"]),
         ),
-        outcomes={k: int(v) for k, v in out["outcomes"].items()},
         audit=audit_events(audit_log, offset),
         worker_peak_kib=peaks,
         server_cpu=server_cpu,
