@@ -38,12 +38,14 @@ from zfs_unlock_server.errors import (
 from zfs_unlock_server.ratelimit import BucketPolicy
 from zfs_unlock_server.store import (
     KEY_COLUMNS,
+    KEY_INSERT_COLUMNS,
     Certificate,
     Host,
     KeyRecord,
     NewHost,
     Snapshot,
     host_of,
+    key_values,
 )
 
 # libpq's password file as a systemd credential: $CREDENTIALS_DIRECTORY/pgpass.
@@ -286,18 +288,9 @@ class PgStore:
             ) as copy:
                 for c in snapshot.certificates:
                     copy.write_row((c.fingerprint, c.host_id, c.not_after, c.created_at))
-            with cursor.copy(
-                "COPY keys (key_id, host_id, pool_guid, dataset_guid, legacy_name, dataset,"
-                " keyformat, state, origin, sealed, created_at, updated_at) FROM STDIN"
-            ) as copy:
+            with cursor.copy(f"COPY keys ({KEY_INSERT_COLUMNS}) FROM STDIN") as copy:
                 for k in snapshot.keys:
-                    copy.write_row(
-                        (
-                            k.key_id, k.host_id, k.pool_guid, k.dataset_guid, k.legacy_name,
-                            k.dataset, k.keyformat, k.state, k.origin, k.sealed, k.created_at,
-                            k.updated_at,
-                        )
-                    )  # fmt: skip
+                    copy.write_row(key_values(k))
             cursor.executemany(
                 "INSERT INTO meta (name, value) VALUES (%s, %s)", list(snapshot.meta.items())
             )
@@ -465,26 +458,9 @@ class PgStore:
         try:
             with self._session(write=True) as conn, conn.cursor() as cursor:
                 cursor.executemany(
-                    "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, legacy_name,"
-                    " dataset, keyformat, state, origin, sealed, created_at, updated_at)"
+                    f"INSERT INTO keys ({KEY_INSERT_COLUMNS})"  # noqa: S608 (constants)
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            r.key_id,
-                            r.host_id,
-                            r.pool_guid,
-                            r.dataset_guid,
-                            r.legacy_name,
-                            r.dataset,
-                            r.keyformat,
-                            r.state,
-                            r.origin,
-                            r.sealed,
-                            r.created_at,
-                            r.updated_at,
-                        )
-                        for r in records
-                    ],
+                    [key_values(r) for r in records],
                 )
         except psycopg.errors.UniqueViolation:
             raise Conflict("that dataset already has a key") from None

@@ -18,12 +18,14 @@ from zfs_unlock_server import schema
 from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
 from zfs_unlock_server.store import (
     KEY_COLUMNS,
+    KEY_INSERT_COLUMNS,
     Certificate,
     Host,
     KeyRecord,
     NewHost,
     Snapshot,
     host_of,
+    key_values,
 )
 
 
@@ -263,26 +265,9 @@ class SqliteStore:
         with self._write() as db:
             try:
                 db.executemany(
-                    "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, legacy_name,"
-                    " dataset, keyformat, state, origin, sealed, created_at, updated_at)"
+                    f"INSERT INTO keys ({KEY_INSERT_COLUMNS})"  # noqa: S608 (constants)
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r.key_id,
-                            r.host_id,
-                            r.pool_guid,
-                            r.dataset_guid,
-                            r.legacy_name,
-                            r.dataset,
-                            r.keyformat,
-                            r.state,
-                            r.origin,
-                            r.sealed,
-                            r.created_at,
-                            r.updated_at,
-                        )
-                        for r in records
-                    ],
+                    [key_values(r) for r in records],
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("that dataset already has a key") from None

@@ -73,6 +73,30 @@ class Snapshot:
     meta: dict[str, bytes]
 
 
+# The columns an insert into keys writes, and a record's values for them, in that order.
+KEY_INSERT_COLUMNS = (
+    "key_id, host_id, pool_guid, dataset_guid, legacy_name, dataset, keyformat, state, origin,"
+    " sealed, created_at, updated_at"
+)
+
+
+def key_values(r: KeyRecord) -> tuple[str | int | bytes, ...]:
+    return (
+        r.key_id,
+        r.host_id,
+        r.pool_guid,
+        r.dataset_guid,
+        r.legacy_name,
+        r.dataset,
+        r.keyformat,
+        r.state,
+        r.origin,
+        r.sealed,
+        r.created_at,
+        r.updated_at,
+    )
+
+
 # The columns of a KeyRecord, in its order, from keys k joined with hosts h.
 KEY_COLUMNS = """k.key_id, k.host_id, h.name, k.pool_guid, k.dataset_guid, k.legacy_name,
     k.dataset, k.keyformat, k.state, k.origin, k.sealed, k.created_at, k.updated_at"""
