@@ -31,7 +31,6 @@ from zfs_unlock_server import (
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.backupcommands import OWN_DATA_DIR, add_backup_commands
 from zfs_unlock_server.cliargs import whole_number
-from zfs_unlock_server.config import DatabaseConfig
 from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import (
@@ -98,8 +97,10 @@ def cmd_init(args: argparse.Namespace, inputs: AdminInputs) -> int:
     )
     print(f"created {args.data_dir}", file=sys.stderr)
     if args.database:
+        layout = server_config.Layout(args.data_dir)
+        config = server_config.load(layout)
         _say(
-            f"hosts, keys and the audit trail are in {pgstore_describe(args.database)};"
+            f"hosts, keys and the audit trail are in {database.describe(layout, config)};"
             " further nodes take a copy of this data directory"
         )
     if master_key_out:
@@ -118,11 +119,6 @@ def cmd_init(args: argparse.Namespace, inputs: AdminInputs) -> int:
     print(f"server public-key pin (put it in each agent's config): {pin}", file=sys.stderr)
     print(pin)
     return 0
-
-
-def pgstore_describe(url: str) -> str:
-    layout = server_config.Layout(Path("."))
-    return database.describe(layout, server_config.ServerConfig(database=DatabaseConfig(url)))
 
 
 def cmd_migrate(args: argparse.Namespace, inputs: AdminInputs) -> int:

@@ -72,16 +72,14 @@ def open_audit(
 class BucketPlace:
     buckets: Buckets
     clock: Callable[[], float]
-    close: Callable[[], None]
 
 
 def open_buckets(layout: Layout, config: ServerConfig, store: Store) -> BucketPlace:
     """Rate-limit buckets: a file of this server's own, on its monotonic clock; in the
     shared database, on the wall clock that every node reads alike."""
     if config.database.shared:
-        return BucketPlace(_shared(store), time.time, lambda: None)
-    buckets = SqliteBuckets(layout.ratelimit)
-    return BucketPlace(buckets, time.monotonic, buckets.close)
+        return BucketPlace(_shared(store), time.time)
+    return BucketPlace(SqliteBuckets(layout.ratelimit), time.monotonic)
 
 
 def read_audit(layout: Layout, config: ServerConfig) -> Iterable[dict[str, AuditValue]]:

@@ -71,16 +71,23 @@ def migrate(layout: Layout, config: ServerConfig, url: str, sealer: Sealer) -> R
                 " copies into an empty database only"
             )
         log = server_config.audit_path(layout, config)
-        target.load(snapshot, audit_rows(log))
+        copied_lines = 0
+
+        def counted() -> Iterator[tuple[str, str]]:
+            nonlocal copied_lines
+            for row in audit_rows(log):
+                copied_lines += 1
+                yield row
+
+        target.load(snapshot, counted())
         copied = target.snapshot()
         opened = sum(1 for record in copied.keys if _opens(sealer, record))
-        audit_lines = sum(1 for _ in audit_rows(log))
         report = Report(
             [
                 ("hosts", len(snapshot.hosts), len(copied.hosts)),
                 ("certificates", len(snapshot.certificates), len(copied.certificates)),
                 ("keys", len(snapshot.keys), len(copied.keys)),
-                ("audit records", audit_lines, target.audit_count()),
+                ("audit records", copied_lines, target.audit_count()),
             ],
             opened,
             target.where,
