@@ -7,6 +7,11 @@ budget (--retry-max-time, --max-time). curl runs at most 300 transfers at once p
 process, so the fleet is split over as many processes, all started together. What it
 reports: how many transfers ended with 200, and when the last process finished: the
 storm's length by a clock that owes nothing to bench/loadgen.c.
+
+Its baseline is curl itself, measured in the same run: the fleet's first hosts asking in
+good order, 64 transfers at a time in one process (as part 1's c=64), each its own host
+with its own certificate as in the storm. curl's own cost per transfer is then in both,
+and the ratio of the two rates is what the storm costs the server.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from bench import common, storm
 
 PER_PROCESS = 300  # curl's most parallel transfers per process
+STEADY_HOSTS = 2000  # the baseline's hosts, taken from the fleet's first
+STEADY_PARALLEL = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,24 @@ class CurlStorm:
     makespan: float  # seconds from the start until the last curl exited
     machine_cpu: float
     version: str
+    steady_hosts: int = 0  # the baseline: hosts asked STEADY_PARALLEL at a time
+    steady_served: int = 0
+    steady_seconds: float = 0.0
+    listen_overflows: int = 0  # connections the kernel dropped from the full listen queue
+
+    @property
+    def steady_rate(self) -> float:
+        """Hosts per second that curl had served in good order."""
+        return self.steady_served / self.steady_seconds if self.steady_seconds else 0.0
+
+    @property
+    def storm_rate(self) -> float:
+        return self.served / self.makespan if self.makespan else 0.0
+
+    @property
+    def vs_steady(self) -> float:
+        """The storm's time per host served over the baseline's: at most 1.25 is the goal."""
+        return self.steady_rate / self.storm_rate if self.storm_rate else float("inf")
 
 
 def _quote(value: str | Path) -> str:
@@ -65,31 +90,69 @@ def config(hosts: list[common.Host], port: int, server: common.KeyServer, work: 
 
 
 def run(flt: storm.Fleet, work: Path) -> CurlStorm:
+    """The storm, then the baseline (its hosts have been seen by then, so the baseline
+    skips their dead-man touch: if anything, it is favoured)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "bodies").mkdir(exist_ok=True)
-    server = flt.server
     version = subprocess.run(
         ["curl", "--version"], capture_output=True, text=True, check=True
     ).stdout.split()[1]
     common.raise_fd_limit()
+    hosts = flt.hosts
+    overflows = common.listen_overflows()
+    served, processes, makespan, machine_cpu = _transfers(flt, hosts, PER_PROCESS, work / "storm")
+    overflows = common.listen_overflows() - overflows
+    steady = hosts[: min(STEADY_HOSTS, len(hosts))]
+    steady_served, _, steady_seconds, _ = _transfers(
+        flt, steady, STEADY_PARALLEL, work / "steady", processes=1
+    )
+    return CurlStorm(
+        hosts=len(hosts),
+        served=served,
+        processes=processes,
+        makespan=makespan,
+        machine_cpu=machine_cpu,
+        version=version,
+        steady_hosts=len(steady),
+        steady_served=steady_served,
+        steady_seconds=steady_seconds,
+        listen_overflows=overflows,
+    )
+
+
+def _transfers(
+    flt: storm.Fleet,
+    hosts: list[common.Host],
+    parallel: int,
+    work: Path,
+    processes: int | None = None,
+) -> tuple[int, int, float, float]:
+    """HOSTS' transfers against a freshly started server: PARALLEL at a time in each
+    curl, all at once over as many curls as they need (or PROCESSES). Returns the
+    transfers that ended with 200, the curls, the seconds until the last exited, and the
+    machine's CPU seconds meanwhile."""
+    work.mkdir(parents=True, exist_ok=True)
+    server = flt.server
+    # Full rate-limit buckets, as after a restart of the server (as in storm.run).
+    for stale in server.data.glob("ratelimit.db*"):
+        stale.unlink()
+    share = -(-len(hosts) // processes) if processes else parallel
     with server.serving() as serving:
         files = []
-        for start in range(0, len(flt.hosts), PER_PROCESS):
+        for start in range(0, len(hosts), share):
             path = work / f"curl-{start:05d}.conf"
-            path.write_text(
-                config(flt.hosts[start : start + PER_PROCESS], serving.port, server, work)
-            )
+            path.write_text(config(hosts[start : start + share], serving.port, server, work.parent))
             files.append(path)
         machine_before = common.machine_cpu_seconds()
         started = time.monotonic()
-        processes = [
+        running = [
             subprocess.Popen(
                 [
                     "curl",
                     "--parallel",
                     "--parallel-immediate",
                     "--parallel-max",
-                    str(PER_PROCESS),
+                    str(parallel),
                     "--config",
                     str(path),
                 ],
@@ -98,15 +161,7 @@ def run(flt: storm.Fleet, work: Path) -> CurlStorm:
             )
             for path in files
         ]
-        outputs = [process.communicate(timeout=storm.BOOT_BUDGET * 4)[0] for process in processes]
-        makespan = time.monotonic() - started
+        outputs = [process.communicate(timeout=storm.BOOT_BUDGET * 4)[0] for process in running]
+        seconds = time.monotonic() - started
         machine_cpu = common.machine_cpu_seconds() - machine_before
-    codes = b"".join(outputs).split()
-    return CurlStorm(
-        hosts=len(flt.hosts),
-        served=codes.count(b"200"),
-        processes=len(files),
-        makespan=makespan,
-        machine_cpu=machine_cpu,
-        version=version,
-    )
+    return b"".join(outputs).split().count(b"200"), len(files), seconds, machine_cpu

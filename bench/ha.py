@@ -120,6 +120,27 @@ def kill(node: common.KeyServer) -> None:
             os.killpg(node.process.pid, signal.SIGKILL)
 
 
+class Killer(threading.Thread):
+    """Kills NODE AFTER seconds into the storm, by the start the load generator writes to
+    START_FILE once its hosts are loaded (seconds after launch, for thousands)."""
+
+    def __init__(self, node: common.KeyServer, start_file: Path, after: float) -> None:
+        super().__init__(daemon=True)
+        self.node, self.start_file, self.after = node, start_file, after
+        self.killed_at: float | None = None  # seconds into the storm
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 300
+        while not self.start_file.exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        start = float(self.start_file.read_text())
+        time.sleep(max(0.0, start + self.after - time.monotonic()))
+        kill(self.node)
+        self.killed_at = time.monotonic() - start
+
+
 @contextlib.contextmanager
 def serving(nodes: Sequence[common.KeyServer], workers: int) -> Iterator[list[int]]:
     with contextlib.ExitStack() as stack:
@@ -141,15 +162,12 @@ def run(
     plan = storm.hosts_file(work / "storm-ha.hosts", flt.hosts, flt.requests, pauses)
     before = releases_allowed(nodes[0])
     common.raise_fd_limit()
-    killed_at = None
+    start_file = work / "storm-ha.start"
+    start_file.unlink(missing_ok=True)
+    killer = Killer(nodes[0], start_file, kill_after) if kill_after is not None else None
     with serving(nodes, workers) as ports:
-        # The load generator starts every host 1 s plus 1 s per 20,000 hosts after launch.
-        start = time.monotonic() + 1.0 + len(flt.hosts) / 20000.0
-        timer = None
-        if kill_after is not None:
-            killed_at = kill_after
-            timer = threading.Timer(start + kill_after - time.monotonic(), kill, (nodes[0],))
-            timer.start()
+        if killer is not None:
+            killer.start()
         machine_before = common.machine_cpu_seconds()
         result = loadgen.run(
             "storm",
@@ -161,10 +179,12 @@ def run(
                 storm.BOOT_BUDGET,
                 common.pin_hex(flt.server.pin),
             ],
+            start_file=start_file,
         )
         machine_cpu = common.machine_cpu_seconds() - machine_before
-        if timer is not None:
-            timer.join()
+        if killer is not None:
+            killer.join()
+    killed_at = None if killer is None else killer.killed_at
     return HaStorm(
         nodes=len(nodes),
         killed_at=killed_at,

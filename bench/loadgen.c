@@ -403,6 +403,14 @@ static int storm(int argc, char **argv) {
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, 256 * 1024);
     storm_start = now() + 1.0 + n / 20000.0; /* every thread exists before the first knock */
+    const char *start_file = getenv("LOADGEN_START_FILE");
+    if (start_file) { /* when the storm starts, on CLOCK_MONOTONIC: for whoever acts during it */
+        char tmp[4096];
+        snprintf(tmp, sizeof tmp, "%s.tmp", start_file);
+        FILE *sf = fopen(tmp, "w");
+        if (!sf || fprintf(sf, "%.6f\n", storm_start) < 0 || fclose(sf) != 0 || rename(tmp, start_file) != 0)
+            die(start_file);
+    }
     for (size_t i = 0; i < n; i++)
         if (pthread_create(&hosts[i].thread, &attr, storm_run, &hosts[i])) die("pthread_create");
     unsigned long outcomes[N_OUTCOMES] = {0};

@@ -39,13 +39,21 @@ def binary() -> Path:
     return BINARY
 
 
-def run(mode: str, port: int | Sequence[int], args: Sequence[str | Path | float | int]) -> Run:
-    """PORT: one server; several (storm only): nodes each host tries in turn."""
+def run(
+    mode: str,
+    port: int | Sequence[int],
+    args: Sequence[str | Path | float | int],
+    start_file: Path | None = None,
+) -> Run:
+    """PORT: one server; several (storm only): nodes each host tries in turn. START_FILE
+    (storm only): where the storm's start is written, on time.monotonic()'s clock, once
+    every host is loaded (which takes seconds for thousands)."""
     ports = ",".join(str(p) for p in ([port] if isinstance(port, int) else port))
     argv = [str(binary()), mode, "127.0.0.1", ports, *(str(a) for a in args)]
+    env = {**os.environ, "LOADGEN_START_FILE": str(start_file)} if start_file else None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=err)
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
         # wait4, not wait: the CPU time of this one child.
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start

@@ -284,7 +284,7 @@ class KeyServerApp:
         )
 
     def _rate_limit(self, service: KeyService, limiter: RateLimiter, caller: Caller) -> None:
-        wait = limiter.charge("cert", caller.fingerprint)
+        wait = service.arrive(caller, limiter.charge_of("cert", caller.fingerprint))
         if not wait and service.known_host(caller) is None:
             wait = limiter.charge("addr", caller.source_ip)
         if wait:

@@ -66,6 +66,22 @@ class Buckets(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Charge:
+    """One token to spend from one bucket at one moment. spend() spends it; a store that
+    keeps the buckets itself spends it in the statement that finds the caller's host
+    (store.Store.arrive), one round trip instead of two."""
+
+    buckets: Buckets
+    name: str
+    policy: BucketPolicy
+    now: float
+
+    def spend(self) -> float:
+        """Spend the token; return 0, or the seconds until one exists."""
+        return self.buckets.charge(self.name, self.policy, self.now)
+
+
 class SqliteBuckets:
     def __init__(self, path: Path) -> None:
         # Created private (it lists client fingerprints and addresses); -wal/-shm inherit the mode.
@@ -124,9 +140,12 @@ class RateLimiter:
 
     def charge(self, kind: str, name: str) -> float:
         """Spend a token from bucket KIND:NAME; return 0, or the wait before retrying."""
+        return self.charge_of(kind, name).spend()
+
+    def charge_of(self, kind: str, name: str) -> Charge:
+        """The charge of bucket KIND:NAME now, for the caller to spend at once."""
         now = self._clock()
-        wait = self._buckets.charge(f"{kind}:{name}", self._policies[kind], now)
         self._charges += 1
         if self._charges % PRUNE_EVERY == 0:
             self._buckets.prune(now - self._idle_after)
-        return wait
+        return Charge(self._buckets, f"{kind}:{name}", self._policies[kind], now)

@@ -24,6 +24,7 @@ from zfs_unlock_server.deadman import (
     disable_silent_host,
 )
 from zfs_unlock_server.errors import Conflict, IntegrityError
+from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.sealing import KeyContext, Sealer
 from zfs_unlock_server.store import Host, KeyRecord, Store
 
@@ -136,9 +137,18 @@ class KeyService:
         self.audit.write(self._record(caller, event, decision="deny", reason=reason, **fields))
         return Denied(reason)
 
+    def arrive(self, caller: Caller, charge: Charge) -> float:
+        """Spend the caller's certificate bucket CHARGE and read its host, in one statement
+        where the store keeps the buckets; return the wait the bucket asks (0: go on)."""
+        arrival = self.store.arrive(caller.fingerprint, charge)
+        if not arrival.wait:
+            self._looked_up = (caller.request_id, arrival.host)
+        return arrival.wait
+
     def known_host(self, caller: Caller) -> Host | None:
-        """The caller's host, read once per request: the rate limit asks first, the route's
-        checks use the same answer (a shared database costs a round trip per read)."""
+        """The caller's host, read once per request: arrive() reads it with the rate limit,
+        the route's checks use the same answer (a shared database costs a round trip per
+        read)."""
         if self._looked_up is not None and self._looked_up[0] == caller.request_id:
             return self._looked_up[1]
         host = self.store.host_by_fingerprint(caller.fingerprint)

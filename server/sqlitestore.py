@@ -16,14 +16,17 @@ from pathlib import Path
 
 from zfs_unlock_server import schema
 from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
+from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.store import (
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
+    Arrival,
     Certificate,
     Host,
     KeyRecord,
     NewHost,
     Snapshot,
+    arrive_apart,
     host_of,
     key_values,
 )
@@ -203,6 +206,9 @@ class SqliteStore:
             (fingerprint,),
         ).fetchone()
         return None if row is None else host_of(row)
+
+    def arrive(self, fingerprint: str, charge: Charge) -> Arrival:
+        return arrive_apart(self, fingerprint, charge)  # the buckets are a file of their own
 
     def host_by_machine_id(self, machine_id: str) -> Host | None:
         row = self._db.execute("SELECT * FROM hosts WHERE machine_id = ?", (machine_id,)).fetchone()

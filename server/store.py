@@ -13,6 +13,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from zfs_unlock_server.ratelimit import Charge
+
 
 @dataclass(frozen=True)
 class Host:
@@ -118,6 +120,21 @@ def host_of(row: Any) -> Host:
     )
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """What a request learns before anything else: the wait its certificate's bucket asks
+    (0: go on) and, when it may go on, the caller's host (None: an unknown certificate)."""
+
+    wait: float
+    host: Host | None
+
+
+def arrive_apart(store: Store, fingerprint: str, charge: Charge) -> Arrival:
+    """Store.arrive as two steps: the charge where its buckets are, then the host."""
+    wait = charge.spend()
+    return Arrival(wait, None if wait else store.host_by_fingerprint(fingerprint))
+
+
 class Store(Protocol):
     # (from, to) when opening with migrate=True changed the schema; None otherwise.
     migrated: tuple[int, int] | None
@@ -128,6 +145,11 @@ class Store(Protocol):
     def remove_certificate(self, host_id: int, fingerprint: str) -> None: ...
     def host_by_name(self, name: str) -> Host: ...
     def host_by_fingerprint(self, fingerprint: str) -> Host | None: ...
+    def arrive(self, fingerprint: str, charge: Charge) -> Arrival:
+        """Spend CHARGE (the caller's certificate bucket) and find the host of FINGERPRINT:
+        every request's first read, in one statement where the buckets are this store's."""
+        ...
+
     def host_by_machine_id(self, machine_id: str) -> Host | None: ...
     def hosts(self) -> list[Host]: ...
     def certificates(self, host_id: int) -> list[tuple[str, int]]: ...

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench import postgres
+from bench.common import REPO
 from tests.keyserver import KeyServer
 
 # The key server's two stores. A test module that sets BOTH_STORES = True runs each of
@@ -28,6 +30,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for name, scope in (("store_url", "function"), ("shared_store_url", "module")):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, STORES, indirect=True, scope=scope)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def bench_prepared() -> None:
+    """What the benchmarks' machinery needs, once per session: bench/prepare.sh installs
+    Debian's baselines when they are missing (root on Debian, as in CI) and builds the C
+    helpers (the load generator among them)."""
+    subprocess.run(["bash", "bench/prepare.sh"], cwd=REPO, check=True)
 
 
 @pytest.fixture(scope="session")

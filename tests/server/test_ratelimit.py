@@ -24,6 +24,8 @@ from zfs_unlock_server.ratelimit import (
     retry_after_header,
     take,
 )
+from zfs_unlock_server.sqlitestore import SqliteStore
+from zfs_unlock_server.store import Arrival, NewHost
 
 POOL = "1111111111111111111"
 
@@ -380,3 +382,28 @@ def test_the_limit_lifts_after_retry_after(keyserver: KeyServer) -> None:
         assert wait == 1
         time.sleep(wait + 0.1)
         assert checkin().status_code == 200
+
+
+def test_arriving_spends_the_charge_and_finds_the_host(tmp_path: Path, store_url: str) -> None:
+    """A request's first read: on PostgreSQL the bucket and the host in one statement, on
+    SQLite the bucket file and then the database; the same answers either way."""
+    store: SqliteStore | PgStore
+    if store_url:
+        store = PgStore(store_url, migrate=True)
+        place: Buckets = store
+    else:
+        store = SqliteStore(tmp_path / "keys.db", migrate=True)
+        place = SqliteBuckets(tmp_path / "r.db")
+    try:
+        host = store.add_host(NewHost("web1", "m" * 32, (), (), None), "fp-web1", 2**31)
+        clock = FakeClock()
+        limits = RateLimiter(place, {"cert": BucketPolicy(2.0, 1.0)}, clock=clock)
+        assert store.arrive("fp-web1", limits.charge_of("cert", "fp-web1")) == Arrival(0.0, host)
+        assert store.arrive("fp-other", limits.charge_of("cert", "fp-other")) == Arrival(0.0, None)
+        # The second token of web1's bucket, then a refusal that names the wait and no host.
+        assert store.arrive("fp-web1", limits.charge_of("cert", "fp-web1")).wait == 0.0
+        assert store.arrive("fp-web1", limits.charge_of("cert", "fp-web1")) == Arrival(1.0, None)
+        clock.now += 1.0
+        assert store.arrive("fp-web1", limits.charge_of("cert", "fp-web1")) == Arrival(0.0, host)
+    finally:
+        store.close()
