@@ -510,13 +510,15 @@ class PgStore:
     ) -> dict[tuple[str, str], KeyRecord]:
         if not refs:
             return {}
+        # One (%s, %s) pair per dataset: plain text parameters cost the client library
+        # less than two arrays, and a batch has a handful (one statement per size).
+        pairs = ", ".join(["(%s, %s)"] * len(refs))
         with self._session() as conn:
             rows = conn.execute(
                 f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
                 " WHERE k.host_id = %s AND k.dataset_guid <> ''"
-                " AND (k.pool_guid, k.dataset_guid) IN"
-                " (SELECT * FROM unnest(%s::text[], %s::text[]))",
-                (host_id, [p for p, _ in refs], [d for _, d in refs]),
+                f" AND (k.pool_guid, k.dataset_guid) IN ({pairs})",
+                (host_id, *(part for ref in refs for part in ref)),
             ).fetchall()
         return {(r["pool_guid"], r["dataset_guid"]): _key(r) for r in rows}
 
