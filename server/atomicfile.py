@@ -10,13 +10,17 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from zfs_unlock_server.errors import CannotCreate, WriteFailed
 
 
-def write_whole(path: Path, data: bytes, mode: int = 0o600, replace: bool = False) -> None:
-    """Create PATH with DATA and MODE; an existing PATH is refused unless REPLACE."""
+def write_whole(
+    path: Path, data: bytes | Iterable[bytes], mode: int = 0o600, replace: bool = False
+) -> None:
+    """Create PATH with DATA (bytes, or chunks of them as they are made) and MODE; an
+    existing PATH is refused unless REPLACE."""
     directory = path.parent
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -28,9 +32,10 @@ def write_whole(path: Path, data: bytes, mode: int = 0o600, replace: bool = Fals
     try:
         try:
             os.fchmod(fd, mode)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in [data] if isinstance(data, bytes) else data:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

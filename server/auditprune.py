@@ -10,9 +10,11 @@ SQLite's audit.log is not pruned here: it is a file, rotated by logrotate.
 from __future__ import annotations
 
 import datetime
-import gzip
 import hashlib
+import itertools
 import json
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from zfs_unlock_server.admin import actor
 from zfs_unlock_server.config import Layout, ServerConfig
 
 DAY = 86400
+GZIP_WINDOW = 16 + zlib.MAX_WBITS  # zlib's gzip container
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,30 @@ def _ts(line: str) -> str:
     return str(value)
 
 
+class Export:
+    """What went into an export, counted as it is written: a day of a large fleet is a
+    million records, so they are compressed and written as they are read, never held."""
+
+    def __init__(self, first: str) -> None:
+        self.first = self.last = first
+        self.records = 0
+        self.digest = hashlib.sha256()
+
+    def gzipped(self, lines: Iterable[str]) -> Iterator[bytes]:
+        """LINES as a gzip member (no name, time 0), in chunks, counted and digested."""
+        packer = zlib.compressobj(9, zlib.DEFLATED, GZIP_WINDOW)
+        for line in lines:
+            self.records += 1
+            self.last = line
+            chunk = packer.compress(line.encode("ascii") + b"\n")
+            if chunk:
+                self.digest.update(chunk)
+                yield chunk
+        tail = packer.flush()
+        self.digest.update(tail)
+        yield tail
+
+
 def prune(layout: Layout, config: ServerConfig, export_dir: Path, now: float) -> Pruned:
     """Export and delete what is older than the retention; Pruned(0, None) when it is off."""
     if not config.database.shared:
@@ -57,16 +84,18 @@ def prune(layout: Layout, config: ServerConfig, export_dir: Path, now: float) ->
     store = database.open_shared_store(layout, config)
     try:
         audit = database.open_audit(layout, config, store)
-        with store.expiring_audit(now - days * DAY) as lines:
-            if lines is None:
+        with store.expiring_audit(now - days * DAY) as records:
+            if records is None:
                 return Pruned(0, None, "another node is pruning the audit table now; nothing done")
-            if not lines:
+            lines = iter(records)
+            first = next(lines, None)
+            if first is None:
                 return Pruned(
                     0, None, f"no audit record is older than {days} day(s); nothing to do"
                 )
-            data = gzip.compress(("\n".join(lines) + "\n").encode("ascii"), mtime=0)
+            export = Export(first)
             path = export_dir / f"audit-{_stamp(now - days * DAY)}-exported-{_stamp(now)}.jsonl.gz"
-            atomicfile.write_whole(path, data, 0o600)
+            atomicfile.write_whole(path, export.gzipped(itertools.chain([first], lines)), 0o600)
             # In the transaction that deletes: recorded if, and only if, they are gone.
             audit.write(
                 {
@@ -74,13 +103,13 @@ def prune(layout: Layout, config: ServerConfig, export_dir: Path, now: float) ->
                     "decision": "allow",
                     "actor": actor(),
                     "file": str(path),
-                    "records": len(lines),
-                    "first": _ts(lines[0]),
-                    "last": _ts(lines[-1]),
-                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "records": export.records,
+                    "first": _ts(export.first),
+                    "last": _ts(export.last),
+                    "sha256": export.digest.hexdigest(),
                     "retention_days": days,
                 }
             )
-        return Pruned(len(lines), path)
+        return Pruned(export.records, path)
     finally:
         store.close()

@@ -55,6 +55,7 @@ PASSFILE_CREDENTIAL = "pgpass"
 # One number for every node's migrate: the second waits, then finds nothing to do.
 MIGRATION_LOCK = 0x7A75_6173_6368_656D
 PRUNE_LOCK = MIGRATION_LOCK + 1  # one node at a time exports and deletes old audit records
+EXPORT_BATCH = 10_000  # audit rows fetched at a time while they are exported
 # What a node waits for a database that does not answer, before it says 503.
 CONNECT_DEFAULTS = {
     "connect_timeout": "5",
@@ -623,10 +624,11 @@ class PgStore:
         return [str(r["record"]) for r in rows]
 
     @contextlib.contextmanager
-    def expiring_audit(self, before: float) -> Iterator[list[str] | None]:
-        """The audit records older than BEFORE (Unix time), oldest first, deleted when the
-        block ends without an error, in its transaction: what the block writes through the
-        audit table commits with the deletion. None when another node is pruning now."""
+    def expiring_audit(self, before: float) -> Iterator[ExpiringAudit | None]:
+        """The audit records older than BEFORE (Unix time), oldest first, read as the
+        block iterates them; those it iterated are deleted when it ends without an error,
+        in its transaction: what the block writes through the audit table commits with the
+        deletion. None when another node is pruning now."""
         with self._session(write=True) as conn:
             row = conn.execute(
                 "SELECT pg_try_advisory_xact_lock(%s) AS mine", (PRUNE_LOCK,)
@@ -634,14 +636,18 @@ class PgStore:
             if row is None or not row["mine"]:
                 yield None
                 return
-            rows = conn.execute(
-                "SELECT id, record FROM audit WHERE ts < to_timestamp(%s) ORDER BY id", (before,)
-            ).fetchall()
-            yield [str(r["record"]) for r in rows]
-            if rows:
+            with conn.cursor(name="expiring_audit") as cursor:
+                cursor.itersize = EXPORT_BATCH
+                cursor.execute(
+                    "SELECT id, record FROM audit WHERE ts < to_timestamp(%s) ORDER BY id",
+                    (before,),
+                )
+                records = ExpiringAudit(cursor)
+                yield records
+            if records.last_id is not None:
                 conn.execute(
                     "DELETE FROM audit WHERE ts < to_timestamp(%s) AND id <= %s",
-                    (before, rows[-1]["id"]),
+                    (before, records.last_id),
                 )
 
     # Rate-limit buckets (ratelimit.py)
@@ -692,6 +698,21 @@ def _wait(charged: dict[str, Any], policy: BucketPolicy) -> float:
     if charged["granted"]:
         return 0.0
     return (1.0 - float(charged["tokens"])) / policy.rate
+
+
+class ExpiringAudit:
+    """Audit records read through a server-side cursor, EXPORT_BATCH rows at a time: a
+    day of a large fleet is about a million of them. Remembers the last one iterated,
+    which is as far as expiring_audit deletes."""
+
+    def __init__(self, cursor: psycopg.Cursor[dict[str, Any]]) -> None:
+        self._cursor = cursor
+        self.last_id: int | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for row in self._cursor:
+            self.last_id = int(row["id"])
+            yield str(row["record"])
 
 
 def _json(values: Sequence[str]) -> str:

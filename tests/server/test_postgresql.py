@@ -34,7 +34,7 @@ from zfs_unlock_server.errors import (
     EX_UNAVAILABLE,
     EX_USAGE,
 )
-from zfs_unlock_server.pgstore import PRUNE_LOCK
+from zfs_unlock_server.pgstore import EXPORT_BATCH, PRUNE_LOCK
 from zfs_unlock_server.schema import POSTGRESQL
 
 POOL = "5555555555555555555"
@@ -389,6 +389,31 @@ def test_audit_prune_exports_then_deletes_what_is_older_than_the_retention(
     assert record["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
     code, _, err = pg_server.admin("audit-prune", "--export-dir", str(tmp_path))
     assert code == 0 and "no audit record is older than 7 day(s)" in err
+
+
+def test_audit_prune_exports_rows_beyond_one_fetch_in_order_and_deletes_those(
+    pg_server: KeyServer, tmp_path: Path
+) -> None:
+    """More rows than one fetch of the server-side cursor (the export streams them):
+    every one exported in order and deleted, and the newer ones kept."""
+    retention(pg_server, 7)
+    old = EXPORT_BATCH * 2 + 345
+    pg_server.sql(
+        "INSERT INTO audit (ts, record) SELECT now() - interval '9 days',"
+        ' \'{"ts":"old","event":"checkin","n":\' || n || \'}\''
+        " FROM generate_series(1, ?) n",
+        (old,),
+    )
+    newer = pg_server.sql("SELECT count(*) FROM audit WHERE ts > now() - interval '7 days'")
+    code, out, err = pg_server.admin("audit-prune", "--export-dir", str(tmp_path))
+    assert code == 0, err
+    lines = gzip.decompress(Path(out.strip()).read_bytes()).decode().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == list(range(1, old + 1))
+    remaining = pg_server.sql("SELECT count(*) FROM audit WHERE ts < now() - interval '7 days'")
+    assert remaining == [(0,)]
+    exported = pg_server.sql("SELECT record FROM audit ORDER BY id DESC LIMIT 1")
+    assert json.loads(exported[0][0])["records"] == old
+    assert pg_server.sql("SELECT count(*) FROM audit") == [(newer[0][0] + 1,)]
 
 
 def test_audit_prune_deletes_nothing_when_the_export_cannot_be_written(
