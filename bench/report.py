@@ -884,10 +884,10 @@ def ha_section(results: Results) -> str:
         f" its own processes, against {sqlite_cpu * 1000:.2f} ms on SQLite, and PostgreSQL's"
         " own backends ran on the same cores: everything but the two servers' and the load"
         f" generator's processes kept {rest:.0%} of the cores busy while the node was loaded."
-        " Each request makes its round trips to the database (the rate-limit bucket, the"
-        " host, and the release's transaction: its keys, its audit record, commit), each"
-        " paid in CPU by the node's client library and by the database, where SQLite's are"
-        " calls into the same process."
+        " Each request makes its round trips to the database (the rate-limit bucket"
+        " charged and the host read in one statement, then the release's transaction:"
+        " BEGIN, its keys, its audit record, COMMIT), each paid in CPU by the node's client"
+        " library and by the database, where SQLite's are calls into the same process."
     )
     storm_rows = []
     for run in ha_results.storms:
