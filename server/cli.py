@@ -268,14 +268,16 @@ def cmd_host_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
     if not views:
         _say("no hosts")
         return 0
+    now = int(time.time())
     _table(
-        ("NAME", "STATE", "MACHINE-ID", "LAST SEEN", "ALLOWED", "POOLS"),
+        ("NAME", "STATE", "MACHINE-ID", "LAST SEEN", "CERT EXPIRES", "ALLOWED", "POOLS"),
         [
             (
                 v.host.name,
                 _state(v.host),
                 v.host.machine_id,
                 _when(v.host.last_seen),
+                _expiry(v.certificates, now),
                 ",".join(v.host.allowed_networks) or "any-address",
                 ",".join(v.host.pools) or "any-pool",
             )
@@ -283,6 +285,28 @@ def cmd_host_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
         ],
     )
     return 0
+
+
+def _expiry(certificates: Sequence[tuple[str, int]], now: int) -> str:
+    """When the host's last certificate to expire does: what keeps it unlocking. Within
+    protocol.CERTIFICATE_WARNING (when the agent's `check` fails) it says so."""
+    if not certificates:
+        return "no-certificate"
+    last = max(not_after for _, not_after in certificates)
+    day = _when(last)[:10]
+    if last <= now:
+        return f"{day} (expired)"
+    if last - now <= protocol.CERTIFICATE_WARNING:
+        return f"{day} (in {_age(last - now)})"
+    return day
+
+
+def _age(seconds: int) -> str:
+    """A duration the way a listing shows an age: its largest whole unit."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
 
 
 def _state(host: Host) -> str:
@@ -378,19 +402,31 @@ def cmd_key_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
     ops = admin.Admin.open(args.data_dir)
     try:
         host_id = ops.store.host_by_name(args.host).id if args.host else None
-        keys = [_key_json(k) for k in ops.store.keys(host_id)]
+        records = ops.store.keys(host_id)
     finally:
         ops.close()
     if args.json:
-        print(json.dumps(keys, indent=2))
+        print(json.dumps([_key_json(k) for k in records], indent=2))
         return 0
-    if not keys:
+    if not records:
         _say(f"no keys for host {args.host}" if args.host else "no keys")
-    for k in keys:
-        where = f"{k['pool_guid']}/{k['dataset_guid'] or k['legacy_name']}"
-        print(
-            f"{k['key_id']}  {k['state']:<8} {k['host']:<20} {k['dataset']:<30} {where} {k['keyformat']}"
-        )
+        return 0
+    now = int(time.time())
+    _table(
+        ("KEY-ID", "STATE", "AGE", "HOST", "DATASET", "POOL/DATASET-GUID", "FORMAT"),
+        [
+            (
+                k.key_id,
+                k.state,
+                _age(now - k.created_at),
+                k.host,
+                k.dataset,
+                f"{k.pool_guid}/{k.dataset_guid or k.legacy_name}",
+                k.keyformat,
+            )
+            for k in records
+        ],
+    )
     return 0
 
 

@@ -45,7 +45,6 @@ CHECKS: dict[str, Check] = {
     "server": Check(25, "the server answered with an error (5xx, 429, or 404: wrong URL path)"),
 }
 
-CERTIFICATE_WARNING = 30 * 86400  # seconds before expiry that `check` starts failing
 CLOCK_TOLERANCE = 300.0  # seconds of skew: certificates and audit times stop agreeing
 # How long to give the server to refuse this host's certificate before the request goes
 # out; a server that accepts it says nothing, so every check of a good server waits this.
@@ -231,7 +230,7 @@ def _timing(status: dict[str, Any], local_midpoint: float, report: Report) -> No
         report.fail("server", "the server's answer lacks the certificate's expiry or its time")
         return
     left = not_after - server_time
-    if left < CERTIFICATE_WARNING:
+    if left < protocol.CERTIFICATE_WARNING:
         report.fail("expiry", f"client certificate expires on {_day(not_after)}, in {_days(left)}")
         report.note("renew it: zfs-unlock-server host cert NAME --csr FILE")
     else:

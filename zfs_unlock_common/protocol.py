@@ -19,6 +19,9 @@ ROUTE_RELEASE_ONE_PREFIX: Final = "/v1/hosts/"
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_BATCH: Final = 256
+# Seconds before a client certificate expires that the agent's `check` fails and the
+# server's `host list` says so.
+CERTIFICATE_WARNING: Final = 30 * 86400
 
 
 class DatasetRef(NamedTuple):

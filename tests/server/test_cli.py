@@ -13,6 +13,7 @@ import shlex
 import socket
 import stat
 import subprocess
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -476,6 +477,31 @@ def test_host_add_refuses_bad_or_duplicate_input(
     assert hosts_json(keyserver) == before
 
 
+def test_host_list_warns_of_a_certificate_that_expires_within_30_days_or_did(
+    keyserver: KeyServer,
+) -> None:
+    """The expiry of the certificate that lasts longest (what keeps the host unlocking),
+    flagged when the agent's `check` would fail on it."""
+    for name in ("fresh", "soon", "gone"):
+        keyserver.add_host(name)
+    now = int(time.time())
+    expiries = {"soon": now + 10 * 86400 + 600, "gone": now - 86400}
+    for name, expiry in expiries.items():
+        keyserver.sql(
+            "UPDATE certificates SET not_after = ? WHERE host_id ="
+            " (SELECT id FROM hosts WHERE name = ?)",
+            (expiry, name),
+        )
+    rows = {line.split()[0]: line for line in keyserver.must("host", "list").splitlines()[1:]}
+
+    def day(name: str) -> datetime.date:
+        return datetime.datetime.fromtimestamp(expiries[name], datetime.UTC).date()
+
+    assert f"{day('soon')} (in 10d)" in rows["soon"]
+    assert f"{day('gone')} (expired)" in rows["gone"]
+    assert "(" not in rows["fresh"]
+
+
 def test_host_list_and_show(keyserver: KeyServer) -> None:
     keyserver.configure(deadman_timeout=3600)
     plain = keyserver.add_host("plain")
@@ -492,14 +518,19 @@ def test_host_list_and_show(keyserver: KeyServer) -> None:
     )
     text = keyserver.must("host", "list")
     header, *lines = text.splitlines()
-    assert header.split() == ["NAME", "STATE", "MACHINE-ID", "LAST", "SEEN", "ALLOWED", "POOLS"]
+    assert header.split() == [
+        "NAME", "STATE", "MACHINE-ID", "LAST", "SEEN", "CERT", "EXPIRES", "ALLOWED", "POOLS"
+    ]  # fmt: skip
     assert len(lines) == 2
     assert lines[0].split()[:3] == ["fenced", "enabled", fenced.machine_id]
+    # The certificate the host was enrolled with: five years ahead, no warning.
+    expires = datetime.date.fromisoformat(lines[0].split()[4])
+    assert 5 * 365 <= (expires - datetime.datetime.now(datetime.UTC).date()).days <= 5 * 366
     assert lines[0].split()[-2:] == ["192.0.2.0/24,2001:db8::/32", POOL]
     assert lines[1].split()[:3] == ["plain", "enabled", plain.machine_id]
     assert lines[1].split()[-2:] == ["any-address", "any-pool"]  # what an admin should notice
     # Aligned: every column starts at the header's offset.
-    for column in ("STATE", "MACHINE-ID", "LAST SEEN", "ALLOWED", "POOLS"):
+    for column in ("STATE", "MACHINE-ID", "LAST SEEN", "CERT EXPIRES", "ALLOWED", "POOLS"):
         offset = header.index(column)
         assert all(line[offset - 2 : offset] == "  " and line[offset] != " " for line in lines)
 
@@ -820,7 +851,13 @@ def test_key_list_never_shows_key_material(shared_keyserver: KeyServer) -> None:
     keys = json.loads(as_json)
     assert {k["key_id"] for k in keys} == ids
     assert all(set(k) == KEY_FIELDS for k in keys)
-    assert len(as_text.splitlines()) == 3
+    header, *lines = as_text.splitlines()
+    assert header.split() == [
+        "KEY-ID", "STATE", "AGE", "HOST", "DATASET", "POOL/DATASET-GUID", "FORMAT"
+    ]  # fmt: skip
+    assert len(lines) == 3
+    assert {line.split()[0] for line in lines} == ids
+    assert all(line.split()[2] in {"0s", "1s", "2s", "3s"} for line in lines)  # just made
     for material in materials:
         for encoding in (material, material.hex().encode(), base64.b64encode(material)):
             assert encoding.decode(errors="replace") not in as_json
