@@ -92,8 +92,6 @@ def config(hosts: list[common.Host], port: int, server: common.KeyServer, work: 
 def run(flt: storm.Fleet, work: Path) -> CurlStorm:
     """The storm, then the baseline (its hosts have been seen by then, so the baseline
     skips their dead-man touch: if anything, it is favoured)."""
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "bodies").mkdir(exist_ok=True)
     version = subprocess.run(
         ["curl", "--version"], capture_output=True, text=True, check=True
     ).stdout.split()[1]
@@ -131,7 +129,7 @@ def _transfers(
     curl, all at once over as many curls as they need (or PROCESSES). Returns the
     transfers that ended with 200, the curls, the seconds until the last exited, and the
     machine's CPU seconds meanwhile."""
-    work.mkdir(parents=True, exist_ok=True)
+    (work / "bodies").mkdir(parents=True, exist_ok=True)
     server = flt.server
     # Full rate-limit buckets, as after a restart of the server (as in storm.run).
     for stale in server.data.glob("ratelimit.db*"):
@@ -141,7 +139,7 @@ def _transfers(
         files = []
         for start in range(0, len(hosts), share):
             path = work / f"curl-{start:05d}.conf"
-            path.write_text(config(hosts[start : start + share], serving.port, server, work.parent))
+            path.write_text(config(hosts[start : start + share], serving.port, server, work))
             files.append(path)
         machine_before = common.machine_cpu_seconds()
         started = time.monotonic()
