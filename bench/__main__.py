@@ -32,6 +32,7 @@ from bench import (
     memory,
     postgres,
     report,
+    reseal,
     storm,
     throughput,
 )
@@ -171,6 +172,9 @@ def measure(settings: Settings, work: Path) -> Results:
         step(f"part 2b: the storm against {HA_NODES} nodes on PostgreSQL, then one killed")
         ha_results = ha.measure(cluster, fleet, HA_NODES, HA_WORKERS, work / "ha", seed)
         ha_results = dataclasses.replace(ha_results, audit=audit_volume, curl=curl_storm)
+    reseal_keys = 1_000 if settings.quick else 10_000
+    step(f"master key rotation: re-sealing {reseal_keys} keys while releasing")
+    reseal_results = reseal.run(work, reseal_keys)
     cores = os.cpu_count() or 1
     return Results(
         quick=settings.quick,
@@ -189,6 +193,7 @@ def measure(settings: Settings, work: Path) -> Results:
         agent=agent_results,
         floor_workers=floor_workers,
         ha=ha_results,
+        reseal=reseal_results,
     )
 
 

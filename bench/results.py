@@ -14,6 +14,7 @@ from typing import Any
 from bench.agent import AgentResults
 from bench.ha import HaResults
 from bench.memory import Memory
+from bench.reseal import ResealResults
 from bench.storm import Storms
 from bench.throughput import Plan, Window
 
@@ -38,6 +39,8 @@ class Results:
     # Several nodes on PostgreSQL (bench/ha.py); None in runs saved before it. The steady
     # windows of a node on PostgreSQL are among `windows`, system "pg".
     ha: HaResults | None = None
+    # Master key rotation (bench/reseal.py); None in runs saved before it.
+    reseal: ResealResults | None = None
 
 
 def save(results: Results, path: Path) -> None:

@@ -25,7 +25,7 @@ from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
 from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
-from zfs_unlock_server.masterkey import check_master_key, seal_check
+from zfs_unlock_server.masterkey import check_master_key
 from zfs_unlock_server.outputs import HostBundle
 from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
 from zfs_unlock_server.service import KeyService, new_key_id
@@ -129,7 +129,7 @@ def _make_data_dir(
         store = database.open_store(layout, config, migrate=True)
         os.chmod(layout.database, 0o600)
     try:
-        store.set_master_key_check(seal_check(Sealer(master_key)))
+        check_master_key(Sealer(master_key), store, layout)
         audit = database.open_audit(layout, config, store)
         audit.write(
             {"event": "init", "decision": "allow", "actor": actor(), "reason": "data_dir_created"}

@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import database
+from zfs_unlock_server import database, masterring
 from zfs_unlock_server.audit import AuditError, AuditSink, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
-from zfs_unlock_server.errors import Conflict, DatabaseUnavailable
+from zfs_unlock_server.errors import Conflict, DatabaseUnavailable, StaleMasterKey
 from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
-from zfs_unlock_server.sealing import load_master_key
+from zfs_unlock_server.sealing import Sealer, load_master_key
 from zfs_unlock_server.service import Caller, Denied, KeyService, Released
 from zfs_unlock_server.store import KeyRecord
 
@@ -166,6 +166,11 @@ class KeyServerApp:
         self._service: KeyService | None = None
         self._limiter: RateLimiter | None = None
         self._pid = 0
+        # The master keys as serve's master process holds them (follow_master_keys), so
+        # that a worker forked after a rotation starts with the new key, whatever the
+        # credential it was started with says. None: each worker reads its own.
+        self.master_keys: Sealer | None = None
+        self._next_ring_check = 0.0
         self._audit_sync = SharedSync()  # made before gunicorn forks the workers
         self.routes = ROUTES + ((SIMPLEZFS_ROUTE,) if config.simplezfs_route else ())
         # Imported only when asked for: serve has set PROMETHEUS_MULTIPROC_DIR by then.
@@ -183,7 +188,7 @@ class KeyServerApp:
             # the next request tries again.
             store = database.open_store(self.layout, self.config)
             audit = database.open_audit(self.layout, self.config, store, self._audit_sync)
-            sealer = load_master_key(self.layout.master_key)
+            sealer = self.master_keys or load_master_key(self.layout.master_key)
             buckets = database.open_buckets(self.layout, self.config, store)
             if self.metrics is not None:
                 audit = self.metrics.CountingAudit(audit)
@@ -204,6 +209,32 @@ class KeyServerApp:
     def audit_log(self) -> AuditSink:
         return self._resources()[0].audit
 
+    # The master key ring (masterring.py)
+
+    def follow_master_keys(self) -> None:
+        """In serve's master process, before each fork: hold what the ring holds now."""
+        if self.master_keys is None:
+            self.master_keys = load_master_key(self.layout.master_key)
+        store = database.open_store(self.layout, self.config)
+        try:
+            masterring.refresh(self.master_keys, store)
+        finally:
+            store.close()
+
+    def tick(self) -> None:
+        """Between connections, and at least every request_timeout/2 s while idle (serve.py):
+        look at the ring every REFRESH_SECONDS, so that an idle worker learns a rotation's
+        new key while the ring still holds it."""
+        now = time.monotonic()
+        if now < self._next_ring_check:
+            return
+        self._next_ring_check = now + masterring.REFRESH_SECONDS
+        try:
+            service = self._resources()[0]
+            masterring.refresh(service.sealer, service.store)
+        except Exception as exc:  # noqa: BLE001 (the next request meets it, and says so)
+            log.warning("could not read the master key ring: %s", exc)
+
     # WSGI entry point
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
@@ -219,6 +250,13 @@ class KeyServerApp:
         except DatabaseUnavailable as exc:
             log.warning("database unavailable (%s); refusing request %s", exc, request_id)
             response = error_response(HttpError(503, headers=[("Retry-After", "5")]))
+        except StaleMasterKey as exc:  # a rotation raced this request, or was missed
+            log.warning("%s; refusing request %s", exc, request_id)
+            response = error_response(HttpError(503, headers=[("Retry-After", "1")]))
+            # Missed: read the master key again at the next request. The data directory's
+            # file holds the new key by now; a systemd credential only after a restart.
+            self.master_keys = None
+            self._service = None
         except sqlite3.OperationalError:  # SQLite's own word for it: locked, or I/O failing
             log.exception("database unavailable; refusing request %s", request_id)
             response = error_response(HttpError(503, headers=[("Retry-After", "5")]))

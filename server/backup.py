@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from zfs_unlock_server import atomicfile, backupformat, pki, secretfile
+from zfs_unlock_server import atomicfile, backupformat, masterring, pki, secretfile
 from zfs_unlock_server import config as server_config
 from zfs_unlock_server.admin import actor, server_pin
 from zfs_unlock_server.audit import AuditLog, AuditRecord
@@ -33,7 +33,7 @@ from zfs_unlock_server.errors import (
     WrongMasterKey,
 )
 from zfs_unlock_server.masterkey import CHECK, CHECK_VALUE
-from zfs_unlock_server.sealing import KeyContext, Sealer
+from zfs_unlock_server.sealing import KeyContext, Ring, Sealer
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,11 @@ def open_keys(archive: Archive, sealer: Sealer, where: str) -> dict[str, int]:
 
 def check_sealer(db: sqlite3.Connection, sealer: Sealer, where: str) -> None:
     """As masterkey.check_master_key, on a backup's database: its check value, else its
-    oldest key; one with neither has nothing sealed, so any master key is its."""
+    oldest key; one with neither has nothing sealed, so any master key is its. A backup
+    made during a master key rotation opens under either key: SEALER learns the other."""
+    ring = db.execute("SELECT value FROM meta WHERE name = ?", (Ring.META_NAME,)).fetchone()
+    if ring is not None:
+        masterring.learn(sealer, Ring.decode(bytes(ring[0])))
     row = db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
     if row is not None:
         try:

@@ -22,6 +22,7 @@ from zfs_unlock_server import (
     audit,
     auditprune,
     database,
+    masterrotate,
     prestart,
     privileges,
     recovery,
@@ -602,6 +603,46 @@ def cmd_master_key_export(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return 0
 
 
+def cmd_master_key_rotate(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir, inputs.master)
+    try:
+        settle = masterrotate.settle_seconds(ops) if args.settle is None else args.settle
+        report = masterrotate.rotate(ops, inputs.secret_out, settle, _say)
+    finally:
+        ops.close()
+    _say(
+        f"master key {report.old} retired: {report.resealed} value(s) re-sealed under"
+        f" {report.new} in {report.seconds:.1f} s. Restart each server when convenient"
+        " (until then it holds the new key in memory), and export the new key and a"
+        " recovery kit: old ones open only backups made before the rotation"
+    )
+    print(report.new)
+    return 0
+
+
+def cmd_master_key_status(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        found = masterrotate.status(ops)
+    finally:
+        ops.close()
+    ring = found.ring
+    if ring is None:
+        print("no master key ring yet: serve or any command that seals starts it")
+        return 0
+    rows = []
+    for kid in sorted(ring.wrapped, key=lambda k: k != ring.sealing):
+        role = "sealing" if kid == ring.sealing else "retiring"
+        rows.append([kid, role, str(found.values.get(kid, 0))])
+    for kid, count in sorted(found.values.items()):
+        if kid not in ring.wrapped:
+            rows.append([kid, "not in the ring", str(count)])
+    _table(["MASTER KEY", "ROLE", "VALUES"], rows)
+    if len(ring.wrapped) > 1:
+        _say("a rotation has not finished: 'zfs-unlock-server master-key rotate' resumes it")
+    return 0
+
+
 def cmd_recovery_kit(args: argparse.Namespace, inputs: AdminInputs) -> int:
     to = recovery.recipient(args.recipient)
     _refuse_terminal(args)
@@ -627,6 +668,10 @@ def wants_of(args: argparse.Namespace) -> Wants:
     secret_out = None
     if args.handler in (cmd_master_key_export, cmd_recovery_kit) and args.out is not None:
         secret_out = (Output(Path(args.out), "--out"), bool(args.force))
+    credential = sealing.credential()
+    if args.handler is cmd_master_key_rotate and credential is not None:
+        # Replaced with the new key: opened now, while the command may still be root.
+        secret_out = (Output(credential, "the credential"), True)
     return Wants(
         csr=getattr(args, "csr", None),
         simplezfs=Path(args.file) if args.handler is cmd_import_simplezfs else None,
@@ -635,6 +680,7 @@ def wants_of(args: argparse.Namespace) -> Wants:
             cmd_key_create,
             cmd_import_simplezfs,
             cmd_master_key_export,
+            cmd_master_key_rotate,
             cmd_recovery_kit,
             cmd_migrate_store,
         ),
@@ -1095,6 +1141,38 @@ def _add_recovery_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]
         ],
     )
     _recovery_options(p)
+    p = add(
+        master,
+        "rotate",
+        cmd_master_key_rotate,
+        "make a new master key, re-seal every key under it while serve runs, retire the old",
+        [
+            "zfs-unlock-server master-key rotate",
+            "zfs-unlock-server master-key rotate --settle 0    # no server is running",
+        ],
+        description="Rotate the master key online. The new key is published in the database"
+        " sealed under the old one (and the old under the new), so every running server"
+        " learns it; it replaces the old key in the file the old one was read from (the"
+        " credential, else the data directory's master-key); every sealed value is re-sealed"
+        " under it; and once no value needs the old key, the old key is retired and opens"
+        " nothing the database holds. Killed at any point, the server still starts with"
+        " either key and releases every key, and running the command again finishes the"
+        " rotation.",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        metavar="SECONDS",
+        help="how long running servers get to learn the new key before the old is retired"
+        " (default: request_timeout/2 + 5)",
+    )
+    add(
+        master,
+        "status",
+        cmd_master_key_status,
+        "show the master keys in use and how many sealed values each holds",
+        ["zfs-unlock-server master-key status"],
+    )
     p = add(
         sub,
         "recovery-kit",

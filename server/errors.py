@@ -55,6 +55,13 @@ class DatabaseUnavailable(ServerError):
     exit_code = EX_UNAVAILABLE
 
 
+class StaleMasterKey(ServerError):
+    """A value was sealed under a master key that a rotation retired meanwhile: nothing was
+    written, and the same request made again seals under the new key (503, Retry-After)."""
+
+    exit_code = EX_UNAVAILABLE
+
+
 class DatabaseRefused(ServerError):
     """The database refused the server's credentials (a wrong password, an unknown role)."""
 

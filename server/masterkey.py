@@ -11,6 +11,7 @@ with neither has nothing sealed yet, so whichever master key it is first given i
 
 from __future__ import annotations
 
+from zfs_unlock_server import masterring
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.errors import IntegrityError, WrongMasterKey
 from zfs_unlock_server.sealing import (
@@ -31,7 +32,9 @@ def seal_check(sealer: Sealer) -> bytes:
 
 
 def check_master_key(sealer: Sealer, store: Store, layout: Layout) -> None:
-    """Raise WrongMasterKey (exit 78) unless SEALER opens what STORE holds sealed."""
+    """Raise WrongMasterKey (exit 78) unless SEALER opens what STORE holds sealed. SEALER
+    learns the ring's keys it can open (a rotation's other key) on the way."""
+    ring = masterring.refresh(sealer, store)
     sealed = store.master_key_check()
     if sealed is not None:
         try:
@@ -40,6 +43,8 @@ def check_master_key(sealer: Sealer, store: Store, layout: Layout) -> None:
             opened = b""
         if opened != CHECK_VALUE:
             raise wrong_master_key(sealer, layout, "the check value that init stored")
+        if ring is None:
+            masterring.register(sealer, store)
         return
     first = store.first_sealed_key()
     if first is not None:
@@ -50,6 +55,7 @@ def check_master_key(sealer: Sealer, store: Store, layout: Layout) -> None:
                 sealer, layout, f"key {first.key_id}, the oldest (unless its row was changed)"
             ) from None
     store.set_master_key_check(seal_check(sealer))
+    masterring.register(sealer, store)
 
 
 def wrong_master_key(sealer: Sealer, layout: Layout, tried: str) -> WrongMasterKey:
@@ -57,5 +63,6 @@ def wrong_master_key(sealer: Sealer, layout: Layout, tried: str) -> WrongMasterK
         f"{sealer.source} is not the master key of {layout.root}: it does not open {tried}"
         f" ({layout.database}). Check which master key is given: the credential"
         f" {CREDENTIAL_NAME} ($CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}; the systemd unit loads"
-        f" it from {DEFAULT_CREDENTIAL_FILE}) when there is one, else {layout.master_key}"
+        f" it from {DEFAULT_CREDENTIAL_FILE}) when there is one, else {layout.master_key}."
+        " A master key replaced by 'master-key rotate' opens nothing once the rotation ends"
     )

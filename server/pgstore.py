@@ -34,8 +34,10 @@ from zfs_unlock_server.errors import (
     DatabaseRefused,
     DatabaseUnavailable,
     NotFound,
+    StaleMasterKey,
 )
 from zfs_unlock_server.ratelimit import BucketPolicy, Charge
+from zfs_unlock_server.sealing import FORMAT_V2, Ring
 from zfs_unlock_server.store import (
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
@@ -482,6 +484,13 @@ class PgStore:
         """Insert every record or none (one transaction)."""
         try:
             with self._session(write=True) as conn, conn.cursor() as cursor:
+                # Shared with other inserts, waited for by a rotation's retirement: a value
+                # sealed under a key being retired is either seen by it or refused here.
+                raw = _meta_in(conn, Ring.META_NAME, "FOR SHARE")
+                if raw is not None and not all(Ring.decode(raw).admits(r.sealed) for r in records):
+                    raise StaleMasterKey(
+                        "sealed under a master key that was just retired; try again"
+                    )
                 cursor.executemany(
                     f"INSERT INTO keys ({KEY_INSERT_COLUMNS})"  # noqa: S608 (constants)
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -572,6 +581,18 @@ class PgStore:
                 (state, now, key_id),
             )
 
+    def replace_sealed(self, updates: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Re-seal: each (key id, old value, new value) is written only where the row still
+        holds the old value. Returns how many were."""
+        written = 0
+        with self._session(write=True) as conn:
+            for key_id, old, new in updates:
+                written += conn.execute(
+                    "UPDATE keys SET sealed = %s WHERE key_id = %s AND sealed = %s",
+                    (new, key_id, old),
+                ).rowcount
+        return written
+
     def first_sealed_key(self) -> KeyRecord | None:
         """The oldest key (by insertion), or None when there is none."""
         return self._one_key("true ORDER BY k.seq LIMIT 1", ())
@@ -582,6 +603,46 @@ class PgStore:
         with self._session() as conn:
             row = conn.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
         return None if row is None else bytes(row["value"])
+
+    def meta(self, name: str) -> bytes | None:
+        with self._session() as conn:
+            return _meta_in(conn, name)
+
+    def swap_meta(self, name: str, expected: bytes | None, value: bytes) -> bool:
+        """Set NAME to VALUE if it holds EXPECTED (None: is absent); False if it did not."""
+        with self._session(write=True) as conn:
+            if expected is None:
+                return bool(
+                    conn.execute(
+                        "INSERT INTO meta (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                        (name, value),
+                    ).rowcount
+                )
+            if _meta_in(conn, name, "FOR UPDATE") != expected:
+                return False
+            conn.execute("UPDATE meta SET value = %s WHERE name = %s", (value, name))
+            return True
+
+    def retire_master_keys(self, expected: bytes, ring: Ring) -> bool:
+        """Write RING over EXPECTED, unless a sealed value still needs a key it drops."""
+        with self._session(write=True) as conn:
+            # The row lock waits for every insert that read the ring before it (FOR SHARE);
+            # the counts below, each a fresh snapshot, then see what they wrote.
+            if _meta_in(conn, Ring.META_NAME, "FOR UPDATE") != expected:
+                return False
+            header = FORMAT_V2 + bytes.fromhex(ring.sealing)
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM keys WHERE substring(sealed from 1 for 9) <> %s)"
+                " + (SELECT count(*) FROM meta WHERE name = 'master_key_check'"
+                " AND substring(value from 1 for 9) <> %s) AS left",
+                (header, header),
+            ).fetchone()
+            if row is None or row["left"]:
+                return False
+            conn.execute(
+                "UPDATE meta SET value = %s WHERE name = %s", (ring.encode(), Ring.META_NAME)
+            )
+            return True
 
     def set_master_key_check(self, sealed: bytes) -> None:
         """Store the check value, unless one is there already: it is never replaced."""
@@ -717,6 +778,14 @@ class ExpiringAudit:
 
 def _json(values: Sequence[str]) -> str:
     return json.dumps(list(values))
+
+
+def _meta_in(conn: psycopg.Connection[dict[str, Any]], name: str, lock: str = "") -> bytes | None:
+    row = conn.execute(
+        f"SELECT value FROM meta WHERE name = %s {lock}",  # noqa: S608 (a constant)
+        (name,),
+    ).fetchone()
+    return None if row is None else bytes(row["value"])
 
 
 def _key(row: dict[str, Any]) -> KeyRecord:

@@ -61,6 +61,12 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
         self.key_server = app
         self.tls = server_context(app.layout)
 
+    def notify(self) -> None:
+        super().notify()  # the heartbeat, before each accept and each idle wait
+        app: KeyServerApp | None = getattr(self, "key_server", None)
+        if app is not None:
+            app.tick()
+
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         timeout = self.key_server.config.io_timeout
         client.settimeout(timeout)
@@ -245,10 +251,19 @@ def gunicorn_options(app: KeyServerApp, listen: list[str], workers: int) -> dict
         "loglevel": "info",
         "logger_class": "zfs_unlock_server.serve.KeyServerLogger",
         "when_ready": announce,
+        "pre_fork": lambda _arbiter, _worker: follow_master_keys(app),
         "proc_name": "zfs-unlock-server",
         "preload_app": False,
         "control_socket_disable": True,  # gunicorn 27+: no admin socket beside ours
     }
+
+
+def follow_master_keys(app: KeyServerApp) -> None:
+    """gunicorn's pre_fork hook: a new worker inherits the ring as it is now."""
+    try:
+        app.follow_master_keys()
+    except Exception as exc:  # noqa: BLE001 (the worker reads the ring itself when it can)
+        log.warning("could not read the master key ring before starting a worker: %s", exc)
 
 
 def run(

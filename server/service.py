@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
+from zfs_unlock_server import masterring
 from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.deadman import (
     TOUCH_INTERVAL,
@@ -23,10 +25,12 @@ from zfs_unlock_server.deadman import (
     deadman_timeout,
     disable_silent_host,
 )
-from zfs_unlock_server.errors import Conflict, IntegrityError
+from zfs_unlock_server.errors import Conflict, IntegrityError, StaleMasterKey
 from zfs_unlock_server.ratelimit import Charge
-from zfs_unlock_server.sealing import KeyContext, Sealer
+from zfs_unlock_server.sealing import KeyContext, Sealer, UnknownMasterKey
 from zfs_unlock_server.store import Host, KeyRecord, Store
+
+log = logging.getLogger("zfs_unlock_server")
 
 LIVE_STATES = ("pending", "active")
 
@@ -260,7 +264,7 @@ class KeyService:
         if record.state not in LIVE_STATES:
             return None, {**named, "decision": "deny", "reason": f"key_{record.state}"}
         try:
-            material = self.sealer.open(record.sealed, context_of(record))
+            material = self.open_sealed(record)
         except IntegrityError:
             return None, {**named, "decision": "deny", "reason": "integrity_failure"}
         return Released(record, material), {**named, "decision": "allow", "reason": "ok"}
@@ -399,7 +403,7 @@ class KeyService:
             )
             raise Conflict("that dataset already has a key")
         try:
-            material = self.sealer.open(existing.sealed, context_of(existing))
+            material = self.open_sealed(existing)
         except IntegrityError:
             raise self.deny(
                 caller, "enroll", "integrity_failure", key_id=existing.key_id, **fields
@@ -447,6 +451,7 @@ class KeyService:
             material, origin = imported, "imported"
         now = int(self.clock())
         key_id = key_id or new_key_id()
+        masterring.refresh(self.sealer, self.store)  # seal under the ring's key of the moment
         context = KeyContext(host.name, ref.pool_guid, ref.dataset_guid, "", key_id, keyformat)
         record = KeyRecord(
             key_id=key_id,
@@ -459,12 +464,33 @@ class KeyService:
             keyformat=keyformat,
             state=state,
             origin=origin,
-            sealed=self.sealer.seal(material, context),
+            sealed=self._seal(material, context),
             created_at=now,
             updated_at=now,
         )
         self.store.insert_key(record)
         return record, material
+
+    def open_sealed(self, record: KeyRecord) -> bytes:
+        """RECORD's key material. Under a master key not held yet (a rotation's new one),
+        the ring is read once; a key still not held is StaleMasterKey (503): this process
+        started before a rotation it did not follow, and a restart gives it the new key."""
+        try:
+            return self.sealer.open(record.sealed, context_of(record))
+        except UnknownMasterKey:
+            masterring.refresh(self.sealer, self.store)
+        try:
+            return self.sealer.open(record.sealed, context_of(record))
+        except UnknownMasterKey as exc:
+            log.error("%s; restart this server: it reads its master key at start", exc)
+            raise StaleMasterKey(str(exc)) from None
+
+    def _seal(self, material: bytes | bytearray, context: KeyContext) -> bytes:
+        try:
+            return self.sealer.seal(material, context)
+        except UnknownMasterKey as exc:
+            log.error("%s; restart this server: it reads its master key at start", exc)
+            raise StaleMasterKey(str(exc)) from None
 
     def activate(self, caller: Caller, machine_id: str, ref: DatasetRef, key_id: str) -> KeyRecord:
         """Mark a pending key active once the host proved it opens the dataset."""

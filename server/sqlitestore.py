@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from zfs_unlock_server import schema
-from zfs_unlock_server.errors import ConfigError, Conflict, NotFound
+from zfs_unlock_server.errors import ConfigError, Conflict, NotFound, StaleMasterKey
 from zfs_unlock_server.ratelimit import Charge
+from zfs_unlock_server.sealing import FORMAT_V2, Ring
 from zfs_unlock_server.store import (
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
@@ -34,6 +35,19 @@ from zfs_unlock_server.store import (
 
 def _key(row: sqlite3.Row) -> KeyRecord:
     return KeyRecord(*tuple(row))
+
+
+def _meta_in(db: sqlite3.Connection, name: str) -> bytes | None:
+    row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def _admit(db: sqlite3.Connection, records: Sequence[KeyRecord]) -> None:
+    """Refuse values sealed under a master key the ring no longer holds (inside the write
+    transaction, so a rotation's retirement cannot slip between the check and the insert)."""
+    raw = _meta_in(db, Ring.META_NAME)
+    if raw is not None and not all(Ring.decode(raw).admits(r.sealed) for r in records):
+        raise StaleMasterKey("sealed under a master key that was just retired; try again")
 
 
 class SqliteStore:
@@ -269,6 +283,7 @@ class SqliteStore:
     def insert_keys(self, records: Sequence[KeyRecord]) -> None:
         """Insert every record or none (one transaction)."""
         with self._write() as db:
+            _admit(db, records)
             try:
                 db.executemany(
                     f"INSERT INTO keys ({KEY_INSERT_COLUMNS})"  # noqa: S608 (constants)
@@ -348,6 +363,18 @@ class SqliteStore:
                 (state, now, key_id),
             )
 
+    def replace_sealed(self, updates: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Re-seal: each (key id, old value, new value) is written only where the row still
+        holds the old value. Returns how many were."""
+        with self._write() as db:
+            return sum(
+                db.execute(
+                    "UPDATE keys SET sealed = ? WHERE key_id = ? AND sealed = ?",
+                    (new, key_id, old),
+                ).rowcount
+                for key_id, old, new in updates
+            )
+
     def first_sealed_key(self) -> KeyRecord | None:
         """The oldest row of keys (by rowid), or None when there is no key."""
         row = self._db.execute(
@@ -361,6 +388,35 @@ class SqliteStore:
     def master_key_check(self) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
         return None if row is None else bytes(row["value"])
+
+    def meta(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row["value"])
+
+    def swap_meta(self, name: str, expected: bytes | None, value: bytes) -> bool:
+        """Set NAME to VALUE if it holds EXPECTED (None: is absent); False if it did not."""
+        with self._write() as db:
+            if _meta_in(db, name) != expected:
+                return False
+            db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+            return True
+
+    def retire_master_keys(self, expected: bytes, ring: Ring) -> bool:
+        """Write RING over EXPECTED, unless a sealed value still needs a key it drops."""
+        with self._write() as db:
+            if _meta_in(db, Ring.META_NAME) != expected:
+                return False
+            header = FORMAT_V2 + bytes.fromhex(ring.sealing)
+            left = db.execute(
+                "SELECT (SELECT count(*) FROM keys WHERE substr(sealed, 1, 9) <> ?)"
+                " + (SELECT count(*) FROM meta WHERE name = 'master_key_check'"
+                " AND substr(value, 1, 9) <> ?)",
+                (header, header),
+            ).fetchone()[0]
+            if left:
+                return False
+            db.execute("UPDATE meta SET value = ? WHERE name = ?", (ring.encode(), Ring.META_NAME))
+            return True
 
     def set_master_key_check(self, sealed: bytes) -> None:
         """Store the check value, unless one is there already: it is never replaced."""

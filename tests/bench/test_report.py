@@ -13,6 +13,7 @@ from bench import report
 from bench.agent import AgentResults
 from bench.ha import AuditVolume, HaResults, HaStorm
 from bench.memory import Memory
+from bench.reseal import ResealResults
 from bench.results import Results, load, save
 from bench.storm import Storm, Storms
 from bench.throughput import Plan, Window
@@ -117,6 +118,17 @@ def sample(agent_served: int = 10_000, agent_makespan: float = 16.0) -> Results:
         ),
         agent=agent_results(),
         floor_workers=4,
+        reseal=ResealResults(
+            keys=10_001,
+            concurrency=8,
+            reseal_alone=0.25,
+            reseal_loaded=[0.3, 0.28, 0.32],
+            window=0.25,
+            rounds=3,
+            idle_rate=800.0,
+            during_rate=720.0,
+            during_failed=0,
+        ),
     )
 
 
@@ -247,6 +259,7 @@ SECTIONS = [
     "## Targets",
     "## Key releases per second, a new mutual-TLS connection per request",
     "## Reboot storm",
+    "## Master key rotation",
     "## Server memory",
     "## Unlocking: the agent against clevis and curl",
     "## Scale beyond one machine",
@@ -271,6 +284,8 @@ def test_render_has_every_section_in_order_with_medians_ranges_and_ratios() -> N
     assert "[benchmarks-vm.md](benchmarks-vm.md)" in text
     assert "A smoke run" not in text
     prose = " ".join(text.split())
+    assert "holding 10,001 sealed keys" in prose and "took 0.25 s with nothing else" in prose
+    assert "720 keys a second, against 800" in prose and "0.90x, with 0 failed" in prose
     fleet = " ".join(report.render(sample(agent_makespan=20.0), "").split())
     assert "about 848 x 0.71 x 30 s = 18,181 hosts" in fleet
     assert "needs 100,000 / 18,181 = 6 servers of this size" in fleet

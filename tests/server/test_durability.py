@@ -162,7 +162,8 @@ def stored_keys(server: KeyServer) -> dict[str, bytes]:
         assert record.state in ("pending", "active", "revoked")
         # Every row opens: none is torn.
         stored[record.dataset_guid] = sealer.open(record.sealed, context_of(record))
-        assert len(record.sealed) == 1 + sealing.NONCE_BYTES + 16 + len(stored[record.dataset_guid])
+        overhead = 1 + sealing.KEY_ID_BYTES + sealing.NONCE_BYTES + 16
+        assert len(record.sealed) == overhead + len(stored[record.dataset_guid])
     return stored
 
 

@@ -55,7 +55,8 @@ NO_RATE_LIMITS = {
     "per_address_rate": 10000.0,
 }
 
-SEALED_OVERHEAD = 1 + sealing.NONCE_BYTES + 16  # version byte, nonce, GCM tag
+# Format byte, the sealing master key's id, nonce, GCM tag.
+SEALED_OVERHEAD = 1 + sealing.KEY_ID_BYTES + sealing.NONCE_BYTES + 16
 
 
 def new_guid() -> str:
@@ -293,14 +294,15 @@ def test_sealed_column_is_version_nonce_ciphertext_tag(keyserver: KeyServer) -> 
             assert material == imported[dataset_guid]
         else:
             assert len(material) == {"raw": 32, "hex": 64}[keyformat]
-        assert sealed[:1] == b"\x01"
+        assert sealed[:1] == b"\x02"
+        assert sealed[1:9].hex() == master.own_id == sealing.key_id_of(master.master_key())
         assert len(sealed) == SEALED_OVERHEAD + len(material)
-        nonces.add(sealed[1 : 1 + sealing.NONCE_BYTES])
+        nonces.add(sealed[9 : 9 + sealing.NONCE_BYTES])
         assert not leaked(sealed, [material])
         with pytest.raises(IntegrityError):
             wrong.open(sealed, context)
-        # Every part counts: version, nonce, ciphertext, tag; and nothing may be cut off.
-        for index in (0, 1, 12, 13, len(sealed) - 17, len(sealed) - 16, len(sealed) - 1):
+        # Every part counts: format, key id, nonce, ciphertext, tag; nothing may be cut off.
+        for index in (0, 1, 8, 9, 20, 21, len(sealed) - 17, len(sealed) - 16, len(sealed) - 1):
             tampered = bytearray(sealed)
             tampered[index] ^= 0x01
             with pytest.raises(IntegrityError):
@@ -690,7 +692,10 @@ def test_an_old_data_directory_is_checked_with_its_first_sealed_key(
     keyserver.stop()
     # Proven once, the key is remembered the way init does it now.
     with db(keyserver) as conn:
-        assert conn.execute("SELECT name FROM meta").fetchall() == [("master_key_check",)]
+        assert sorted(conn.execute("SELECT name FROM meta").fetchall()) == [
+            ("master_key_check",),
+            ("master_key_ring",),
+        ]
     replace_master_key(keyserver)
     with db(keyserver) as conn:
         conn.execute("DELETE FROM keys")  # now only the check value can tell
@@ -710,7 +715,8 @@ def test_an_old_data_directory_without_keys_takes_the_master_key_it_is_given(
     keyserver.stop()
     with db(keyserver) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 1
+        # The check value, and the ring naming the key it was given.
+        assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 2
 
 
 @pytest.mark.parametrize("command", ["key create", "import-simplezfs"])
