@@ -233,7 +233,9 @@ class KeyServerApp:
             service = self._resources()[0]
             masterring.refresh(service.sealer, service.store)
         except Exception as exc:  # noqa: BLE001 (the next request meets it, and says so)
-            log.warning("could not read the master key ring: %s", exc)
+            # A database that is down is not asked again every second by every idle worker.
+            self._next_ring_check = now + 10 * masterring.REFRESH_SECONDS
+            log.debug("could not read the master key ring: %s", exc)
 
     # WSGI entry point
 
