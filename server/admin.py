@@ -191,7 +191,13 @@ class Admin:
         return self._checked
 
     def service(self) -> KeyService:
-        return KeyService(self.store, self.sealer(), self.audit, self.config.deadman_timeout)
+        return KeyService(
+            self.store,
+            self.sealer(),
+            self.audit,
+            self.config.deadman_timeout,
+            retired_key_grace=self.config.retired_key_grace_days * 86400,
+        )
 
     def record(self, event: str, **fields: str | int | None) -> None:
         entry: AuditRecord = {"event": event, "decision": "allow", "actor": actor(), **fields}

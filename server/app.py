@@ -202,7 +202,13 @@ class KeyServerApp:
                 },
                 clock=buckets.clock,
             )
-            self._service = KeyService(store, sealer, audit, self.config.deadman_timeout)
+            self._service = KeyService(
+                store,
+                sealer,
+                audit,
+                self.config.deadman_timeout,
+                retired_key_grace=self.config.retired_key_grace_days * 86400,
+            )
             self._pid = os.getpid()
         return self._service, self._limiter
 
@@ -445,6 +451,8 @@ def release_batch(
         200,
         {
             "keys": [key_json(r) for r in result.released],
+            # Beside "keys", so that agents written before rotation existed ignore them.
+            "next_keys": [key_json(r) for r in result.upcoming],
             "denied": [
                 {"pool_guid": d.pool_guid, "dataset_guid": d.dataset_guid} for d in result.denied
             ],
@@ -457,7 +465,7 @@ def release_one(
 ) -> Response:
     machine_id = validate.machine_id(match.group(1))
     ref = DatasetRef(validate.guid(match.group(2)), validate.guid(match.group(3)))
-    result = service.release(caller, machine_id, [ref])
+    result = service.release(caller, machine_id, [ref], with_next=False)
     if not result.released:
         raise Denied("see audit")
     return json_response(200, key_json(result.released[0]))
@@ -492,6 +500,21 @@ def enroll(service: KeyService, caller: Caller, environ: Environ, match: re.Matc
     if imported is not None:
         protocol.check_key_material(imported, keyformat)  # before any state is looked at
     released, created = service.enroll(caller, machine_id, ref, dataset, keyformat, imported)
+    return json_response(201 if created else 200, key_json(released))
+
+
+def next_key(
+    service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
+) -> Response:
+    body = _fields(json_body(environ), {"machine_id", "pool_guid", "dataset_guid"})
+    released, created = service.next_key(
+        caller,
+        validate.machine_id(body["machine_id"]),
+        DatasetRef(
+            validate.guid(body["pool_guid"], "pool_guid"),
+            validate.guid(body["dataset_guid"], "dataset_guid"),
+        ),
+    )
     return json_response(201 if created else 200, key_json(released))
 
 
@@ -539,6 +562,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", _exactly(protocol.ROUTE_HOST_STATUS), host_status),
     Route("POST", _exactly(protocol.ROUTE_ENROLL), enroll),
     Route("POST", _exactly(protocol.ROUTE_ACTIVATE), activate),
+    Route("POST", _exactly(protocol.ROUTE_NEXT_KEY), next_key),
     Route("POST", _exactly(protocol.ROUTE_RELEASE_BATCH), release_batch),
     Route("GET", _RELEASE_ONE, release_one),
 )

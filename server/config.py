@@ -100,6 +100,8 @@ class ServerConfig:
     deadman_timeout: int = 0
     simplezfs_route: bool = False
     audit_log: str = ""  # empty: audit.log in the data directory
+    # Days a dataset key replaced by a rotation stays (sealed, for recovery).
+    retired_key_grace_days: int = 30
     rate_limits: RateLimits = field(default_factory=RateLimits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -173,6 +175,9 @@ def parse(text: str, where: str) -> ServerConfig:
         deadman_timeout=_typed(table.get("deadman_timeout", 0), int, "deadman_timeout", where),
         simplezfs_route=_typed(table.get("simplezfs_route", False), bool, "simplezfs_route", where),
         audit_log=_typed(table.get("audit_log", ""), str, "audit_log", where),
+        retired_key_grace_days=_typed(
+            table.get("retired_key_grace_days", 30), int, "retired_key_grace_days", where
+        ),
         rate_limits=limits,
         database=database,
         metrics=metrics,
@@ -181,6 +186,8 @@ def parse(text: str, where: str) -> ServerConfig:
         raise ConfigError(f"{where}: workers, deadman_timeout must be >= 0, request_timeout >= 1")
     if config.io_timeout <= 0:
         raise ConfigError(f"{where}: io_timeout must be > 0")
+    if config.retired_key_grace_days < 0:
+        raise ConfigError(f"{where}: retired_key_grace_days must be >= 0")
     return config
 
 
@@ -233,6 +240,10 @@ simplezfs_route = false
 
 # Audit log path; empty means audit.log in the data directory.
 audit_log = ""
+
+# Days a dataset key replaced by a rotation is kept (sealed, for recovery from
+# snapshots sent while it was live) before it is deleted.
+retired_key_grace_days = 30
 
 [rate_limits]
 per_certificate_burst = 60

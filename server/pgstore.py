@@ -43,11 +43,13 @@ from zfs_unlock_server.store import (
     KEY_INSERT_COLUMNS,
     Arrival,
     Certificate,
+    DatasetKeys,
     Host,
     KeyRecord,
     NewHost,
     Snapshot,
     arrive_apart,
+    dataset_keys,
     host_of,
     key_values,
 )
@@ -511,13 +513,23 @@ class PgStore:
     def key_for_dataset(self, host_id: int, pool_guid: str, dataset_guid: str) -> KeyRecord | None:
         return self._one_key(
             "k.host_id = %s AND k.pool_guid = %s AND k.dataset_guid = %s"
-            " AND k.dataset_guid <> ''",  # the partial index's condition, so it is used
+            # the partial index's condition, so it is used
+            " AND k.dataset_guid <> '' AND k.state IN ('pending', 'active', 'revoked')",
+            (host_id, pool_guid, dataset_guid),
+        )
+
+    def next_key_for_dataset(
+        self, host_id: int, pool_guid: str, dataset_guid: str
+    ) -> KeyRecord | None:
+        return self._one_key(
+            "k.host_id = %s AND k.pool_guid = %s AND k.dataset_guid = %s"
+            " AND k.dataset_guid <> '' AND k.state = 'next'",
             (host_id, pool_guid, dataset_guid),
         )
 
     def keys_for_datasets(
         self, host_id: int, refs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], KeyRecord]:
+    ) -> dict[tuple[str, str], DatasetKeys]:
         if not refs:
             return {}
         # One (%s, %s) pair per dataset: plain text parameters cost the client library
@@ -526,11 +538,14 @@ class PgStore:
         with self._session() as conn:
             rows = conn.execute(
                 f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
-                " WHERE k.host_id = %s AND k.dataset_guid <> ''"
+                " WHERE k.host_id = %s AND k.dataset_guid <> '' AND k.state <> 'retired'"
                 f" AND (k.pool_guid, k.dataset_guid) IN ({pairs})",
                 (host_id, *(part for ref in refs for part in ref)),
             ).fetchall()
-        return {(r["pool_guid"], r["dataset_guid"]): _key(r) for r in rows}
+        by_ref: dict[tuple[str, str], list[KeyRecord]] = {}
+        for row in rows:
+            by_ref.setdefault((row["pool_guid"], row["dataset_guid"]), []).append(_key(row))
+        return {ref: dataset_keys(records) for ref, records in by_ref.items()}
 
     def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None:
         return self._one_key(
@@ -580,6 +595,30 @@ class PgStore:
                 "UPDATE keys SET state = %s, updated_at = %s WHERE key_id = %s",
                 (state, now, key_id),
             )
+
+    def promote_next(self, current_id: str, next_id: str, now: int) -> None:
+        with self._session(write=True) as conn:
+            for key_id, state in ((current_id, "active"), (next_id, "next")):
+                if self._key_state(conn, key_id) != state:
+                    raise Conflict(f"key {key_id} is no longer {state}")
+            conn.execute(
+                "UPDATE keys SET state = 'retired', updated_at = %s, rotate_requested = false"
+                " WHERE key_id = %s",
+                (now, current_id),
+            )
+            conn.execute(
+                "UPDATE keys SET state = 'active', updated_at = %s WHERE key_id = %s",
+                (now, next_id),
+            )
+
+    def delete_retired(self, host_id: int, before: int) -> list[str]:
+        with self._session(write=True) as conn:
+            rows = conn.execute(
+                "DELETE FROM keys WHERE host_id = %s AND state = 'retired' AND updated_at < %s"
+                " RETURNING key_id",
+                (host_id, before),
+            ).fetchall()
+        return sorted(str(r["key_id"]) for r in rows)
 
     def replace_sealed(self, updates: Sequence[tuple[str, bytes, bytes]]) -> int:
         """Re-seal: each (key id, old value, new value) is written only where the row still

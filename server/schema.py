@@ -70,6 +70,43 @@ SQLITE: tuple[str, ...] = (
         value BLOB NOT NULL
     ) STRICT;
     """,
+    # Dataset key rotation: a dataset's current key (pending, active or revoked) may have a
+    # 'next' key beside it, and keys a rotation replaced stay 'retired' for a grace period.
+    # SQLite cannot change a CHECK, so the table is made again; every lookup of a dataset's
+    # keys, whatever their state, goes through keys_ref.
+    """
+    CREATE TABLE keys_rotating (
+        key_id           TEXT PRIMARY KEY,
+        host_id          INTEGER NOT NULL REFERENCES hosts(id) ON DELETE RESTRICT,
+        pool_guid        TEXT NOT NULL,
+        dataset_guid     TEXT NOT NULL DEFAULT '',
+        legacy_name      TEXT NOT NULL DEFAULT '',
+        dataset          TEXT NOT NULL,
+        keyformat        TEXT NOT NULL CHECK (keyformat IN ('raw', 'hex', 'passphrase')),
+        state            TEXT NOT NULL
+            CHECK (state IN ('pending', 'active', 'revoked', 'next', 'retired')),
+        origin           TEXT NOT NULL CHECK (origin IN ('generated', 'imported')),
+        sealed           BLOB NOT NULL,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        rotate_requested INTEGER NOT NULL DEFAULT 0 CHECK (rotate_requested IN (0, 1)),
+        CHECK ((dataset_guid = '') <> (legacy_name = ''))
+    ) STRICT;
+    INSERT INTO keys_rotating (key_id, host_id, pool_guid, dataset_guid, legacy_name, dataset,
+        keyformat, state, origin, sealed, created_at, updated_at)
+        SELECT key_id, host_id, pool_guid, dataset_guid, legacy_name, dataset, keyformat,
+            state, origin, sealed, created_at, updated_at FROM keys ORDER BY rowid;
+    DROP TABLE keys;
+    ALTER TABLE keys_rotating RENAME TO keys;
+    CREATE UNIQUE INDEX keys_dataset ON keys(host_id, pool_guid, dataset_guid)
+        WHERE dataset_guid <> '' AND state IN ('pending', 'active', 'revoked');
+    CREATE UNIQUE INDEX keys_dataset_next ON keys(host_id, pool_guid, dataset_guid)
+        WHERE dataset_guid <> '' AND state = 'next';
+    CREATE UNIQUE INDEX keys_legacy ON keys(host_id, pool_guid, legacy_name)
+        WHERE legacy_name <> '';
+    CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
+    CREATE INDEX keys_host ON keys(host_id);
+    """,
 )
 
 
@@ -135,6 +172,19 @@ POSTGRESQL: tuple[str, ...] = (
         stamp   DOUBLE PRECISION NOT NULL,
         granted BOOLEAN NOT NULL
     );
+    """,
+    # Dataset key rotation, as SQLite's step 4.
+    """
+    ALTER TABLE keys DROP CONSTRAINT keys_state_check;
+    ALTER TABLE keys ADD CONSTRAINT keys_state_check
+        CHECK (state IN ('pending', 'active', 'revoked', 'next', 'retired'));
+    ALTER TABLE keys ADD COLUMN rotate_requested BOOLEAN NOT NULL DEFAULT false;
+    DROP INDEX keys_dataset;
+    CREATE UNIQUE INDEX keys_dataset ON keys(host_id, pool_guid, dataset_guid)
+        WHERE dataset_guid <> '' AND state IN ('pending', 'active', 'revoked');
+    CREATE UNIQUE INDEX keys_dataset_next ON keys(host_id, pool_guid, dataset_guid)
+        WHERE dataset_guid <> '' AND state = 'next';
+    CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
     """,
 )
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
@@ -28,11 +28,14 @@ from zfs_unlock_server.deadman import (
 from zfs_unlock_server.errors import Conflict, IntegrityError, StaleMasterKey
 from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.sealing import KeyContext, Sealer, UnknownMasterKey
-from zfs_unlock_server.store import Host, KeyRecord, Store
+from zfs_unlock_server.store import DatasetKeys, Host, KeyRecord, Store
 
 log = logging.getLogger("zfs_unlock_server")
 
 LIVE_STATES = ("pending", "active")
+# Seconds a key replaced by a rotation stays sealed (for recovery) before a check-in of
+# its host deletes it.
+RETIRED_KEY_GRACE = 30 * 86400
 
 
 class Denied(Exception):
@@ -81,6 +84,8 @@ class HostStatus:
 class BatchResult:
     released: list[Released]
     denied: list[DatasetRef]
+    # The next keys of released datasets whose rotation has begun.
+    upcoming: list[Released] = field(default_factory=list)
 
 
 def new_key_id() -> str:
@@ -123,12 +128,14 @@ class KeyService:
         audit: AuditSink,
         default_deadman_timeout: int,
         clock: Callable[[], float] = time.time,
+        retired_key_grace: int = RETIRED_KEY_GRACE,
     ) -> None:
         self.store = store
         self.sealer = sealer
         self.audit = audit
         self.default_deadman_timeout = default_deadman_timeout
         self.clock = clock
+        self.retired_key_grace = retired_key_grace
         self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
 
     # The host-level gate, shared by every route.
@@ -213,7 +220,19 @@ class KeyService:
         host = self.authenticate(caller, machine_id, "checkin")
         # Recorded first: a check-in that cannot be audited does not reset the dead-man clock.
         self.audit.write(self._record(caller, "checkin", decision="allow", host=host.name))
-        self.store.touch_host(host.id, int(self.clock()))
+        now = int(self.clock())
+        self.store.touch_host(host.id, now)
+        for key_id in self.store.delete_retired(host.id, now - self.retired_key_grace):
+            self.audit.write(
+                self._record(
+                    caller,
+                    "key_deleted",
+                    decision="allow",
+                    reason="retired_grace_ended",
+                    host=host.name,
+                    key_id=key_id,
+                )
+            )
         return host
 
     def host_status(self, caller: Caller, machine_id: str) -> HostStatus:
@@ -244,16 +263,16 @@ class KeyService:
         )
 
     def _releasable(
-        self, caller: Caller, host: Host, ref: DatasetRef, keys: dict[tuple[str, str], KeyRecord]
+        self, caller: Caller, host: Host, ref: DatasetRef, record: KeyRecord | None
     ) -> tuple[Released | None, AuditRecord]:
-        """Decide one dataset, with KEYS the host's keys of the batch. Returns the key (or
-        None) and the audit record to write."""
+        """Decide one dataset, whose current key is RECORD. Returns the key (or None) and
+        the audit record to write."""
         base = self._record(
             caller, "release", host=host.name, pool=ref.pool_guid, dataset_guid=ref.dataset_guid
         )
         if not pool_allowed(host, ref.pool_guid):
             return None, {**base, "decision": "deny", "reason": "pool_not_allowed"}
-        return self._open_for_release(keys.get((ref.pool_guid, ref.dataset_guid)), base)
+        return self._open_for_release(record, base)
 
     def _open_for_release(
         self, record: KeyRecord | None, base: AuditRecord
@@ -261,7 +280,7 @@ class KeyService:
         if record is None:
             return None, {**base, "decision": "deny", "reason": "no_such_key"}
         named = {**base, "dataset": record.dataset, "key_id": record.key_id}
-        if record.state not in LIVE_STATES:
+        if record.state not in (*LIVE_STATES, "next"):
             return None, {**named, "decision": "deny", "reason": f"key_{record.state}"}
         try:
             material = self.open_sealed(record)
@@ -269,11 +288,18 @@ class KeyService:
             return None, {**named, "decision": "deny", "reason": "integrity_failure"}
         return Released(record, material), {**named, "decision": "allow", "reason": "ok"}
 
-    def release(self, caller: Caller, machine_id: str, refs: Sequence[DatasetRef]) -> BatchResult:
-        """Release each requested key the host may have. Audited before anything is returned."""
+    def release(
+        self,
+        caller: Caller,
+        machine_id: str,
+        refs: Sequence[DatasetRef],
+        with_next: bool = True,
+    ) -> BatchResult:
+        """Release each requested key the host may have and, WITH_NEXT, the next key of each
+        released dataset whose rotation has begun (the dataset may already be wrapped with
+        it). Audited before anything is returned."""
         with self.serving(caller, machine_id, "release", seen=False) as host:
-            released: list[Released] = []
-            denied: list[DatasetRef] = []
+            result = BatchResult([], [])
             records: list[AuditRecord] = []
             # The key reads, their records and the host's last_seen commit together (in a
             # shared database), and before anything is returned: one durable write for the
@@ -283,15 +309,23 @@ class KeyService:
                     host.id, [(r.pool_guid, r.dataset_guid) for r in refs]
                 )
                 for ref in refs:
-                    result, audit_record = self._releasable(caller, host, ref, keys)
+                    found = keys.get((ref.pool_guid, ref.dataset_guid), DatasetKeys(None))
+                    released, audit_record = self._releasable(caller, host, ref, found.current)
                     records.append(audit_record)
-                    if result is None:
-                        denied.append(ref)
-                    else:
-                        released.append(result)
+                    if released is None:
+                        result.denied.append(ref)
+                        continue
+                    result.released.append(released)
+                    if with_next and found.next is not None:
+                        base = {k: v for k, v in audit_record.items() if k != "reason"}
+                        upcoming, next_record = self._open_for_release(found.next, base)
+                        if upcoming is not None:
+                            next_record = {**next_record, "reason": "next_key"}
+                            result.upcoming.append(upcoming)
+                        records.append(next_record)
                 self.audit.write(*records)
                 self._seen(host)
-        return BatchResult(released, denied)
+        return result
 
     def release_legacy(
         self, caller: Caller, machine_id: str, pool_guid: str, name: str
@@ -492,8 +526,62 @@ class KeyService:
             log.error("%s; restart this server: it reads its master key at start", exc)
             raise StaleMasterKey(str(exc)) from None
 
+    def next_key(self, caller: Caller, machine_id: str, ref: DatasetRef) -> tuple[Released, bool]:
+        """Begin rotating a dataset's active key: its next key, made now or (a request
+        repeated after a lost answer) the one made before. Returns (key, created)."""
+        with self.serving(caller, machine_id, "rotate") as host:
+            fields = {"host": host.name, "pool": ref.pool_guid, "dataset_guid": ref.dataset_guid}
+            if not pool_allowed(host, ref.pool_guid):
+                raise self.deny(caller, "rotate", "pool_not_allowed", **fields)
+            current = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+            if current is None:
+                raise self.deny(caller, "rotate", "no_such_key", **fields)
+            fields["dataset"] = current.dataset
+            if current.state != "active":
+                self.audit.write(
+                    self._record(
+                        caller, "rotate", decision="deny", reason=f"key_{current.state}", **fields
+                    )
+                )
+                raise Conflict(f"the dataset's key is {current.state}; only an active key rotates")
+            existing = self.store.next_key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+            if existing is not None:
+                try:
+                    material = self.open_sealed(existing)
+                except IntegrityError:
+                    raise self.deny(
+                        caller, "rotate", "integrity_failure", key_id=existing.key_id, **fields
+                    ) from None
+                self.audit.write(
+                    self._record(
+                        caller,
+                        "rotate",
+                        decision="allow",
+                        reason="repeated",
+                        key_id=existing.key_id,
+                        **fields,
+                    )
+                )
+                return Released(existing, material), False
+            key_id = new_key_id()
+            created = self._record(
+                caller,
+                "rotate",
+                decision="allow",
+                reason="next_key_created",
+                key_id=key_id,
+                replaces=current.key_id,
+                **fields,
+            )
+            with self._recorded_first(created):
+                record, material = self.create_key(
+                    host, ref, current.dataset, current.keyformat, None, "next", key_id
+                )
+            return Released(record, material), True
+
     def activate(self, caller: Caller, machine_id: str, ref: DatasetRef, key_id: str) -> KeyRecord:
-        """Mark a pending key active once the host proved it opens the dataset."""
+        """Mark a pending key active once the host proved it opens the dataset; or, a
+        rotation's next key once the dataset is wrapped with it, retiring the key before."""
         with self.serving(caller, machine_id, "activate") as host:
             fields = {
                 "host": host.name,
@@ -504,6 +592,10 @@ class KeyService:
             if not pool_allowed(host, ref.pool_guid):
                 raise self.deny(caller, "activate", "pool_not_allowed", **fields)
             record = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+            if record is not None and record.key_id != key_id:
+                upcoming = self.store.next_key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
+                if upcoming is not None and upcoming.key_id == key_id:
+                    return self._finish_rotation(caller, record, upcoming, fields)
             if record is None or record.key_id != key_id:
                 raise self.deny(caller, "activate", "no_such_key", **fields)
             if record.state not in LIVE_STATES:
@@ -514,12 +606,23 @@ class KeyService:
                     self.store.set_key_state(key_id, "active", ("pending",), int(self.clock()))
             return self.store.key_by_id(key_id)
 
+    def _finish_rotation(
+        self, caller: Caller, current: KeyRecord, upcoming: KeyRecord, fields: dict[str, str]
+    ) -> KeyRecord:
+        if current.state != "active":
+            raise self.deny(caller, "activate", f"key_{current.state}", **fields)
+        allowed = self._record(
+            caller, "activate", decision="allow", reason="rotated", retired=current.key_id, **fields
+        )
+        with self._recorded_first(allowed):
+            self.store.promote_next(current.key_id, upcoming.key_id, int(self.clock()))
+        return self.store.key_by_id(upcoming.key_id)
+
 
 def generate_material(keyformat: str) -> bytes:
-    """32 bytes from the OS CSPRNG, as raw bytes or as 64 hex digits."""
+    """32 bytes from the OS CSPRNG, as raw bytes or as 64 hex digits (hex, passphrase)."""
     secret = os.urandom(protocol.RAW_KEY_BYTES)
     if keyformat == "raw":
         return secret
-    if keyformat == "hex":
-        return secret.hex().encode("ascii")
-    raise ValueError("the server generates raw or hex keys; passphrases can only be imported")
+    # A rotation's passphrase: 64 hex digits are a valid one, and as strong as a raw key.
+    return secret.hex().encode("ascii")

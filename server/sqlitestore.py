@@ -19,15 +19,18 @@ from zfs_unlock_server.errors import ConfigError, Conflict, NotFound, StaleMaste
 from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.sealing import FORMAT_V2, Ring
 from zfs_unlock_server.store import (
+    CURRENT_STATES,
     KEY_COLUMNS,
     KEY_INSERT_COLUMNS,
     Arrival,
     Certificate,
+    DatasetKeys,
     Host,
     KeyRecord,
     NewHost,
     Snapshot,
     arrive_apart,
+    dataset_keys,
     host_of,
     key_values,
 )
@@ -294,24 +297,40 @@ class SqliteStore:
                 raise Conflict("that dataset already has a key") from None
 
     def key_for_dataset(self, host_id: int, pool_guid: str, dataset_guid: str) -> KeyRecord | None:
+        return self._dataset_key(host_id, pool_guid, dataset_guid, CURRENT_STATES)
+
+    def next_key_for_dataset(
+        self, host_id: int, pool_guid: str, dataset_guid: str
+    ) -> KeyRecord | None:
+        return self._dataset_key(host_id, pool_guid, dataset_guid, ("next",))
+
+    def _dataset_key(
+        self, host_id: int, pool_guid: str, dataset_guid: str, states: tuple[str, ...]
+    ) -> KeyRecord | None:
+        marks = ", ".join("?" * len(states))
         row = self._db.execute(
             f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
             " WHERE k.host_id = ? AND k.pool_guid = ? AND k.dataset_guid = ?"
-            # Repeats the partial index's condition: without it SQLite cannot use
-            # keys_dataset and scans every key (found by the reboot-storm benchmark).
-            " AND k.dataset_guid <> ''",
-            (host_id, pool_guid, dataset_guid),
+            # Repeats the partial indexes' condition: without it SQLite cannot use them
+            # and scans every key (found by the reboot-storm benchmark).
+            f" AND k.dataset_guid <> '' AND k.state IN ({marks})",
+            (host_id, pool_guid, dataset_guid, *states),
         ).fetchone()
         return None if row is None else _key(row)
 
     def keys_for_datasets(
         self, host_id: int, refs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], KeyRecord]:
+    ) -> dict[tuple[str, str], DatasetKeys]:
         found = {}
         for pool_guid, dataset_guid in dict.fromkeys(refs):
-            record = self.key_for_dataset(host_id, pool_guid, dataset_guid)
-            if record is not None:
-                found[(pool_guid, dataset_guid)] = record
+            rows = self._db.execute(
+                f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+                " WHERE k.host_id = ? AND k.pool_guid = ? AND k.dataset_guid = ?"
+                " AND k.state <> 'retired'",
+                (host_id, pool_guid, dataset_guid),
+            ).fetchall()
+            if rows:
+                found[(pool_guid, dataset_guid)] = dataset_keys([_key(r) for r in rows])
         return found
 
     def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None:
@@ -374,6 +393,30 @@ class SqliteStore:
                 ).rowcount
                 for key_id, old, new in updates
             )
+
+    def promote_next(self, current_id: str, next_id: str, now: int) -> None:
+        with self._write() as db:
+            for key_id, state in ((current_id, "active"), (next_id, "next")):
+                row = db.execute("SELECT state FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+                if row is None or row["state"] != state:
+                    raise Conflict(f"key {key_id} is no longer {state}")
+            db.execute(
+                "UPDATE keys SET state = 'retired', updated_at = ?, rotate_requested = 0"
+                " WHERE key_id = ?",
+                (now, current_id),
+            )
+            db.execute(
+                "UPDATE keys SET state = 'active', updated_at = ? WHERE key_id = ?", (now, next_id)
+            )
+
+    def delete_retired(self, host_id: int, before: int) -> list[str]:
+        with self._write() as db:
+            rows = db.execute(
+                "DELETE FROM keys WHERE host_id = ? AND state = 'retired' AND updated_at < ?"
+                " RETURNING key_id",
+                (host_id, before),
+            ).fetchall()
+        return sorted(str(r[0]) for r in rows)
 
     def first_sealed_key(self) -> KeyRecord | None:
         """The oldest row of keys (by rowid), or None when there is no key."""

@@ -48,6 +48,25 @@ class KeyRecord:
     updated_at: int
 
 
+# A dataset's current key is in one of these; beside it, a rotation's 'next' key, and the
+# 'retired' keys that rotations replaced, kept for a grace period.
+CURRENT_STATES = ("pending", "active", "revoked")
+
+
+@dataclass(frozen=True)
+class DatasetKeys:
+    """A dataset's current key and, while a rotation runs, its next one."""
+
+    current: KeyRecord | None
+    next: KeyRecord | None = None
+
+
+def dataset_keys(records: Sequence[KeyRecord]) -> DatasetKeys:
+    """One dataset's non-retired rows, sorted into its current key and its next one."""
+    current = next((r for r in records if r.state in CURRENT_STATES), None)
+    return DatasetKeys(current, next((r for r in records if r.state == "next"), None))
+
+
 @dataclass(frozen=True)
 class NewHost:
     name: str
@@ -169,9 +188,21 @@ class Store(Protocol):
     def key_for_legacy_name(self, host_id: int, pool_guid: str, name: str) -> KeyRecord | None: ...
     def keys_for_datasets(
         self, host_id: int, refs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], KeyRecord]:
-        """The host's keys of the datasets REFS ((pool GUID, dataset GUID) pairs), in one
-        read: a release batch's lookup."""
+    ) -> dict[tuple[str, str], DatasetKeys]:
+        """The host's current and next keys of the datasets REFS ((pool GUID, dataset GUID)
+        pairs), in one read: a release batch's lookup. Datasets with neither are absent."""
+        ...
+
+    def next_key_for_dataset(
+        self, host_id: int, pool_guid: str, dataset_guid: str
+    ) -> KeyRecord | None: ...
+    def promote_next(self, current_id: str, next_id: str, now: int) -> None:
+        """In one transaction: the active key CURRENT_ID becomes retired, the next key
+        NEXT_ID active; Conflict if either is no longer in that state."""
+        ...
+
+    def delete_retired(self, host_id: int, before: int) -> list[str]:
+        """Delete the host's keys retired before BEFORE; their ids."""
         ...
 
     def key_by_id(self, key_id: str) -> KeyRecord: ...

@@ -28,7 +28,7 @@ from zfs_unlock_agent.errors import (
 )
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
-from zfs_unlock_agent.unlock import Unlocker, exit_code, read_machine_id, select_roots
+from zfs_unlock_agent.unlock import RootResult, Unlocker, exit_code, read_machine_id, select_roots
 from zfs_unlock_agent.zfs import Zfs
 from zfs_unlock_common import validate
 
@@ -258,6 +258,29 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent.rotate import rotate  # noqa: PLC0415 - not on the unlock path
+
+    cfg = _load(args)
+    zfs = Zfs(cfg.zfs)
+    inventory = zfs.inventory()
+    roots = select_roots(inventory, cfg, args.dataset, args.all)
+    if not roots:
+        log.info("no managed encryption roots found; nothing to rotate")
+        return EX_OK
+    machine_id = read_machine_id(cfg.machine_id_file)
+    results = []
+    with _client_factory(cfg)() as client:
+        for root in roots:
+            try:
+                _output(rotate(zfs, client, machine_id, inventory, root))
+                results.append(RootResult(root.name, "rotated"))
+            except AgentError as exc:
+                log.error("%s", exc)
+                results.append(RootResult(root.name, "failed", exc.exit_code, str(exc)))
+    return exit_code(results)
+
+
 def _no_server() -> KeyClient:
     raise UsageError("recover uses no key server")
 
@@ -449,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--create", action="store_true", help="create DS (encrypted) when it does not exist"
     )
+    p = add(
+        "rotate",
+        cmd_rotate,
+        "give an unlocked dataset a new key from the server (zfs change-key), retire the old",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--dataset", action="append", default=[], metavar="DS", help="DS's encryption root"
+    )
+    which.add_argument("--all", action="store_true", help="every managed encryption root")
     return parser
 
 

@@ -63,7 +63,7 @@ def enroll(
     ref = DatasetRef(inventory.pool_guid(dataset), dataset.guid)
     key = client.enroll(machine_id, ref, name, keyformat)
     try:
-        if _already_moved(zfs, dataset, key.secret, keyformat):
+        if already_moved(zfs, dataset, key.secret, keyformat):
             log.info("%s: already uses the server key (resuming an interrupted enrollment)", name)
         else:
             zfs.change_key(name, key.secret, keyformat)
@@ -100,8 +100,9 @@ def _ensure_key_loaded(zfs: Zfs, dataset: Dataset) -> None:
     raise UsageError(f"{dataset.name}: its key is not loaded; {hint}")
 
 
-def _already_moved(zfs: Zfs, dataset: Dataset, key: Secret, keyformat: str) -> bool:
-    """True when an earlier, interrupted run already changed the key to this one."""
+def already_moved(zfs: Zfs, dataset: Dataset, key: Secret, keyformat: str) -> bool:
+    """True when an earlier, interrupted run (of enroll or rotate) already changed the key
+    to this one."""
     if dataset.keylocation != "prompt" or dataset.keyformat != keyformat:
         return False
     try:

@@ -43,8 +43,16 @@ class ReleasedKey(NamedTuple):
     ref: DatasetRef
     key_id: str
     keyformat: str
-    state: str
+    state: str  # pending or active; "next" for a rotation's next key
     secret: Secret
+    # The dataset's next key while a rotation runs: it opens the dataset once the agent
+    # that rotates it has changed the key and before the server has made it active.
+    next: ReleasedKey | None = None
+
+    def wipe(self) -> None:
+        self.secret.wipe()
+        if self.next is not None:
+            self.next.secret.wipe()
 
 
 class Answer(NamedTuple):
@@ -250,23 +258,59 @@ class KeyClient:
         )
         keys = answer.body.get("keys")
         denied = answer.body.get("denied")
+        upcoming = answer.body.get("next_keys", [])  # absent from servers without rotation
         if not isinstance(keys, list) or not isinstance(denied, list):
             raise BadKeyData("server answer lacks 'keys' or 'denied'")
+        if not isinstance(upcoming, list):
+            raise BadKeyData("server answer has a malformed 'next_keys'")
         released: dict[DatasetRef, ReleasedKey] = {}
         asked = set(refs)
         try:
             for item in keys:
-                key = _released_key(item)
-                if key.ref not in asked:
+                key = _released_key(item, ("pending", "active"))
+                if key.ref not in asked or key.ref in released:
                     key.secret.wipe()
                     raise BadKeyData("server sent a key that was not asked for")
                 released[key.ref] = key
+            for item in upcoming:
+                key = _released_key(item, ("next",))
+                current = released.get(key.ref)
+                if (
+                    current is None
+                    or current.next is not None
+                    or key.keyformat != current.keyformat
+                ):
+                    key.secret.wipe()
+                    raise BadKeyData("server sent a next key without its dataset's key")
+                released[key.ref] = current._replace(next=key)
             refused = [_ref(item) for item in denied]
         except BadKeyData:
             for key in released.values():
-                key.secret.wipe()
+                key.wipe()
             raise
         return released, refused
+
+    def next_key(self, machine_id: str, ref: DatasetRef) -> ReleasedKey:
+        """A rotation's next key for the dataset REF (the same one when asked again)."""
+        answer = self.call(
+            "POST",
+            protocol.ROUTE_NEXT_KEY,
+            {
+                "machine_id": machine_id,
+                "pool_guid": ref.pool_guid,
+                "dataset_guid": ref.dataset_guid,
+            },
+            accept=(200, 201, 409),
+        )
+        if answer.status == 409:
+            raise ServerRefused(
+                "the server rotates only an active key: this dataset's key is pending or revoked"
+            )
+        key = _released_key(answer.body, ("next",))
+        if key.ref != ref:
+            key.secret.wipe()
+            raise BadKeyData("server answered for another dataset")
+        return key
 
     def enroll(self, machine_id: str, ref: DatasetRef, dataset: str, keyformat: str) -> ReleasedKey:
         answer = self.call(
@@ -339,7 +383,7 @@ def _ref(item: Any) -> DatasetRef:
         raise BadKeyData("malformed dataset reference in the answer") from None
 
 
-def _released_key(item: Any) -> ReleasedKey:
+def _released_key(item: Any, states: tuple[str, ...] = ("pending", "active")) -> ReleasedKey:
     ref = _ref(item)
     keyformat, state, key_id, encoded = (
         item.get("keyformat"),
@@ -347,7 +391,7 @@ def _released_key(item: Any) -> ReleasedKey:
         item.get("key_id"),
         item.get("key"),
     )
-    if keyformat not in protocol.KEY_FORMATS or state not in ("pending", "active"):
+    if keyformat not in protocol.KEY_FORMATS or state not in states:
         raise BadKeyData("answer has an unknown keyformat or state")
     if not isinstance(key_id, str) or not isinstance(encoded, str) or len(encoded) > 1024:
         raise BadKeyData("answer lacks key_id or key")

@@ -235,9 +235,28 @@ class Unlocker:
                 else:
                     loadable.append((root, key))
             outcomes = self.zfs.load_keys([(root.name, key.secret) for root, key in loadable])
+            # A rotation that changed the key but was not yet made active on the server:
+            # the dataset opens with its next key, and the rotation is completed below.
+            retry = [
+                i
+                for i, ((_, key), error) in enumerate(zip(loadable, outcomes, strict=True))
+                if key.next is not None and error is not None
+                if not isinstance(error, KeyAlreadyLoaded)
+            ]
+            second = (
+                []
+                if not retry
+                else self.zfs.load_keys(
+                    [(loadable[i][0].name, _next(loadable[i][1]).secret) for i in retry]
+                )
+            )
+            for i, error in zip(retry, second, strict=True):
+                if error is None or isinstance(error, KeyAlreadyLoaded):
+                    loadable[i] = (loadable[i][0], _next(loadable[i][1]))
+                    outcomes[i] = error
         finally:
             for _, key in fetched:
-                key.secret.wipe()
+                key.wipe()
         for (root, key), error in zip(loadable, outcomes, strict=True):
             if isinstance(error, KeyAlreadyLoaded):
                 results[root.name] = RootResult(
@@ -248,25 +267,26 @@ class Unlocker:
                     root.name, "failed", error.exit_code, _zfs_reason(error)
                 )
             else:
-                if key.state == "pending" and self.completes_enrollment:
+                if key.state in ("pending", "next") and self.completes_enrollment:
                     self._activate(inventory, root, key)
                 results[root.name] = RootResult(root.name, "unlocked", message="key loaded")
         return results
 
     def _activate(self, inventory: Inventory, root: Dataset, key: ReleasedKey) -> None:
-        """A pending key that opened the dataset is proven: finish an interrupted enrollment.
-
-        That is enrollment's last step: the key becomes active and the dataset managed.
+        """A pending or next key that opened the dataset is proven: finish an interrupted
+        enrollment or rotation. That is their last step: the key becomes active (the key
+        before it retired) and the dataset managed.
         """
+        what = "rotation" if key.state == "next" else "enrollment"
         try:
             with self.client() as client:
                 client.activate(self.machine_id, key.ref, key.key_id)
             if not root.managed:
                 self.zfs.mark_managed(root.name)
-            log.info("%s: enrollment completed (key %s is now active)", root.name, key.key_id)
+            log.info("%s: %s completed (key %s is now active)", root.name, what, key.key_id)
         except AgentError as exc:
             log.warning(
-                "%s: could not complete the enrollment of key %s: %s", root.name, key.key_id, exc
+                "%s: could not complete the %s of key %s: %s", root.name, what, key.key_id, exc
             )
 
     def _mount(self, unlocked: Sequence[tuple[Dataset, RootResult]], inventory: Inventory) -> None:
@@ -336,6 +356,12 @@ class Unlocker:
             log.info("%s: %s (%s%s)", result.root, result.outcome, result.message, mounted)
         else:
             log.error("%s: %s", result.root, result.message)
+
+
+def _next(key: ReleasedKey) -> ReleasedKey:
+    if key.next is None:
+        raise AssertionError("only keys with a next key are tried again")
+    return key.next
 
 
 def _key_problem(root: Dataset, key: ReleasedKey) -> str:

@@ -12,6 +12,7 @@ API_PREFIX: Final = "/v1"
 ROUTE_CHECKIN: Final = "/v1/checkin"
 ROUTE_ENROLL: Final = "/v1/keys"
 ROUTE_ACTIVATE: Final = "/v1/keys/activate"
+ROUTE_NEXT_KEY: Final = "/v1/keys/next"  # a rotation's next key
 ROUTE_RELEASE_BATCH: Final = "/v1/keys/release"
 ROUTE_HOST_STATUS: Final = "/v1/host"  # the caller's own enrollment, for `check`
 # GET /v1/hosts/{machine_id}/keys/{pool_guid}/{dataset_guid}
@@ -33,7 +34,7 @@ class DatasetRef(NamedTuple):
 
 KeyFormat = Literal["raw", "hex", "passphrase"]
 KEY_FORMATS: Final[tuple[KeyFormat, ...]] = ("raw", "hex", "passphrase")
-KeyState = Literal["pending", "active", "revoked"]
+KeyState = Literal["pending", "active", "revoked", "next", "retired"]
 
 RAW_KEY_BYTES: Final = 32
 PASSPHRASE_MIN: Final = 8

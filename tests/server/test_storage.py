@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -34,7 +35,13 @@ from tests.keyserver import (
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import audit, cli, sealing, secretfile
 from zfs_unlock_server.config import Layout
-from zfs_unlock_server.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, IntegrityError
+from zfs_unlock_server.errors import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    ConfigError,
+    Conflict,
+    IntegrityError,
+)
 from zfs_unlock_server.schema import SQLITE as MIGRATIONS
 from zfs_unlock_server.sealing import KeyContext, Sealer
 from zfs_unlock_server.sqlitestore import SqliteStore
@@ -763,11 +770,40 @@ def test_a_schema_2_database_is_migrated_with_its_rows_intact(tmp_path: Path) ->
     write_old_database(path, schema=2)
     store = SqliteStore(path, migrate=True)
     try:
-        assert store.pragma("user_version") == SCHEMA_VERSION == 3
+        assert store.pragma("user_version") == SCHEMA_VERSION == 4
         assert [k.key_id for k in store.keys(1)] == ["k-1"]
         assert store.master_key_check() is None  # nothing proven yet
         first = store.first_sealed_key()
         assert first is not None and first.key_id == "k-1"
+    finally:
+        store.close()
+
+
+def test_a_schema_3_database_gains_next_and_retired_keys_with_its_rows_intact(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.db"
+    write_old_database(path, schema=3)
+    store = SqliteStore(path, migrate=True)
+    try:
+        [old] = store.keys(1)
+        assert (old.key_id, old.state, old.sealed, old.created_at) == ("k-1", "active", b"\0", 1)
+        assert store.key_for_dataset(1, "1", "2") == old
+        store.insert_key(dataclasses.replace(old, key_id="k-2", state="next"))
+        assert store.next_key_for_dataset(1, "1", "2") == dataclasses.replace(
+            old, key_id="k-2", state="next"
+        )
+        with pytest.raises(Conflict):  # one next key per dataset
+            store.insert_key(dataclasses.replace(old, key_id="k-3", state="next"))
+        with pytest.raises(Conflict):  # and still one current key
+            store.insert_key(dataclasses.replace(old, key_id="k-4", state="pending"))
+        store.promote_next("k-1", "k-2", 50)
+        assert store.key_for_dataset(1, "1", "2") == dataclasses.replace(
+            old, key_id="k-2", state="active", updated_at=50
+        )
+        assert store.key_by_id("k-1").state == "retired"
+        assert store.delete_retired(1, 50) == []
+        assert store.delete_retired(1, 51) == ["k-1"]
     finally:
         store.close()
 
