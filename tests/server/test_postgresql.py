@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -33,9 +34,11 @@ from zfs_unlock_server.errors import (
     EX_NOPERM,
     EX_UNAVAILABLE,
     EX_USAGE,
+    Conflict,
 )
-from zfs_unlock_server.pgstore import EXPORT_BATCH, PRUNE_LOCK
+from zfs_unlock_server.pgstore import EXPORT_BATCH, PRUNE_LOCK, PgStore
 from zfs_unlock_server.schema import POSTGRESQL
+from zfs_unlock_server.schema import statements as schema_statements
 
 POOL = "5555555555555555555"
 NO_RATE_LIMITS = {
@@ -180,6 +183,39 @@ def test_an_empty_database_is_refused_until_migrated(
     assert "schema 0 is older than this server's" in err and "zfs-unlock-server migrate" in err
     code, _, err = pg_server.admin("migrate")
     assert code == 0 and f"migrated from 0 to {len(POSTGRESQL)}" in err
+
+
+def test_a_schema_1_database_gains_rotation_with_its_rows_intact(
+    pg_cluster: postgres.Cluster,
+) -> None:
+    url = new_database(pg_cluster)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        for statement in schema_statements(POSTGRESQL[0]):
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO hosts (name, machine_id, created_at, last_seen)"
+            " VALUES ('old', '0123456789abcdef0123456789abcdef', 1, 1)"
+        )
+        conn.execute(
+            "INSERT INTO keys (key_id, host_id, pool_guid, dataset_guid, dataset, keyformat,"
+            " state, origin, sealed, created_at, updated_at) SELECT 'k-1', id, '1', '2',"
+            " 'tank/a', 'raw', 'active', 'generated', '\\x00', 1, 1 FROM hosts"
+        )
+    store = PgStore(url, migrate=True)
+    try:
+        assert store.migrated == (1, len(POSTGRESQL))
+        old = store.key_for_dataset(store.host_by_name("old").id, "1", "2")
+        assert old is not None and (old.key_id, old.state, old.sealed) == ("k-1", "active", b"\0")
+        store.insert_key(dataclasses.replace(old, key_id="k-2", state="next"))
+        with pytest.raises(Conflict):  # one next key per dataset
+            store.insert_key(dataclasses.replace(old, key_id="k-3", state="next"))
+        store.promote_next("k-1", "k-2", 50)
+        assert store.key_by_id("k-1").state == "retired"
+        assert store.delete_retired(old.host_id, 51) == ["k-1"]
+    finally:
+        store.close()
 
 
 def test_nodes_migrating_at_once_take_turns(pg_cluster: postgres.Cluster, tmp_path: Path) -> None:
