@@ -197,6 +197,7 @@ class Admin:
             self.audit,
             self.config.deadman_timeout,
             retired_key_grace=self.config.retired_key_grace_days * 86400,
+            max_key_age=self.config.max_key_age_days * 86400,
         )
 
     def record(self, event: str, **fields: str | int | None) -> None:
@@ -413,6 +414,24 @@ class Admin:
             with self.granting("key_restored", **fields):
                 self.store.set_key_state(key_id, state, expected, int(time.time()))
         return record
+
+    def request_rotation(self, host_name: str, dataset_guid: str | None) -> list[KeyRecord]:
+        """Ask the host's daemon to rotate its active keys (or DATASET_GUID's) at its next
+        check-in; the keys asked for. Audited, one record per key."""
+        if dataset_guid is not None:
+            validate.guid(dataset_guid, "dataset GUID")
+        host = self.store.host_by_name(host_name)
+        marked = self.store.request_rotation(host.id, dataset_guid)
+        for record in marked:
+            self.record(
+                "key_rotation_requested",
+                host=record.host,
+                key_id=record.key_id,
+                pool=record.pool_guid,
+                dataset_guid=record.dataset_guid,
+                dataset=record.dataset,
+            )
+        return marked
 
     def delete_key(self, key_id: str) -> KeyRecord:
         """Forget a revoked key for good (its dataset was destroyed). Irreversible."""

@@ -208,6 +208,7 @@ class KeyServerApp:
                 audit,
                 self.config.deadman_timeout,
                 retired_key_grace=self.config.retired_key_grace_days * 86400,
+                max_key_age=self.config.max_key_age_days * 86400,
             )
             self._pid = os.getpid()
         return self._service, self._limiter
@@ -408,7 +409,18 @@ def checkin(
 ) -> Response:
     body = _fields(json_body(environ), {"machine_id"})
     host = service.checkin(caller, validate.machine_id(body["machine_id"]))
-    return json_response(200, {"host": host.name, "deadman_timeout": service.deadman_timeout(host)})
+    return json_response(
+        200,
+        {
+            "host": host.name,
+            "deadman_timeout": service.deadman_timeout(host),
+            # Datasets whose key the daemon is to rotate (key rotate, max_key_age_days).
+            "rotate": [
+                {"pool_guid": r.pool_guid, "dataset_guid": r.dataset_guid}
+                for r in service.rotations_due(host)
+            ],
+        },
+    )
 
 
 def host_status(

@@ -39,6 +39,7 @@ from zfs_unlock_server.errors import (
     EX_USAGE,
     ConfigError,
     DataError,
+    NotFound,
     ServerError,
     UsageError,
 )
@@ -472,6 +473,20 @@ def cmd_host_cert_remove(args: argparse.Namespace, inputs: AdminInputs) -> int:
 def cmd_key_revoke(args: argparse.Namespace, inputs: AdminInputs) -> int:
     record = _with_admin(args, lambda ops: ops.set_key_state(args.key_id, "revoked"))
     _say(f"{_key_named(record)} revoked: it is refused from the next request")
+    return 0
+
+
+def cmd_key_rotate(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    marked = _with_admin(args, lambda ops: ops.request_rotation(args.host, args.dataset))
+    if not marked:
+        which = f"dataset {args.dataset}" if args.dataset else "any dataset"
+        raise NotFound(f"host {args.host} has no active key for {which}")
+    for record in marked:
+        print(record.key_id)
+    _say(
+        f"{len(marked)} key(s) of {args.host} to be rotated by its daemon at its next check-in"
+        " (every 15 minutes by default); 'key list' shows the new keys once done"
+    )
     return 0
 
 
@@ -1018,6 +1033,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the existing key from stdin instead of generating one",
     )
+    p = add(
+        keys,
+        "rotate",
+        cmd_key_rotate,
+        "have a host's daemon give datasets new keys at its next check-in",
+        [
+            "zfs-unlock-server key rotate --host web1 --all",
+            "zfs-unlock-server key rotate --host web1 --dataset 9876543210987654321",
+        ],
+    )
+    p.add_argument("--host", required=True, metavar="NAME", help="the host")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dataset", metavar="GUID", help="only this dataset's key")
+    which.add_argument("--all", action="store_true", help="every active key of the host")
     for name, handler, text in (
         ("revoke", cmd_key_revoke, "stop releasing a key, from the next request on"),
         ("restore", cmd_key_restore, "release a revoked key again"),

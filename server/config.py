@@ -102,6 +102,8 @@ class ServerConfig:
     audit_log: str = ""  # empty: audit.log in the data directory
     # Days a dataset key replaced by a rotation stays (sealed, for recovery).
     retired_key_grace_days: int = 30
+    # Days after which a host's daemon rotates a dataset key by itself; 0: never.
+    max_key_age_days: int = 0
     rate_limits: RateLimits = field(default_factory=RateLimits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -178,6 +180,7 @@ def parse(text: str, where: str) -> ServerConfig:
         retired_key_grace_days=_typed(
             table.get("retired_key_grace_days", 30), int, "retired_key_grace_days", where
         ),
+        max_key_age_days=_typed(table.get("max_key_age_days", 0), int, "max_key_age_days", where),
         rate_limits=limits,
         database=database,
         metrics=metrics,
@@ -186,8 +189,8 @@ def parse(text: str, where: str) -> ServerConfig:
         raise ConfigError(f"{where}: workers, deadman_timeout must be >= 0, request_timeout >= 1")
     if config.io_timeout <= 0:
         raise ConfigError(f"{where}: io_timeout must be > 0")
-    if config.retired_key_grace_days < 0:
-        raise ConfigError(f"{where}: retired_key_grace_days must be >= 0")
+    if config.retired_key_grace_days < 0 or config.max_key_age_days < 0:
+        raise ConfigError(f"{where}: retired_key_grace_days, max_key_age_days must be >= 0")
     return config
 
 
@@ -244,6 +247,10 @@ audit_log = ""
 # Days a dataset key replaced by a rotation is kept (sealed, for recovery from
 # snapshots sent while it was live) before it is deleted.
 retired_key_grace_days = 30
+
+# Days after which each host's daemon rotates a dataset key by itself, at a
+# check-in; 0 never. 'key rotate' asks for a rotation at any time.
+max_key_age_days = 0
 
 [rate_limits]
 per_certificate_burst = 60

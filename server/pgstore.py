@@ -620,6 +620,26 @@ class PgStore:
             ).fetchall()
         return sorted(str(r["key_id"]) for r in rows)
 
+    def request_rotation(self, host_id: int, dataset_guid: str | None) -> list[KeyRecord]:
+        with self._session(write=True) as conn:
+            rows = conn.execute(
+                "UPDATE keys SET rotate_requested = true WHERE host_id = %s AND state = 'active'"
+                " AND dataset_guid <> '' AND (%s::text IS NULL OR dataset_guid = %s)"
+                " RETURNING key_id",
+                (host_id, dataset_guid, dataset_guid),
+            ).fetchall()
+        return [self.key_by_id(str(r["key_id"])) for r in rows]
+
+    def due_for_rotation(self, host_id: int, created_before: int) -> list[KeyRecord]:
+        with self._session() as conn:
+            rows = conn.execute(
+                f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+                " WHERE k.host_id = %s AND k.state = 'active' AND k.dataset_guid <> ''"
+                " AND (k.rotate_requested OR k.created_at < %s) ORDER BY k.dataset",
+                (host_id, created_before),
+            ).fetchall()
+        return [_key(r) for r in rows]
+
     def replace_sealed(self, updates: Sequence[tuple[str, bytes, bytes]]) -> int:
         """Re-seal: each (key id, old value, new value) is written only where the row still
         holds the old value. Returns how many were."""

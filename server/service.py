@@ -129,6 +129,7 @@ class KeyService:
         default_deadman_timeout: int,
         clock: Callable[[], float] = time.time,
         retired_key_grace: int = RETIRED_KEY_GRACE,
+        max_key_age: int = 0,
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -136,6 +137,7 @@ class KeyService:
         self.default_deadman_timeout = default_deadman_timeout
         self.clock = clock
         self.retired_key_grace = retired_key_grace
+        self.max_key_age = max_key_age  # seconds; 0: keys are rotated only when asked
         self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
 
     # The host-level gate, shared by every route.
@@ -234,6 +236,13 @@ class KeyService:
                 )
             )
         return host
+
+    def rotations_due(self, host: Host) -> list[DatasetRef]:
+        """The datasets whose key the host's daemon should rotate now: asked for by an
+        admin (key rotate), or older than max_key_age."""
+        before = int(self.clock()) - self.max_key_age if self.max_key_age else 0
+        due = self.store.due_for_rotation(host.id, before)
+        return [DatasetRef(r.pool_guid, r.dataset_guid) for r in due]
 
     def host_status(self, caller: Caller, machine_id: str) -> HostStatus:
         """The caller's own enrollment, as the release checks would see it now; an unknown

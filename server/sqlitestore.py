@@ -418,6 +418,24 @@ class SqliteStore:
             ).fetchall()
         return sorted(str(r[0]) for r in rows)
 
+    def request_rotation(self, host_id: int, dataset_guid: str | None) -> list[KeyRecord]:
+        with self._write() as db:
+            rows = db.execute(
+                "UPDATE keys SET rotate_requested = 1 WHERE host_id = ? AND state = 'active'"
+                " AND dataset_guid <> '' AND (? IS NULL OR dataset_guid = ?) RETURNING key_id",
+                (host_id, dataset_guid, dataset_guid),
+            ).fetchall()
+        return [self.key_by_id(str(r[0])) for r in rows]
+
+    def due_for_rotation(self, host_id: int, created_before: int) -> list[KeyRecord]:
+        rows = self._db.execute(
+            f"SELECT {KEY_COLUMNS} FROM keys k JOIN hosts h ON h.id = k.host_id"  # noqa: S608
+            " WHERE k.host_id = ? AND k.state = 'active' AND k.dataset_guid <> ''"
+            " AND (k.rotate_requested = 1 OR k.created_at < ?) ORDER BY k.dataset",
+            (host_id, created_before),
+        )
+        return [_key(r) for r in rows]
+
     def first_sealed_key(self) -> KeyRecord | None:
         """The oldest row of keys (by rowid), or None when there is no key."""
         row = self._db.execute(

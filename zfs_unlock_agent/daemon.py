@@ -22,9 +22,11 @@ from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.notify import Notifier
+from zfs_unlock_agent.rotate import rotate
 from zfs_unlock_agent.udev import PoolDiskWatch
 from zfs_unlock_agent.unlock import RootResult, Unlocker, read_machine_id, select_roots
 from zfs_unlock_agent.zfs import Zfs
+from zfs_unlock_common.protocol import DatasetRef
 
 # After a disk with a ZFS label appears, look for its pool this often, for this long:
 # someone (an admin, an import rule) imports it a moment later.
@@ -226,16 +228,36 @@ class Daemon:
     def checkin(self) -> None:
         interval = self.config.daemon.checkin_interval
         try:
-            with self._unlocker(self.config.network.deadline).client() as client:
-                client.checkin(self.machine_id)
-            self.next_checkin = self.clock() + interval
-            self._succeeded()
+            unlocker = self._unlocker(self.config.network.deadline)
+            with unlocker.client() as client:
+                due = client.checkin(self.machine_id)
+                self.next_checkin = self.clock() + interval
+                self._succeeded()
+                if due:
+                    self.rotate(unlocker.zfs, client, due)
         except AgentError as exc:
             retry = min(interval, self.config.daemon.retry_max)
             log.warning("check-in failed (trying again in %g s): %s", retry, exc)
             self.next_checkin = self.clock() + retry
             self._failed(f"check-in: {exc}")
         self.write_textfile()
+
+    def rotate(self, zfs: Zfs, client: KeyClient, due: list[DatasetRef]) -> None:
+        """Rotate the keys the server asked for (key rotate, max_key_age_days) of the roots
+        here whose key is loaded; the server asks again at the next check-in until done."""
+        try:
+            inventory = zfs.inventory()
+        except AgentError as exc:
+            log.warning("cannot list datasets to rotate their keys: %s", exc)
+            return
+        wanted = set(due)
+        for root in inventory.encryption_roots():
+            try:
+                if DatasetRef(inventory.pool_guid(root), root.guid) not in wanted:
+                    continue
+                log.info("%s", rotate(zfs, client, self.machine_id, inventory, root))
+            except AgentError as exc:
+                log.warning("%s: rotation asked for by the server failed: %s", root.name, exc)
 
     def _succeeded(self) -> None:
         self.last_success = self.wall_clock()

@@ -348,8 +348,13 @@ class KeyClient:
             },
         )
 
-    def checkin(self, machine_id: str) -> None:
-        self.call("POST", protocol.ROUTE_CHECKIN, {"machine_id": machine_id})
+    def checkin(self, machine_id: str) -> list[DatasetRef]:
+        """Prove liveness; the datasets whose key the server wants rotated now."""
+        answer = self.call("POST", protocol.ROUTE_CHECKIN, {"machine_id": machine_id})
+        due = answer.body.get("rotate", [])  # absent from servers without rotation
+        if not isinstance(due, list):
+            raise BadKeyData("server answer has a malformed 'rotate'")
+        return [_ref(item) for item in due]
 
 
 def _retry_after(response: transport.Response) -> float:

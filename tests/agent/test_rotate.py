@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agent.harness import AgentHost
+from tests.agent.daemon_harness import Daemons
+from tests.agent.harness import AGENT_BIN, AgentHost
+from tests.agent.test_daemon import new_host as new_daemon_host
 from tests.agent.test_enroll import assert_boot_unlock_opens, unload_key
 from tests.fakes.fake_zfs import key_digest
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import errors
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    started = Daemons()
+    yield started
+    started.stop_all()
 
 
 def new_host(server: KeyServer, tmp_path: Path, name: str) -> tuple[AgentHost, str]:
@@ -199,3 +213,62 @@ def test_an_agent_that_knows_no_rotation_still_gets_its_active_key(
     assert [k["state"] for k in batch["next_keys"]] == ["next"]
     assert base64.b64decode(one["key"]) == key and one["state"] == "active"
     unload_key(host, "tank/data")
+
+
+def test_the_daemon_rotates_what_the_admin_asks_for_at_its_check_in(
+    shared_keyserver: KeyServer, tmp_path: Path, daemons: Daemons
+) -> None:
+    host, pool = new_daemon_host(shared_keyserver, tmp_path, "rot-daemon", {"checkin_interval": 1})
+    host.encrypted_dataset("tank/a", pool)
+    host.encrypted_dataset("tank/b", pool)
+    guid_a = host.zfs.dataset("tank/a")["guid"]
+    [old_a] = states(host, "tank/a")
+    [old_b] = states(host, "tank/b")
+    daemon = daemons.start(host)
+    daemon.expect_ready()
+    asked = shared_keyserver.must("key", "rotate", "--host", host.creds.name, "--dataset", guid_a)
+    assert asked.split() == [old_a]
+
+    daemon.wait_log(r"tank/a: key rotated; k-[0-9a-f]+ is now active")
+    assert states(host, "tank/a")[old_a] == "retired"
+    assert states(host, "tank/b") == {old_b: "active"}  # not asked for
+    daemon.terminate()
+    assert_boot_unlock_opens(host, "tank/a")
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_of_a_rotation_loses_no_key(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """Twelve rotations killed at random moments (each zfs call takes 0.2 s, so that the
+    kills spread over asking for the next key, changing the key, proving it and
+    activating it), each followed by what a reboot does: the key unloaded, then `unlock`.
+    The dataset opens every time, and the last rotation, left to finish, leaves one active
+    key that is the dataset's."""
+    host, pool = new_host(shared_keyserver, tmp_path, "rot-kill")
+    host.encrypted_dataset("tank/data", pool, keystatus="available", mounted=True)
+    zfs_wrapper(host, tmp_path, 'sleep 0.2\nexec "$REAL" "$@"')
+    chance = random.Random(23)  # noqa: S311 (when to kill, not a secret)
+    seen: Counter[str] = Counter()
+    for round_number in range(12):
+        process = subprocess.Popen(
+            [str(AGENT_BIN), "-c", str(host.config_path), "rotate", "--dataset", "tank/data"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(chance.uniform(0.2, 2.0))
+        process.kill()
+        process.wait()
+        now = sorted(states(host, "tank/data").values())
+        seen["half done" if "next" in now else "untouched or done"] += 1
+        unload_key(host, "tank/data")
+        result = host.run("unlock")
+        assert result.returncode == 0, (round_number, result.stderr)
+        assert host.zfs.keystatus("tank/data") == "available", round_number
+        if "rotation completed" in result.stderr:
+            seen["finished by unlock"] += 1
+    assert seen["half done"] >= 1, seen
+    assert host.run("rotate", "--dataset", "tank/data").returncode == 0
+    assert sorted(set(states(host, "tank/data").values())) == ["active", "retired"]
+    assert_boot_unlock_opens(host, "tank/data")
+    print(f"\nkill -9 during zfs-unlock-agent rotate, 12 rounds: {dict(seen)}")

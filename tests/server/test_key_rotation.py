@@ -138,3 +138,50 @@ def test_a_retired_key_is_deleted_at_a_check_in_once_its_grace_ends(keyserver: K
     keyserver.start(workers=1)
     batch = release_batch(keyserver, host, "31")
     assert base64.b64decode(batch["keys"][0]["key"]) == base64.b64decode(upcoming["key"])
+
+
+def due(server: KeyServer, host: HostCreds) -> list[str]:
+    answer = post(server, host, "/v1/checkin")
+    assert answer.status_code == 200, answer.text
+    return [item["dataset_guid"] for item in answer.json()["rotate"]]
+
+
+def test_key_rotate_asks_the_host_at_its_check_in_until_done(keyserver: KeyServer) -> None:
+    keyserver.start(workers=1)
+    host = keyserver.add_host("web4")
+    keys = {}
+    for guid in ("41", "42"):
+        keys[guid] = enrolled(keyserver, host, guid)
+        activate(keyserver, host, guid, keys[guid]["key_id"])
+    pending = enrolled(keyserver, host, "43")  # not active: never asked for
+    assert due(keyserver, host) == []
+
+    code, _, err = keyserver.admin("key", "rotate", "--host", "web4", "--dataset", "49")
+    assert code == 65 and "no active key for dataset 49" in err
+    code, _, err = keyserver.admin("key", "rotate", "--host", "nobody", "--all")
+    assert code == 65
+    out = keyserver.must("key", "rotate", "--host", "web4", "--all")
+    assert sorted(out.split()) == sorted(keys[g]["key_id"] for g in keys)
+    assert pending["key_id"] not in out
+    assert due(keyserver, host) == ["41", "42"]
+    asked = [r for r in keyserver.audit_records() if r["event"] == "key_rotation_requested"]
+    assert sorted(r["key_id"] for r in asked) == sorted(out.split())
+
+    upcoming = next_key(keyserver, host, "41").json()
+    assert due(keyserver, host) == ["41", "42"]  # begun is not done
+    activate(keyserver, host, "41", upcoming["key_id"])
+    assert due(keyserver, host) == ["42"]
+
+
+def test_max_key_age_has_the_daemon_rotate_old_keys(keyserver: KeyServer) -> None:
+    keyserver.configure(deadman_timeout=0, max_key_age_days=30)
+    keyserver.start(workers=1)
+    host = keyserver.add_host("web5")
+    key = enrolled(keyserver, host, "51")
+    activate(keyserver, host, "51", key["key_id"])
+    assert due(keyserver, host) == []
+    keyserver.stop()
+    for offset, expected in (("+29d", []), ("+31d", ["51"])):
+        keyserver.start(workers=1, env=faketime_env(offset, sleeps=True))
+        assert due(keyserver, host) == expected, offset
+        keyserver.stop()
