@@ -1214,7 +1214,8 @@ def _add_recovery_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]
                 "--out web1-kit.age"
             ),
         ],
-        description="Write a recovery kit: every active and pending key (revoked ones are"
+        description="Write a recovery kit: every active and pending key, and a rotation's"
+        " next key (revoked and retired ones are"
         " left out), or those of one host, with its host, machine-id, pool and dataset GUIDs,"
         " dataset name, keyformat and key id, encrypted to an age recipient whose identity"
         " never touches the server. `zfs-unlock-agent recover` opens it on a host; so do"

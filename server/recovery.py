@@ -31,7 +31,8 @@ KIT_COLUMNS = (
 # Revoked keys stay out: a kit releases keys, and a revoked key is one the admin
 # decided not to release. A pending key is in: after an enrollment interrupted between
 # `zfs change-key` and its activation it may be the only key that opens its dataset.
-KIT_STATES = ("active", "pending")
+# A rotation's next key too: the dataset opens with it once the rotation changed the key.
+KIT_STATES = ("active", "pending", "next")
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,16 @@ class Kit:
     path: Path
     keys: list[KitKey] = field(default_factory=list)
 
-    def find(self, pool_guid: str, root: Dataset) -> KitKey | None:
-        return next((k for k in self.keys if k.matches(pool_guid, root)), None)
+    def find(self, pool_guid: str, root: Dataset, next_key: bool = False) -> KitKey | None:
+        """ROOT's key; with NEXT_KEY, the next key of a rotation begun when the kit was made."""
+        return next(
+            (
+                k
+                for k in self.keys
+                if k.matches(pool_guid, root) and (k.state == "next") == next_key
+            ),
+            None,
+        )
 
     def wipe(self) -> None:
         for key in self.keys:
@@ -85,7 +93,16 @@ class Kit:
                 results[root.name] = RootResult(root.name, "failed", EX_DATAERR, problem)
                 continue
             ref = DatasetRef(pool_guid, root.guid)
-            keys[root.name] = ReleasedKey(ref, entry.key_id, entry.keyformat, entry.state, secret)
+            key = ReleasedKey(ref, entry.key_id, entry.keyformat, entry.state, secret)
+            upcoming = self.find(pool_guid, root, next_key=True)
+            if upcoming is not None:  # tried when the key before it does not open the root
+                _, next_secret = _checked(upcoming, root)
+                if next_secret is not None:
+                    next_key = ReleasedKey(
+                        ref, upcoming.key_id, upcoming.keyformat, "next", next_secret
+                    )
+                    key = key._replace(next=next_key)
+            keys[root.name] = key
         return keys
 
 

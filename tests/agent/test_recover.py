@@ -14,7 +14,8 @@ import pytest
 
 from tests.agekeys import encrypt, new_identity
 from tests.agent.harness import AgentHost
-from tests.keyserver import KeyServer
+from tests.fakes.fake_zfs import key_digest
+from tests.keyserver import KeyServer, running
 
 DOC = Path(__file__).parents[2] / "docs" / "recovery-kit.md"
 
@@ -213,3 +214,39 @@ def test_the_documented_by_hand_commands_work_as_written(
 def test_the_readme_shows_the_same_by_hand_commands() -> None:
     readme = (DOC.parents[1] / "README.md").read_text()
     assert by_hand_block() in readme
+
+
+def test_a_kit_made_during_a_rotation_opens_a_dataset_wrapped_with_the_next_key(
+    site: Site, tmp_path: Path
+) -> None:
+    """The rotation got as far as `zfs change-key` when the kit was made: the dataset's
+    active key no longer opens it, its next key (in the kit beside it) does."""
+    creds = site.host.creds
+    guid = site.zfs.dataset("tank/secret")["guid"]
+    with running(site.server, workers=1), site.server.session(creds) as session:
+        answer = session.post(
+            site.server.url("/v1/keys/next"),
+            json={
+                "machine_id": creds.machine_id,
+                "pool_guid": site.pools["tank"],
+                "dataset_guid": guid,
+            },
+            timeout=10,
+        )
+    assert answer.status_code == 201, answer.text
+    upcoming = base64.b64decode(answer.json()["key"])
+    with site.zfs.edit() as state:  # what change-key did
+        state["datasets"]["tank/secret"]["key"] = key_digest(upcoming, "raw")
+    kit = tmp_path / "rotating.age"
+    site.export(kit)
+
+    done = site.recover("--dataset", "tank/secret", kit=kit)
+
+    assert done.returncode == 0, done.stderr
+    assert site.zfs.keystatus("tank/secret") == "available"
+    tries = [c["stdin_sha256"] for c in site.zfs.calls("zfs", "load-key")]
+    assert tries == [
+        hashlib.sha256(site.keys["tank/secret"][1]).hexdigest(),
+        hashlib.sha256(upcoming).hexdigest(),
+    ]
+    site.assert_no_key_leaked(done.stdout, done.stderr)

@@ -20,6 +20,7 @@ SCENARIOS: tuple[str, ...] = (
     "migrate_from_native_https",
     "enroll_interrupted",
     "export_import_rename",
+    "rotate_keys",
     "zfs_list_cache_warning",
     # The key server is lost and rebuilt from a backup: the scenarios after it (the
     # benchmark) meet the rebuilt one.
