@@ -229,7 +229,7 @@ def test_kill_9_at_any_moment_of_a_rotation_loses_no_key(keyserver: KeyServer) -
     states = set()
     for round_number in range(12):
         process = rotate(keyserver, "--settle", "3")  # request_timeout/2 + 2 s of looks
-        time.sleep(chance.uniform(0.05, 5.0))
+        time.sleep(chance.uniform(0.05, 4.0))
         process.send_signal(signal.SIGKILL)
         process.communicate()
         ring = ring_of(keyserver)
