@@ -659,9 +659,7 @@ class PgStore:
     # The deployment's own facts
 
     def master_key_check(self) -> bytes | None:
-        with self._session() as conn:
-            row = conn.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
-        return None if row is None else bytes(row["value"])
+        return self.meta("master_key_check")
 
     def meta(self, name: str) -> bytes | None:
         with self._session() as conn:

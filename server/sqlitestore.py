@@ -447,8 +447,7 @@ class SqliteStore:
     # The data directory
 
     def master_key_check(self) -> bytes | None:
-        row = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
-        return None if row is None else bytes(row["value"])
+        return self.meta("master_key_check")
 
     def meta(self, name: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()

@@ -238,21 +238,19 @@ class Unlocker:
             # A rotation that changed the key but was not yet made active on the server:
             # the dataset opens with its next key, and the rotation is completed below.
             retry = [
-                i
+                (i, key.next)
                 for i, ((_, key), error) in enumerate(zip(loadable, outcomes, strict=True))
                 if key.next is not None and error is not None
                 if not isinstance(error, KeyAlreadyLoaded)
             ]
             second = (
-                []
-                if not retry
-                else self.zfs.load_keys(
-                    [(loadable[i][0].name, _next(loadable[i][1]).secret) for i in retry]
-                )
+                self.zfs.load_keys([(loadable[i][0].name, nxt.secret) for i, nxt in retry])
+                if retry
+                else []
             )
-            for i, error in zip(retry, second, strict=True):
+            for (i, upcoming), error in zip(retry, second, strict=True):
                 if error is None or isinstance(error, KeyAlreadyLoaded):
-                    loadable[i] = (loadable[i][0], _next(loadable[i][1]))
+                    loadable[i] = (loadable[i][0], upcoming)
                     outcomes[i] = error
         finally:
             for _, key in fetched:
@@ -356,12 +354,6 @@ class Unlocker:
             log.info("%s: %s (%s%s)", result.root, result.outcome, result.message, mounted)
         else:
             log.error("%s: %s", result.root, result.message)
-
-
-def _next(key: ReleasedKey) -> ReleasedKey:
-    if key.next is None:
-        raise AssertionError("only keys with a next key are tried again")
-    return key.next
 
 
 def _key_problem(root: Dataset, key: ReleasedKey) -> str:
