@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import database, masterring
+from zfs_unlock_server import database, masterring, tlspins
 from zfs_unlock_server.audit import AuditError, AuditSink, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import Conflict, DatabaseUnavailable, StaleMasterKey
@@ -172,6 +172,7 @@ class KeyServerApp:
         self.master_keys: Sealer | None = None
         self._next_ring_check = 0.0
         self._audit_sync = SharedSync()  # made before gunicorn forks the workers
+        self._served_pin = tlspins.ServedPin(layout.server_cert)
         self.routes = ROUTES + ((SIMPLEZFS_ROUTE,) if config.simplezfs_route else ())
         # Imported only when asked for: serve has set PROMETHEUS_MULTIPROC_DIR by then.
         self.metrics: ModuleType | None = None
@@ -209,6 +210,7 @@ class KeyServerApp:
                 self.config.deadman_timeout,
                 retired_key_grace=self.config.retired_key_grace_days * 86400,
                 max_key_age=self.config.max_key_age_days * 86400,
+                served_pin=self._served_pin,
             )
             self._pid = os.getpid()
         return self._service, self._limiter
@@ -407,13 +409,19 @@ def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def checkin(
     service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
 ) -> Response:
-    body = _fields(json_body(environ), {"machine_id"})
-    host = service.checkin(caller, validate.machine_id(body["machine_id"]))
+    body = _fields(json_body(environ), {"machine_id"}, {"pins"})
+    machine_id = validate.machine_id(body["machine_id"])
+    held = tlspins.check_reported(body["pins"]) if "pins" in body else None
+    host = service.checkin(caller, machine_id, held)
+    current, upcoming = service.announced_pins()
     return json_response(
         200,
         {
             "host": host.name,
             "deadman_timeout": service.deadman_timeout(host),
+            # The server pins to trust (tls next, tls activate), told inside the pinned
+            # channel: agents keep them beside agent.toml's and report them back.
+            "pins": {"current": current, "next": upcoming},
             # Datasets whose key the daemon is to rotate (key rotate, max_key_age_days).
             "rotate": [
                 {"pool_guid": r.pool_guid, "dataset_guid": r.dataset_guid}

@@ -47,7 +47,7 @@ def write_whole(
             except FileExistsError:
                 raise CannotCreate(f"{path} exists; refusing to overwrite it") from None
             temporary.unlink()
-        _sync_directory(directory)
+        sync_directory(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
@@ -58,7 +58,7 @@ def write_whole(
         raise
 
 
-def _sync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

@@ -51,6 +51,15 @@ class Layout:
         return self.root / "server.key"
 
     @property
+    def next_server_cert(self) -> Path:
+        """The certificate `tls next` makes and `tls activate` moves to server_cert."""
+        return self.root / "server-next.crt"
+
+    @property
+    def next_server_key(self) -> Path:
+        return self.root / "server-next.key"
+
+    @property
     def ratelimit(self) -> Path:
         return self.root / "ratelimit.db"
 

@@ -8,6 +8,7 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
 EX_IOERR = 74
+EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 
@@ -70,6 +71,12 @@ class DatabaseRefused(ServerError):
 
 class CannotCreate(ServerError):
     exit_code = EX_CANTCREAT
+
+
+class NotYet(ServerError):
+    """Refused for now: doing it before something else happens would harm hosts."""
+
+    exit_code = EX_TEMPFAIL
 
 
 class WriteFailed(ServerError):

@@ -477,6 +477,22 @@ class PgStore:
                 (now, host_id),
             )
 
+    def record_pins(self, host_id: int, pins: Sequence[str], now: int) -> None:
+        with self._session(write=True) as conn:
+            conn.execute("SET LOCAL synchronous_commit TO off")  # as touch_host's
+            conn.execute(
+                "INSERT INTO host_pins (host_id, pins, reported_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (host_id) DO UPDATE"
+                " SET pins = excluded.pins, reported_at = excluded.reported_at"
+                " WHERE host_pins.pins <> excluded.pins",
+                (host_id, " ".join(pins), now),
+            )
+
+    def host_pins(self) -> dict[int, tuple[str, ...]]:
+        with self._session() as conn:
+            rows = conn.execute("SELECT host_id, pins FROM host_pins").fetchall()
+        return {int(r["host_id"]): tuple(str(r["pins"]).split()) for r in rows}
+
     # Keys
 
     def insert_key(self, record: KeyRecord) -> None:

@@ -120,6 +120,21 @@ def create_server_certificate(names: list[str]) -> KeyPair:
     return KeyPair(_private_pem(key), cert.public_bytes(serialization.Encoding.PEM))
 
 
+def server_names(cert_pem: bytes) -> list[str]:
+    """The names and addresses a server certificate is valid for, as create_server_certificate
+    takes them (the subject's name first)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    names += [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    subject = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    first = [str(subject[0].value)] if subject else []
+    return list(dict.fromkeys([*first, *names])) or default_server_names()
+
+
 def load_csr(pem: bytes) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_pem_x509_csr(pem)

@@ -107,6 +107,16 @@ SQLITE: tuple[str, ...] = (
     CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
     CREATE INDEX keys_host ON keys(host_id);
     """,
+    # The server's TLS key rollover: the pins each host last said it holds (its agent.toml's
+    # and those it learned and put into its initramfs), so that `tls status` can tell who
+    # would be locked out by `tls activate`. Reported again at every check-in.
+    """
+    CREATE TABLE host_pins (
+        host_id     INTEGER PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        pins        TEXT NOT NULL,
+        reported_at INTEGER NOT NULL
+    ) STRICT;
+    """,
 )
 
 
@@ -185,6 +195,14 @@ POSTGRESQL: tuple[str, ...] = (
     CREATE UNIQUE INDEX keys_dataset_next ON keys(host_id, pool_guid, dataset_guid)
         WHERE dataset_guid <> '' AND state = 'next';
     CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
+    """,
+    # The pins each host holds, as SQLite's step 5.
+    """
+    CREATE TABLE host_pins (
+        host_id     BIGINT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        pins        TEXT NOT NULL,
+        reported_at BIGINT NOT NULL
+    );
     """,
 )
 

@@ -18,6 +18,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from gunicorn.workers.sync import SyncWorker
 from zfs_unlock_server import http1
 from zfs_unlock_server.app import PEER_CERTIFICATE, KeyServerApp
 from zfs_unlock_server.audit import AuditError
-from zfs_unlock_server.config import ServerConfig
+from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import ConfigError, DatabaseUnavailable, Unavailable
 from zfs_unlock_server.tlsctx import server_context
 
@@ -60,12 +61,32 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
         app: KeyServerApp = self.wsgi
         self.key_server = app
         self.tls = server_context(app.layout)
+        self._tls_files = _tls_files(app.layout)
+        self._next_tls_check = time.monotonic() + TLS_CHECK_SECONDS
 
     def notify(self) -> None:
         super().notify()  # the heartbeat, before each accept and each idle wait
         app: KeyServerApp | None = getattr(self, "key_server", None)
         if app is not None:
             app.tick()
+            if time.monotonic() >= self._next_tls_check:
+                self._follow_tls_key(app)
+
+    def _follow_tls_key(self, app: KeyServerApp) -> None:
+        """`tls activate` replaces the key and certificate while we serve: take them up
+        within a second, without a restart. Between its two renames the pair does not
+        match; the old context stays until they do."""
+        self._next_tls_check = time.monotonic() + TLS_CHECK_SECONDS
+        files = _tls_files(app.layout)
+        if files == self._tls_files:
+            return
+        try:
+            context = server_context(app.layout)
+        except (OSError, ConfigError) as exc:  # ssl.SSLError is an OSError
+            log.debug("the TLS key or certificate changed but cannot be used yet: %s", exc)
+            return
+        self.tls, self._tls_files = context, files
+        log.info("serving the TLS key and certificate now in %s", app.layout.server_cert)
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
         timeout = self.key_server.config.io_timeout
@@ -121,6 +142,21 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
             )
         except (AuditError, DatabaseUnavailable):
             log.warning("could not audit a failed TLS handshake from %s", peer)
+
+
+TLS_CHECK_SECONDS = 1.0
+
+
+def _tls_files(layout: Layout) -> tuple[tuple[int, int], ...]:
+    """What identifies the key and certificate files' present contents."""
+    found = []
+    for path in (layout.server_cert, layout.server_key):
+        try:
+            stat = path.stat()
+            found.append((stat.st_ino, stat.st_mtime_ns))
+        except OSError:
+            found.append((0, 0))
+    return tuple(found)
 
 
 _TCP_CLOSE_WAIT = 8  # tcp_states.h; the first byte of struct tcp_info is the state

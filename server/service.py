@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import masterring
+from zfs_unlock_server import masterring, tlspins
 from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.deadman import (
     TOUCH_INTERVAL,
@@ -130,6 +130,7 @@ class KeyService:
         clock: Callable[[], float] = time.time,
         retired_key_grace: int = RETIRED_KEY_GRACE,
         max_key_age: int = 0,
+        served_pin: Callable[[], str] = lambda: "",
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -138,6 +139,7 @@ class KeyService:
         self.clock = clock
         self.retired_key_grace = retired_key_grace
         self.max_key_age = max_key_age  # seconds; 0: keys are rotated only when asked
+        self.served_pin = served_pin  # the pin of the certificate this node serves now
         self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
 
     # The host-level gate, shared by every route.
@@ -218,12 +220,16 @@ class KeyService:
 
     # Routes
 
-    def checkin(self, caller: Caller, machine_id: str) -> Host:
+    def checkin(self, caller: Caller, machine_id: str, pins: Sequence[str] | None = None) -> Host:
+        """A host says it is alive, and which server pins it holds (PINS, from agents that
+        take part in TLS key rollovers)."""
         host = self.authenticate(caller, machine_id, "checkin")
         # Recorded first: a check-in that cannot be audited does not reset the dead-man clock.
         self.audit.write(self._record(caller, "checkin", decision="allow", host=host.name))
         now = int(self.clock())
         self.store.touch_host(host.id, now)
+        if pins is not None:
+            self.store.record_pins(host.id, pins, now)
         for key_id in self.store.delete_retired(host.id, now - self.retired_key_grace):
             self.audit.write(
                 self._record(
@@ -236,6 +242,11 @@ class KeyService:
                 )
             )
         return host
+
+    def announced_pins(self) -> tuple[list[str], list[str]]:
+        """The pins hosts are to trust: (the one served here now, the next ones)."""
+        served = self.served_pin()
+        return ([served] if served else []), tlspins.next_pins(self.store)
 
     def rotations_due(self, host: Host) -> list[DatasetRef]:
         """The datasets whose key the host's daemon should rotate now: asked for by an

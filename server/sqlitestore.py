@@ -278,6 +278,24 @@ class SqliteStore:
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
+    def record_pins(self, host_id: int, pins: Sequence[str], now: int) -> None:
+        self._db.execute("PRAGMA synchronous=NORMAL")  # as touch_host: reported again soon
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO host_pins (host_id, pins, reported_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (host_id) DO UPDATE"
+                    " SET pins = excluded.pins, reported_at = excluded.reported_at"
+                    " WHERE pins <> excluded.pins",
+                    (host_id, " ".join(pins), now),
+                )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    def host_pins(self) -> dict[int, tuple[str, ...]]:
+        rows = self._db.execute("SELECT host_id, pins FROM host_pins")
+        return {int(r["host_id"]): tuple(str(r["pins"]).split()) for r in rows}
+
     # Keys
 
     def insert_key(self, record: KeyRecord) -> None:

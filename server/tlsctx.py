@@ -6,6 +6,7 @@ import ssl
 
 from zfs_unlock_server import secretfile
 from zfs_unlock_server.config import Layout
+from zfs_unlock_server.errors import ConfigError
 
 # TLS 1.2 suites; TLS 1.3 suites are all ECDHE/AEAD already.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -22,5 +23,17 @@ def server_context(layout: Layout) -> ssl.SSLContext:
     context.num_tickets = 0
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cafile=str(layout.ca_cert))
-    context.load_cert_chain(str(layout.server_cert), str(layout.server_key))
+    try:
+        context.load_cert_chain(str(layout.server_cert), str(layout.server_key))
+    except ssl.SSLError as exc:
+        interrupted = layout.next_server_cert.exists()
+        raise ConfigError(
+            f"{layout.server_cert} and {layout.server_key} cannot be used together"
+            f" ({exc.reason or exc})"
+            + (
+                "; a 'zfs-unlock-server tls activate' was interrupted: run it again"
+                if interrupted
+                else ""
+            )
+        ) from None
     return context

@@ -3,7 +3,8 @@
 The initramfs-tools hook and the dracut module copy exactly these: the interpreter,
 every module the unlock path imports, as source and as bytecode, pyvenv.cfg when the
 agent lives in a virtual environment, and with --config the configuration, the
-client certificate and key, and the machine-id file it names. Run it with the
+client certificate and key, the machine-id file it names, and the server pins the agent
+learned (learnedpins.py). Run it with the
 interpreter that runs the agent:
 
     python3 -I -m zfs_unlock_agent.bootfiles --config /etc/zfs-unlock-agent/agent.toml
@@ -90,12 +91,16 @@ def entries() -> list[str]:
 def config_entries(path: Path) -> list[str]:
     cfg = config.load(path)
     read_machine_id(cfg.machine_id_file)
-    return [
+    lines = [
         f"file {cfg.path}",
         f"file {cfg.client_certificate}",
         f"private {cfg.client_key}",
         f"file {cfg.machine_id_file}",
     ]
+    if cfg.learned is not None and cfg.learned.path.exists():
+        # The server pins learned while running: the boot after a `tls activate` needs them.
+        lines.append(f"file {cfg.learned.path}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

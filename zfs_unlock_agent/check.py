@@ -82,7 +82,7 @@ def check_servers(
     0, or the exit status of the first failure."""
     context = client_context(config.client_certificate, config.client_key)
     failures: list[str] = []
-    for settings in config.servers:
+    for settings in config.trusted_servers():
         say(settings.url)
         report = Report(say)
         server = transport.PinnedServer(settings.url, settings.pins, context)

@@ -51,7 +51,9 @@ def _load(args: argparse.Namespace, check_files: bool = True) -> config.Config:
 
 
 def _client_factory(cfg: config.Config) -> Callable[[], KeyClient]:
-    return lambda: KeyClient(cfg.servers, cfg.client_certificate, cfg.client_key, cfg.network)
+    return lambda: KeyClient(
+        cfg.trusted_servers(), cfg.client_certificate, cfg.client_key, cfg.network
+    )
 
 
 def _unlocker(cfg: config.Config) -> Unlocker:

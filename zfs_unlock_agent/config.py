@@ -14,11 +14,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from zfs_unlock_agent import transport
+from zfs_unlock_agent import learnedpins, transport
 from zfs_unlock_agent.errors import ConfigError
 from zfs_unlock_common import pinning, privatefile, validate
 
 DEFAULT_PATH = Path("/etc/zfs-unlock-agent/agent.toml")
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/zfs-unlock-agent")
 CONFIG_ENV = "ZFS_UNLOCK_AGENT_CONFIG"
 
 
@@ -57,6 +58,9 @@ class DaemonSettings(NamedTuple):
     checkin_interval: float = 900.0  # tell the server we are alive (dead-man switch); 0 = off
     # node_exporter's textfile collector: the daemon's state, rewritten after each pass
     textfile: Path | None = None
+    # The command that rebuilds the initramfs after the host learned a server pin;
+    # None: found by itself (initramfs.py), (): this host unlocks nothing in an initramfs.
+    initramfs_update: tuple[str, ...] | None = None
 
 
 class Config(NamedTuple):
@@ -69,6 +73,23 @@ class Config(NamedTuple):
     datasets: DatasetSettings = DatasetSettings()
     zfs: ZfsSettings = ZfsSettings()
     daemon: DaemonSettings = DaemonSettings()
+    # Where the agent keeps what it learns (learnedpins.py).
+    state_directory: Path = DEFAULT_STATE_DIRECTORY
+    learned: learnedpins.LearnedPins | None = None
+
+    def configured_pins(self) -> set[str]:
+        """The pins agent.toml names."""
+        return {pinning.format_pin(p) for s in self.servers for p in s.pins}
+
+    def trusted_servers(self) -> tuple[ServerSettings, ...]:
+        """The servers, each trusted by its agent.toml pins and by the learned ones."""
+        if self.learned is None or not self.learned.announced:
+            return self.servers
+        learned = self.learned.digests()
+        return tuple(
+            ServerSettings(s.url, s.pins + tuple(p for p in learned if p not in s.pins))
+            for s in self.servers
+        )
 
 
 class _Reader:
@@ -222,6 +243,9 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
     d = _Reader(top.take("daemon", dict, {}), "daemon", file)
     defaults = DaemonSettings._field_defaults
     textfile = d.take("textfile", str, "")  # "": off
+    update = d.take("initramfs_update", list, None)
+    if update is not None and not all(isinstance(a, str) and a for a in update):
+        raise d.fail("initramfs_update", "must be a list of non-empty strings (a command)")
     daemon = DaemonSettings(
         boot_deadline=d.number("boot_deadline", defaults["boot_deadline"]),
         retry_initial=d.number("retry_initial", defaults["retry_initial"]),
@@ -229,6 +253,7 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
         rescan_interval=d.number("rescan_interval", defaults["rescan_interval"]),
         checkin_interval=d.interval("checkin_interval", defaults["checkin_interval"]),
         textfile=_relative(Path(textfile), file) if textfile else None,
+        initramfs_update=None if update is None else tuple(update),
     )
     d.done()
     if daemon.textfile is not None and daemon.textfile.suffix != ".prom":
@@ -237,6 +262,7 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
         raise d.fail("retry_max", "must not be less than retry_initial")
 
     machine_id_file = Path(top.take("machine_id_file", str, "/etc/machine-id"))
+    state_directory = Path(top.take("state_directory", str, str(DEFAULT_STATE_DIRECTORY)))
     top.done()
 
     config = Config(
@@ -249,11 +275,13 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
         datasets=datasets,
         zfs=zfs,
         daemon=daemon,
+        state_directory=_relative(state_directory, file),
     )
     if check_files:
         check_private_key_file(config.client_key, "client key")
         if not config.client_certificate.is_file():
             raise ConfigError(f"client certificate {config.client_certificate}: missing")
+        config = config._replace(learned=learnedpins.load(config.state_directory))
     return config
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from zfs_unlock_agent import config, textfile
+from zfs_unlock_agent import config, initramfs, learnedpins, textfile
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
@@ -26,6 +26,7 @@ from zfs_unlock_agent.rotate import rotate
 from zfs_unlock_agent.udev import PoolDiskWatch
 from zfs_unlock_agent.unlock import RootResult, Unlocker, read_machine_id, select_roots
 from zfs_unlock_agent.zfs import Zfs
+from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
 
 # After a disk with a ZFS label appears, look for its pool this often, for this long:
@@ -165,7 +166,7 @@ class Daemon:
         return Unlocker(
             Zfs(cfg.zfs),
             lambda: KeyClient(
-                cfg.servers,
+                cfg.trusted_servers(),
                 cfg.client_certificate,
                 cfg.client_key,
                 network,
@@ -230,17 +231,61 @@ class Daemon:
         try:
             unlocker = self._unlocker(self.config.network.deadline)
             with unlocker.client() as client:
-                due = client.checkin(self.machine_id)
+                answer = client.checkin(self.machine_id, self.held_pins())
                 self.next_checkin = self.clock() + interval
                 self._succeeded()
-                if due:
-                    self.rotate(unlocker.zfs, client, due)
+                if answer.pins is not None and self.learn_pins(answer.pins):
+                    # Tell the server at once that this host holds them: its `tls status`
+                    # and `tls activate` wait for that.
+                    client.checkin(self.machine_id, self.held_pins())
+                if answer.rotate:
+                    self.rotate(unlocker.zfs, client, answer.rotate)
         except AgentError as exc:
             retry = min(interval, self.config.daemon.retry_max)
             log.warning("check-in failed (trying again in %g s): %s", retry, exc)
             self.next_checkin = self.clock() + retry
             self._failed(f"check-in: {exc}")
         self.write_textfile()
+
+    def held_pins(self) -> list[str]:
+        """The server pins this host trusts at boot as well as now: agent.toml's, and the
+        learned ones once the initramfs holds them. Learned ones first: the server needs
+        those most, and takes at most MAX_REPORTED_PINS."""
+        cfg = self.config
+        learned = sorted(cfg.learned.announced) if cfg.learned and cfg.learned.in_initramfs else []
+        configured = sorted(cfg.configured_pins() - set(learned))
+        return (learned + configured)[: protocol.MAX_REPORTED_PINS]
+
+    def learn_pins(self, announced: list[str]) -> bool:
+        """Keep the pins a server vouches for (learnedpins.py) and rebuild the initramfs
+        when they changed; True once the initramfs holds a new set."""
+        cfg = self.config
+        learned = cfg.learned or learnedpins.LearnedPins(
+            cfg.state_directory / learnedpins.FILE_NAME
+        )
+        try:
+            if learned.learn(announced, cfg.configured_pins(), int(self.wall_clock())):
+                log.info(
+                    "the key server announced new pins: %s", " ".join(sorted(learned.announced))
+                )
+            if learned.dirty:
+                learned.save()
+            self.config = cfg._replace(learned=learned)
+            if learned.in_initramfs:
+                return False
+            initramfs.rebuild(cfg.daemon.initramfs_update, self.notifier.ping)
+            learned.in_initramfs = True
+            learned.save()
+        except OSError as exc:
+            log.warning("cannot keep the pins the key server announced: %s", exc)
+            self._failed(f"learned pins: {exc}")
+            return False
+        except AgentError as exc:
+            log.warning("%s; trying again at the next check-in", exc)
+            self._failed(f"initramfs: {exc}")
+            return False
+        log.info("the initramfs holds the learned pins")
+        return True
 
     def rotate(self, zfs: Zfs, client: KeyClient, due: list[DatasetRef]) -> None:
         """Rotate the keys the server asked for (key rotate, max_key_age_days) of the roots

@@ -27,7 +27,7 @@ from zfs_unlock_agent.errors import (
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.secret import Secret
 from zfs_unlock_common import der as der_fields
-from zfs_unlock_common import protocol, validate
+from zfs_unlock_common import pinning, protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 
 if TYPE_CHECKING:
@@ -348,13 +348,46 @@ class KeyClient:
             },
         )
 
-    def checkin(self, machine_id: str) -> list[DatasetRef]:
-        """Prove liveness; the datasets whose key the server wants rotated now."""
-        answer = self.call("POST", protocol.ROUTE_CHECKIN, {"machine_id": machine_id})
+    def checkin(self, machine_id: str, pins: Sequence[str] | None = None) -> CheckinAnswer:
+        """Prove liveness, and tell the server which of its pins this host holds (PINS).
+        The answer: which datasets' keys to rotate now, which pins to trust."""
+        body: dict[str, Any] = {"machine_id": machine_id}
+        if pins is not None:
+            body["pins"] = sorted(pins)
+        answer = self.call("POST", protocol.ROUTE_CHECKIN, body)
         due = answer.body.get("rotate", [])  # absent from servers without rotation
         if not isinstance(due, list):
             raise BadKeyData("server answer has a malformed 'rotate'")
-        return [_ref(item) for item in due]
+        return CheckinAnswer([_ref(item) for item in due], _announced_pins(answer.body))
+
+
+class CheckinAnswer(NamedTuple):
+    rotate: list[DatasetRef]
+    # The pins the server vouches for (served and next); None from a server that does
+    # not announce them.
+    pins: list[str] | None
+
+
+def _announced_pins(body: dict[str, Any]) -> list[str] | None:
+    announced = body.get("pins")
+    if announced is None:
+        return None
+    malformed = BadKeyData("server answer has malformed 'pins'")
+    if not isinstance(announced, dict):
+        raise malformed
+    found: list[str] = []
+    for role in ("current", "next"):
+        pins = announced.get(role, [])
+        if not isinstance(pins, list) or len(pins) > protocol.MAX_REPORTED_PINS:
+            raise malformed
+        for pin in pins:
+            if not isinstance(pin, str):
+                raise malformed
+            try:
+                found.append(pinning.format_pin(pinning.parse_pin(pin)))
+            except pinning.PinError:
+                raise malformed from None
+    return found
 
 
 def _retry_after(response: transport.Response) -> float:

@@ -19,6 +19,8 @@ ROUTE_HOST_STATUS: Final = "/v1/host"  # the caller's own enrollment, for `check
 ROUTE_RELEASE_ONE_PREFIX: Final = "/v1/hosts/"
 
 MAX_BODY_BYTES: Final = 64 * 1024
+# Server pins a check-in may report as held, and a check-in's answer may announce.
+MAX_REPORTED_PINS: Final = 32
 MAX_BATCH: Final = 256
 # Seconds before a client certificate expires that the agent's `check` fails and the
 # server's `host list` says so.

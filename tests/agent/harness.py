@@ -63,7 +63,8 @@ class AgentHost:
             f'[[server]]\nurl = "{u}"\npins = [{", ".join(repr(p) for p in pins)}]\n' for u in urls
         )
         self.config_path.write_text(
-            f'machine_id_file = "{self.root}/etc/machine-id"\n{extra}\n{servers}'
+            f'machine_id_file = "{self.root}/etc/machine-id"\n'
+            f'state_directory = "{self.root}/state"\n{extra}\n{servers}'
             f'[client]\ncertificate = "{self.creds.cert}"\nkey = "{self.creds.key}"\n'
             "[network]\n"
             + "".join(f"{k} = {v}\n" for k, v in net.items())

@@ -48,6 +48,7 @@ FAST = {
     "retry_max": 2,
     "rescan_interval": 1,
     "checkin_interval": 0,
+    "initramfs_update": [],  # never this machine's own update-initramfs
 }
 # A server that does not answer costs this long per pass (harness default: 6 s).
 SHORT_NETWORK = {"deadline": 2, "connect_timeout": 1, "read_timeout": 2}

@@ -234,7 +234,12 @@ def test_deadman_switch_disables_a_silent_host_until_an_admin_enables_it(
         checkin = session.post(
             shared_keyserver.url("/v1/checkin"), json={"machine_id": host.machine_id}, timeout=10
         )
-        assert checkin.json() == {"host": "silent", "deadman_timeout": 2, "rotate": []}
+        assert checkin.json() == {
+            "host": "silent",
+            "deadman_timeout": 2,
+            "rotate": [],
+            "pins": {"current": [shared_keyserver.pin], "next": []},
+        }
         time.sleep(3.2)
         assert_forbidden(release(session, shared_keyserver, host, POOL, dataset_guid))
         assert last_decision(shared_keyserver)["reason"] == "deadman_expired"

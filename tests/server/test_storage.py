@@ -770,7 +770,7 @@ def test_a_schema_2_database_is_migrated_with_its_rows_intact(tmp_path: Path) ->
     write_old_database(path, schema=2)
     store = SqliteStore(path, migrate=True)
     try:
-        assert store.pragma("user_version") == SCHEMA_VERSION == 4
+        assert store.pragma("user_version") == SCHEMA_VERSION == 5
         assert [k.key_id for k in store.keys(1)] == ["k-1"]
         assert store.master_key_check() is None  # nothing proven yet
         first = store.first_sealed_key()

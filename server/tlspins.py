@@ -1,0 +1,83 @@
+"""Which server pins the deployment vouches for: the one each node serves, and the next
+ones `tls next` made, announced to hosts inside the pinned mutual-TLS channel so that a
+rollover (`tls activate`) never locks a host out.
+
+The next pins live in the database (meta NEXT_META, a JSON list), so every node announces
+them whichever node made them; each node adds the pin of the certificate it serves now.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from zfs_unlock_common import pinning, protocol
+from zfs_unlock_common.validate import InvalidInput
+from zfs_unlock_server import pki
+from zfs_unlock_server.store import Store
+
+NEXT_META = "tls_next_pins"
+
+
+def next_pins(store: Store) -> list[str]:
+    raw = store.meta(NEXT_META)
+    return list(json.loads(raw)) if raw else []
+
+
+def change_next_pins(store: Store, add: str = "", remove: str = "") -> list[str]:
+    """Add or remove one next pin, against concurrent admins (compare and swap)."""
+    while True:
+        raw = store.meta(NEXT_META)
+        pins = list(json.loads(raw)) if raw else []
+        wanted = [p for p in pins if p != remove]
+        if add and add not in wanted:
+            wanted.append(add)
+        if wanted == pins or store.swap_meta(NEXT_META, raw, json.dumps(wanted).encode()):
+            return wanted
+
+
+def pin_of_pem(cert_pem: bytes) -> str:
+    return pinning.pin_of_certificate(pki.pem_to_der(cert_pem))
+
+
+class ServedPin:
+    """The pin of the certificate a node serves, read again when the file changes
+    (`tls activate` replaces it while the node runs)."""
+
+    def __init__(self, path: os.PathLike[str]) -> None:
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._pin = ""
+
+    def __call__(self) -> str:
+        try:
+            stat = os.stat(self.path)
+            seen = (stat.st_ino, stat.st_mtime_ns)
+            if seen != self._seen:
+                with open(self.path, "rb") as file:
+                    self._pin = pin_of_pem(file.read())
+                self._seen = seen
+        except (OSError, ValueError):
+            pass  # keep announcing what was read last; the TLS context says the same
+        return self._pin
+
+
+def check_reported(pins: object) -> tuple[str, ...]:
+    """A check-in's "pins": a list of at most protocol.MAX_REPORTED_PINS well-formed pins (InvalidInput,
+    400, otherwise)."""
+    if not isinstance(pins, list) or len(pins) > protocol.MAX_REPORTED_PINS:
+        raise InvalidInput(f"pins must be a list of at most {protocol.MAX_REPORTED_PINS} pins")
+    found: list[str] = []
+    for pin in pins:
+        try:
+            if not isinstance(pin, str):
+                raise pinning.PinError("pins must be strings")
+            found.append(pinning.format_pin(pinning.parse_pin(pin)))
+        except pinning.PinError as exc:
+            raise InvalidInput(f"pins: {exc}") from None
+    return tuple(sorted(set(found)))
+
+
+def holds_all(held: Sequence[str], wanted: Sequence[str]) -> bool:
+    return set(wanted) <= set(held)
