@@ -20,7 +20,7 @@ from zfs_unlock_common import pinning, protocol, validate
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server import database, pki, privileges, secretfile
+from zfs_unlock_server import database, hostca, pki, privileges, secretfile
 from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
@@ -198,6 +198,8 @@ class Admin:
             self.config.deadman_timeout,
             retired_key_grace=self.config.retired_key_grace_days * 86400,
             max_key_age=self.config.max_key_age_days * 86400,
+            sign=self.sign,
+            renewed_certificate_grace=self.config.renewed_certificate_grace_days * 86400,
         )
 
     def record(self, event: str, **fields: str | int | None) -> None:
@@ -243,10 +245,7 @@ class Admin:
     # Hosts
 
     def sign(self, host_name: str, csr_pem: bytes) -> bytes:
-        ca = pki.KeyPair(
-            secretfile.read_private(self.layout.ca_key), self.layout.ca_cert.read_bytes()
-        )
-        return pki.sign_host_certificate(ca, pki.load_csr(csr_pem), host_name)
+        return hostca.sign(self.layout, host_name, csr_pem)
 
     def add_host(
         self,

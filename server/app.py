@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import database, masterring, tlspins
+from zfs_unlock_server import database, hostca, masterring, pki, tlspins
 from zfs_unlock_server.audit import AuditError, AuditSink, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
-from zfs_unlock_server.errors import Conflict, DatabaseUnavailable, StaleMasterKey
+from zfs_unlock_server.errors import Conflict, DatabaseUnavailable, DataError, StaleMasterKey
 from zfs_unlock_server.ratelimit import BucketPolicy, RateLimiter, retry_after_header
 from zfs_unlock_server.sealing import Sealer, load_master_key
 from zfs_unlock_server.service import Caller, Denied, KeyService, Released
@@ -211,6 +211,8 @@ class KeyServerApp:
                 retired_key_grace=self.config.retired_key_grace_days * 86400,
                 max_key_age=self.config.max_key_age_days * 86400,
                 served_pin=self._served_pin,
+                sign=lambda name, csr: hostca.sign(self.layout, name, csr),
+                renewed_certificate_grace=self.config.renewed_certificate_grace_days * 86400,
             )
             self._pid = os.getpid()
         return self._service, self._limiter
@@ -431,6 +433,22 @@ def checkin(
     )
 
 
+def renew(service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]) -> Response:
+    body = _fields(json_body(environ), {"machine_id", "csr"})
+    machine_id = validate.machine_id(body["machine_id"])
+    csr = body["csr"]
+    if not isinstance(csr, str) or not 0 < len(csr) <= protocol.MAX_CSR_CHARS:
+        raise validate.InvalidInput(
+            f"csr must be PEM text of at most {protocol.MAX_CSR_CHARS} characters"
+        )
+    try:
+        pki.load_csr(csr.encode("ascii"))  # refused here, before anything is audited
+    except (DataError, UnicodeEncodeError):
+        raise validate.InvalidInput("csr is not a valid PEM certificate signing request") from None
+    cert_pem = service.renew(caller, machine_id, csr.encode("ascii"))
+    return json_response(200, {"certificate": cert_pem.decode("ascii")})
+
+
 def host_status(
     service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
 ) -> Response:
@@ -580,6 +598,7 @@ _SIMPLEZFS = re.compile(r"/([0-9a-f]{32})/([0-9]{1,20})/(?!\.\.?\Z)([A-Za-z0-9_.
 ROUTES: tuple[Route, ...] = (
     Route("POST", _exactly(protocol.ROUTE_CHECKIN), checkin),
     Route("POST", _exactly(protocol.ROUTE_HOST_STATUS), host_status),
+    Route("POST", _exactly(protocol.ROUTE_RENEW), renew),
     Route("POST", _exactly(protocol.ROUTE_ENROLL), enroll),
     Route("POST", _exactly(protocol.ROUTE_ACTIVATE), activate),
     Route("POST", _exactly(protocol.ROUTE_NEXT_KEY), next_key),

@@ -113,6 +113,9 @@ class ServerConfig:
     retired_key_grace_days: int = 30
     # Days after which a host's daemon rotates a dataset key by itself; 0: never.
     max_key_age_days: int = 0
+    # Days a host certificate replaced by `zfs-unlock-agent renew` still works while the
+    # new one has not been used (a renewal lost on its way home is not a lockout).
+    renewed_certificate_grace_days: int = 7
     rate_limits: RateLimits = field(default_factory=RateLimits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -190,6 +193,12 @@ def parse(text: str, where: str) -> ServerConfig:
             table.get("retired_key_grace_days", 30), int, "retired_key_grace_days", where
         ),
         max_key_age_days=_typed(table.get("max_key_age_days", 0), int, "max_key_age_days", where),
+        renewed_certificate_grace_days=_typed(
+            table.get("renewed_certificate_grace_days", 7),
+            int,
+            "renewed_certificate_grace_days",
+            where,
+        ),
         rate_limits=limits,
         database=database,
         metrics=metrics,
@@ -198,8 +207,18 @@ def parse(text: str, where: str) -> ServerConfig:
         raise ConfigError(f"{where}: workers, deadman_timeout must be >= 0, request_timeout >= 1")
     if config.io_timeout <= 0:
         raise ConfigError(f"{where}: io_timeout must be > 0")
-    if config.retired_key_grace_days < 0 or config.max_key_age_days < 0:
-        raise ConfigError(f"{where}: retired_key_grace_days, max_key_age_days must be >= 0")
+    if (
+        min(
+            config.retired_key_grace_days,
+            config.max_key_age_days,
+            config.renewed_certificate_grace_days,
+        )
+        < 0
+    ):
+        raise ConfigError(
+            f"{where}: retired_key_grace_days, max_key_age_days,"
+            " renewed_certificate_grace_days must be >= 0"
+        )
     return config
 
 
@@ -260,6 +279,10 @@ retired_key_grace_days = 30
 # Days after which each host's daemon rotates a dataset key by itself, at a
 # check-in; 0 never. 'key rotate' asks for a rotation at any time.
 max_key_age_days = 0
+
+# Days a host certificate that its host renewed ('zfs-unlock-agent renew') still
+# works while the new one has not been used; the first use of the new one ends it.
+renewed_certificate_grace_days = 7
 
 [rate_limits]
 per_certificate_burst = 60

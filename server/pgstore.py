@@ -374,6 +374,36 @@ class PgStore:
         except psycopg.errors.UniqueViolation:
             raise Conflict("that certificate is already enrolled") from None
 
+    def renew_certificate(
+        self, host_id: int, old: str, new: str, not_after: int, retire_at: int
+    ) -> None:
+        with self._session(write=True) as conn:
+            conn.execute("DELETE FROM certificates WHERE replaces = %s", (old,))
+            conn.execute(
+                "INSERT INTO certificates (fingerprint, host_id, not_after, created_at, replaces)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (new, host_id, not_after, int(time.time()), old),
+            )
+            conn.execute(
+                "UPDATE certificates SET retire_at = %s"
+                " WHERE fingerprint = %s AND (retire_at = 0 OR retire_at > %s)",
+                (retire_at, old, retire_at),
+            )
+
+    def retire_replaced(self, new: str) -> str:
+        with self._session(write=True) as conn:
+            row = conn.execute(
+                "UPDATE certificates n SET replaces = '' FROM certificates o"
+                " WHERE n.fingerprint = %s AND n.replaces <> '' AND o.fingerprint = n.replaces"
+                " RETURNING o.fingerprint",
+                (new,),
+            ).fetchone()
+            if row is None:
+                conn.execute("UPDATE certificates SET replaces = '' WHERE fingerprint = %s", (new,))
+                return ""
+            conn.execute("DELETE FROM certificates WHERE fingerprint = %s", (row["fingerprint"],))
+            return str(row["fingerprint"])
+
     def remove_certificate(self, host_id: int, fingerprint: str) -> None:
         with self._session(write=True) as conn:
             cursor = conn.execute(
@@ -393,9 +423,10 @@ class PgStore:
     def host_by_fingerprint(self, fingerprint: str) -> Host | None:
         with self._session() as conn:
             row = conn.execute(
-                "SELECT h.* FROM hosts h JOIN certificates c ON c.host_id = h.id"
-                " WHERE c.fingerprint = %s",
-                (fingerprint,),
+                "SELECT h.*, c.replaces AS replaces_certificate"
+                " FROM hosts h JOIN certificates c ON c.host_id = h.id"
+                " WHERE c.fingerprint = %s AND (c.retire_at = 0 OR c.retire_at > %s)",
+                (fingerprint, int(time.time())),
             ).fetchone()
         return None if row is None else host_of(row)
 
@@ -410,6 +441,7 @@ class PgStore:
                     "burst": charge.policy.burst,
                     "rate": charge.policy.rate,
                     "now": charge.now,
+                    "wall": int(time.time()),
                     "fingerprint": fingerprint,
                 },
             ).fetchone()
@@ -821,9 +853,9 @@ _CHARGE = (
 # statement (a round trip costs both sides more than either query does).
 _ARRIVE = (
     f"WITH bucket AS ({_CHARGE})"  # noqa: S608 (constants)
-    " SELECT bucket.tokens, bucket.granted, h.* FROM bucket"
-    " LEFT JOIN (certificates c JOIN hosts h ON h.id = c.host_id)"
-    " ON c.fingerprint = %(fingerprint)s"
+    " SELECT bucket.tokens, bucket.granted, h.*, c.replaces AS replaces_certificate"
+    " FROM bucket LEFT JOIN (certificates c JOIN hosts h ON h.id = c.host_id)"
+    " ON c.fingerprint = %(fingerprint)s AND (c.retire_at = 0 OR c.retire_at > %(wall)s)"
 )
 
 

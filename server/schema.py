@@ -107,15 +107,19 @@ SQLITE: tuple[str, ...] = (
     CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
     CREATE INDEX keys_host ON keys(host_id);
     """,
-    # The server's TLS key rollover: the pins each host last said it holds (its agent.toml's
-    # and those it learned and put into its initramfs), so that `tls status` can tell who
-    # would be locked out by `tls activate`. Reported again at every check-in.
+    # Rollovers. The pins each host last said it holds (its agent.toml's and those it
+    # learned and put into its initramfs), so that `tls status` can tell who `tls activate`
+    # would lock out; reported again at every check-in. A certificate renewed by its host
+    # (`zfs-unlock-agent renew`): the new one names the one it replaces, which stays valid
+    # until the new one is first used (then it is deleted) or until retire_at (0: never).
     """
     CREATE TABLE host_pins (
         host_id     INTEGER PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
         pins        TEXT NOT NULL,
         reported_at INTEGER NOT NULL
     ) STRICT;
+    ALTER TABLE certificates ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
+    ALTER TABLE certificates ADD COLUMN retire_at INTEGER NOT NULL DEFAULT 0;
     """,
 )
 
@@ -196,13 +200,15 @@ POSTGRESQL: tuple[str, ...] = (
         WHERE dataset_guid <> '' AND state = 'next';
     CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
     """,
-    # The pins each host holds, as SQLite's step 5.
+    # Rollovers, as SQLite's step 5.
     """
     CREATE TABLE host_pins (
         host_id     BIGINT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
         pins        TEXT NOT NULL,
         reported_at BIGINT NOT NULL
     );
+    ALTER TABLE certificates ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
+    ALTER TABLE certificates ADD COLUMN retire_at BIGINT NOT NULL DEFAULT 0;
     """,
 )
 

@@ -26,6 +26,8 @@ from zfs_unlock_server.deadman import (
     disable_silent_host,
 )
 from zfs_unlock_server.errors import Conflict, IntegrityError, StaleMasterKey
+from zfs_unlock_server.pki import certificate_fingerprint, pem_to_der
+from zfs_unlock_server.pki import not_after as not_after_of
 from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.sealing import KeyContext, Sealer, UnknownMasterKey
 from zfs_unlock_server.store import DatasetKeys, Host, KeyRecord, Store
@@ -131,6 +133,8 @@ class KeyService:
         retired_key_grace: int = RETIRED_KEY_GRACE,
         max_key_age: int = 0,
         served_pin: Callable[[], str] = lambda: "",
+        sign: Callable[[str, bytes], bytes] | None = None,
+        renewed_certificate_grace: int = 7 * 86400,
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -140,6 +144,8 @@ class KeyService:
         self.retired_key_grace = retired_key_grace
         self.max_key_age = max_key_age  # seconds; 0: keys are rotated only when asked
         self.served_pin = served_pin  # the pin of the certificate this node serves now
+        self.sign = sign  # (host name, CSR PEM) -> certificate PEM, for renewals
+        self.renewed_certificate_grace = renewed_certificate_grace
         self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
 
     # The host-level gate, shared by every route.
@@ -191,7 +197,45 @@ class KeyService:
             raise self.deny(caller, event, "source_address_not_allowed", **named)
         if machine_id != host.machine_id:
             raise self.deny(caller, event, "machine_id_mismatch", **named)
+        if host.replaces_certificate:
+            self._retire_replaced(caller, host)
         return host
+
+    def _retire_replaced(self, caller: Caller, host: Host) -> None:
+        """The first request with a renewed certificate ends the one it replaced (taken
+        away first, recorded after, as every change that takes access away)."""
+        old = self.store.retire_replaced(caller.fingerprint)
+        if old:
+            self.audit.write(
+                self._record(
+                    caller, "certificate_replaced", decision="allow", host=host.name, replaced=old
+                )
+            )
+
+    def renew(self, caller: Caller, machine_id: str, csr_pem: bytes) -> bytes:
+        """A new certificate for the caller's host over the CSR's key. The caller's stays
+        valid until the new one is first used, or for renewed_certificate_grace."""
+        if self.sign is None:
+            raise RuntimeError("this service cannot sign certificates")
+        with self.serving(caller, machine_id, "renew") as host:
+            cert_pem = self.sign(host.name, csr_pem)
+            new = certificate_fingerprint(pem_to_der(cert_pem))
+            not_after = not_after_of(cert_pem)
+            self.audit.write(
+                self._record(
+                    caller,
+                    "certificate_renewed",
+                    decision="allow",
+                    host=host.name,
+                    new_cert_fp=new,
+                    not_after=not_after,
+                )
+            )
+            now = int(self.clock())
+            self.store.renew_certificate(
+                host.id, caller.fingerprint, new, not_after, now + self.renewed_certificate_grace
+            )
+        return cert_pem
 
     @contextlib.contextmanager
     def serving(

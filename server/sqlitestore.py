@@ -201,6 +201,33 @@ class SqliteStore:
                 (fingerprint, host_id, not_after, int(time.time())),
             )
 
+    def renew_certificate(
+        self, host_id: int, old: str, new: str, not_after: int, retire_at: int
+    ) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM certificates WHERE replaces = ?", (old,))
+            db.execute(
+                "INSERT INTO certificates (fingerprint, host_id, not_after, created_at, replaces)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (new, host_id, not_after, int(time.time()), old),
+            )
+            db.execute(
+                "UPDATE certificates SET retire_at = ?"
+                " WHERE fingerprint = ? AND (retire_at = 0 OR retire_at > ?)",
+                (retire_at, old, retire_at),
+            )
+
+    def retire_replaced(self, new: str) -> str:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT replaces FROM certificates WHERE fingerprint = ?", (new,)
+            ).fetchone()
+            if row is None or not row["replaces"]:
+                return ""
+            db.execute("UPDATE certificates SET replaces = '' WHERE fingerprint = ?", (new,))
+            db.execute("DELETE FROM certificates WHERE fingerprint = ?", (row["replaces"],))
+            return str(row["replaces"])
+
     def remove_certificate(self, host_id: int, fingerprint: str) -> None:
         with self._write() as db:
             cursor = db.execute(
@@ -218,9 +245,10 @@ class SqliteStore:
 
     def host_by_fingerprint(self, fingerprint: str) -> Host | None:
         row = self._db.execute(
-            "SELECT h.* FROM hosts h JOIN certificates c ON c.host_id = h.id"
-            " WHERE c.fingerprint = ?",
-            (fingerprint,),
+            "SELECT h.*, c.replaces AS replaces_certificate"
+            " FROM hosts h JOIN certificates c ON c.host_id = h.id"
+            " WHERE c.fingerprint = ? AND (c.retire_at = 0 OR c.retire_at > ?)",
+            (fingerprint, int(time.time())),
         ).fetchone()
         return None if row is None else host_of(row)
 

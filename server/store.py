@@ -29,6 +29,9 @@ class Host:
     deadman_timeout: int | None
     created_at: int
     last_seen: int
+    # Found through a certificate that renewed this one (its SHA-256 fingerprint), which
+    # is still valid: the first request with the new certificate retires it.
+    replaces_certificate: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,13 @@ def host_of(row: Any) -> Host:
         deadman_timeout=row["deadman_timeout"],
         created_at=row["created_at"],
         last_seen=row["last_seen"],
+        # Only the lookups by certificate read it. keys(): "in" on a sqlite3.Row looks at
+        # its values.
+        replaces_certificate=(
+            row["replaces_certificate"]
+            if "replaces_certificate" in row.keys()  # noqa: SIM118
+            else ""
+        ),
     )
 
 
@@ -162,6 +172,18 @@ class Store(Protocol):
     def schema_version(self) -> int: ...
     def add_host(self, host: NewHost, fingerprint: str, cert_not_after: int) -> Host: ...
     def add_certificate(self, host_id: int, fingerprint: str, not_after: int) -> None: ...
+    def renew_certificate(
+        self, host_id: int, old: str, new: str, not_after: int, retire_at: int
+    ) -> None:
+        """Add NEW (replacing OLD), drop any earlier renewal of OLD that was never used,
+        and keep OLD valid until NEW's first use or RETIRE_AT, whichever comes first."""
+        ...
+
+    def retire_replaced(self, new: str) -> str:
+        """NEW was used: delete the certificate it replaced; returns its fingerprint
+        ("" when another request did it first)."""
+        ...
+
     def remove_certificate(self, host_id: int, fingerprint: str) -> None: ...
     def host_by_name(self, name: str) -> Host: ...
     def host_by_fingerprint(self, fingerprint: str) -> Host | None: ...

@@ -25,16 +25,17 @@ def next_pins(store: Store) -> list[str]:
     return list(json.loads(raw)) if raw else []
 
 
-def change_next_pins(store: Store, add: str = "", remove: str = "") -> list[str]:
-    """Add or remove one next pin, against concurrent admins (compare and swap)."""
+def change_next_pins(store: Store, add: str = "", remove: str = "", alone: bool = False) -> None:
+    """Add or remove one next pin (ALONE: ADD replaces every other), against concurrent
+    admins (compare and swap)."""
     while True:
         raw = store.meta(NEXT_META)
         pins = list(json.loads(raw)) if raw else []
-        wanted = [p for p in pins if p != remove]
+        wanted = [] if alone else [p for p in pins if p != remove]
         if add and add not in wanted:
             wanted.append(add)
         if wanted == pins or store.swap_meta(NEXT_META, raw, json.dumps(wanted).encode()):
-            return wanted
+            return
 
 
 def pin_of_pem(cert_pem: bytes) -> str:

@@ -45,7 +45,7 @@ def make_next(ops: Admin, names: list[str]) -> str:
                 " ('zfs-unlock-server tls status' shows it; 'tls activate' finishes it)"
             )
         with ops.granting("tls_next_created", pin=made):  # made by a run that was killed
-            tlspins.change_next_pins(ops.store, add=made)
+            tlspins.change_next_pins(ops.store, add=made, alone=True)
         return made
     pair = pki.create_server_certificate(names or pki.server_names(layout.server_cert.read_bytes()))
     pin = tlspins.pin_of_pem(pair.cert_pem)
@@ -53,7 +53,9 @@ def make_next(ops: Admin, names: list[str]) -> str:
         # The key first, the certificate last: the certificate's presence means "made".
         atomicfile.write_whole(layout.next_server_key, pair.key_pem, 0o400, replace=True)
         atomicfile.write_whole(layout.next_server_cert, pair.cert_pem, 0o644)
-        tlspins.change_next_pins(ops.store, add=pin)
+        # One rollover at a time: a pin announced by a rollover that lost its files (a
+        # backup restored meanwhile) is announced no more.
+        tlspins.change_next_pins(ops.store, add=pin, alone=True)
     return pin
 
 

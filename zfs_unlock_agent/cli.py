@@ -10,6 +10,7 @@ import os
 import resource
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -149,7 +150,10 @@ def _enrollment_steps(cfg: config.Config, name: str | None) -> int:
             file=sys.stderr,
         )
     else:
-        print(f"# client key {identity.key} exists; not replaced", file=sys.stderr)
+        print(
+            f"# client key {identity.key} exists; not replaced; wrote {identity.csr} for it",
+            file=sys.stderr,
+        )
     pools: list[str] = []
     try:
         inventory = Zfs(cfg.zfs).inventory()
@@ -281,6 +285,23 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                 log.error("%s", exc)
                 results.append(RootResult(root.name, "failed", exc.exit_code, str(exc)))
     return exit_code(results)
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent import initramfs, renew  # noqa: PLC0415 - not on the unlock path
+
+    cfg = _load(args)
+    machine_id = read_machine_id(cfg.machine_id_file)
+    with _client_factory(cfg)() as client:
+        not_after = renew.renew(
+            cfg,
+            client,
+            machine_id,
+            lambda: initramfs.refresh(cfg.state_directory, cfg.daemon.initramfs_update),
+        )
+    day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+    _output(f"{cfg.client_certificate}: renewed, valid until {day}; the initramfs holds it")
+    return EX_OK
 
 
 def _no_server() -> KeyClient:
@@ -484,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", action="append", default=[], metavar="DS", help="DS's encryption root"
     )
     which.add_argument("--all", action="store_true", help="every managed encryption root")
+    add(
+        "renew",
+        cmd_renew,
+        "get a new client certificate for this host's key from the server (over mutual TLS)",
+    )
     return parser
 
 

@@ -59,7 +59,7 @@ class DaemonSettings(NamedTuple):
     # node_exporter's textfile collector: the daemon's state, rewritten after each pass
     textfile: Path | None = None
     # The command that rebuilds the initramfs after the host learned a server pin;
-    # None: found by itself (initramfs.py), (): this host unlocks nothing in an initramfs.
+    # None ("auto"): found by itself (initramfs.py), (): never (no unlock at boot here).
     initramfs_update: tuple[str, ...] | None = None
 
 
@@ -243,9 +243,11 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
     d = _Reader(top.take("daemon", dict, {}), "daemon", file)
     defaults = DaemonSettings._field_defaults
     textfile = d.take("textfile", str, "")  # "": off
-    update = d.take("initramfs_update", list, None)
-    if update is not None and not all(isinstance(a, str) and a for a in update):
-        raise d.fail("initramfs_update", "must be a list of non-empty strings (a command)")
+    update = d.take("initramfs_update", (list, str), "auto")
+    if update != "auto" and not (
+        isinstance(update, list) and all(isinstance(a, str) and a for a in update)
+    ):
+        raise d.fail("initramfs_update", 'must be "auto" or a command (a list of strings)')
     daemon = DaemonSettings(
         boot_deadline=d.number("boot_deadline", defaults["boot_deadline"]),
         retry_initial=d.number("retry_initial", defaults["retry_initial"]),
@@ -253,7 +255,7 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
         rescan_interval=d.number("rescan_interval", defaults["rescan_interval"]),
         checkin_interval=d.interval("checkin_interval", defaults["checkin_interval"]),
         textfile=_relative(Path(textfile), file) if textfile else None,
-        initramfs_update=None if update is None else tuple(update),
+        initramfs_update=None if update == "auto" else tuple(update),
     )
     d.done()
     if daemon.textfile is not None and daemon.textfile.suffix != ".prom":

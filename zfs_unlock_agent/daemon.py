@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from zfs_unlock_agent import config, initramfs, learnedpins, textfile
+from zfs_unlock_agent import config, initramfs, learnedpins, renew, textfile
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
@@ -227,16 +227,23 @@ class Daemon:
         log.info("%s: trying again in %g s", result.root, pause)
 
     def checkin(self) -> None:
+        """Tell the server this host lives, and do what its answer and the calendar ask:
+        keep the pins it announces, renew the certificate at two thirds of its life,
+        rebuild the initramfs when either changed what it holds (then say so at once:
+        `tls activate` waits for it), rotate the keys it wants rotated."""
         interval = self.config.daemon.checkin_interval
         try:
             unlocker = self._unlocker(self.config.network.deadline)
             with unlocker.client() as client:
-                answer = client.checkin(self.machine_id, self.held_pins())
+                held = self.held_pins()
+                answer = client.checkin(self.machine_id, held)
                 self.next_checkin = self.clock() + interval
                 self._succeeded()
-                if answer.pins is not None and self.learn_pins(answer.pins):
-                    # Tell the server at once that this host holds them: its `tls status`
-                    # and `tls activate` wait for that.
+                if answer.pins is not None:
+                    self.learn_pins(answer.pins)
+                self.renew_certificate(client)
+                self.refresh_initramfs()
+                if self.held_pins() != held:
                     client.checkin(self.machine_id, self.held_pins())
                 if answer.rotate:
                     self.rotate(unlocker.zfs, client, answer.rotate)
@@ -252,40 +259,59 @@ class Daemon:
         learned ones once the initramfs holds them. Learned ones first: the server needs
         those most, and takes at most MAX_REPORTED_PINS."""
         cfg = self.config
-        learned = sorted(cfg.learned.announced) if cfg.learned and cfg.learned.in_initramfs else []
+        learned: list[str] = []
+        if cfg.learned and not initramfs.is_stale(cfg.state_directory):
+            learned = sorted(cfg.learned.announced)
         configured = sorted(cfg.configured_pins() - set(learned))
         return (learned + configured)[: protocol.MAX_REPORTED_PINS]
 
-    def learn_pins(self, announced: list[str]) -> bool:
-        """Keep the pins a server vouches for (learnedpins.py) and rebuild the initramfs
-        when they changed; True once the initramfs holds a new set."""
+    def learn_pins(self, announced: list[str]) -> None:
+        """Keep the pins a server vouches for (learnedpins.py); a changed set marks the
+        initramfs stale first."""
         cfg = self.config
         learned = cfg.learned or learnedpins.LearnedPins(
             cfg.state_directory / learnedpins.FILE_NAME
         )
         try:
             if learned.learn(announced, cfg.configured_pins(), int(self.wall_clock())):
-                log.info(
-                    "the key server announced new pins: %s", " ".join(sorted(learned.announced))
-                )
+                log.info("the key server announced pins: %s", " ".join(sorted(learned.announced)))
+                initramfs.mark_stale(cfg.state_directory)
             if learned.dirty:
                 learned.save()
-            self.config = cfg._replace(learned=learned)
-            if learned.in_initramfs:
-                return False
-            initramfs.rebuild(cfg.daemon.initramfs_update, self.notifier.ping)
-            learned.in_initramfs = True
-            learned.save()
         except OSError as exc:
             log.warning("cannot keep the pins the key server announced: %s", exc)
             self._failed(f"learned pins: {exc}")
-            return False
+        self.config = cfg._replace(learned=learned)
+
+    def renew_certificate(self, client: KeyClient) -> None:
+        """Renew the client certificate once two thirds of its life are gone."""
+        cfg = self.config
+        try:
+            if not renew.due(cfg.client_certificate, self.wall_clock()):
+                return
+            not_after = renew.renew(cfg, client, self.machine_id, self._rebuild_initramfs)
+        except AgentError as exc:
+            log.warning(
+                "renewing the client certificate failed (trying again at the next check-in): %s",
+                exc,
+            )
+            self._failed(f"certificate renewal: {exc}")
+            return
+        day = time.strftime("%Y-%m-%d", time.gmtime(not_after))
+        log.info("client certificate renewed, valid until %s; the initramfs holds it", day)
+
+    def refresh_initramfs(self) -> None:
+        try:
+            self._rebuild_initramfs()
         except AgentError as exc:
             log.warning("%s; trying again at the next check-in", exc)
             self._failed(f"initramfs: {exc}")
-            return False
-        log.info("the initramfs holds the learned pins")
-        return True
+
+    def _rebuild_initramfs(self) -> None:
+        cfg = self.config
+        if initramfs.is_stale(cfg.state_directory):
+            initramfs.refresh(cfg.state_directory, cfg.daemon.initramfs_update, self.notifier.ping)
+            log.info("the initramfs holds the learned pins and the current certificate")
 
     def rotate(self, zfs: Zfs, client: KeyClient, due: list[DatasetRef]) -> None:
         """Rotate the keys the server asked for (key rotate, max_key_age_days) of the roots

@@ -1,5 +1,10 @@
-"""Rebuild this host's initramfs, so that the unlock at boot trusts what the host learned
-while running (a server's next pin, learnedpins.py).
+"""Rebuild this host's initramfs, so that the unlock at boot has what the host changed
+while running: the server pins it learned (learnedpins.py), its renewed certificate
+(renew.py).
+
+Whoever changes a file the initramfs copies marks the initramfs stale first (a file in
+the state directory); refresh() rebuilds it and only then clears the mark, so a crash or
+a failed rebuild leaves the mark, and the daemon tries again at its next check-in.
 
 The command is [daemon] initramfs_update, or found here: update-initramfs where
 initramfs-tools builds the images, dracut where dracut does; each rebuilds the image of
@@ -15,6 +20,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.log import log
@@ -27,8 +33,52 @@ _TOOLS = (
 )
 
 
+STALE_MARK = "initramfs-stale"
+
+
 class InitramfsFailed(AgentError):
     """The initramfs could not be rebuilt; it does not hold what was learned."""
+
+
+def mark_stale(state_directory: Path) -> None:
+    """Record, durably, that the initramfs lacks what is about to change."""
+    state_directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    mark = state_directory / STALE_MARK
+    if mark.exists():
+        return
+    descriptor = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    _sync_directory(state_directory)
+
+
+def is_stale(state_directory: Path) -> bool:
+    return (state_directory / STALE_MARK).exists()
+
+
+def refresh(
+    state_directory: Path,
+    command: tuple[str, ...] | None,
+    keepalive: Callable[[], None] = lambda: None,
+) -> None:
+    """Rebuild the initramfs if it is marked stale, then clear the mark (InitramfsFailed
+    leaves it). Nothing to rebuild (no initramfs builder, or initramfs_update = []) clears
+    it too: no image here copies anything."""
+    if not is_stale(state_directory):
+        return
+    rebuild(command, keepalive)
+    (state_directory / STALE_MARK).unlink(missing_ok=True)
+    _sync_directory(state_directory)
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def default_command() -> tuple[str, ...]:

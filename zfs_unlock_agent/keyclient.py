@@ -92,6 +92,32 @@ def seconds(value: float) -> str:
     return f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
 
 
+def pem_certificate_der(pem: bytes) -> bytes:
+    """The DER of a PEM certificate (ValueError when it is not one)."""
+    return ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+
+
+def expired_certificate(certificate: Path, now: float) -> str:
+    """When a TLS refusal of our certificate is its expiry: the message that says so and
+    how to recover; "" otherwise (or when it cannot be read)."""
+    try:
+        not_after = der_fields.validity(pem_certificate_der(certificate.read_bytes()))[1]
+    except (OSError, ValueError):
+        return ""
+    if now < not_after:
+        return ""
+    day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+    name = enrolled_name(certificate)
+    return (
+        f"this host's client certificate {certificate} expired on {day}, and the key server"
+        " refuses it (it was not renewed in time: 'zfs-unlock-agent renew', which the daemon"
+        " runs by itself, needs the certificate still valid). To recover: on this host run"
+        f" 'zfs-unlock-agent identity --name {name}' (it writes a CSR for the same key), then on the key"
+        f" server 'zfs-unlock-server host cert {name} --csr {name}.csr --cert-out"
+        f" {name}.crt', and install that certificate as {certificate}"
+    )
+
+
 def enrolled_name(certificate: Path) -> str:
     """The name the key server enrolled this host under: the server sets its certificate's
     common name. UNKNOWN_NAME when that cannot be read."""
@@ -183,6 +209,13 @@ class KeyClient:
                     raise ServerRefused(f"{server.url}: {exc}; refusing to talk to it") from None
                 except transport.AnswerTooLarge:
                     raise BadKeyData(f"{server.url}: answer is too large") from None
+                except transport.CertificateRefused as exc:
+                    expired = expired_certificate(self._client_cert, time.time())
+                    if expired:  # no server will take it, now or after any retry
+                        raise ServerRefused(f"{server.url}: {expired}") from None
+                    untold = f"{server.url}: {exc.reason}"
+                    problems.append(untold)
+                    continue
                 except transport.TransportError as exc:
                     untold = f"{server.url}: {exc.reason}"
                     problems.append(untold)
@@ -347,6 +380,16 @@ class KeyClient:
                 "key_id": key_id,
             },
         )
+
+    def renew(self, machine_id: str, csr_pem: bytes) -> bytes:
+        """A new certificate for this host over the CSR's key (renew.py checks it)."""
+        answer = self.call(
+            "POST", protocol.ROUTE_RENEW, {"machine_id": machine_id, "csr": csr_pem.decode()}
+        )
+        certificate = answer.body.get("certificate")
+        if not isinstance(certificate, str) or len(certificate) > protocol.MAX_CSR_CHARS:
+            raise BadKeyData("server answer has no certificate")
+        return certificate.encode("ascii", "replace")
 
     def checkin(self, machine_id: str, pins: Sequence[str] | None = None) -> CheckinAnswer:
         """Prove liveness, and tell the server which of its pins this host holds (PINS).

@@ -35,9 +35,6 @@ class LearnedPins:
     path: Path
     # pin text ("sha256//...") -> when a server last announced it (Unix time)
     announced: dict[str, int] = field(default_factory=dict)
-    # Whether the initramfs was rebuilt since the set last changed: only then does the
-    # host report these pins as held, and the server allow `tls activate`.
-    in_initramfs: bool = True
     # Whether memory differs from the file: the set changed, or a pin was announced again
     # a day or more after the time the file holds for it (kept fresh for FORGET_AFTER).
     dirty: bool = False
@@ -48,7 +45,8 @@ class LearnedPins:
     def learn(self, pins: Iterable[str], configured: Iterable[str], now: int) -> bool:
         """Take an announcement: PINS are the ones a server vouches for now. Those already
         in agent.toml (CONFIGURED) are not kept twice; pins unannounced for FORGET_AFTER are
-        dropped. True when the set of pins changed (and so the initramfs must be rebuilt)."""
+        dropped. True when the set of pins changed (and so the initramfs must be rebuilt:
+        the caller marks it stale before saving)."""
         before = set(self.announced)
         skip = set(configured)
         for pin in pins:
@@ -62,14 +60,12 @@ class LearnedPins:
             if when < now - FORGET_AFTER:
                 del self.announced[pin]
         changed = set(self.announced) != before
-        if changed:
-            self.in_initramfs = False
-            self.dirty = True
+        self.dirty |= changed
         return changed
 
     def save(self) -> None:
         """Replace the file atomically (0644: it is copied into the initramfs as is)."""
-        document = {"format": FORMAT, "pins": self.announced, "in_initramfs": self.in_initramfs}
+        document = {"format": FORMAT, "pins": self.announced}
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
@@ -119,10 +115,10 @@ def load(state_directory: Path) -> LearnedPins:
                 " check-in)"
             )
         raw = handle.read(64 * 1024)
-    return LearnedPins(path, *_parse(raw, path))
+    return LearnedPins(path, _parse(raw, path))
 
 
-def _parse(raw: bytes, path: Path) -> tuple[dict[str, int], bool]:
+def _parse(raw: bytes, path: Path) -> dict[str, int]:
     broken = ConfigError(
         f"learned pins {path}: not a pin file of this agent; remove it (the host learns"
         " the pins again at its next check-in)"
@@ -134,8 +130,7 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, int], bool]:
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise broken
     pins = document.get("pins")
-    in_initramfs = document.get("in_initramfs")
-    if not isinstance(pins, dict) or not isinstance(in_initramfs, bool):
+    if not isinstance(pins, dict) or set(document) != {"format", "pins"}:
         raise broken
     for pin, when in pins.items():
         if not isinstance(when, int) or isinstance(when, bool):
@@ -144,4 +139,4 @@ def _parse(raw: bytes, path: Path) -> tuple[dict[str, int], bool]:
             pinning.parse_pin(pin)
         except pinning.PinError:
             raise broken from None
-    return dict(pins), in_initramfs
+    return dict(pins)

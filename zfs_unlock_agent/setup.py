@@ -102,13 +102,20 @@ def write_config(path: Path, text: str, force: bool) -> None:
 
 
 def make_identity(key_path: Path, name: str) -> Identity:
-    """This host's private key (0400, made once) and a CSR for NAME beside it."""
+    """This host's private key (0400, made once) and a CSR for NAME beside it, made anew
+    over an existing key (what `host cert` needs when a certificate expired)."""
     csr_path = key_path.with_suffix(".csr")
+    # Only here: the X.509 library is large, and unlock (in an initramfs) never needs it.
+    from zfs_unlock_common.csr import csr_for_key, new_key_and_csr  # noqa: PLC0415
+
     if key_path.exists():
         config.check_private_key_file(key_path, "client key")
+        try:
+            csr_pem = csr_for_key(key_path.read_bytes(), validate.label(name, "host name"))
+        except (ValueError, TypeError):
+            raise ConfigError(f"client key {key_path}: cannot sign a request with it") from None
+        csr_path.write_bytes(csr_pem)
         return Identity(key_path, csr_path, created=False)
-    # Only here: the X.509 library is large, and unlock (in an initramfs) never needs it.
-    from zfs_unlock_common.csr import new_key_and_csr  # noqa: PLC0415
 
     key_pem, csr_pem = new_key_and_csr(validate.label(name, "host name"))
     key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

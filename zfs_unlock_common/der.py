@@ -1,5 +1,6 @@
-"""Just enough DER to read two fields of an X.509 certificate: its public key (for pins)
-and its subject's common name (the name the key server enrolled a host under).
+"""Just enough DER to read three fields of an X.509 certificate: its public key (for
+pins), its subject's common name (the name the key server enrolled a host under) and its
+validity (when the host's own certificate expires).
 
 Elements are found by position, without interpreting the rest: that keeps a large X.509
 library off the path every unlock takes (the initramfs copies what this path imports).
@@ -8,7 +9,10 @@ Anything that does not walk as RFC 5280 says is a CertificateFormatError.
 
 from __future__ import annotations
 
+import calendar
+
 SEQUENCE, SET, INTEGER, OID, VERSION = 0x30, 0x31, 0x02, 0x06, 0xA0
+UTC_TIME, GENERALIZED_TIME = 0x17, 0x18
 COMMON_NAME = bytes.fromhex("550403")  # 2.5.4.3
 # The string types a common name comes in that decode as UTF-8 (UTF8, Printable, IA5).
 TEXT_TAGS = (0x0C, 0x13, 0x16)
@@ -35,19 +39,25 @@ def element(der: bytes, offset: int, tag: int | None, limit: int) -> tuple[int, 
     return start, start + length
 
 
-def _subject_and_key(cert_der: bytes) -> tuple[int, int, int]:
-    """Where the subject starts, where the SubjectPublicKeyInfo starts and ends:
-    Certificate = SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial,
-    signature, issuer, validity, subject, subjectPublicKeyInfo, ... }, ... }."""
+def _validity_start(cert_der: bytes) -> tuple[int, int]:
+    """Where the validity starts, and where the tbsCertificate ends: Certificate =
+    SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial, signature, issuer,
+    validity, subject, subjectPublicKeyInfo, ... }, ... }."""
     body, end = element(cert_der, 0, SEQUENCE, len(cert_der))
     if end != len(cert_der):
         raise CertificateFormatError("trailing bytes after the certificate")
     position, tbs_end = element(cert_der, body, SEQUENCE, end)
     if position < tbs_end and cert_der[position] == VERSION:
         position = element(cert_der, position, VERSION, tbs_end)[1]
-    for tag in (INTEGER, SEQUENCE, SEQUENCE, SEQUENCE):
+    for tag in (INTEGER, SEQUENCE, SEQUENCE):
         position = element(cert_der, position, tag, tbs_end)[1]
-    subject = position
+    return position, tbs_end
+
+
+def _subject_and_key(cert_der: bytes) -> tuple[int, int, int]:
+    """Where the subject starts, where the SubjectPublicKeyInfo starts and ends."""
+    validity, tbs_end = _validity_start(cert_der)
+    subject = element(cert_der, validity, SEQUENCE, tbs_end)[1]
     key = element(cert_der, subject, SEQUENCE, tbs_end)[1]
     return subject, key, element(cert_der, key, SEQUENCE, tbs_end)[1]
 
@@ -79,3 +89,33 @@ def subject_common_name(cert_der: bytes) -> str | None:
             rdn = pair_end
         position = rdn_end
     return None
+
+
+def validity(cert_der: bytes) -> tuple[int, int]:
+    """notBefore and notAfter as Unix times. Validity = SEQUENCE { Time, Time }, each a
+    UTCTime (YYMMDDHHMMSSZ; 50-99 are 19xx) or a GeneralizedTime (YYYYMMDDHHMMSSZ)."""
+    start, tbs_end = _validity_start(cert_der)
+    position, end = element(cert_der, start, SEQUENCE, tbs_end)
+    times = []
+    for _ in range(2):
+        tag = cert_der[position] if position < end else None
+        if tag not in (UTC_TIME, GENERALIZED_TIME):
+            raise CertificateFormatError("validity is not two times")
+        value, position = element(cert_der, position, tag, end)
+        times.append(_time(cert_der[value:position], tag == UTC_TIME))
+    return times[0], times[1]
+
+
+def _time(text: bytes, short_year: bool) -> int:
+    digits = text.removesuffix(b"Z")
+    if (
+        len(text) - len(digits) != 1
+        or not digits.isdigit()
+        or len(digits) != (12 if short_year else 14)
+    ):
+        raise CertificateFormatError("a time that is not DER's")
+    if short_year:
+        year = int(digits[:2])
+        digits = (b"19" if year >= 50 else b"20") + digits
+    fields = [int(digits[i : i + n]) for i, n in ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2))]
+    return calendar.timegm((*fields, 0, 0, 0))

@@ -15,10 +15,13 @@ ROUTE_ACTIVATE: Final = "/v1/keys/activate"
 ROUTE_NEXT_KEY: Final = "/v1/keys/next"  # a rotation's next key
 ROUTE_RELEASE_BATCH: Final = "/v1/keys/release"
 ROUTE_HOST_STATUS: Final = "/v1/host"  # the caller's own enrollment, for `check`
+ROUTE_RENEW: Final = "/v1/certificate"  # a new client certificate for the caller
 # GET /v1/hosts/{machine_id}/keys/{pool_guid}/{dataset_guid}
 ROUTE_RELEASE_ONE_PREFIX: Final = "/v1/hosts/"
 
 MAX_BODY_BYTES: Final = 64 * 1024
+# The longest CSR a renewal may send (PEM text); an EC or 4096-bit RSA one is far less.
+MAX_CSR_CHARS: Final = 8192
 # Server pins a check-in may report as held, and a check-in's answer may announce.
 MAX_REPORTED_PINS: Final = 32
 MAX_BATCH: Final = 256

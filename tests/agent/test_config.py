@@ -90,6 +90,7 @@ def test_example_documents_every_setting_with_its_default() -> None:
 
     assert set(document) == {
         "machine_id_file",
+        "state_directory",
         "server",
         "client",
         "network",

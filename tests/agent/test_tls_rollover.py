@@ -24,6 +24,7 @@ from tests.agent.test_daemon import new_host
 from tests.agent.test_enroll import unload_key
 from tests.keyserver import KeyServer, wait_for
 from zfs_unlock_agent import errors
+from zfs_unlock_agent.initramfs import STALE_MARK
 from zfs_unlock_agent.learnedpins import FILE_NAME
 from zfs_unlock_server.errors import EX_TEMPFAIL
 
@@ -117,7 +118,8 @@ def test_three_hosts_one_offline_unlock_through_a_whole_rollover(
         assert_unlocks(host)  # the old key still serves everyone
 
     learned = json.loads((web1.root / "state" / FILE_NAME).read_text())
-    assert list(learned["pins"]) == [new_pin] and learned["in_initramfs"] is True
+    assert list(learned["pins"]) == [new_pin]
+    assert not (web1.root / "state" / STALE_MARK).exists()
     assert (web1.root / "state" / FILE_NAME).stat().st_mode & 0o777 == 0o644
     assert (web1.root / "initramfs.log").read_text() == "rebuilt\n"  # once, not per check-in
     assert old_pin in web1.config_path.read_text() and new_pin not in web1.config_path.read_text()
@@ -162,7 +164,8 @@ def test_a_failed_initramfs_rebuild_is_not_reported_as_holding_the_pin_and_is_re
     new_pin = keyserver.must("tls", "next").strip()
     daemon.wait_log(r"failed \(exit 1\): W: no space left on /boot; trying again", count=2)
     learned = json.loads((host.root / "state" / FILE_NAME).read_text())
-    assert list(learned["pins"]) == [new_pin] and learned["in_initramfs"] is False
+    assert list(learned["pins"]) == [new_pin]
+    assert (host.root / "state" / STALE_MARK).exists()
     assert waiting(keyserver) == ["stuck"]  # kept, but not in the initramfs: not reported
     code, _, err = keyserver.admin("tls", "activate")
     assert code == EX_TEMPFAIL and "stuck" in err
@@ -178,12 +181,12 @@ def test_a_pin_file_others_may_write_is_refused(keyserver: KeyServer, tmp_path: 
     state = host.root / "state"
     state.mkdir()
     pins = state / FILE_NAME
-    pins.write_text('{"format": 1, "pins": {}, "in_initramfs": true}\n')
+    pins.write_text('{"format": 1, "pins": {}}\n')
     pins.chmod(0o666)
     result = host.run("configcheck")
     assert result.returncode == errors.EX_CONFIG, result.stderr
     assert str(pins) in result.stderr and "others may change it" in result.stderr
     pins.chmod(0o644)
-    pins.write_text('{"format": 1, "pins": {"not a pin": 1}, "in_initramfs": true}\n')
+    pins.write_text('{"format": 1, "pins": {"not a pin": 1}}\n')
     result = host.run("configcheck")
     assert result.returncode == errors.EX_CONFIG and "not a pin file" in result.stderr
