@@ -172,7 +172,8 @@ class KeyServerApp:
         self.master_keys: Sealer | None = None
         self._next_ring_check = 0.0
         self._audit_sync = SharedSync()  # made before gunicorn forks the workers
-        self._served_pin = tlspins.ServedPin(layout.server_cert)
+        self._served_pin = tlspins.served_pin(layout.server_cert)
+        self._next_ca = hostca.next_ca_key_id(layout)
         self.routes = ROUTES + ((SIMPLEZFS_ROUTE,) if config.simplezfs_route else ())
         # Imported only when asked for: serve has set PROMETHEUS_MULTIPROC_DIR by then.
         self.metrics: ModuleType | None = None
@@ -213,6 +214,7 @@ class KeyServerApp:
                 served_pin=self._served_pin,
                 sign=lambda name, csr: hostca.sign(self.layout, name, csr),
                 renewed_certificate_grace=self.config.renewed_certificate_grace_days * 86400,
+                next_ca_key_id=self._next_ca,
             )
             self._pid = os.getpid()
         return self._service, self._limiter
@@ -414,7 +416,8 @@ def checkin(
     body = _fields(json_body(environ), {"machine_id"}, {"pins"})
     machine_id = validate.machine_id(body["machine_id"])
     held = tlspins.check_reported(body["pins"]) if "pins" in body else None
-    host = service.checkin(caller, machine_id, held)
+    issuer = hostca.issuer_key_id(environ.get(PEER_CERTIFICATE) or b"")
+    host = service.checkin(caller, machine_id, held, issuer)
     current, upcoming = service.announced_pins()
     return json_response(
         200,
@@ -424,6 +427,8 @@ def checkin(
             # The server pins to trust (tls next, tls activate), told inside the pinned
             # channel: agents keep them beside agent.toml's and report them back.
             "pins": {"current": current, "next": upcoming},
+            # During a CA rollover (ca next): renew this certificate under the next CA.
+            "renew": service.renewal_wanted(issuer),
             # Datasets whose key the daemon is to rotate (key rotate, max_key_age_days).
             "rotate": [
                 {"pool_guid": r.pool_guid, "dataset_guid": r.dataset_guid}

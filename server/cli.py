@@ -44,8 +44,8 @@ from zfs_unlock_server.errors import (
     UsageError,
 )
 from zfs_unlock_server.outputs import OutputFile
+from zfs_unlock_server.rollovercommands import add_rollover_commands
 from zfs_unlock_server.store import Host, KeyRecord
-from zfs_unlock_server.tlscommands import add_tls_commands
 
 Handler = Callable[[argparse.Namespace, AdminInputs], int]
 
@@ -1143,7 +1143,7 @@ def build_parser() -> argparse.ArgumentParser:
         " its machine, pool and name (repeatable, one per key)",
     )
     add_backup_commands(sub, add)
-    add_tls_commands(sub, add, _missing_subcommand)
+    add_rollover_commands(sub, add, _missing_subcommand)
     return parser
 
 

@@ -43,6 +43,16 @@ class Layout:
         return self.root / "ca.key"
 
     @property
+    def next_ca_cert(self) -> Path:
+        """The CA `ca next` makes: trusted beside ca_cert, and signing, until `ca activate`
+        moves it to ca_cert."""
+        return self.root / "ca-next.crt"
+
+    @property
+    def next_ca_key(self) -> Path:
+        return self.root / "ca-next.key"
+
+    @property
     def server_cert(self) -> Path:
         return self.root / "server.crt"
 

@@ -45,6 +45,7 @@ from zfs_unlock_server.store import (
     Certificate,
     DatasetKeys,
     Host,
+    HostReport,
     KeyRecord,
     NewHost,
     Snapshot,
@@ -509,21 +510,28 @@ class PgStore:
                 (now, host_id),
             )
 
-    def record_pins(self, host_id: int, pins: Sequence[str], now: int) -> None:
+    def record_report(
+        self, host_id: int, pins: Sequence[str] | None, issuer: str, now: int
+    ) -> None:
         with self._session(write=True) as conn:
             conn.execute("SET LOCAL synchronous_commit TO off")  # as touch_host's
             conn.execute(
-                "INSERT INTO host_pins (host_id, pins, reported_at) VALUES (%s, %s, %s)"
-                " ON CONFLICT (host_id) DO UPDATE"
-                " SET pins = excluded.pins, reported_at = excluded.reported_at"
-                " WHERE host_pins.pins <> excluded.pins",
-                (host_id, " ".join(pins), now),
+                "INSERT INTO host_reports (host_id, pins, issuer, reported_at)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (host_id) DO UPDATE"
+                " SET pins = coalesce(excluded.pins, host_reports.pins),"
+                " issuer = excluded.issuer, reported_at = excluded.reported_at"
+                " WHERE coalesce(excluded.pins, host_reports.pins)"
+                " IS DISTINCT FROM host_reports.pins OR host_reports.issuer <> excluded.issuer",
+                (host_id, None if pins is None else " ".join(pins), issuer, now),
             )
 
-    def host_pins(self) -> dict[int, tuple[str, ...]]:
+    def host_reports(self) -> dict[int, HostReport]:
         with self._session() as conn:
-            rows = conn.execute("SELECT host_id, pins FROM host_pins").fetchall()
-        return {int(r["host_id"]): tuple(str(r["pins"]).split()) for r in rows}
+            rows = conn.execute("SELECT host_id, pins, issuer FROM host_reports").fetchall()
+        return {
+            int(r["host_id"]): HostReport(tuple((r["pins"] or "").split()), str(r["issuer"]))
+            for r in rows
+        }
 
     # Keys
 

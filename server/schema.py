@@ -107,15 +107,18 @@ SQLITE: tuple[str, ...] = (
     CREATE INDEX keys_ref ON keys(host_id, pool_guid, dataset_guid);
     CREATE INDEX keys_host ON keys(host_id);
     """,
-    # Rollovers. The pins each host last said it holds (its agent.toml's and those it
-    # learned and put into its initramfs), so that `tls status` can tell who `tls activate`
-    # would lock out; reported again at every check-in. A certificate renewed by its host
+    # Rollovers. What each host's last check-in said: the pins it holds (its agent.toml's
+    # and those it learned and put into its initramfs; kept when a check-in says none),
+    # and the key id of the CA that issued the certificate it used, so that `tls status`
+    # and `ca status` can tell who an activation would lock out. A certificate renewed by
+    # its host
     # (`zfs-unlock-agent renew`): the new one names the one it replaces, which stays valid
     # until the new one is first used (then it is deleted) or until retire_at (0: never).
     """
-    CREATE TABLE host_pins (
+    CREATE TABLE host_reports (
         host_id     INTEGER PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
-        pins        TEXT NOT NULL,
+        pins        TEXT,
+        issuer      TEXT NOT NULL,
         reported_at INTEGER NOT NULL
     ) STRICT;
     ALTER TABLE certificates ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
@@ -202,9 +205,10 @@ POSTGRESQL: tuple[str, ...] = (
     """,
     # Rollovers, as SQLite's step 5.
     """
-    CREATE TABLE host_pins (
+    CREATE TABLE host_reports (
         host_id     BIGINT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
-        pins        TEXT NOT NULL,
+        pins        TEXT,
+        issuer      TEXT NOT NULL,
         reported_at BIGINT NOT NULL
     );
     ALTER TABLE certificates ADD COLUMN replaces TEXT NOT NULL DEFAULT '';

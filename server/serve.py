@@ -60,8 +60,10 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
         super().load_wsgi()
         app: KeyServerApp = self.wsgi
         self.key_server = app
-        self.tls = server_context(app.layout)
+        # The files' state first: one that changes while the context is made is looked
+        # at again, instead of being taken as already in it.
         self._tls_files = _tls_files(app.layout)
+        self.tls = server_context(app.layout)
         self._next_tls_check = time.monotonic() + TLS_CHECK_SECONDS
 
     def notify(self) -> None:
@@ -73,9 +75,10 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
                 self._follow_tls_key(app)
 
     def _follow_tls_key(self, app: KeyServerApp) -> None:
-        """`tls activate` replaces the key and certificate while we serve: take them up
-        within a second, without a restart. Between its two renames the pair does not
-        match; the old context stays until they do."""
+        """`tls activate` replaces the key and certificate, `ca next` and `ca activate` the
+        CAs trusted, while we serve: take them up within a second, without a restart.
+        Between tls activate's two renames the pair does not match; the old context stays
+        until they do."""
         self._next_tls_check = time.monotonic() + TLS_CHECK_SECONDS
         files = _tls_files(app.layout)
         if files == self._tls_files:
@@ -86,9 +89,11 @@ class KeyServerWorker(SyncWorker):  # type: ignore[misc]
             log.debug("the TLS key or certificate changed but cannot be used yet: %s", exc)
             return
         self.tls, self._tls_files = context, files
-        log.info("serving the TLS key and certificate now in %s", app.layout.server_cert)
+        log.info("the TLS key, certificate or trusted CAs changed: serving with them now")
 
     def handle(self, listener: socket.socket, client: socket.socket, addr: Any) -> None:
+        self._follow_tls_key(self.key_server)  # a few stat() calls: each connection sees
+        # the files an admin command just replaced
         timeout = self.key_server.config.io_timeout
         client.settimeout(timeout)
         if client_gone(client):
@@ -148,9 +153,14 @@ TLS_CHECK_SECONDS = 1.0
 
 
 def _tls_files(layout: Layout) -> tuple[tuple[int, int], ...]:
-    """What identifies the key and certificate files' present contents."""
+    """What identifies the present contents of the files the TLS context is made of."""
     found = []
-    for path in (layout.server_cert, layout.server_key):
+    for path in (
+        layout.server_cert,
+        layout.server_key,
+        layout.ca_cert,
+        layout.next_ca_cert,
+    ):
         try:
             stat = path.stat()
             found.append((stat.st_ino, stat.st_mtime_ns))

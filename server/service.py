@@ -135,6 +135,7 @@ class KeyService:
         served_pin: Callable[[], str] = lambda: "",
         sign: Callable[[str, bytes], bytes] | None = None,
         renewed_certificate_grace: int = 7 * 86400,
+        next_ca_key_id: Callable[[], str] = lambda: "",
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -146,6 +147,7 @@ class KeyService:
         self.served_pin = served_pin  # the pin of the certificate this node serves now
         self.sign = sign  # (host name, CSR PEM) -> certificate PEM, for renewals
         self.renewed_certificate_grace = renewed_certificate_grace
+        self.next_ca_key_id = next_ca_key_id  # "" unless a CA rollover runs (ca next)
         self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
 
     # The host-level gate, shared by every route.
@@ -264,16 +266,17 @@ class KeyService:
 
     # Routes
 
-    def checkin(self, caller: Caller, machine_id: str, pins: Sequence[str] | None = None) -> Host:
+    def checkin(
+        self, caller: Caller, machine_id: str, pins: Sequence[str] | None = None, issuer: str = ""
+    ) -> Host:
         """A host says it is alive, and which server pins it holds (PINS, from agents that
-        take part in TLS key rollovers)."""
+        take part in TLS key rollovers); ISSUER is the key id of its certificate's CA."""
         host = self.authenticate(caller, machine_id, "checkin")
         # Recorded first: a check-in that cannot be audited does not reset the dead-man clock.
         self.audit.write(self._record(caller, "checkin", decision="allow", host=host.name))
         now = int(self.clock())
         self.store.touch_host(host.id, now)
-        if pins is not None:
-            self.store.record_pins(host.id, pins, now)
+        self.store.record_report(host.id, pins, issuer, now)
         for key_id in self.store.delete_retired(host.id, now - self.retired_key_grace):
             self.audit.write(
                 self._record(
@@ -286,6 +289,12 @@ class KeyService:
                 )
             )
         return host
+
+    def renewal_wanted(self, issuer: str) -> bool:
+        """During a CA rollover: whether a certificate issued by ISSUER is to be renewed
+        (under the next CA) by its host's daemon now."""
+        upcoming = self.next_ca_key_id()
+        return bool(upcoming) and issuer != upcoming
 
     def announced_pins(self) -> tuple[list[str], list[str]]:
         """The pins hosts are to trust: (the one served here now, the next ones)."""

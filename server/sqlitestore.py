@@ -26,6 +26,7 @@ from zfs_unlock_server.store import (
     Certificate,
     DatasetKeys,
     Host,
+    HostReport,
     KeyRecord,
     NewHost,
     Snapshot,
@@ -306,23 +307,29 @@ class SqliteStore:
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
-    def record_pins(self, host_id: int, pins: Sequence[str], now: int) -> None:
+    def record_report(
+        self, host_id: int, pins: Sequence[str] | None, issuer: str, now: int
+    ) -> None:
         self._db.execute("PRAGMA synchronous=NORMAL")  # as touch_host: reported again soon
         try:
             with self._write() as db:
                 db.execute(
-                    "INSERT INTO host_pins (host_id, pins, reported_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (host_id) DO UPDATE"
-                    " SET pins = excluded.pins, reported_at = excluded.reported_at"
-                    " WHERE pins <> excluded.pins",
-                    (host_id, " ".join(pins), now),
+                    "INSERT INTO host_reports (host_id, pins, issuer, reported_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (host_id) DO UPDATE"
+                    " SET pins = coalesce(excluded.pins, pins), issuer = excluded.issuer,"
+                    " reported_at = excluded.reported_at"
+                    " WHERE coalesce(excluded.pins, pins) IS NOT pins OR issuer <> excluded.issuer",
+                    (host_id, None if pins is None else " ".join(pins), issuer, now),
                 )
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
-    def host_pins(self) -> dict[int, tuple[str, ...]]:
-        rows = self._db.execute("SELECT host_id, pins FROM host_pins")
-        return {int(r["host_id"]): tuple(str(r["pins"]).split()) for r in rows}
+    def host_reports(self) -> dict[int, HostReport]:
+        rows = self._db.execute("SELECT host_id, pins, issuer FROM host_reports")
+        return {
+            int(r["host_id"]): HostReport(tuple((r["pins"] or "").split()), str(r["issuer"]))
+            for r in rows
+        }
 
     # Keys
 

@@ -151,6 +151,14 @@ def host_of(row: Any) -> Host:
 
 
 @dataclass(frozen=True)
+class HostReport:
+    """What a host's last check-in said (Store.record_report)."""
+
+    pins: tuple[str, ...]
+    issuer: str  # key id (hex) of the CA that issued the certificate it checked in with
+
+
+@dataclass(frozen=True)
 class Arrival:
     """What a request learns before anything else: the wait its certificate's bucket asks
     (0: go on) and, when it may go on, the caller's host (None: an unknown certificate)."""
@@ -198,12 +206,15 @@ class Store(Protocol):
     def set_host_enabled(self, host_id: int, enabled: bool, reason: str) -> None: ...
     def remove_host(self, host_id: int, delete_keys: bool) -> int: ...
     def touch_host(self, host_id: int, now: int) -> None: ...
-    def record_pins(self, host_id: int, pins: Sequence[str], now: int) -> None:
-        """Remember the server pins the host says it holds (written only when they
-        changed; like touch_host, not waited for on disk)."""
+    def record_report(
+        self, host_id: int, pins: Sequence[str] | None, issuer: str, now: int
+    ) -> None:
+        """Remember what a check-in said: the server pins the host holds (None: it said
+        nothing of them, the last ones stand) and the key id of its certificate's CA.
+        Written only when it changed; like touch_host, not waited for on disk."""
         ...
 
-    def host_pins(self) -> dict[int, tuple[str, ...]]: ...
+    def host_reports(self) -> dict[int, HostReport]: ...
     def insert_key(self, record: KeyRecord) -> None: ...
     def insert_keys(self, records: Sequence[KeyRecord]) -> None:
         """Insert every record or none; StaleMasterKey when one is sealed under a master

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from zfs_unlock_server import secretfile
+from zfs_unlock_server import hostca, secretfile
 from zfs_unlock_server.config import Layout
 from zfs_unlock_server.errors import ConfigError
 
@@ -22,7 +22,8 @@ def server_context(layout: Layout) -> ssl.SSLContext:
     )
     context.num_tickets = 0
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cafile=str(layout.ca_cert))
+    for ca in hostca.trusted(layout):  # during a CA rollover, the next CA's hosts too
+        context.load_verify_locations(cafile=ca)
     try:
         context.load_cert_chain(str(layout.server_cert), str(layout.server_key))
     except ssl.SSLError as exc:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from zfs_unlock_common import pinning, protocol
 from zfs_unlock_common.validate import InvalidInput
 from zfs_unlock_server import pki
+from zfs_unlock_server.filewatch import Derived
 from zfs_unlock_server.store import Store
 
 NEXT_META = "tls_next_pins"
@@ -42,26 +43,9 @@ def pin_of_pem(cert_pem: bytes) -> str:
     return pinning.pin_of_certificate(pki.pem_to_der(cert_pem))
 
 
-class ServedPin:
-    """The pin of the certificate a node serves, read again when the file changes
-    (`tls activate` replaces it while the node runs)."""
-
-    def __init__(self, path: os.PathLike[str]) -> None:
-        self.path = path
-        self._seen: tuple[int, int] | None = None
-        self._pin = ""
-
-    def __call__(self) -> str:
-        try:
-            stat = os.stat(self.path)
-            seen = (stat.st_ino, stat.st_mtime_ns)
-            if seen != self._seen:
-                with open(self.path, "rb") as file:
-                    self._pin = pin_of_pem(file.read())
-                self._seen = seen
-        except (OSError, ValueError):
-            pass  # keep announcing what was read last; the TLS context says the same
-        return self._pin
+def served_pin(path: os.PathLike[str]) -> Derived[str]:
+    """The pin of the certificate a node serves, followed as `tls activate` replaces it."""
+    return Derived(path, pin_of_pem, "")
 
 
 def check_reported(pins: object) -> tuple[str, ...]:

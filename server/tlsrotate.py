@@ -64,11 +64,11 @@ def status(ops: Admin) -> TlsStatus:
     announced = tlspins.next_pins(ops.store)
     upcoming = _pin_of(layout.next_server_cert) if layout.next_server_cert.exists() else ""
     wanted = [p for p in [upcoming, *announced] if p]
-    held = ops.store.host_pins()
+    reports = ops.store.host_reports()
     waiting = [
         h
         for h in ops.store.hosts()
-        if h.enabled and not tlspins.holds_all(held.get(h.id, ()), wanted)
+        if h.enabled and not (h.id in reports and tlspins.holds_all(reports[h.id].pins, wanted))
     ]
     return TlsStatus(_pin_of(layout.server_cert), upcoming, announced, waiting)
 

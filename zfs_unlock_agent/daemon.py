@@ -241,12 +241,16 @@ class Daemon:
                 self._succeeded()
                 if answer.pins is not None:
                     self.learn_pins(answer.pins)
-                self.renew_certificate(client)
+                renewed = self.renew_certificate(client, asked=answer.renew)
                 self.refresh_initramfs()
-                if self.held_pins() != held:
-                    client.checkin(self.machine_id, self.held_pins())
                 if answer.rotate:
                     self.rotate(unlocker.zfs, client, answer.rotate)
+            if renewed or self.held_pins() != held:
+                # At once, and with the certificate now in place: the server's `tls status`
+                # and `ca status` wait for this, and a renewed certificate's first use ends
+                # the one it replaced.
+                with self._unlocker(self.config.network.deadline).client() as client:
+                    client.checkin(self.machine_id, self.held_pins())
         except AgentError as exc:
             retry = min(interval, self.config.daemon.retry_max)
             log.warning("check-in failed (trying again in %g s): %s", retry, exc)
@@ -283,12 +287,13 @@ class Daemon:
             self._failed(f"learned pins: {exc}")
         self.config = cfg._replace(learned=learned)
 
-    def renew_certificate(self, client: KeyClient) -> None:
-        """Renew the client certificate once two thirds of its life are gone."""
+    def renew_certificate(self, client: KeyClient, asked: bool) -> bool:
+        """Renew the client certificate once two thirds of its life are gone, or when the
+        server ASKED (a CA rollover); True when it was renewed."""
         cfg = self.config
         try:
-            if not renew.due(cfg.client_certificate, self.wall_clock()):
-                return
+            if not (asked or renew.due(cfg.client_certificate, self.wall_clock())):
+                return False
             not_after = renew.renew(cfg, client, self.machine_id, self._rebuild_initramfs)
         except AgentError as exc:
             log.warning(
@@ -296,9 +301,10 @@ class Daemon:
                 exc,
             )
             self._failed(f"certificate renewal: {exc}")
-            return
+            return False
         day = time.strftime("%Y-%m-%d", time.gmtime(not_after))
         log.info("client certificate renewed, valid until %s; the initramfs holds it", day)
+        return True
 
     def refresh_initramfs(self) -> None:
         try:

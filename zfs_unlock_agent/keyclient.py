@@ -401,7 +401,10 @@ class KeyClient:
         due = answer.body.get("rotate", [])  # absent from servers without rotation
         if not isinstance(due, list):
             raise BadKeyData("server answer has a malformed 'rotate'")
-        return CheckinAnswer([_ref(item) for item in due], _announced_pins(answer.body))
+        renew = answer.body.get("renew", False)  # absent from servers without CA rollover
+        if not isinstance(renew, bool):
+            raise BadKeyData("server answer has a malformed 'renew'")
+        return CheckinAnswer([_ref(item) for item in due], _announced_pins(answer.body), renew)
 
 
 class CheckinAnswer(NamedTuple):
@@ -409,6 +412,8 @@ class CheckinAnswer(NamedTuple):
     # The pins the server vouches for (served and next); None from a server that does
     # not announce them.
     pins: list[str] | None
+    # A CA rollover runs and this host's certificate is the old CA's: renew it now.
+    renew: bool = False
 
 
 def _announced_pins(body: dict[str, Any]) -> list[str] | None:

@@ -637,7 +637,7 @@ def make_old(server: KeyServer) -> None:
     `migrate` (which the unit runs before serve) has brought it to this schema."""
     with db(server) as conn:
         conn.execute("DROP TABLE IF EXISTS meta")
-        conn.execute("DROP TABLE IF EXISTS host_pins")  # and what later steps add
+        conn.execute("DROP TABLE IF EXISTS host_reports")  # and what later steps add
         conn.execute("ALTER TABLE certificates DROP COLUMN replaces")
         conn.execute("ALTER TABLE certificates DROP COLUMN retire_at")
         conn.execute("PRAGMA user_version = 2")

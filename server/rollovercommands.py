@@ -1,4 +1,5 @@
-"""The tls next, tls status and tls activate commands: their parsers and what they print."""
+"""The rollover commands of the server's TLS key and of the hosts' CA (tls next | status |
+activate, ca next | status | activate): their parsers and what they print."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from zfs_unlock_server import admin, tlsrotate
+from zfs_unlock_server import admin, carotate, tlsrotate
 from zfs_unlock_server.datadir import AdminInputs
 
 
@@ -85,9 +86,125 @@ def cmd_tls_activate(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return 0
 
 
-def add_tls_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], missing: Any) -> None:
+def cmd_ca_next(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        made = carotate.make_next(ops)
+    finally:
+        ops.close()
+    _say(
+        f"next CA written to {ops.layout.next_ca_cert} and its key; it signs every host"
+        " certificate from now on, servers trust it beside the current one within a second,"
+        " and each host's daemon renews its certificate under it at its next check-in."
+        " 'zfs-unlock-server ca status' lists the hosts still on the old CA"
+    )
+    print(made)
+    return 0
+
+
+def cmd_ca_status(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        found = carotate.status(ops)
+    finally:
+        ops.close()
+    if args.json:
+        document = {
+            "current": found.current,
+            "next": found.next,
+            "waiting": [h.name for h in found.waiting],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"current:   {found.current or '(the next CA; ca activate was interrupted)'}")
+    print(f"next:      {found.next or '(none)'}")
+    if not found.next:
+        _say("no CA rollover under way: 'zfs-unlock-server ca next' starts one")
+        return 0
+    if not found.waiting:
+        print(
+            "every enabled host checked in with a certificate of the next CA:"
+            " 'zfs-unlock-server ca activate' is safe"
+        )
+        return 0
+    print(f"{len(found.waiting)} enabled host(s) still on the old CA:")
+    for host in found.waiting:
+        print(f"  {host.name}  (last seen {_seen(host.last_seen)})")
+    return 0
+
+
+def cmd_ca_activate(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        old, new = carotate.activate(ops, args.force, _say)
+    finally:
+        ops.close()
+    _say(
+        f"the CA {new} is the only one now; {old or 'the old CA'} is retired and its"
+        " certificates are refused from the next connection. Other nodes: copy ca-next.crt"
+        " and ca-next.key to them first, then run 'ca activate' on each"
+    )
+    print(new)
+    return 0
+
+
+def add_rollover_commands(
+    sub: Any, add: Callable[..., argparse.ArgumentParser], missing: Any
+) -> None:
     """Add the commands to SUB with the command line's ADD(parent, name, handler, help,
     examples, description); MISSING is the handler of a command given no action."""
+    _add_tls_commands(sub, add, missing)
+    _add_ca_commands(sub, add, missing)
+
+
+def _add_ca_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], missing: Any) -> None:
+    ca = add(
+        sub,
+        "ca",
+        missing,
+        "roll the CA of the hosts' certificates over, hosts renewing by themselves",
+        ["zfs-unlock-server ca status"],
+    ).add_subparsers(dest="ca_command", required=True, metavar="ACTION", help="what to do")
+    add(
+        ca,
+        "next",
+        cmd_ca_next,
+        "make the next CA: trusted beside the current one, it signs from now on",
+        ["zfs-unlock-server ca next"],
+        description="Make the next CA (ca-next.key, ca-next.crt in the data directory). From"
+        " now on the servers trust certificates of both CAs, the next CA signs every new"
+        " host certificate (host add, host cert, renewals), and every check-in's answer"
+        " asks a host whose certificate the old CA issued to renew it, which its daemon"
+        " does at once. Prints the next CA's key id.",
+    )
+    p = add(
+        ca,
+        "status",
+        cmd_ca_status,
+        "show the CAs, and the enabled hosts still on the old one",
+        ["zfs-unlock-server ca status", "zfs-unlock-server ca status --json"],
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add(
+        ca,
+        "activate",
+        cmd_ca_activate,
+        "retire the old CA (refused while a host still uses its certificates)",
+        ["zfs-unlock-server ca activate", "zfs-unlock-server ca activate --force"],
+        description="Move the next CA's key and certificate over the current ones: the old"
+        " CA is no longer trusted, running servers within a second. Refused (exit 75)"
+        " while an enabled host's last check-in used a certificate of the old CA; --force"
+        " retires it anyway. Killed half way, running it again finishes. Prints the CA's"
+        " key id.",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="retire the old CA even though some enabled hosts still use its certificates",
+    )
+
+
+def _add_tls_commands(sub: Any, add: Callable[..., argparse.ArgumentParser], missing: Any) -> None:
     tls = add(
         sub,
         "tls",
