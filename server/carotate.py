@@ -14,13 +14,12 @@ by running it again (hostca.signing_pair() signs correctly in between).
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zfs_unlock_server import atomicfile, hostca, pki, secretfile
+from zfs_unlock_server import atomicfile, hostca, pki, rollover
 from zfs_unlock_server.admin import Admin
-from zfs_unlock_server.errors import CannotCreate, ConfigError, DataError, NotYet
+from zfs_unlock_server.errors import CannotCreate, ConfigError
 from zfs_unlock_server.store import Host
 
 
@@ -73,25 +72,17 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
     layout = ops.layout
     if not layout.next_ca_cert.exists():
         raise ConfigError(f"{layout.next_ca_cert}: missing; 'zfs-unlock-server ca next' first")
-    key = layout.next_ca_key if layout.next_ca_key.exists() else layout.ca_key
-    try:
-        pki.check_key_pair(layout.next_ca_cert.read_bytes(), secretfile.read_private(key))
-    except DataError:
-        raise DataError(
-            f"{key} is not the private key of {layout.next_ca_cert}; nothing was changed"
-        ) from None
+    pair = rollover.Pair(layout.next_ca_cert, layout.next_ca_key, layout.ca_cert, layout.ca_key)
+    pair.check()
     found = status(ops)
     missing = [h.name for h in found.waiting]
-    if missing and not force:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
-        raise NotYet(
-            f"{len(missing)} enabled host(s) have not checked in with a certificate of the"
-            f" next CA: {shown}. Their daemons renew at their next check-in;"
-            " 'zfs-unlock-server ca status' lists them. --force retires the old CA anyway,"
-            " and those hosts then need 'host cert'"
-        )
+    rollover.refuse_while_waiting(
+        missing,
+        "have not checked in with a certificate of the next CA: {hosts}. Their daemons"
+        " renew at their next check-in; 'zfs-unlock-server ca status' lists them. --force"
+        " retires the old CA anyway, and those hosts then need 'host cert'",
+        force,
+    )
     with ops.granting(
         "ca_activated",
         ca=found.next,
@@ -99,10 +90,7 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
         forced=int(bool(missing)),
         unconfirmed=len(missing),
     ):
-        if layout.next_ca_key.exists():  # absent when a killed activate got this far
-            os.replace(layout.next_ca_key, layout.ca_key)
-        os.replace(layout.next_ca_cert, layout.ca_cert)
-        atomicfile.sync_directory(layout.root)
+        pair.move_into_place()
     if missing:
         say(f"retired the old CA with {len(missing)} host(s) still holding its certificates")
     return found.current, found.next

@@ -7,11 +7,12 @@ import argparse
 import datetime
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from zfs_unlock_server import admin, carotate, tlsrotate
 from zfs_unlock_server.datadir import AdminInputs
+from zfs_unlock_server.store import Host
 
 
 def _say(message: str) -> None:
@@ -62,13 +63,17 @@ def cmd_tls_status(args: argparse.Namespace, inputs: AdminInputs) -> int:
     if not (found.next or found.announced):
         _say("no rollover under way: 'zfs-unlock-server tls next' starts one")
         return 0
-    if not found.waiting:
-        print("every enabled host holds the next pin: 'zfs-unlock-server tls activate' is safe")
-        return 0
-    print(f"{len(found.waiting)} enabled host(s) do not hold the next pin yet:")
-    for host in found.waiting:
-        print(f"  {host.name}  (last seen {_seen(host.last_seen)})")
+    _print_waiting(found.waiting, "do not hold the next pin yet", "tls")
     return 0
+
+
+def _print_waiting(waiting: Sequence[Host], what: str, command: str) -> None:
+    if not waiting:
+        print(f"no enabled host is waited for: 'zfs-unlock-server {command} activate' is safe")
+        return
+    print(f"{len(waiting)} enabled host(s) {what}:")
+    for host in waiting:
+        print(f"  {host.name}  (last seen {_seen(host.last_seen)})")
 
 
 def cmd_tls_activate(args: argparse.Namespace, inputs: AdminInputs) -> int:
@@ -121,15 +126,7 @@ def cmd_ca_status(args: argparse.Namespace, inputs: AdminInputs) -> int:
     if not found.next:
         _say("no CA rollover under way: 'zfs-unlock-server ca next' starts one")
         return 0
-    if not found.waiting:
-        print(
-            "every enabled host checked in with a certificate of the next CA:"
-            " 'zfs-unlock-server ca activate' is safe"
-        )
-        return 0
-    print(f"{len(found.waiting)} enabled host(s) still on the old CA:")
-    for host in found.waiting:
-        print(f"  {host.name}  (last seen {_seen(host.last_seen)})")
+    _print_waiting(found.waiting, "still on the old CA", "ca")
     return 0
 
 

@@ -5,7 +5,8 @@ every node then announces it in each check-in's answer, inside the channel the h
 already pin. Agents keep the pins they learn, put them into their initramfs, and report
 the pins they hold at their next check-in. `activate` moves the next pair into place once
 every enabled host holds its pin (or with --force); serving workers take it up within a
-second (serve.py). A crash between activate's two renames is finished by running it again.
+second (serve.py). A crash between activate's two renames is finished by running it again
+(rollover.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zfs_unlock_server import atomicfile, pki, secretfile, tlspins
+from zfs_unlock_server import atomicfile, pki, rollover, tlspins
 from zfs_unlock_server.admin import Admin
-from zfs_unlock_server.errors import CannotCreate, ConfigError, DataError, NotYet
+from zfs_unlock_server.errors import CannotCreate, ConfigError
 from zfs_unlock_server.store import Host
 
 
@@ -79,26 +80,20 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
     layout = ops.layout
     if not layout.next_server_cert.exists():
         raise ConfigError(f"{layout.next_server_cert}: missing; 'zfs-unlock-server tls next' first")
+    pair = rollover.Pair(
+        layout.next_server_cert, layout.next_server_key, layout.server_cert, layout.server_key
+    )
+    pair.check()
     new = _pin_of(layout.next_server_cert)
-    key = layout.next_server_key if layout.next_server_key.exists() else layout.server_key
-    try:
-        pki.check_key_pair(layout.next_server_cert.read_bytes(), secretfile.read_private(key))
-    except DataError:
-        raise DataError(
-            f"{key} is not the private key of {layout.next_server_cert}; nothing was changed"
-        ) from None
     found = status(ops)
     missing = [h.name for h in found.waiting]
-    if missing and not force:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
-        raise NotYet(
-            f"{len(missing)} enabled host(s) have not reported holding the next pin: {shown}."
-            " Each learns it at its next check-in; 'zfs-unlock-server tls status' lists them."
-            " --force switches anyway, and those hosts then fail to connect until their"
-            " agent.toml is given the new pin"
-        )
+    rollover.refuse_while_waiting(
+        missing,
+        "have not reported holding the next pin: {hosts}. Each learns it at its next"
+        " check-in; 'zfs-unlock-server tls status' lists them. --force switches anyway, and"
+        " those hosts then fail to connect until their agent.toml is given the new pin",
+        force,
+    )
     old = found.served
     with ops.granting(
         "tls_activated",
@@ -107,10 +102,7 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
         forced=int(bool(missing)),
         unconfirmed=len(missing),
     ):
-        if layout.next_server_key.exists():  # absent when a killed activate got this far
-            os.replace(layout.next_server_key, layout.server_key)
-        os.replace(layout.next_server_cert, layout.server_cert)
-        atomicfile.sync_directory(layout.root)
+        pair.move_into_place()
         tlspins.change_next_pins(ops.store, remove=new)
     if missing:
         say(f"switched with {len(missing)} host(s) that do not hold the new pin")

@@ -12,6 +12,7 @@ supply anything the agent's list lacks.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
 import site
@@ -191,6 +192,24 @@ def test_config_adds_its_files_first_the_key_as_private(tmp_path: Path, relative
     ]
     assert lines[4] == ("exec", Path(sys.executable))
     assert [kind for kind, _ in lines].count("private") == 1
+
+
+def test_the_learned_server_pins_are_listed_when_there_are_some(tmp_path: Path) -> None:
+    """The pins the daemon learned during a rollover of the server's TLS key go into the
+    image, so that the boot after the switch trusts the new key."""
+    config = host_files(tmp_path)
+    config.write_text(f'state_directory = "{tmp_path}/state"\n' + config.read_text())
+    assert ("file", tmp_path / "state" / "pins.json") not in parse(
+        run_bootfiles("--config", str(config)).stdout
+    )
+    (tmp_path / "state").mkdir()
+    pin = "sha256//" + base64.b64encode(bytes(32)).decode()
+    (tmp_path / "state" / "pins.json").write_text(f'{{"format": 1, "pins": {{"{pin}": 1}}}}\n')
+
+    result = run_bootfiles("--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert ("file", tmp_path / "state" / "pins.json") in parse(result.stdout)
 
 
 @pytest.mark.parametrize("mode", [0o440, 0o404, 0o600 | 0o040])

@@ -8,10 +8,8 @@ refused, and every host unlocks with its renewed one, from the initramfs too."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 
 from tests.agent.daemon_harness import Daemons
@@ -20,13 +18,6 @@ from tests.agent.test_renew import renewing_host, unlock
 from tests.keyserver import KeyServer, wait_for
 from zfs_unlock_agent import errors
 from zfs_unlock_server.errors import EX_TEMPFAIL
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    started = Daemons()
-    yield started
-    started.stop_all()
 
 
 def issuer(host: AgentHost, cert: Path | None = None) -> str:

@@ -54,13 +54,6 @@ FAST = {
 SHORT_NETWORK = {"deadline": 2, "connect_timeout": 1, "read_timeout": 2}
 
 
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    started = Daemons()
-    yield started
-    started.stop_all()
-
-
 # Helpers
 
 

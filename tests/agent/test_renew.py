@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.agent.daemon_harness import Daemons
 from tests.agent.harness import AgentHost
@@ -23,13 +20,6 @@ from zfs_unlock_agent import errors
 from zfs_unlock_agent.initramfs import STALE_MARK
 
 DATASET = "tank/data"
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    started = Daemons()
-    yield started
-    started.stop_all()
 
 
 def fake_update_initramfs(host: AgentHost, fail: bool = False) -> list[str]:

@@ -15,7 +15,6 @@ import random
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,6 @@ from tests.agent.test_enroll import assert_boot_unlock_opens, unload_key
 from tests.fakes.fake_zfs import key_digest
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import errors
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    started = Daemons()
-    yield started
-    started.stop_all()
 
 
 def new_host(server: KeyServer, tmp_path: Path, name: str) -> tuple[AgentHost, str]:

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.agent.daemon_harness import Daemons
 from tests.agent.harness import AGENT_BIN, AgentHost
@@ -29,13 +26,6 @@ from zfs_unlock_agent.learnedpins import FILE_NAME
 from zfs_unlock_server.errors import EX_TEMPFAIL
 
 DATASET = "tank/data"
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    started = Daemons()
-    yield started
-    started.stop_all()
 
 
 def fake_update_initramfs(root: Path) -> list[str]:

@@ -151,7 +151,7 @@ class Target:
 
     machine_id: str
     hostid: int
-    agent_dir: Path  # agent.toml, client.crt, client.key
+    agent_dir: Path  # agent.toml, client.crt, client.key, and pins.json when there is one
     hostname: str = "zfsboot"
 
     def hostid_bytes(self) -> bytes:
@@ -178,6 +178,11 @@ def _write_identity(root: Path, target: Target) -> None:
     for name in ("agent.toml", "client.crt", "client.key"):
         shutil.copyfile(target.agent_dir / name, config / name)
     (config / "client.key").chmod(0o400)
+    if (target.agent_dir / "pins.json").exists():  # server pins the host learned
+        state = root / "var" / "lib" / "zfs-unlock-agent"
+        state.mkdir(mode=0o755, parents=True, exist_ok=True)
+        shutil.copyfile(target.agent_dir / "pins.json", state / "pins.json")
+        (state / "pins.json").chmod(0o644)
 
 
 def _install_report(root: Path) -> None:

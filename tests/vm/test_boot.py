@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -67,6 +68,7 @@ from tests.vm.vm import (
     progress_printer,
     write_guest_agent_config,
 )
+from zfs_unlock_common import pinning
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -91,6 +93,8 @@ STACKS = {
     "ifupdown": ("networking.service", "networking.service"),
     "networkmanager": ("NetworkManager.service", "NetworkManager-wait-online.service"),
 }
+# The pin of a server key retired by a rollover, as an agent.toml still names it.
+RETIRED_PIN = pinning.format_pin(hashlib.sha256(b"the server key before the rollover").digest())
 HOTPLUG_BOUND = 60.0  # seconds from `zpool import usb` to usb/secure mounted
 
 
@@ -192,11 +196,20 @@ class Tier:
 
 
 def write_agent_config(directory: Path, server: KeyServer, creds: HostCreds) -> None:
-    """The target's /etc/zfs-unlock-agent (and the installer's: the same host)."""
+    """The target's /etc/zfs-unlock-agent (and the installer's: the same host), as a host
+    has it after a rollover of the server's TLS key: agent.toml names only the key before
+    (a pin no server presents), and the server's present pin is one the daemon learned
+    (pins.json, for /var/lib/zfs-unlock-agent). Every boot's unlock, in the initramfs that
+    update-initramfs or dracut built and under systemd, then reaches the server only
+    through the learned pin."""
     # TCG is slow: Python starts in seconds, TLS handshakes take a while.
     write_guest_agent_config(
         directory, server, creds, "connect_timeout = 5\nread_timeout = 30\ndeadline = 30\n"
     )
+    toml = directory / "agent.toml"
+    toml.write_text(toml.read_text().replace(server.pin, RETIRED_PIN))
+    learned = {"format": 1, "pins": {server.pin: int(time.time())}}
+    (directory / "pins.json").write_text(json.dumps(learned) + "\n")
 
 
 def install(tier: Tier, tar: Path) -> None:

@@ -18,6 +18,10 @@ config=/etc/zfs-unlock-agent
 mkdir -p "$config"
 cp "$share/agent/agent.toml" "$share/agent/client.crt" "$share/agent/client.key" "$config/"
 chmod 0400 "$config/client.key"
+if [ -f "$share/agent/pins.json" ]; then # server pins the host learned
+    mkdir -p /var/lib/zfs-unlock-agent
+    cp "$share/agent/pins.json" /var/lib/zfs-unlock-agent/
+fi
 cp "$share/hostid" /etc/hostid # the target's: its pools must import there without -f
 say "machine-id $(cat /etc/machine-id), $(zfs version | head -n1)"
 
