@@ -29,6 +29,7 @@ from zfs_unlock_server.errors import (
     ConfigError,
     DataError,
     IntegrityError,
+    NotYet,
     UsageError,
     WrongMasterKey,
 )
@@ -104,6 +105,14 @@ def _server_name(cert_pem: bytes) -> str:
 
 def snapshot(layout: Layout, created: int) -> tuple[Archive, bytes]:
     """The backup archive of the data directory LAYOUT, and its bytes."""
+    if layout.next_ca_cert.exists():
+        # The format holds one CA. Restored, it would refuse every host that renewed under
+        # the next one (their old certificates end at the renewal's first use).
+        raise NotYet(
+            f"{layout.next_ca_cert} exists: a CA rollover is under way; finish it ('ca"
+            " activate') and back up then: a backup without the next CA would lock out the"
+            " hosts that renewed under it"
+        )
     image = database_image(layout.database)
     members = {
         "keys.db": image,

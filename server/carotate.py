@@ -54,8 +54,6 @@ def status(ops: Admin) -> CaStatus:
     if not layout.next_ca_cert.exists():
         return CaStatus(current, "", [])
     upcoming = hostca.key_id(layout.next_ca_cert.read_bytes())
-    if current == upcoming:  # an activate killed between its renames
-        current = ""
     reports = ops.store.host_reports()
     waiting = [
         h
@@ -81,7 +79,8 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
         "have not checked in with a certificate of the next CA: {hosts}. Their daemons"
         " renew at their next check-in; 'zfs-unlock-server ca status' lists them. --force"
         " retires the old CA anyway, and those hosts then need 'host cert'",
-        force,
+        # Half moved, the live pair is broken (or the CA pair mixed): finish, never wait.
+        force or pair.half_moved(),
     )
     with ops.granting(
         "ca_activated",

@@ -250,11 +250,16 @@ class PgStore:
             hosts = [host_of(r) for r in conn.execute("SELECT * FROM hosts ORDER BY id")]
             certificates = [
                 Certificate(
-                    r["fingerprint"], int(r["host_id"]), int(r["not_after"]), int(r["created_at"])
+                    r["fingerprint"],
+                    int(r["host_id"]),
+                    int(r["not_after"]),
+                    int(r["created_at"]),
+                    str(r["replaces"]),
+                    int(r["retire_at"]),
                 )
                 for r in conn.execute(
-                    "SELECT fingerprint, host_id, not_after, created_at FROM certificates"
-                    " ORDER BY seq"
+                    "SELECT fingerprint, host_id, not_after, created_at, replaces, retire_at"
+                    " FROM certificates ORDER BY seq"
                 )
             ]
             keys = [
@@ -292,10 +297,20 @@ class PgStore:
                 " greatest((SELECT max(id) FROM hosts), 1), (SELECT count(*) > 0 FROM hosts))"
             )
             with cursor.copy(
-                "COPY certificates (fingerprint, host_id, not_after, created_at) FROM STDIN"
+                "COPY certificates"
+                " (fingerprint, host_id, not_after, created_at, replaces, retire_at) FROM STDIN"
             ) as copy:
                 for c in snapshot.certificates:
-                    copy.write_row((c.fingerprint, c.host_id, c.not_after, c.created_at))
+                    copy.write_row(
+                        (
+                            c.fingerprint,
+                            c.host_id,
+                            c.not_after,
+                            c.created_at,
+                            c.replaces,
+                            c.retire_at,
+                        )
+                    )
             with cursor.copy(f"COPY keys ({KEY_INSERT_COLUMNS}) FROM STDIN") as copy:
                 for k in snapshot.keys:
                     copy.write_row(key_values(k))
@@ -386,9 +401,10 @@ class PgStore:
                 (new, host_id, not_after, int(time.time()), old),
             )
             conn.execute(
-                "UPDATE certificates SET retire_at = %s"
-                " WHERE fingerprint = %s AND (retire_at = 0 OR retire_at > %s)",
-                (retire_at, old, retire_at),
+                # From the last renewal: one lost on its way (or undone by its host, whose
+                # initramfs could not take it) does not shorten the grace.
+                "UPDATE certificates SET retire_at = %s WHERE fingerprint = %s",
+                (retire_at, old),
             )
 
     def retire_replaced(self, new: str) -> str:
@@ -413,6 +429,11 @@ class PgStore:
             )
             if cursor.rowcount == 0:
                 raise NotFound("the host has no certificate with that SHA-256 fingerprint")
+            # And its renewals not used yet: they came through the certificate removed.
+            conn.execute(
+                "DELETE FROM certificates WHERE host_id = %s AND replaces = %s",
+                (host_id, fingerprint),
+            )
 
     def host_by_name(self, name: str) -> Host:
         with self._session() as conn:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from zfs_unlock_server import audit, database, tlsctx
+from zfs_unlock_server import audit, database, tlsctx, tlspins
 from zfs_unlock_server.admin import actor
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.masterkey import check_master_key
@@ -26,6 +26,10 @@ def check_data_dir(layout: Layout, config: ServerConfig) -> None:
     store = database.open_store(layout, config)
     try:
         check_master_key(sealer, store, layout)
+        # Announced by every node from now on (tlspins.py): hosts hear each node's pin.
+        tlspins.change_pins(
+            store, tlspins.SERVED_META, add=tlspins.pin_of_pem(layout.server_cert.read_bytes())
+        )
         record_start(database.open_audit(layout, config, store))
     finally:
         store.close()

@@ -23,6 +23,10 @@ class Pair:
     live_cert: Path
     live_key: Path
 
+    def half_moved(self) -> bool:
+        """An activation was killed between its renames: the next key is live already."""
+        return not self.next_key.exists()
+
     def next_key_now(self) -> Path:
         """The next pair's key: still beside it, or already live (a killed activation)."""
         return self.next_key if self.next_key.exists() else self.live_key

@@ -121,7 +121,7 @@ def cmd_ca_status(args: argparse.Namespace, inputs: AdminInputs) -> int:
         }
         print(json.dumps(document, indent=2))
         return 0
-    print(f"current:   {found.current or '(the next CA; ca activate was interrupted)'}")
+    print(f"current:   {found.current}")
     print(f"next:      {found.next or '(none)'}")
     if not found.next:
         _say("no CA rollover under way: 'zfs-unlock-server ca next' starts one")

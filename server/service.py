@@ -297,9 +297,9 @@ class KeyService:
         return bool(upcoming) and issuer != upcoming
 
     def announced_pins(self) -> tuple[list[str], list[str]]:
-        """The pins hosts are to trust: (the one served here now, the next ones)."""
-        served = self.served_pin()
-        return ([served] if served else []), tlspins.next_pins(self.store)
+        """The pins hosts are to trust: (those the nodes serve now, the next ones)."""
+        served = {self.served_pin(), *tlspins.served_pins(self.store)} - {""}
+        return sorted(served), tlspins.next_pins(self.store)
 
     def rotations_due(self, host: Host) -> list[DatasetRef]:
         """The datasets whose key the host's daemon should rotate now: asked for by an

@@ -134,8 +134,8 @@ class SqliteStore:
             certificates = [
                 Certificate(*tuple(r))
                 for r in self._db.execute(
-                    "SELECT fingerprint, host_id, not_after, created_at FROM certificates"
-                    " ORDER BY rowid"
+                    "SELECT fingerprint, host_id, not_after, created_at, replaces, retire_at"
+                    " FROM certificates ORDER BY rowid"
                 )
             ]
             keys = [
@@ -213,9 +213,10 @@ class SqliteStore:
                 (new, host_id, not_after, int(time.time()), old),
             )
             db.execute(
-                "UPDATE certificates SET retire_at = ?"
-                " WHERE fingerprint = ? AND (retire_at = 0 OR retire_at > ?)",
-                (retire_at, old, retire_at),
+                # From the last renewal: one lost on its way (or undone by its host, whose
+                # initramfs could not take it) does not shorten the grace.
+                "UPDATE certificates SET retire_at = ? WHERE fingerprint = ?",
+                (retire_at, old),
             )
 
     def retire_replaced(self, new: str) -> str:
@@ -237,6 +238,11 @@ class SqliteStore:
             )
             if cursor.rowcount == 0:
                 raise NotFound("the host has no certificate with that SHA-256 fingerprint")
+            # And its renewals not used yet: they came through the certificate removed.
+            db.execute(
+                "DELETE FROM certificates WHERE host_id = ? AND replaces = ?",
+                (host_id, fingerprint),
+            )
 
     def host_by_name(self, name: str) -> Host:
         row = self._db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()

@@ -85,6 +85,8 @@ class Certificate:
     host_id: int
     not_after: int
     created_at: int
+    replaces: str = ""  # a renewal not used yet: the certificate it replaces
+    retire_at: int = 0  # a renewed certificate: when it stops working; 0: never
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,8 @@ class Store(Protocol):
         self, host_id: int, old: str, new: str, not_after: int, retire_at: int
     ) -> None:
         """Add NEW (replacing OLD), drop any earlier renewal of OLD that was never used,
-        and keep OLD valid until NEW's first use or RETIRE_AT, whichever comes first."""
+        and keep OLD valid until NEW's first use or RETIRE_AT (this renewal's), whichever
+        comes first."""
         ...
 
     def retire_replaced(self, new: str) -> str:

@@ -2,8 +2,8 @@
 ones `tls next` made, announced to hosts inside the pinned mutual-TLS channel so that a
 rollover (`tls activate`) never locks a host out.
 
-The next pins live in the database (meta NEXT_META, a JSON list), so every node announces
-them whichever node made them; each node adds the pin of the certificate it serves now.
+The pins live in the database (meta rows, JSON lists), so every node announces them
+whichever node made them; each node adds the pin of the certificate it serves now.
 """
 
 from __future__ import annotations
@@ -19,23 +19,37 @@ from zfs_unlock_server.filewatch import Derived
 from zfs_unlock_server.store import Store
 
 NEXT_META = "tls_next_pins"
+# The pins the nodes serve: each node adds its own when serve starts, and `tls activate`
+# swaps its old one for its new one, so that a host hears every node's, whichever it
+# checks in with (with a key per node, it checks in with the first one only).
+SERVED_META = "tls_served_pins"
 
 
 def next_pins(store: Store) -> list[str]:
-    raw = store.meta(NEXT_META)
+    return _pins(store, NEXT_META)
+
+
+def served_pins(store: Store) -> list[str]:
+    return _pins(store, SERVED_META)
+
+
+def _pins(store: Store, name: str) -> list[str]:
+    raw = store.meta(name)
     return list(json.loads(raw)) if raw else []
 
 
-def change_next_pins(store: Store, add: str = "", remove: str = "", alone: bool = False) -> None:
-    """Add or remove one next pin (ALONE: ADD replaces every other), against concurrent
-    admins (compare and swap)."""
+def change_pins(
+    store: Store, name: str, add: str = "", remove: str = "", alone: bool = False
+) -> None:
+    """Add or remove one pin of the list meta NAME (ALONE: ADD replaces every other),
+    against concurrent admins and nodes (compare and swap)."""
     while True:
-        raw = store.meta(NEXT_META)
+        raw = store.meta(name)
         pins = list(json.loads(raw)) if raw else []
         wanted = [] if alone else [p for p in pins if p != remove]
         if add and add not in wanted:
             wanted.append(add)
-        if wanted == pins or store.swap_meta(NEXT_META, raw, json.dumps(wanted).encode()):
+        if wanted == pins or store.swap_meta(name, raw, json.dumps(wanted).encode()):
             return
 
 

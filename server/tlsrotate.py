@@ -46,7 +46,7 @@ def make_next(ops: Admin, names: list[str]) -> str:
                 " ('zfs-unlock-server tls status' shows it; 'tls activate' finishes it)"
             )
         with ops.granting("tls_next_created", pin=made):  # made by a run that was killed
-            tlspins.change_next_pins(ops.store, add=made, alone=True)
+            tlspins.change_pins(ops.store, tlspins.NEXT_META, add=made, alone=True)
         return made
     pair = pki.create_server_certificate(names or pki.server_names(layout.server_cert.read_bytes()))
     pin = tlspins.pin_of_pem(pair.cert_pem)
@@ -56,7 +56,7 @@ def make_next(ops: Admin, names: list[str]) -> str:
         atomicfile.write_whole(layout.next_server_cert, pair.cert_pem, 0o644)
         # One rollover at a time: a pin announced by a rollover that lost its files (a
         # backup restored meanwhile) is announced no more.
-        tlspins.change_next_pins(ops.store, add=pin, alone=True)
+        tlspins.change_pins(ops.store, tlspins.NEXT_META, add=pin, alone=True)
     return pin
 
 
@@ -92,7 +92,8 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
         "have not reported holding the next pin: {hosts}. Each learns it at its next"
         " check-in; 'zfs-unlock-server tls status' lists them. --force switches anyway, and"
         " those hosts then fail to connect until their agent.toml is given the new pin",
-        force,
+        # Half moved, the live pair is broken (or the CA pair mixed): finish, never wait.
+        force or pair.half_moved(),
     )
     old = found.served
     with ops.granting(
@@ -103,7 +104,8 @@ def activate(ops: Admin, force: bool, say: Callable[[str], None]) -> tuple[str, 
         unconfirmed=len(missing),
     ):
         pair.move_into_place()
-        tlspins.change_next_pins(ops.store, remove=new)
+        tlspins.change_pins(ops.store, tlspins.NEXT_META, remove=new)
+        tlspins.change_pins(ops.store, tlspins.SERVED_META, add=new, remove=old)
     if missing:
         say(f"switched with {len(missing)} host(s) that do not hold the new pin")
     return old, new

@@ -8,6 +8,7 @@ that for an unreachable server; roots still locked are retried afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import signal
@@ -273,9 +274,10 @@ class Daemon:
         """Keep the pins a server vouches for (learnedpins.py); a changed set marks the
         initramfs stale first."""
         cfg = self.config
-        learned = cfg.learned or learnedpins.LearnedPins(
-            cfg.state_directory / learnedpins.FILE_NAME
-        )
+        before = cfg.learned or learnedpins.LearnedPins(cfg.state_directory / learnedpins.FILE_NAME)
+        # A copy: memory takes the new set only once the mark and the file are written,
+        # or held_pins() would report pins the initramfs may never get.
+        learned = dataclasses.replace(before, announced=dict(before.announced))
         try:
             if learned.learn(announced, cfg.configured_pins(), int(self.wall_clock())):
                 log.info("the key server announced pins: %s", " ".join(sorted(learned.announced)))
@@ -285,6 +287,7 @@ class Daemon:
         except OSError as exc:
             log.warning("cannot keep the pins the key server announced: %s", exc)
             self._failed(f"learned pins: {exc}")
+            return
         self.config = cfg._replace(learned=learned)
 
     def renew_certificate(self, client: KeyClient, asked: bool) -> bool:
@@ -293,6 +296,11 @@ class Daemon:
         cfg = self.config
         try:
             if not (asked or renew.due(cfg.client_certificate, self.wall_clock())):
+                return False
+            if initramfs.is_stale(cfg.state_directory):
+                # A rebuild is failing: renewing now would only be undone again. The
+                # rebuild is tried below; the renewal waits for it to succeed.
+                log.info("the certificate renewal waits for the initramfs rebuild")
                 return False
             not_after = renew.renew(cfg, client, self.machine_id, self._rebuild_initramfs)
         except AgentError as exc:
@@ -309,7 +317,7 @@ class Daemon:
     def refresh_initramfs(self) -> None:
         try:
             self._rebuild_initramfs()
-        except AgentError as exc:
+        except (AgentError, OSError) as exc:
             log.warning("%s; trying again at the next check-in", exc)
             self._failed(f"initramfs: {exc}")
 
@@ -398,6 +406,11 @@ class Daemon:
 
     def run(self) -> int:
         try:
+            if initramfs.is_stale(self.config.state_directory):
+                # Killed between a renewal's new certificate and the rebuild: the boot
+                # pass's first use of that certificate ends the one the initramfs holds.
+                self.notifier.status("rebuilding the initramfs first")
+                self.refresh_initramfs()
             self.notifier.status("boot pass: unlocking managed encryption roots")
             self.unlock_pass(self.config.daemon.boot_deadline)
             self.notifier.ready(self.summary())

@@ -69,8 +69,11 @@ def refresh(
     if not is_stale(state_directory):
         return
     rebuild(command, keepalive)
-    (state_directory / STALE_MARK).unlink(missing_ok=True)
-    _sync_directory(state_directory)
+    try:
+        (state_directory / STALE_MARK).unlink(missing_ok=True)
+        _sync_directory(state_directory)
+    except OSError as exc:
+        raise InitramfsFailed(f"cannot clear {state_directory / STALE_MARK}: {exc}") from None
 
 
 def _sync_directory(path: Path) -> None:

@@ -112,9 +112,10 @@ def expired_certificate(certificate: Path, now: float) -> str:
         f"this host's client certificate {certificate} expired on {day}, and the key server"
         " refuses it (it was not renewed in time: 'zfs-unlock-agent renew', which the daemon"
         " runs by itself, needs the certificate still valid). To recover: on this host run"
-        f" 'zfs-unlock-agent identity --name {name}' (it writes a CSR for the same key), then on the key"
-        f" server 'zfs-unlock-server host cert {name} --csr {name}.csr --cert-out"
-        f" {name}.crt', and install that certificate as {certificate}"
+        f" 'zfs-unlock-agent identity --name {name}', which writes a CSR for the same key"
+        f" beside it; copy that CSR to the key server as {name}.csr and run 'zfs-unlock-server"
+        f" host cert {name} --csr {name}.csr --cert-out {name}.crt' there; install"
+        f" {name}.crt here as {certificate}"
     )
 
 

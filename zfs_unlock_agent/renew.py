@@ -46,11 +46,14 @@ def renew(
     from zfs_unlock_common.csr import csr_for_key  # noqa: PLC0415
 
     cert_path, key_path = cfg.client_certificate, cfg.client_key
-    old_pem = cert_path.read_bytes()
-    old_der = pem_certificate_der(old_pem)
-    name = validate.label(der.subject_common_name(old_der) or "", "host name")
-    config.check_private_key_file(key_path, "client key")
-    key_pem = bytearray(key_path.read_bytes())
+    try:
+        old_pem = cert_path.read_bytes()
+        old_der = pem_certificate_der(old_pem)
+        name = validate.label(der.subject_common_name(old_der) or "", "host name")
+        config.check_private_key_file(key_path, "client key")
+        key_pem = bytearray(key_path.read_bytes())
+    except (OSError, ValueError) as exc:  # InvalidInput, CertificateFormatError included
+        raise AgentError(f"cannot renew {cert_path}: {exc}") from None
     try:
         csr_pem = csr_for_key(bytes(key_pem), name)
     except (ValueError, TypeError):
@@ -58,19 +61,30 @@ def renew(
     finally:
         key_pem[:] = bytes(len(key_pem))
     new_pem = client.renew(machine_id, csr_pem)
-    new_der = pem_certificate_der(new_pem)
-    if der.subject_public_key_info(new_der) != der.subject_public_key_info(old_der):
+    try:
+        new_der = pem_certificate_der(new_pem)
+        same_key = der.subject_public_key_info(new_der) == der.subject_public_key_info(old_der)
+        same_name = der.subject_common_name(new_der) == name
+    except ValueError:
+        raise BadKeyData("the server's answer is not a certificate; not installed") from None
+    if not same_key:
         raise BadKeyData("the renewed certificate is not for this host's key; not installed")
-    if der.subject_common_name(new_der) != name:
+    if not same_name:
         raise BadKeyData("the renewed certificate names another host; not installed")
-    initramfs.mark_stale(cfg.state_directory)
+    try:
+        initramfs.mark_stale(cfg.state_directory)
+    except OSError as exc:
+        raise AgentError(f"cannot mark the initramfs stale: {exc}") from None
     _replace(cert_path, new_pem)
     try:
         rebuild()
     except AgentError:
         _replace(cert_path, old_pem)  # still valid: the new one was never used
         raise
-    return der.validity(new_der)[1]
+    try:
+        return der.validity(new_der)[1]
+    except ValueError:
+        return 0
 
 
 def _replace(path: Path, data: bytes) -> None:

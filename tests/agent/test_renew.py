@@ -103,12 +103,12 @@ def test_the_daemon_renews_at_two_thirds_of_the_lifetime(
     keyserver.start()
     host = renewing_host(keyserver, tmp_path, "db1", checkin_interval=1)
     old = host.creds.cert.read_bytes()
-    young = daemons.start(host, env=faketime_env("+1000d"))
+    young = daemons.start(host, env=faketime_env("+1000d", sleeps=True))
     young.expect_ready()
     wait_for(lambda: checkins(keyserver, "db1") >= 2)  # the second after the first's work
     assert young.terminate() == 0
     assert host.creds.cert.read_bytes() == old  # 1000 days: not yet due
-    daemon = daemons.start(host, env=faketime_env("+1250d"))
+    daemon = daemons.start(host, env=faketime_env("+1250d", sleeps=True))
     daemon.wait_log(r"client certificate renewed, valid until \d{4}-\d\d-\d\d")
     assert daemon.terminate() == 0
     assert host.creds.cert.read_bytes() != old
@@ -125,7 +125,7 @@ def test_a_certificate_that_expired_while_the_host_was_off_is_named_with_the_way
     host = renewing_host(keyserver, tmp_path, "old1")
     keyserver.stop()
     keyserver.start(env=faketime_env("+2200d", sleeps=True))
-    result = unlock(host, env=faketime_env("+2200d"))
+    result = unlock(host, env=faketime_env("+2200d", sleeps=True))
     assert result.returncode == errors.EX_NOPERM, result.stderr
     assert f"client certificate {host.creds.cert} expired on" in result.stderr
     assert "zfs-unlock-server host cert old1 --csr old1.csr" in result.stderr

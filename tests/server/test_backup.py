@@ -21,7 +21,7 @@ import pytest
 from tests.keyserver import SERVER_BIN, HostCreds, KeyServer, release, running
 from zfs_unlock_server import backupformat, backuprotation
 
-EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_IOERR, EX_CONFIG = 64, 65, 73, 74, 78
+EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_IOERR, EX_TEMPFAIL, EX_CONFIG = 64, 65, 73, 74, 75, 78
 POOL = "5555555555555555555"
 
 
@@ -338,6 +338,19 @@ def test_an_existing_out_is_kept_unless_force(
     assert listing(tmp_path).count("b.tar") == 1 and not [
         n for n in listing(tmp_path) if n.endswith(".tmp")
     ]
+
+
+def test_a_backup_during_a_ca_rollover_is_refused_until_it_is_finished(
+    enrolled: tuple[KeyServer, HostCreds, dict[str, bytes]], tmp_path: Path
+) -> None:
+    server = enrolled[0]
+    server.must("ca", "next")
+    out = tmp_path / "during.tar"
+    refused = run("--data-dir", str(server.data_dir), "backup", "--out", str(out))
+    assert refused.returncode == EX_TEMPFAIL, refused.stderr
+    assert "a CA rollover is under way" in refused.stderr and not out.exists()
+    server.must("ca", "activate", "--force")
+    assert run("--data-dir", str(server.data_dir), "backup", "--out", str(out)).returncode == 0
 
 
 def test_out_and_dir_go_apart(enrolled: tuple[KeyServer, HostCreds, dict[str, bytes]]) -> None:

@@ -128,3 +128,32 @@ def test_refused_renewals_change_nothing(keyserver: KeyServer, tmp_path: Path) -
     assert answer.status_code == 200
     cert = x509.load_pem_x509_certificate(answer.json()["certificate"].encode())
     assert cert.subject.rfc4514_string() == "CN=careful"
+
+
+def test_removing_a_certificate_removes_the_renewals_made_through_it(
+    keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """A copy of a certificate in a thief's hands renews itself; the admin removes the
+    stolen certificate: the renewal made through it goes with it."""
+    stolen = keyserver.add_host("robbed")
+    keyserver.start()
+    thiefs = renewed(keyserver, stolen, tmp_path, "thief")
+    [record] = events(keyserver, "certificate_renewed")
+    keyserver.must("host", "cert-remove", "robbed", record["cert_fp"])
+    assert checks_in(keyserver, thiefs) == 403
+    assert certificates(keyserver, stolen) == []
+
+
+def test_each_renewal_starts_the_grace_again(keyserver: KeyServer, tmp_path: Path) -> None:
+    """A host whose initramfs cannot take its new certificate puts the old one back and
+    asks again later: the old one stays valid for the grace after the last request."""
+    keyserver.configure(renewed_certificate_grace_days=7)
+    old = keyserver.add_host("retrying")
+    keyserver.start()
+    renewed(keyserver, old, tmp_path, "first")  # undone on the host
+    keyserver.stop()
+    keyserver.start(env=faketime_env("+6d", sleeps=True))
+    renewed(keyserver, old, tmp_path, "second")  # asked again six days later
+    keyserver.stop()
+    keyserver.start(env=faketime_env("+10d", sleeps=True))
+    assert checks_in(keyserver, old) == 200  # seven days from the second request
