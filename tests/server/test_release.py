@@ -239,6 +239,7 @@ def test_deadman_switch_disables_a_silent_host_until_an_admin_enables_it(
             "deadman_timeout": 2,
             "rotate": [],
             "pins": {"current": [shared_keyserver.pin], "next": []},
+            "renew": False,
         }
         time.sleep(3.2)
         assert_forbidden(release(session, shared_keyserver, host, POOL, dataset_guid))

@@ -182,23 +182,28 @@ staged() { # staged NAME DIR...: the staged file NAME in the first DIR that has 
 }
 
 copy_with_libs() { # copy files, and the shared libraries of ELF ones, into $R (merged /usr)
-    local file lib dest libs
+    local file dest
     for file in "$@"; do
         [ -e "$file" ] || die "missing $file"
         dest=$(image_path "$file")
         mkdir -p "$R$(dirname "$dest")"
         cp -aL "$file" "$R$dest"
-        # The staged libraries (libzfs...) before the host's
-        libs=$(LD_LIBRARY_PATH=$STAGE/lib/x86_64-linux-gnu:$STAGE/usr/lib/x86_64-linux-gnu \
-            ldd "$file" 2>/dev/null || true)
-        [[ "$libs" != *"not found"* ]] || die "$file needs a library the host lacks: $libs"
-        while read -r lib; do
-            dest=$(image_path "$lib")
-            [ -e "$R$dest" ] && continue
-            mkdir -p "$R$(dirname "$dest")"
-            cp -L "$lib" "$R$dest"
-        done < <(awk '/=> \// { print $3 } /^\t\/lib/ { print $1 }' <<<"$libs")
+        copy_libs_of "$file"
     done
+}
+
+copy_libs_of() { # copy the shared libraries FILE needs into $R (FILE may be in $R already)
+    local file=$1 lib dest libs
+    # The staged libraries (libzfs...) before the host's
+    libs=$(LD_LIBRARY_PATH=$STAGE/lib/x86_64-linux-gnu:$STAGE/usr/lib/x86_64-linux-gnu \
+        ldd "$file" 2>/dev/null || true)
+    [[ "$libs" != *"not found"* ]] || die "$file needs a library the host lacks: $libs"
+    while read -r lib; do
+        dest=$(image_path "$lib")
+        [ -e "$R$dest" ] && continue
+        mkdir -p "$R$(dirname "$dest")"
+        cp -L "$lib" "$R$dest"
+    done < <(awk '/=> \// { print $3 } /^\t\/lib/ { print $1 }' <<<"$libs")
 }
 
 add_busybox() {
@@ -247,9 +252,11 @@ add_userland() {
         --exclude='*vdev*' --exclude='*zfs*' -cf - . | tar -C "$R/usr/lib/udev" -xf -
     tar -C "$(dirname "$(staged rules.d/60-zvol.rules /usr/lib/udev /lib/udev)")/.." -cf - . |
         tar -C "$R/usr/lib/udev" -xf -
+    # The helpers are in the image already (the staged zvol_id need not be on this host):
+    # only their libraries are missing.
     for file in "$R"/usr/lib/udev/*; do
         if [ -f "$file" ] && [ "$(head -c 4 "$file")" = $'\x7fELF' ]; then
-            copy_with_libs "${file#"$R"}"
+            copy_libs_of "$file"
         fi
     done
     echo 'udev_log=err' >"$R/etc/udev/udev.conf"
