@@ -20,6 +20,13 @@ def spki(public_key: Any) -> bytes:
     return der
 
 
+def not_before(cert: x509.Certificate) -> datetime.datetime:
+    """The start of the certificate's validity, timezone-aware (UTC)."""
+    if hasattr(cert, "not_valid_before_utc"):
+        return cert.not_valid_before_utc
+    return cert.not_valid_before.replace(tzinfo=datetime.UTC)
+
+
 def not_after(cert: x509.Certificate) -> datetime.datetime:
     """The end of the certificate's validity, timezone-aware (UTC)."""
     if hasattr(cert, "not_valid_after_utc"):

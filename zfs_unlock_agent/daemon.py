@@ -8,7 +8,6 @@ that for an unreachable server; roots still locked are retried afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import signal
@@ -277,7 +276,7 @@ class Daemon:
         before = cfg.learned or learnedpins.LearnedPins(cfg.state_directory / learnedpins.FILE_NAME)
         # A copy: memory takes the new set only once the mark and the file are written,
         # or held_pins() would report pins the initramfs may never get.
-        learned = dataclasses.replace(before, announced=dict(before.announced))
+        learned = before.copy()
         try:
             if learned.learn(announced, cfg.configured_pins(), int(self.wall_clock())):
                 log.info("the key server announced pins: %s", " ".join(sorted(learned.announced)))

@@ -18,7 +18,6 @@ import json
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from zfs_unlock_agent.errors import ConfigError
@@ -30,14 +29,23 @@ FORGET_AFTER = 30 * 86400
 REFRESH_AFTER = 86400
 
 
-@dataclass
 class LearnedPins:
-    path: Path
-    # pin text ("sha256//...") -> when a server last announced it (Unix time)
-    announced: dict[str, int] = field(default_factory=dict)
-    # Whether memory differs from the file: the set changed, or a pin was announced again
-    # a day or more after the time the file holds for it (kept fresh for FORGET_AFTER).
-    dirty: bool = False
+    """The learned pins, as the file holds them (a plain class: dataclasses would cost
+    every unlock, at every boot, the import of inspect)."""
+
+    def __init__(self, path: Path, announced: dict[str, int] | None = None) -> None:
+        self.path = path
+        # pin text ("sha256//...") -> when a server last announced it (Unix time)
+        self.announced: dict[str, int] = dict(announced or {})
+        # Whether memory differs from the file: the set changed, or a pin was announced
+        # again a day or more after the time the file holds for it (kept fresh for
+        # FORGET_AFTER).
+        self.dirty = False
+
+    def copy(self) -> LearnedPins:
+        twin = LearnedPins(self.path, self.announced)
+        twin.dirty = self.dirty
+        return twin
 
     def digests(self) -> tuple[bytes, ...]:
         return tuple(pinning.parse_pin(p) for p in sorted(self.announced))

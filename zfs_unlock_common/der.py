@@ -9,8 +9,6 @@ Anything that does not walk as RFC 5280 says is a CertificateFormatError.
 
 from __future__ import annotations
 
-import calendar
-
 SEQUENCE, SET, INTEGER, OID, VERSION = 0x30, 0x31, 0x02, 0x06, 0xA0
 UTC_TIME, GENERALIZED_TIME = 0x17, 0x18
 COMMON_NAME = bytes.fromhex("550403")  # 2.5.4.3
@@ -117,5 +115,20 @@ def _time(text: bytes, short_year: bool) -> int:
     if short_year:
         year = int(digits[:2])
         digits = (b"19" if year >= 50 else b"20") + digits
-    fields = [int(digits[i : i + n]) for i, n in ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2))]
-    return calendar.timegm((*fields, 0, 0, 0))
+    year, month, day, hour, minute, second = (
+        int(digits[i : i + n]) for i, n in ((0, 4), (4, 2), (6, 2), (8, 2), (10, 2), (12, 2))
+    )
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        raise CertificateFormatError("a time that is not DER's")
+    return _days_since_epoch(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+
+
+def _days_since_epoch(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a proleptic Gregorian date (the civil-from-days inverse:
+    no calendar module on the unlock path, which every boot imports)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468

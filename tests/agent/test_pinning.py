@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.certs import verify_issued_by
+from tests.certs import not_after, not_before, verify_issued_by
 from zfs_unlock_common import der, pinning
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -249,6 +249,39 @@ def test_the_common_name_is_what_cryptography_reads(cert: Cert) -> None:
     loaded = x509.load_der_x509_certificate(cert.der)
     (expected,) = loaded.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     assert der.subject_common_name(cert.der) == expected.value
+
+
+def test_the_validity_is_what_cryptography_reads(cert: Cert) -> None:
+    loaded = x509.load_der_x509_certificate(cert.der)
+    expected = (
+        int(not_before(loaded).timestamp()),
+        int(not_after(loaded).timestamp()),
+    )
+    assert der.validity(cert.der) == expected
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["1999-12-31T23:59:59", "2000-02-29T12:00:00", "2049-12-31T23:59:59", "2050-01-01T00:00:00",
+     "2100-03-01T00:00:00"],
+)  # fmt: skip
+def test_utc_and_generalized_times_read_alike(when: str) -> None:
+    """Dates before 2050 are UTCTime (two-digit years), from 2050 GeneralizedTime."""
+    moment = datetime.datetime.fromisoformat(when).replace(tzinfo=datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "when")])
+    built = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(moment - datetime.timedelta(days=1))
+        .not_valid_after(moment)
+        .sign(key, hashes.SHA256())
+    )
+    start, end = der.validity(built.public_bytes(serialization.Encoding.DER))
+    assert (start, end) == (int(moment.timestamp()) - 86400, int(moment.timestamp()))
 
 
 def test_a_subject_without_a_common_name_has_none() -> None:
