@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from zfs_unlock_agent import durable
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.log import log
 
@@ -51,7 +52,7 @@ def mark_stale(state_directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    _sync_directory(state_directory)
+    durable.sync_directory(state_directory)
 
 
 def is_stale(state_directory: Path) -> bool:
@@ -71,17 +72,9 @@ def refresh(
     rebuild(command, keepalive)
     try:
         (state_directory / STALE_MARK).unlink(missing_ok=True)
-        _sync_directory(state_directory)
+        durable.sync_directory(state_directory)
     except OSError as exc:
         raise InitramfsFailed(f"cannot clear {state_directory / STALE_MARK}: {exc}") from None
-
-
-def _sync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def default_command() -> tuple[str, ...]:

@@ -20,6 +20,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from zfs_unlock_agent import durable
 from zfs_unlock_agent.errors import ConfigError
 from zfs_unlock_common import pinning
 
@@ -75,29 +76,8 @@ class LearnedPins:
         """Replace the file atomically (0644: it is copied into the initramfs as is)."""
         document = {"format": FORMAT, "pins": self.announced}
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            descriptor = os.open(
-                temporary,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-            )
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=1, sort_keys=True)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temporary, 0o644)  # whatever the umask
-            os.replace(temporary, self.path)
-            self.dirty = False
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        durable.replace(self.path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+        self.dirty = False
 
 
 def load(state_directory: Path) -> LearnedPins:

@@ -12,11 +12,10 @@ renewal is tried again later.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from zfs_unlock_agent import config, initramfs
+from zfs_unlock_agent import config, durable, initramfs
 from zfs_unlock_agent.errors import AgentError, BadKeyData
 from zfs_unlock_agent.keyclient import KeyClient, pem_certificate_der
 from zfs_unlock_common import der, validate
@@ -88,22 +87,7 @@ def renew(
 
 
 def _replace(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        descriptor = os.open(
-            temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)  # whatever the umask
-        os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        durable.replace(path, data, 0o644)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise AgentError(f"client certificate {path}: cannot write it: {exc.strerror}") from None
