@@ -705,6 +705,7 @@ def test_an_old_data_directory_is_checked_with_its_first_sealed_key(
         assert sorted(conn.execute("SELECT name FROM meta").fetchall()) == [
             ("master_key_check",),
             ("master_key_ring",),
+            ("tls_served_pins",),  # what serve registers at start (tlspins.py)
         ]
     replace_master_key(keyserver)
     with db(keyserver) as conn:
@@ -725,8 +726,8 @@ def test_an_old_data_directory_without_keys_takes_the_master_key_it_is_given(
     keyserver.stop()
     with db(keyserver) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        # The check value, and the ring naming the key it was given.
-        assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 2
+        # The check value, the ring naming the key it was given, and the served pin.
+        assert conn.execute("SELECT count(*) FROM meta").fetchone()[0] == 3
 
 
 @pytest.mark.parametrize("command", ["key create", "import-simplezfs"])
