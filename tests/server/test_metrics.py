@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import postgres
 from bench.common import free_port
-from tests.keyserver import KeyServer, enroll, release, run_serve
+from tests.keyserver import KeyServer, enroll, release, run_serve, wait_for
 from zfs_unlock_server.errors import EX_UNAVAILABLE
 
 # Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
@@ -54,6 +54,10 @@ def with_metrics(server: KeyServer) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def handshake_failures(found: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+    return sum(v for (n, _), v in found.items() if n == "zfs_unlock_tls_handshake_failures_total")
+
+
 def test_counts_add_up_across_workers_and_promtool_accepts_the_scrape(
     keyserver: KeyServer,
 ) -> None:
@@ -75,6 +79,8 @@ def test_counts_add_up_across_workers_and_promtool_accepts_the_scrape(
         plain.sendall(b"GET / HTTP/1.1\r\n\r\n")  # no TLS at all: a failed handshake
         with contextlib.suppress(ConnectionResetError):
             plain.recv(1024)
+    # The TLS alert reaches the client before the worker has recorded the failure.
+    wait_for(lambda: handshake_failures(samples(get(base + "/metrics")[1])) > 0)
 
     status, text = get(base + "/metrics")
     assert status == 200
@@ -85,7 +91,7 @@ def test_counts_add_up_across_workers_and_promtool_accepts_the_scrape(
     assert found[("zfs_unlock_releases_total", denied)] == 2
     created = (("decision", "allow"), ("reason", "created"))
     assert found[("zfs_unlock_enrolments_total", created)] == 3
-    assert sum(v for (n, _), v in found.items() if n == "zfs_unlock_tls_handshake_failures_total")
+    assert handshake_failures(found)
     assert found[("zfs_unlock_request_seconds_count", (("route", "release_one"),))] == 9
     assert found[("zfs_unlock_responses_total", (("status", "403"),))] == 2
     assert found[("zfs_unlock_database_seconds_count", ())] > 12
