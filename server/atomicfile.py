@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from zfs_unlock_common.syncdir import sync_directory
 from zfs_unlock_server.errors import CannotCreate, WriteFailed
 
 
@@ -56,11 +57,3 @@ def write_whole(
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
-
-
-def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,6 +16,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from zfs_unlock_common.syncdir import sync_directory
 from zfs_unlock_server.errors import CannotCreate
 
 _COMMIT = b"k"
@@ -117,9 +118,7 @@ def _helper(
             temporary.unlink()
         if reply == "ok":
             with contextlib.suppress(OSError):
-                directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                os.fsync(directory)
-                os.close(directory)
+                sync_directory(path.parent)
         with contextlib.suppress(OSError):
             os.write(answers[1], reply.encode())
     finally:

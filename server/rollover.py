@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zfs_unlock_server import atomicfile, pki, secretfile
+from zfs_unlock_common.syncdir import sync_directory
+from zfs_unlock_server import pki, secretfile
 from zfs_unlock_server.errors import DataError, NotYet
 
 
@@ -45,7 +46,7 @@ class Pair:
         if self.next_key.exists():  # absent when a killed activation got this far
             os.replace(self.next_key, self.live_key)
         os.replace(self.next_cert, self.live_cert)
-        atomicfile.sync_directory(self.live_cert.parent)
+        sync_directory(self.live_cert.parent)
 
 
 def refuse_while_waiting(names: Sequence[str], waiting_for: str, force: bool) -> None:

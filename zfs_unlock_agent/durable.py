@@ -1,11 +1,13 @@
 """Files the agent replaces whole and durably: a temporary file beside the target, synced,
 renamed over it, and the directory synced, so that a crash leaves the old contents or the
-new ones, never a mix (the learned pins, a renewed certificate, the initramfs mark)."""
+new ones, never a mix (the learned pins, a renewed certificate)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from zfs_unlock_common.syncdir import sync_directory
 
 
 def replace(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -25,11 +27,3 @@ def replace(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def sync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

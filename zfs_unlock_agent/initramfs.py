@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from zfs_unlock_agent import durable
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.log import log
+from zfs_unlock_common.syncdir import sync_directory
 
 TIMEOUT = 900.0  # dracut and mkinitramfs take a minute or two per kernel on slow disks
 KEEPALIVE_EVERY = 10.0
@@ -52,7 +52,7 @@ def mark_stale(state_directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    durable.sync_directory(state_directory)
+    sync_directory(state_directory)
 
 
 def is_stale(state_directory: Path) -> bool:
@@ -72,7 +72,7 @@ def refresh(
     rebuild(command, keepalive)
     try:
         (state_directory / STALE_MARK).unlink(missing_ok=True)
-        durable.sync_directory(state_directory)
+        sync_directory(state_directory)
     except OSError as exc:
         raise InitramfsFailed(f"cannot clear {state_directory / STALE_MARK}: {exc}") from None
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from zfs_unlock_agent import config
 from zfs_unlock_agent.errors import AlreadyExists, ConfigError, UsageError
 from zfs_unlock_common import pinning, validate
+from zfs_unlock_common.syncdir import sync_directory
 
 
 class Identity(NamedTuple):
@@ -94,11 +95,7 @@ def write_config(path: Path, text: str, force: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    sync_directory(path.parent)
 
 
 def make_identity(key_path: Path, name: str) -> Identity:
