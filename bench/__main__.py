@@ -168,7 +168,7 @@ def measure(settings: Settings, work: Path) -> Results:
         seed = secrets.randbits(32)
         storms = storm.measure(fleet, work, seed, settings.storm_rounds)
         step("part 2c: the same storm driven by Debian's curl, on one node")
-        curl_storm = curlstorm.run(fleet, work / "curl")
+        curl_storm = curlstorm.run(fleet, work / "curl", settings.storm_rounds)
         step(f"part 2b: the storm against {HA_NODES} nodes on PostgreSQL, then one killed")
         ha_results = ha.measure(cluster, fleet, HA_NODES, HA_WORKERS, work / "ha", seed)
         ha_results = dataclasses.replace(ha_results, audit=audit_volume, curl=curl_storm)

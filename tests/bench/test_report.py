@@ -11,6 +11,7 @@ import pytest
 
 from bench import report
 from bench.agent import AgentResults
+from bench.curlstorm import AGENT_BOUND, TIGHT_BOUND, CurlRound, CurlStorm
 from bench.ha import AuditVolume, HaResults, HaStorm
 from bench.memory import Memory
 from bench.reseal import ResealResults
@@ -444,7 +445,37 @@ def test_the_postgresql_section_has_both_stores_the_storms_and_the_audit_volume(
     assert "## Several nodes on PostgreSQL" not in report.render(sample(), "")
 
 
+def with_curl(results: Results, judged_served: list[int], makespans: list[float]) -> Results:
+    """RESULTS with part 2c: judged rounds of JUDGED_SERVED hosts in MAKESPANS seconds,
+    a tight round that served 4,000 in 40 s, and a baseline of 2,000 hosts in 5 s."""
+    assert results.ha is not None
+    rounds = [
+        CurlRound(AGENT_BOUND, served, seconds, 50.0, 1000)
+        for served, seconds in zip(judged_served, makespans, strict=True)
+    ]
+    curl = CurlStorm(10_000, 34, "7.88.1", 2000, 2000, 5.0,
+                     [*rounds, CurlRound(TIGHT_BOUND, 4000, 40.0, 60.0, 100_000)])  # fmt: skip
+    return dataclasses.replace(results, ha=dataclasses.replace(results.ha, curl=curl))
+
+
+def test_the_curl_storm_is_judged_on_the_agents_bound_alone() -> None:
+    # Baseline 400 hosts/s: 25 s for 10,000 is 1.0x, 30 s 1.2x, 35 s 1.4x; the tight
+    # round's 10x does not count.
+    def verdict(served: list[int], makespans: list[float]) -> report.Verdict:
+        found = report.verdicts(with_curl(with_ha(sample(), [600] * 3), served, makespans))
+        [curl] = [v for v in found if "driven by curl" in v.target]
+        return curl
+
+    met = verdict([10_000, 10_000, 10_000], [25.0, 30.0, 35.0])
+    assert met.met and met.measured == "10000 of 10000 served in the worst round, 1.20x (1.00-1.40)"
+    assert not verdict([10_000, 10_000], [35.0, 36.0]).met
+    assert not verdict([10_000, 9_999], [25.0, 25.0]).met
+    text = report.render(with_curl(with_ha(sample(), [600] * 3), [10_000], [30.0]), "")
+    assert "| 15 s | 10000 of 10000 | 30.0 s | 333 | 1.20x | 1,000 |" in text
+    assert "| 5 s (not judged) | 4000 of 10000 | 40.0 s | 100 | 4.00x | 100,000 |" in text
+
+
 def test_results_with_postgresql_survive_a_save_and_load(tmp_path: Path) -> None:
-    results = with_ha(sample(), [600, 600, 600])
+    results = with_curl(with_ha(sample(), [600, 600, 600]), [10_000], [30.0])
     save(results, tmp_path / "results.json")
     assert load(tmp_path / "results.json") == results

@@ -70,6 +70,9 @@ def test_the_quick_run_measures_every_part_and_renders_the_report(tmp_path: Path
     on_nodes = [t for t in by_target if "on 3 nodes" in t]
     assert [by_target[t] for t in on_nodes] == ["met", "met"], on_nodes
     assert re.search(r"per 1,000 hosts a day, 96,000 records, \d+\.\d MB of audit.log", prose)
+    # The storm driven by curl: a judged round with the agent's bound, then the tight one.
+    assert re.search(r"^\| 15 s \| 200 of 200 \|", text, re.MULTILINE)
+    assert re.search(r"^\| 5 s \(not judged\) \| \d+ of 200 \|", text, re.MULTILINE)
     # Master key rotation: 1,000 keys re-sealed under a running server, no release failed.
     assert re.search(r"holding 1,001 sealed keys: re-sealing .* took \d+\.\d\d s", prose)
     assert re.search(r"released \d+ keys a second, against \d+ .* \d\.\d\dx, with 0 failed", prose)
