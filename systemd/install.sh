@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install and enable the systemd units of one role from this checkout:
-#   agent   zfs-unlock-agent.service and .target, and the zfs-load-key@.service drop-ins
+#   agent   zfs-unlock-agent.service and .target, the password agent
+#           (zfs-unlock-agent-password.path and .service), and the zfs-load-key@.service drop-ins
 #   server  zfs-unlock-server.service, its sysusers.d entry, the daily backup
 #           (zfs-unlock-server-backup.timer and .service, into /var/backups/zfs-unlock-server)
 #           and the daily audit retention (zfs-unlock-server-audit-prune.timer and .service)
@@ -121,6 +122,8 @@ server)
 agent)
     install_unit "$here/zfs-unlock-agent.service"
     install_unit "$here/zfs-unlock-agent.target"
+    install_unit "$here/zfs-unlock-agent-password.path"
+    install_unit "$here/zfs-unlock-agent-password.service"
     if [ -d "$here/zfs-load-key@.service.d" ]; then
         for conf in "$here"/zfs-load-key@.service.d/*.conf; do
             [ -f "$conf" ] || continue

@@ -43,7 +43,9 @@ needs_analyze = pytest.mark.skipif(
 
 def unit_files() -> list[Path]:
     return sorted(
-        p for p in UNITS.iterdir() if p.is_file() and p.suffix in {".service", ".target", ".timer"}
+        p
+        for p in UNITS.iterdir()
+        if p.is_file() and p.suffix in {".service", ".target", ".timer", ".path"}
     )
 
 
@@ -530,7 +532,9 @@ def test_install_agent_installs_its_unit_and_drop_ins(fresh_root: Path, tmp_path
     if shutil.which("systemctl"):
         other = tmp_path / "systemctl-root"
         (other / "etc/systemd/system").mkdir(parents=True)
-        assert enabled_by_systemctl(other, agent) == links
+        enabled_by_systemctl(other, agent)
+        assert enabled_by_systemctl(other, UNITS / "zfs-unlock-agent-password.path") == links
+    assert installed["etc/systemd/system/zfs-unlock-agent-password.service"] == "0o644"
     assert not (fresh_root / "etc/sysusers.d").exists()
 
 

@@ -234,6 +234,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         signals.close()
 
 
+def cmd_password_agent(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent.passwordagent import PasswordAgent  # noqa: PLC0415
+
+    cfg = _load(args)
+    agent = PasswordAgent(
+        cfg,
+        Zfs(cfg.zfs),
+        lambda deadline: KeyClient(
+            cfg.trusted_servers(),
+            cfg.client_certificate,
+            cfg.client_key,
+            cfg.network._replace(deadline=deadline),
+        ),
+        read_machine_id(cfg.machine_id_file),
+        idle=args.idle,
+    )
+    return agent.run()
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -430,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_daemon,
         "unlock at boot, then retry failed roots, unlock pools that appear later, check in"
         " (the systemd service)",
+    )
+    p = add(
+        "password-agent",
+        cmd_password_agent,
+        "answer systemd's password questions for managed ZFS roots with the server's keys"
+        " (started by zfs-unlock-agent-password.path)",
+    )
+    p.add_argument(
+        "--idle",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="exit after this long without a question (default 5)",
     )
     p = add(
         "needs-prompt",

@@ -229,7 +229,7 @@ class Unlocker:
         loadable: list[tuple[Dataset, ReleasedKey]] = []
         try:
             for root, key in fetched:
-                problem = _key_problem(root, key)
+                problem = key_problem(root, key)
                 if problem:
                     results[root.name] = RootResult(root.name, "failed", EX_DATAERR, problem)
                 else:
@@ -356,7 +356,7 @@ class Unlocker:
             log.error("%s: %s", result.root, result.message)
 
 
-def _key_problem(root: Dataset, key: ReleasedKey) -> str:
+def key_problem(root: Dataset, key: ReleasedKey) -> str:
     """Why KEY must not go to zfs for ROOT, or "" when it may."""
     if key.keyformat != root.keyformat:
         return (

@@ -231,6 +231,7 @@ def test_units_are_enabled_and_wait_for_their_configuration(installed: System) -
     for unit, target in (
         (AGENT_UNIT, "multi-user.target"),
         (agent_target, "multi-user.target"),
+        ("zfs-unlock-agent-password.path", "sysinit.target"),  # the password agent's watch
         (SERVER_UNIT, "multi-user.target"),
         (BACKUP_TIMER, "timers.target"),  # enabled: a key server without backups loses keys
         (PRUNE_TIMER, "timers.target"),  # enabled: it does nothing until asked to
