@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from tests.agent.daemon_harness import Daemons
@@ -30,6 +31,7 @@ def waiting(server: KeyServer) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # daemons through a whole rollover: about 10 s
 def test_hosts_renew_under_the_next_ca_and_the_old_one_retires_without_a_lockout(
     keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:

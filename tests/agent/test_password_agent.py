@@ -24,10 +24,13 @@ from tests.agent.harness import AGENT_BIN, AgentHost
 from tests.fakes import sha256
 from tests.keyserver import KeyServer
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("systemd-ask-password") is None,
-    reason="needs root (a mount namespace) and systemd-ask-password",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("systemd-ask-password") is None,
+        reason="needs root (a mount namespace) and systemd-ask-password",
+    ),
+    pytest.mark.slow,  # most wait for a question's time to run out: 30 s for the module
+]
 
 ASK_DIR = "/run/systemd/ask-password"
 HOLD = (

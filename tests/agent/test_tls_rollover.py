@@ -15,6 +15,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.agent.daemon_harness import Daemons
 from tests.agent.harness import AGENT_BIN, AgentHost
 from tests.agent.test_daemon import new_host
@@ -88,6 +90,7 @@ def waiting(server: KeyServer) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # three daemons through a whole rollover: about 6 s
 def test_three_hosts_one_offline_unlock_through_a_whole_rollover(
     keyserver: KeyServer, tmp_path: Path, daemons: Daemons
 ) -> None:

@@ -124,6 +124,7 @@ def rotate(server: KeyServer, *options: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow  # releases for seconds on end, on both stores
 def test_rotation_while_serving_releases_every_key_throughout(keyserver: KeyServer) -> None:
     keyserver.configure(**FAST)
     host = keyserver.add_host("web1")
