@@ -30,7 +30,7 @@ from zfs_unlock_agent.errors import (
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import RootResult, Unlocker, exit_code, read_machine_id, select_roots
-from zfs_unlock_agent.zfs import Zfs
+from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Zfs
 from zfs_unlock_common import validate
 
 Command = Callable[[argparse.Namespace], int]
@@ -195,9 +195,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_needs_prompt(args: argparse.Namespace) -> int:
     """ExecCondition= of OpenZFS's zfs-load-key@ROOT units (see systemd/): exit 1 (skip the
     prompt) for a root the agent manages whose key is not loaded yet; it gets the key from
-    the daemon, now or when the server answers. A loaded key (a root the initramfs opened)
-    exits 0: the unit then finds nothing to do and succeeds, and the mounts bound to it stay.
-    Any doubt exits 0: the prompt appears, never a lock-out."""
+    the daemon, now or when the server answers. With [datasets] openzfs_prompt = "answer",
+    a root whose key can be typed keeps its prompt: the password agent answers it with the
+    server's key, racing the console. A loaded key (a root the initramfs opened) exits 0:
+    the unit then finds nothing to do and succeeds, and the mounts bound to it stay. Any
+    doubt exits 0: the prompt appears, never a lock-out."""
     try:
         cfg = _load(args, check_files=False)
         inventory = Zfs(cfg.zfs).inventory()
@@ -207,6 +209,9 @@ def cmd_needs_prompt(args: argparse.Namespace) -> int:
         log.warning("%s; leaving the prompt to OpenZFS", exc)
         return EX_OK
     if root.name in managed and root.keystatus != "available":
+        if cfg.datasets.openzfs_prompt == "answer" and root.keyformat in TYPABLE_KEYFORMATS:
+            log.info("%s: prompt kept; the password agent answers it", root.name)
+            return EX_OK
         log.info("%s is managed by zfs-unlock-agent: no prompt", root.name)
         return 1
     return EX_OK

@@ -36,9 +36,16 @@ class NetworkSettings(NamedTuple):
     backoff_max: float = 10.0
 
 
+OPENZFS_PROMPTS = ("skip", "answer")  # what needs-prompt does with a managed root's prompt
+
+
 class DatasetSettings(NamedTuple):
     property: bool = True  # manage encryption roots with zfs-unlock-agent:managed=on
     include: tuple[str, ...] = ()
+    # OpenZFS's own prompt (zfs-load-key@ROOT units) for a managed root: "skip" it (the
+    # daemon loads the key once the network is online), or "answer" it: kept for a key
+    # that can be typed, which the password agent answers while the console asks.
+    openzfs_prompt: str = "skip"
 
 
 class ZfsSettings(NamedTuple):
@@ -225,8 +232,13 @@ def parse(text: str, file: Path, check_files: bool = True) -> Config:
             validate.dataset_name(name)
         except validate.InvalidInput as exc:
             raise ds.fail("include", str(exc)) from None
+    prompt = ds.take("openzfs_prompt", str, "skip")
+    if prompt not in OPENZFS_PROMPTS:
+        raise ds.fail("openzfs_prompt", f"must be one of {', '.join(OPENZFS_PROMPTS)}")
     datasets = DatasetSettings(
-        property=ds.take("property", bool, True), include=tuple(dict.fromkeys(include))
+        property=ds.take("property", bool, True),
+        include=tuple(dict.fromkeys(include)),
+        openzfs_prompt=prompt,
     )
     ds.done()
 

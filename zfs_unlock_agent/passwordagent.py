@@ -28,14 +28,13 @@ from zfs_unlock_agent.errors import EX_TEMPFAIL, AgentError, ZfsError
 from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import key_problem, select_roots
-from zfs_unlock_agent.zfs import Dataset, Inventory, Zfs
+from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Dataset, Inventory, Zfs
 from zfs_unlock_common import validate
 from zfs_unlock_common.protocol import DatasetRef
 
 POLL_SECONDS = 0.25  # how often the ask directory is looked at
 IDLE_SECONDS = 5.0  # no question for this long: exit (the .path unit starts us again)
 _DRACUT_MESSAGE = re.compile(r"Encrypted ZFS password for (\S+)")
-_TYPABLE = ("hex", "passphrase")  # a password is a line of text; a raw key is 32 bytes
 
 
 def dataset_asked(question: Question) -> str | None:
@@ -126,7 +125,7 @@ class PasswordAgent:
         if root.keystatus == "available":
             log.info("%s: its key is loaded already; nothing to answer", root.name)
             return None
-        if root.keyformat not in _TYPABLE:
+        if root.keyformat not in TYPABLE_KEYFORMATS:
             log.warning(
                 "%s: its key is %s and cannot pass through a password prompt; the daemon"
                 " (zfs-unlock-agent.service) loads it instead",

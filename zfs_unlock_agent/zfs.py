@@ -59,6 +59,11 @@ LIST_COLUMNS = (
 )
 
 
+# Key formats that can pass through a password prompt (a line of text): a raw key is
+# 32 bytes, which no prompt carries.
+TYPABLE_KEYFORMATS = ("hex", "passphrase")
+
+
 class Dataset(NamedTuple):
     name: str
     type: str  # filesystem or volume

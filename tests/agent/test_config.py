@@ -101,7 +101,7 @@ def test_example_documents_every_setting_with_its_default() -> None:
     assert set(document["server"][0]) == {"url", "pins"}
     assert set(document["client"]) == {"certificate", "key"}
     assert set(document["network"]) == names(config.NetworkSettings)
-    assert set(document["datasets"]) == {"include"} | {"property"} == names(config.DatasetSettings)
+    assert set(document["datasets"]) == names(config.DatasetSettings)
     assert set(document["zfs"]) == names(config.ZfsSettings)
     assert set(document["daemon"]) == names(config.DaemonSettings)
 

@@ -64,3 +64,20 @@ def test_a_managed_root_whose_key_is_loaded_lets_its_unit_run(
     assert host.run("needs-prompt", "tank/managed").returncode == 1
     opened = host.run("needs-prompt", "tank/opened")
     assert opened.returncode == 0, opened.stderr
+
+
+def test_answer_keeps_the_prompt_of_a_root_whose_key_can_be_typed(
+    shared_keyserver: KeyServer, tmp_path: Path
+) -> None:
+    """With openzfs_prompt = "answer" the password agent answers OpenZFS's prompt, so a
+    hex or passphrase root keeps it; a raw key, which no prompt carries, is still skipped."""
+    host = _host(shared_keyserver, tmp_path, "prompt-answer")
+    host.zfs.add_encrypted("tank/hex", os.urandom(32).hex().encode(), "hex")
+    host.zfs.add_encrypted("tank/words", b"correct horse battery staple", "passphrase")
+    assert host.run("needs-prompt", "tank/hex").returncode == 1  # "skip", the default
+    host.write_config(extra='[datasets]\nopenzfs_prompt = "answer"\n')
+    kept = host.run("needs-prompt", "tank/hex")
+    assert kept.returncode == 0, kept.stderr
+    assert "tank/hex: prompt kept; the password agent answers it" in kept.stderr
+    assert host.run("needs-prompt", "tank/words").returncode == 0
+    assert host.run("needs-prompt", "tank/managed").returncode == 1  # raw
