@@ -24,7 +24,7 @@ from pathlib import Path
 from zfs_unlock_agent import askpassword
 from zfs_unlock_agent.askpassword import Question
 from zfs_unlock_agent.config import Config
-from zfs_unlock_agent.errors import EX_TEMPFAIL, AgentError, ZfsError
+from zfs_unlock_agent.errors import EX_TEMPFAIL, AgentError, ZfsError, ZfsUnavailable
 from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import key_problem, select_roots
@@ -140,9 +140,16 @@ class PasswordAgent:
 
     def _fetch_and_answer(self, inventory: Inventory, ours: dict[str, list[Question]]) -> None:
         roots = {name: inventory.get(name) for name in ours}
-        refs = {
-            name: DatasetRef(inventory.pool_guid(root), root.guid) for name, root in roots.items()
-        }
+        refs = {}
+        for name, root in roots.items():
+            try:
+                refs[name] = DatasetRef(inventory.pool_guid(root), root.guid)
+            except ZfsUnavailable as exc:
+                log.warning("%s; left to other agents", exc)
+                for question in ours.pop(name):
+                    self._settle(question)
+        if not refs:
+            return
         deadline = self._deadline([q for questions in ours.values() for q in questions])
         try:
             with self.client(deadline) as client:
@@ -151,7 +158,7 @@ class PasswordAgent:
             if exc.exit_code == EX_TEMPFAIL:
                 log.progress("no key from the key server yet (%s); still trying", exc)
                 return  # the next round tries again, while the questions are asked
-            log.error("the key server refused (%s); the questions are left to other agents", exc)
+            log.error("no key from the key server (%s); the questions are left to others", exc)
             for questions in ours.values():
                 for question in questions:
                     self._settle(question)
