@@ -242,27 +242,28 @@ def test_a_foreign_question_is_left_alone(
     assert releases(shared_keyserver, host) == 0
 
 
-def test_a_dataset_not_managed_here_gets_no_answer(
-    shared_keyserver: KeyServer, tmp_path: Path, namespace: Namespace
+@pytest.mark.parametrize(
+    ("keyformat", "managed", "said"),
+    [
+        ("hex", False, "tank/secret: not managed by zfs-unlock-agent"),
+        ("raw", True, "tank/secret: its key is raw and cannot pass through a password prompt"),
+    ],
+    ids=["unmanaged", "raw"],
+)
+def test_a_root_that_is_not_ours_to_answer_gets_no_answer_and_the_log_says_why(
+    shared_keyserver: KeyServer,
+    tmp_path: Path,
+    namespace: Namespace,
+    keyformat: str,
+    managed: bool,
+    said: str,
 ) -> None:
-    host = AgentHost.create(tmp_path, shared_keyserver, "pw-unmanaged")
+    host = AgentHost.create(tmp_path, shared_keyserver, f"pw-{keyformat}-{managed}")
     pool = host.zfs.add_pool("tank")
-    host.encrypted_dataset("tank/mine", pool, keyformat="hex", managed=False)
-    asker = ask(namespace, host, "tank/mine", timeout=2)
+    host.encrypted_dataset("tank/secret", pool, keyformat=keyformat, managed=managed)
+    asker = ask(namespace, host, "tank/secret", timeout=2)
     err = assert_unanswered(asker, agent(namespace, host))
-    assert "tank/mine: not managed by zfs-unlock-agent" in err
-    assert releases(shared_keyserver, host) == 0
-
-
-def test_a_raw_key_cannot_be_typed_and_is_said_so(
-    shared_keyserver: KeyServer, tmp_path: Path, namespace: Namespace
-) -> None:
-    host = AgentHost.create(tmp_path, shared_keyserver, "pw-raw")
-    pool = host.zfs.add_pool("tank")
-    host.encrypted_dataset("tank/raw", pool)
-    asker = ask(namespace, host, "tank/raw", timeout=2)
-    err = assert_unanswered(asker, agent(namespace, host))
-    assert "tank/raw: its key is raw and cannot pass through a password prompt" in err
+    assert said in err
     assert releases(shared_keyserver, host) == 0
 
 
