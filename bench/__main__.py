@@ -174,7 +174,7 @@ def measure(settings: Settings, work: Path) -> Results:
         ha_results = dataclasses.replace(ha_results, audit=audit_volume, curl=curl_storm)
     reseal_keys = 1_000 if settings.quick else 10_000
     step(f"master key rotation: re-sealing {reseal_keys} keys while releasing")
-    reseal_results = reseal.run(work, reseal_keys)
+    reseal_results = reseal.run(work, reseal_keys, 1 if settings.quick else reseal.ROUNDS)
     cores = os.cpu_count() or 1
     return Results(
         quick=settings.quick,
