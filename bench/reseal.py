@@ -5,8 +5,8 @@ Rotations of one data directory (SQLite) holding KEYS keys, with the server runn
 The first runs alone and times the re-seal (from the new key's publication to the last
 value re-sealed, as `master-key rotate` reports them). Then ROUNDS pairs (one in the smoke
 run): a window of load with no rotation, and the same load over a window as long as that
-re-seal, started when a rotation publishes its new key. The re-seal is short, so the windows are; the pairs add
-them up.
+re-seal, started when a rotation publishes its new key. The re-seal is short, so the
+windows are; the pairs add them up.
 """
 
 from __future__ import annotations
