@@ -120,6 +120,15 @@ def questions(directory: Path = ASK_DIRECTORY) -> list[Question]:
     return found
 
 
+def occupied(directory: Path = ASK_DIRECTORY) -> bool:
+    """Anything in DIRECTORY: what DirectoryNotEmpty= of the .path unit looks at."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
+
+
 def answer(question: Question, password: Secret) -> None:
     """Send "+PASSWORD" to the asker's socket. The datagram is built in a buffer of ours and
     wiped after it is sent; the asker accepts it because the kernel attaches our

@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=5.0,
         metavar="SECONDS",
-        help="exit after this long without a question (default 5)",
+        help="exit after the ask directory has been empty this long (default 5)",
     )
     p = add(
         "needs-prompt",

@@ -71,11 +71,13 @@ class PasswordAgent:
         self.settled: set[tuple[Path, tuple[int, int]]] = set()  # answered, or never will be
 
     def run(self) -> int:
-        """Answer questions until none has been asked for IDLE seconds."""
+        """Answer questions until the directory has been empty for IDLE seconds. Empty, not
+        merely without a question for us: the .path unit starts us again whenever it is
+        not, so leaving while a stale file lies there would only restart us over and over."""
         quiet_since = time.monotonic()
         while True:
             asked = askpassword.questions(self.directory)
-            if asked:
+            if asked or askpassword.occupied(self.directory):
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.idle:
                 return 0

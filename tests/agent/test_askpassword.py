@@ -122,3 +122,11 @@ def test_the_answer_is_plus_and_the_key_in_one_datagram(tmp_path: Path) -> None:
         assert receiver.recv(4096) == b"+" + b"00ff" * 16
     with pytest.raises(OSError):
         askpassword.answer(question, Secret(b"x" * 8))  # nobody listens any more
+
+
+def test_the_directory_is_occupied_by_anything_in_it(tmp_path: Path) -> None:
+    assert not askpassword.occupied(tmp_path)
+    assert not askpassword.occupied(tmp_path / "missing")
+    (tmp_path / "sck.stale").touch()  # a socket left behind by a killed asker
+    assert askpassword.occupied(tmp_path)
+    assert askpassword.questions(tmp_path) == []
