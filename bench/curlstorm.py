@@ -50,6 +50,11 @@ class CurlRound:
     def rate(self) -> float:
         return self.served / self.makespan if self.makespan else 0.0
 
+    @property
+    def is_judged(self) -> bool:
+        """Given the agent's bound: the target is judged on these rounds alone."""
+        return self.connect_timeout == AGENT_BOUND
+
 
 @dataclass(frozen=True)
 class CurlStorm:
@@ -68,10 +73,7 @@ class CurlStorm:
 
     def judged(self) -> list[CurlRound]:
         """The rounds with the agent's bound."""
-        return [r for r in self.rounds if r.connect_timeout == AGENT_BOUND]
-
-    def tight(self) -> list[CurlRound]:
-        return [r for r in self.rounds if r.connect_timeout != AGENT_BOUND]
+        return [r for r in self.rounds if r.is_judged]
 
     def vs_steady(self, run: CurlRound) -> float:
         """A storm's time per host served over the baseline's: at most 1.25 is the goal."""

@@ -961,7 +961,7 @@ def ha_section(results: Results) -> str:
             ],
             [
                 [
-                    f"{r.connect_timeout:g} s" + ("" if r in curl.judged() else " (not judged)"),
+                    f"{r.connect_timeout:g} s" + ("" if r.is_judged else " (not judged)"),
                     f"{r.served} of {curl.hosts}",
                     f"{r.makespan:.1f} s",
                     f"{r.rate:.0f}",

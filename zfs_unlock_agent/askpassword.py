@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,28 +106,27 @@ def read_question(path: Path) -> Question | None:
     return found if found.socket.startswith("/") else None
 
 
-def questions(directory: Path = ASK_DIRECTORY) -> list[Question]:
-    """Every readable question in DIRECTORY, oldest name first."""
+def entries(directory: Path = ASK_DIRECTORY) -> list[str]:
+    """The names in DIRECTORY, sorted ([] when it cannot be read): anything at all there is
+    what the .path unit's DirectoryNotEmpty= sees."""
     try:
-        names = sorted(entry.name for entry in os.scandir(directory))
+        return sorted(entry.name for entry in os.scandir(directory))
     except OSError:
         return []
+
+
+def questions(
+    directory: Path = ASK_DIRECTORY, names: Sequence[str] | None = None
+) -> list[Question]:
+    """Every readable question in DIRECTORY (among NAMES, when given: entries() of it),
+    oldest name first."""
     found = []
-    for name in names:
+    for name in entries(directory) if names is None else names:
         if name.startswith("ask."):
             question = read_question(directory / name)
             if question is not None:
                 found.append(question)
     return found
-
-
-def occupied(directory: Path = ASK_DIRECTORY) -> bool:
-    """Anything in DIRECTORY: what DirectoryNotEmpty= of the .path unit looks at."""
-    try:
-        with os.scandir(directory) as entries:
-            return any(True for _ in entries)
-    except OSError:
-        return False
 
 
 def answer(question: Question, password: Secret) -> None:

@@ -33,7 +33,7 @@ from zfs_unlock_common import validate
 from zfs_unlock_common.protocol import DatasetRef
 
 POLL_SECONDS = 0.25  # how often the ask directory is looked at
-IDLE_SECONDS = 5.0  # no question for this long: exit (the .path unit starts us again)
+IDLE_SECONDS = 5.0  # the directory empty this long: exit (the .path unit starts us again)
 _DRACUT_MESSAGE = re.compile(r"Encrypted ZFS password for (\S+)")
 
 
@@ -76,11 +76,12 @@ class PasswordAgent:
         not, so leaving while a stale file lies there would only restart us over and over."""
         quiet_since = time.monotonic()
         while True:
-            asked = askpassword.questions(self.directory)
-            if asked or askpassword.occupied(self.directory):
+            names = askpassword.entries(self.directory)
+            if names:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.idle:
                 return 0
+            asked = askpassword.questions(self.directory, names)
             self.settled &= {(q.path, q.identity) for q in asked}  # forget the answered
             waiting = [q for q in asked if (q.path, q.identity) not in self.settled]
             if waiting:

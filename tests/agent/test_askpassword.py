@@ -125,8 +125,8 @@ def test_the_answer_is_plus_and_the_key_in_one_datagram(tmp_path: Path) -> None:
 
 
 def test_the_directory_is_occupied_by_anything_in_it(tmp_path: Path) -> None:
-    assert not askpassword.occupied(tmp_path)
-    assert not askpassword.occupied(tmp_path / "missing")
+    assert askpassword.entries(tmp_path) == []
+    assert askpassword.entries(tmp_path / "missing") == []
     (tmp_path / "sck.stale").touch()  # a socket left behind by a killed asker
-    assert askpassword.occupied(tmp_path)
+    assert askpassword.entries(tmp_path) == ["sck.stale"]
     assert askpassword.questions(tmp_path) == []
