@@ -231,7 +231,7 @@ def dash_image(root: Path) -> Image:
     """/bin/sh is dash, the tools are coreutils, sed and grep (Debian's klibc-less setup)."""
     image = Image(root)
     image.add_exec(Path(shutil.which("dash") or "/bin/dash"), at=Path("/bin/sh"))
-    for tool in ("cat", "sed", "tr", "grep", "sleep", "env", "mkdir"):
+    for tool in ("cat", "sed", "tr", "grep", "sleep", "env", "mkdir", "wc"):
         found = shutil.which(tool)
         assert found is not None, tool
         image.add_exec(Path(found), at=Path("/bin") / tool)
@@ -266,8 +266,17 @@ def log(image: Image, name: str) -> list[str]:
 
 STUB_AGENT = """#!/bin/sh
 # Stands in for /usr/sbin/zfs-unlock-agent: records its arguments, one per line, then
-# exits with /state/agent-exit; with 0 and /state/agent-loads it "loads the key".
+# exits with /state/agent-exit; with 0 and /state/agent-loads it "loads the key". With
+# /state/agent-waits-for-resolv holding N, it first waits (10 s at most) until the
+# provider's network task has written N lines of /etc/resolv.conf.
 for arg in "$@"; do printf '%s\\n' "$arg"; done >/log/agent-argv
+if [ -e /state/agent-waits-for-resolv ]; then
+    want="$(cat /state/agent-waits-for-resolv)"
+    i=0
+    while [ "$(cat /etc/resolv.conf 2>/dev/null | wc -l)" -lt "$want" ] && [ $i -lt 100 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+fi
 code="$(cat /state/agent-exit)"
 if [ "$code" = 0 ] && [ -e /state/agent-loads ]; then echo available >/state/keystatus; fi
 exit "$code"
@@ -347,7 +356,13 @@ def provider_boot(
 
 
 def unlock_argv(deadline: str = "30") -> list[str]:
+    """The dracut hook's call."""
     return ["unlock", "--no-mount", "--deadline", deadline, "--dataset", "rpool/ROOT"]
+
+
+def race_argv(grace: str = "2", deadline: str = "") -> list[str]:
+    argv = ["boot-unlock", "--dataset", "rpool/ROOT", "--grace", grace]
+    return [*argv, "--deadline", deadline] if deadline else argv
 
 
 def test_provider_unlocks_the_encryption_root(initramfs: Image) -> None:
@@ -355,34 +370,40 @@ def test_provider_unlocks_the_encryption_root(initramfs: Image) -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "key loaded"
-    assert log(initramfs, "agent-argv") == unlock_argv()
+    assert log(initramfs, "agent-argv") == race_argv()
     assert log(initramfs, "calls").count("configure_networking") == 1
+    # zfsunlock kills what this names once it has loaded a key over SSH: the race.
+    named = initramfs.inside(Path("/run/zfs_console_askpwd_cmd")).read_text()
+    assert named == "zfs_unlock_agent boot-unlock\n"
 
 
 @pytest.mark.parametrize(
-    ("extra", "deadline"),
+    ("extra", "grace", "deadline"),
     [
-        pytest.param("zfs_unlock_agent.deadline=7", "7", id="given"),
-        pytest.param("zfs_unlock_agent.deadline=5 zfs_unlock_agent.deadline=9", "9", id="last"),
-        pytest.param("zfs_unlock_agent.deadline=2.5", "2.5", id="fraction"),
-        pytest.param("xzfs_unlock_agent.deadline=4", "30", id="not-ours"),
-        # Anything but a number falls back to 30 (a typo must not cost the automatic
-        # unlock), and is never split into words or run as a command.
-        pytest.param("zfs_unlock_agent.deadline=5;reboot", "30", id="odd"),
-        pytest.param("zfs_unlock_agent.deadline=$(reboot)", "30", id="substitution"),
-        pytest.param("zfs_unlock_agent.deadline=1.2.3", "30", id="two-dots"),
-        pytest.param("zfs_unlock_agent.deadline=", "30", id="empty"),
+        pytest.param("zfs_unlock_agent.grace=7", "7", "", id="grace"),
+        pytest.param("zfs_unlock_agent.grace=0", "0", "", id="prompt-at-once"),
+        pytest.param("zfs_unlock_agent.deadline=90", "2", "90", id="deadline"),
+        pytest.param("zfs_unlock_agent.grace=5 zfs_unlock_agent.grace=9", "9", "", id="last"),
+        pytest.param("zfs_unlock_agent.grace=2.5", "2.5", "", id="fraction"),
+        pytest.param("xzfs_unlock_agent.grace=4", "2", "", id="not-ours"),
+        # Anything but a number falls back to the default (a typo must cost neither the
+        # prompt nor the automatic unlock), and is never split into words or run.
+        pytest.param("zfs_unlock_agent.grace=5;reboot", "2", "", id="odd"),
+        pytest.param("zfs_unlock_agent.grace=$(reboot)", "2", "", id="substitution"),
+        pytest.param("zfs_unlock_agent.deadline=1.2.3", "2", "", id="two-dots"),
+        pytest.param("zfs_unlock_agent.deadline=0", "2", "", id="zero-deadline"),
+        pytest.param("zfs_unlock_agent.grace=", "2", "", id="empty"),
     ],
 )
-def test_provider_takes_the_deadline_from_the_kernel_command_line(
-    initramfs: Image, extra: str, deadline: str
+def test_provider_takes_its_settings_from_the_kernel_command_line(
+    initramfs: Image, extra: str, grace: str, deadline: str
 ) -> None:
     initramfs.add_text("/sbin/reboot", "#!/bin/sh\necho rebooted >>/log/calls\n", 0o755)
 
     result = provider_boot(initramfs, f"{CMDLINE} {extra}")
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert log(initramfs, "agent-argv") == unlock_argv(deadline)
+    assert log(initramfs, "agent-argv") == race_argv(grace, deadline)
     assert "rebooted" not in log(initramfs, "calls")
 
 
@@ -421,6 +442,7 @@ def test_provider_writes_resolv_conf_from_the_dhcp_answers(initramfs: Image) -> 
     initramfs.add_text(
         "/run/net-eth1.conf", 'DEVICE="eth1"\nIPV4DNS0="198.51.100.7"\nIPV4DNS1=""\n'
     )
+    state(initramfs, "agent-waits-for-resolv", "2\n")  # the network runs beside the race
 
     result = provider_boot(initramfs)
 
@@ -974,7 +996,7 @@ def test_hook_makes_openzfs_21s_script_run_the_provider(tmp_path: Path, initramf
     output = decrypt_root(initramfs, script, agent_exit=0, loads=True)
 
     assert output.strip() == "decrypt_fs returned 0"
-    assert log(initramfs, "agent-argv") == unlock_argv()
+    assert log(initramfs, "agent-argv") == race_argv()
     assert log(initramfs, "calls").count("configure_networking") == 1
 
 
@@ -985,7 +1007,7 @@ def test_openzfs_21_still_prompts_when_the_agent_fails(tmp_path: Path, initramfs
     output = decrypt_root(initramfs, script, agent_exit=EX_TEMPFAIL, loads=False)
 
     assert output.splitlines() == ["asking for the passphrase", "decrypt_fs returned 3"]
-    assert log(initramfs, "agent-argv") == unlock_argv()
+    assert log(initramfs, "agent-argv") == race_argv()
 
 
 @needs_root

@@ -30,12 +30,15 @@ from zfs_unlock_agent import config
 from zfs_unlock_agent.errors import EX_SOFTWARE, AgentError
 from zfs_unlock_agent.unlock import read_machine_id
 
-# Imported at run time, after start-up, on the unlock path: codecs that hostnames,
+# Imported at run time, after start-up, on the unlock path: the initramfs-tools race
+# (boot-unlock) and dracut's password agent, which cli imports when they run; codecs that hostnames,
 # headers and JSON bodies may need; what argparse needs to print usage, help and the
 # version; the traceback of a -v run that hit a bug. Everything else is imported when
 # cli is.
 RUNTIME_IMPORTS = (
     "zfs_unlock_agent.cli",
+    "zfs_unlock_agent.bootrace",
+    "zfs_unlock_agent.passwordagent",
     "textwrap",
     "traceback",
     "encodings.idna",

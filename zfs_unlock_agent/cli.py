@@ -258,6 +258,35 @@ def cmd_password_agent(args: argparse.Namespace) -> int:
     return agent.run()
 
 
+def cmd_boot_unlock(args: argparse.Namespace) -> int:
+    from zfs_unlock_agent.bootrace import BootRace, Race, any_prompt  # noqa: PLC0415
+
+    cfg = _load(args)
+
+    def client(race: Race, report: Callable[[str], None]) -> KeyClient:
+        def pause(seconds: float) -> None:  # a pause that the end of the race cuts short
+            race.over.wait(seconds)
+
+        return KeyClient(
+            cfg.trusted_servers(),
+            cfg.client_certificate,
+            cfg.client_key,
+            cfg.network,
+            sleep=pause,
+            report=report,
+        )
+
+    race = BootRace(
+        _unlocker(cfg),
+        client,
+        validate.dataset_name(args.dataset),
+        any_prompt,
+        grace=args.grace,
+        deadline=args.deadline,
+    )
+    return race.run()
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -266,6 +295,11 @@ def _seconds(text: str) -> float:
     if not 0 < value < 86400:
         raise argparse.ArgumentTypeError("must be more than 0 and less than 86400")
     return value
+
+
+def _grace(text: str) -> float:
+    """0 (the prompt at once) is allowed, unlike _seconds."""
+    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -467,6 +501,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="SECONDS",
         help="exit after the ask directory has been empty this long (default 5)",
+    )
+    p = add(
+        "boot-unlock",
+        cmd_boot_unlock,
+        "initramfs: the key server and a prompt on the console race for DS's encryption root;"
+        " the first key that loads wins",
+    )
+    p.add_argument("--dataset", required=True, metavar="DS")
+    p.add_argument(
+        "--grace",
+        type=_grace,
+        default=2.0,
+        metavar="SECONDS",
+        help="show the prompt after this long without a key from the server (default 2)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop asking the servers after this long (default: for as long as the race lasts)",
     )
     p = add(
         "needs-prompt",

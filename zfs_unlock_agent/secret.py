@@ -13,7 +13,7 @@ from typing import Self
 class Secret:
     __slots__ = ("_buffer",)
 
-    def __init__(self, material: bytes | bytearray) -> None:
+    def __init__(self, material: bytes | bytearray | memoryview) -> None:
         self._buffer = bytearray(material)
 
     def __len__(self) -> int:

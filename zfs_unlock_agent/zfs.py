@@ -248,6 +248,12 @@ class Zfs:
             )
         return Inventory(datasets, pools)
 
+    def keystatus(self, name: str) -> str:
+        """`zfs get keystatus NAME`: available, unavailable, or "-" (not encrypted)."""
+        validate.dataset_name(name)
+        argv = [self.zfs, "get", "-H", "-o", "value", "keystatus", name]
+        return self._run(argv).strip()
+
     # Changing
 
     def load_key(self, root: str, key: Secret, dry_run: bool = False) -> None:

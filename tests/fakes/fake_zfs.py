@@ -185,6 +185,12 @@ def zfs(state: State, args: list[str], stdin: bytes) -> str:
         root["keystatus"] = "unavailable"
         refresh_zvols(state)
         return ""
+    if command == "get" and args[:-1] == ["get", "-H", "-o", "value", "keystatus"]:
+        effective_keystatus(state)
+        target = datasets.get(args[-1])
+        if target is None:
+            raise Failure(f"cannot open '{args[-1]}': dataset does not exist")
+        return column(args[-1], target, "keystatus", state) + "\n"
     if command == "get":
         return get_guid(datasets, args, "dataset")
     if command == "mount" and rest == ["-a"]:  # what `zfs mount -a` would mount, all it can

@@ -1,0 +1,289 @@
+"""`zfs-unlock-agent boot-unlock`, the initramfs-tools race, against the real key server and
+the fake zfs, with a pseudo-terminal as the console: the test reads what the console shows
+and types as a person would."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agent.harness import AGENT_BIN, AgentHost
+from tests.fakes import sha256
+from tests.keyserver import KeyServer
+
+PROMPT = re.compile(r"Enter hex key for 'tank/secret' \(the key server is tried meanwhile\): ")
+EX_TEMPFAIL = 75
+
+
+class Console:
+    """The pseudo-terminal the agent runs on; OUTPUT is everything it showed so far."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.output = ""
+
+    def read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if ready:
+            try:
+                self.output += os.read(self.master, 4096).decode(errors="replace")
+            except OSError:  # the agent is gone and so is the last reader of the slave
+                time.sleep(timeout)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 20, start: int = 0) -> float:
+        """Wait until PATTERN shows (at or after START); when it did."""
+        deadline = time.monotonic() + timeout
+        while not pattern.search(self.output, start):
+            assert time.monotonic() < deadline, f"{pattern.pattern!r} never showed:\n{self.output}"
+            self.read(0.1)
+        return time.monotonic()
+
+    def type(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+    def echoes(self) -> bool:
+        return bool(termios.tcgetattr(self.slave)[3] & termios.ECHO)
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def console() -> Iterator[Console]:
+    found = Console()
+    yield found
+    found.close()
+
+
+def boot_unlock(host: AgentHost, console: Console, *extra: str) -> subprocess.Popen[str]:
+    """The agent as the initramfs-tools provider runs it, on CONSOLE; stderr piped."""
+    environment = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    environment["PATH"] = f"{host.root}/no-plymouth:/usr/bin:/bin"
+    return subprocess.Popen(
+        [
+            str(AGENT_BIN),
+            "-c",
+            str(host.config_path),
+            "boot-unlock",
+            "--dataset",
+            "tank/secret",
+            *extra,
+        ],
+        stdin=console.slave,
+        stdout=console.slave,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def hex_root(host: AgentHost, keyformat: str = "hex") -> bytes:
+    pool = host.zfs.add_pool("tank")
+    return host.encrypted_dataset("tank/secret", pool, keyformat=keyformat)
+
+
+def stopped_server_host(keyserver: KeyServer, tmp_path: Path, name: str) -> tuple[AgentHost, bytes]:
+    keyserver.start()
+    host = AgentHost.create(tmp_path, keyserver, name)
+    key = hex_root(host)
+    keyserver.stop()
+    return host, key
+
+
+def test_the_network_key_wins_and_no_prompt_appears(
+    shared_keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "race-up")
+    key = hex_root(host)
+    code, err = finish(boot_unlock(host, console, "--grace", "5"))
+    console.read(0.2)
+    assert code == 0, err
+    assert "tank/secret: unlocked with the key server's key" in err
+    assert not PROMPT.search(console.output), console.output
+    assert host.zfs.keystatus("tank/secret") == "available"
+    [loaded] = host.zfs.calls("zfs", "load-key")
+    assert loaded["stdin_sha256"] == sha256(key)
+
+
+def test_server_down_the_prompt_appears_after_the_grace_and_a_typed_key_wins(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host, key = stopped_server_host(keyserver, tmp_path, "race-typed")
+    started = time.monotonic()
+    racing = boot_unlock(host, console, "--grace", "1")
+    shown = console.wait_for(PROMPT)
+    assert 1.0 <= shown - started < 10, shown - started
+    assert not console.echoes(), "the typed key would be shown on the console"
+    console.type(key + b"\n")
+    code, err = finish(racing)
+    assert code == 0, err
+    assert "tank/secret: unlocked with the typed key" in err
+    assert host.zfs.keystatus("tank/secret") == "available"
+    [loaded] = host.zfs.calls("zfs", "load-key")
+    assert loaded["stdin_sha256"] == sha256(key), "the typed line, without its newline"
+    assert console.echoes(), "echo stays off after the race"
+    assert key.decode() not in console.output + err
+
+
+def test_a_wrong_key_asks_again_and_the_network_wins_when_the_server_comes_back(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host, key = stopped_server_host(keyserver, tmp_path, "race-wrong")
+    racing = boot_unlock(host, console, "--grace", "0")
+    console.wait_for(PROMPT)
+    console.type(b"0" * 64 + b"\n")
+    said = re.compile(r"That hex key does not open tank/secret; try again\.")
+    console.wait_for(said)
+    console.wait_for(PROMPT, start=said.search(console.output).end())  # type: ignore[union-attr]
+    assert racing.poll() is None
+    keyserver.start()
+    code, err = finish(racing, 60)
+    console.read(0.2)
+    assert code == 0, err
+    assert "tank/secret: unlocked with the key server's key" in err
+    assert "tank/secret: unlocked with the key server's key; no key needed" in console.output
+    assert host.zfs.keystatus("tank/secret") == "available"
+    assert console.echoes()
+    wrong, right = host.zfs.calls("zfs", "load-key")
+    assert right["stdin_sha256"] == sha256(key)
+    assert wrong["stdin_sha256"] != sha256(key)
+
+
+def test_a_key_loaded_elsewhere_ends_the_race(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    # What OpenZFS's zfsunlock does over SSH: zfs load-key from another session.
+    host, key = stopped_server_host(keyserver, tmp_path, "race-elsewhere")
+    racing = boot_unlock(host, console, "--grace", "0")
+    console.wait_for(PROMPT)
+    loaded = subprocess.run(
+        [host.zfs.zfs, "load-key", "-L", "prompt", "tank/secret"],
+        input=key,
+        capture_output=True,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    code, err = finish(racing)
+    assert code == 0, err
+    assert "unlocked with a key loaded from elsewhere" in err
+    assert console.echoes()
+
+
+def test_zfsunlocks_kill_takes_the_prompt_down(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    # zfsunlock kills the process named in /run/zfs_console_askpwd_cmd after loading the
+    # key; killed with the key not loaded, the race says so in its status.
+    host, _ = stopped_server_host(keyserver, tmp_path, "race-killed")
+    racing = boot_unlock(host, console, "--grace", "0")
+    console.wait_for(PROMPT)
+    racing.send_signal(signal.SIGTERM)
+    code, err = finish(racing)
+    assert code == EX_TEMPFAIL, err
+    assert "tank/secret: stopped; its key is not loaded" in err
+    assert console.echoes(), "a killed prompt must not leave the console without echo"
+
+
+def test_a_raw_key_cannot_be_typed_and_the_console_says_what_to_do(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    keyserver.start()
+    host = AgentHost.create(tmp_path, keyserver, "race-raw")
+    hex_root(host, keyformat="raw")
+    keyserver.stop()
+    racing = boot_unlock(host, console, "--grace", "0")
+    console.wait_for(re.compile(r"tank/secret: its key is raw and cannot be typed"))
+    assert "zfs load-key -L file:///PATH tank/secret" in console.output
+    assert not re.search(r"Enter \S+", console.output)
+    keyserver.start()
+    code, err = finish(racing, 60)
+    assert code == 0, err
+    assert host.zfs.keystatus("tank/secret") == "available"
+
+
+def test_a_refusal_shows_the_prompt_without_waiting_for_the_grace(
+    shared_keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "race-refused")
+    key = hex_root(host)
+    shared_keyserver.must("host", "disable", "race-refused")
+    started = time.monotonic()
+    racing = boot_unlock(host, console, "--grace", "60")
+    shown = console.wait_for(PROMPT, timeout=30)
+    assert shown - started < 30
+    console.type(key + b"\n")
+    code, err = finish(racing)
+    assert code == 0, err
+    assert "refused" in err or "403" in err, err
+    assert "tank/secret: unlocked with the typed key" in err
+
+
+def test_a_key_loaded_before_the_race_ends_it_at_once(
+    shared_keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "race-loaded")
+    hex_root(host)
+    with host.zfs.edit() as state:
+        state["datasets"]["tank/secret"]["keystatus"] = "available"
+    code, err = finish(boot_unlock(host, console))
+    assert code == 0, err
+    assert "its key is loaded already" in err
+    assert not host.zfs.calls("zfs", "load-key")
+
+
+PLYMOUTH = """#!/bin/sh
+# plymouth, as the race uses it: --ping, ask-for-password (prints what the test put in
+# $DIR/typed once it is there), display-message (appended to $DIR/messages).
+DIR="$(dirname "$0")"
+case "$1" in
+--ping) exit 0 ;;
+ask-for-password)
+	echo "$2" >>"$DIR/asked"
+	while [ ! -e "$DIR/typed" ]; do sleep 0.05; done
+	cat "$DIR/typed"; rm -f "$DIR/typed" ;;
+display-message) echo "$2" >>"$DIR/messages" ;;
+*) exit 1 ;;
+esac
+"""
+
+
+def test_with_plymouth_running_the_splash_screen_asks(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host, key = stopped_server_host(keyserver, tmp_path, "race-plymouth")
+    splash = host.root / "no-plymouth"  # first on the race's PATH: see boot_unlock
+    splash.mkdir()
+    (splash / "plymouth").write_text(PLYMOUTH)
+    (splash / "plymouth").chmod(0o755)
+    racing = boot_unlock(host, console, "--grace", "0")
+    deadline = time.monotonic() + 20
+    while not (splash / "asked").exists():
+        assert time.monotonic() < deadline and racing.poll() is None
+        time.sleep(0.05)
+    assert "--prompt=Enter hex key for 'tank/secret'" in (splash / "asked").read_text()
+    (splash / "typed").write_bytes(b"f" * 64)
+    deadline = time.monotonic() + 20
+    while not (splash / "messages").exists():
+        assert time.monotonic() < deadline and racing.poll() is None
+        time.sleep(0.05)
+    assert "does not open tank/secret" in (splash / "messages").read_text()
+    (splash / "typed").write_bytes(key)
+    code, err = finish(racing)
+    assert code == 0, err
+    assert "tank/secret: unlocked with the typed key" in err
+    assert not PROMPT.search(console.output), "plymouth asks, not the console"

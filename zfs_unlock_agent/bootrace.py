@@ -1,0 +1,407 @@
+"""`zfs-unlock-agent boot-unlock`: in an initramfs, the key server and the person at the
+console race to open one encryption root; the first key that loads wins.
+
+Three tasks run at once, and `zfs load-key` judges every candidate key:
+
+- the network asks the key servers, with the agent's backoff, for as long as the race
+  lasts (or until --deadline);
+- the prompt appears after a short grace period, so that a healthy network unlock never
+  shows it, on the console or through plymouth when it runs; a typed key that does not
+  load says so and asks again;
+- the watcher reads the root's keystatus, so that a key loaded some other way (OpenZFS's
+  `zfsunlock` over SSH) ends the race too.
+
+The first key that loads ends the race: the prompt is taken down, and the process exits,
+which ends the other tasks with it. A raw key cannot be typed: the console says what to do
+instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import subprocess
+import termios
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, Protocol
+
+from zfs_unlock_agent.errors import (
+    EX_BADKEY,
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    AgentError,
+    KeyAlreadyLoaded,
+    ZfsError,
+)
+from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
+from zfs_unlock_agent.log import log
+from zfs_unlock_agent.secret import Secret
+from zfs_unlock_agent.unlock import RootResult, Unlocker
+from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Dataset, Inventory
+from zfs_unlock_common.protocol import DatasetRef
+
+GRACE_SECONDS = 2.0  # the prompt waits this long for the network before it appears
+WATCH_SECONDS = 1.0  # how often the watcher reads the keystatus
+_POLL_SECONDS = 0.2  # how often a waiting prompt looks whether the race is over
+_MAX_TYPED = 1024  # bytes of one typed line; OpenZFS takes passphrases up to 512
+
+# The winners, as the console tells them.
+BY_SERVER = "the key server's key"
+BY_TYPED = "the typed key"
+BY_OTHER = "a key loaded from elsewhere (zfsunlock, or an SSH session)"
+STOPPED = "stopped by a signal"
+
+
+class Race:
+    """Who won, once somebody has."""
+
+    def __init__(self) -> None:
+        self.over = threading.Event()
+        self.prompt_may_start = threading.Event()  # the grace is over, or the network gave up
+        self.prompt_shown = threading.Event()
+        self.winner = ""
+        self._lock = threading.Lock()
+
+    def finish(self, winner: str) -> None:
+        with self._lock:
+            if not self.over.is_set():
+                self.winner = winner
+                self.over.set()
+                self.prompt_may_start.set()
+
+
+class Prompt(Protocol):
+    def ask(self, text: str, race: Race) -> Secret | None:
+        """A typed line, or None when the race ended first or nothing can be typed."""
+
+    def say(self, text: str) -> None:
+        """A line for the person at the console."""
+
+    def close(self) -> None:
+        """Take the prompt down (the race is over)."""
+
+
+class ConsolePrompt:
+    """Asks on a terminal with echo off, as `zfs load-key` would; reads with select so
+    that a key from the network can take the prompt down."""
+
+    def __init__(self, fd_in: int, fd_out: int) -> None:
+        self.fd = fd_in
+        self.fd_out = fd_out
+        self._saved: list[Any] | None = None
+        self._lock = threading.Lock()
+
+    def ask(self, text: str, race: Race) -> Secret | None:
+        self._write(text)
+        self._echo(False)
+        buffer = bytearray(_MAX_TYPED)
+        view = memoryview(buffer)
+        used = 0
+        try:
+            while not race.over.is_set():
+                ready, _, _ = select.select([self.fd], [], [], _POLL_SECONDS)
+                if not ready:
+                    continue
+                if race.over.is_set():  # a line typed as the race ended is not used
+                    return None
+                count = os.readv(self.fd, [view[used:]])
+                if count == 0:  # no console to read from: nobody can type
+                    return None
+                used += count
+                end = buffer.find(b"\n", 0, used)
+                if end >= 0:
+                    if buffer[end - 1 : end] == b"\r":
+                        end -= 1
+                    return Secret(view[:end])
+                if used == len(buffer):
+                    self._write("\n")
+                    self.say("too long; try again")
+                    return Secret(b"")
+            return None
+        finally:
+            view.release()
+            buffer[:] = bytes(len(buffer))
+            self._echo(True)
+            self._write("\n")
+
+    def say(self, text: str) -> None:
+        self._write(text + "\n")
+
+    def close(self) -> None:
+        self._echo(True)
+
+    def _echo(self, on: bool) -> None:
+        with self._lock:
+            try:
+                if not on:
+                    if self._saved is None:
+                        self._saved = termios.tcgetattr(self.fd)
+                    quiet = termios.tcgetattr(self.fd)
+                    quiet[3] &= ~termios.ECHO
+                    termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
+                elif self._saved is not None:
+                    termios.tcsetattr(self.fd, termios.TCSANOW, self._saved)
+                    self._saved = None
+            except termios.error:  # not a terminal (a pipe in a test): nothing to echo
+                pass
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.fd_out, text.encode())
+
+
+class PlymouthPrompt:
+    """Asks through plymouth's splash screen (`plymouth ask-for-password`)."""
+
+    def __init__(self, plymouth: str) -> None:
+        self.plymouth = plymouth
+
+    def ask(self, text: str, race: Race) -> Secret | None:
+        asking = subprocess.Popen(  # noqa: S603 - a fixed program and fixed words
+            [self.plymouth, "ask-for-password", f"--prompt={text}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        stdout = asking.stdout
+        if stdout is None:  # never: stdout=PIPE
+            return None
+        fd = stdout.fileno()
+        buffer = bytearray(_MAX_TYPED)
+        view = memoryview(buffer)
+        used = 0
+        try:
+            while True:
+                ready, _, _ = select.select([fd], [], [], _POLL_SECONDS)
+                if race.over.is_set():
+                    return None
+                if not ready:
+                    continue
+                count = os.readv(fd, [view[used:]]) if used < len(buffer) else 0
+                if count == 0:
+                    break
+                used += count
+            if asking.wait() != 0:  # cancelled (Escape), or plymouth went away
+                return None
+            return Secret(view[:used])
+        finally:
+            if asking.poll() is None:
+                asking.terminate()  # takes the question off the splash screen
+            asking.wait()
+            stdout.close()
+            view.release()
+            buffer[:] = bytes(len(buffer))
+
+    def say(self, text: str) -> None:
+        subprocess.run(  # noqa: S603 - a fixed program
+            [self.plymouth, "display-message", f"--text={text}"],
+            stdin=subprocess.DEVNULL,
+            check=False,
+            timeout=10,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def plymouth_running() -> str | None:
+    """plymouth's path when its daemon runs (`plymouth --ping`), else None."""
+    plymouth = shutil.which("plymouth")
+    if plymouth is None:
+        return None
+    try:
+        pinged = subprocess.run(  # noqa: S603 - a fixed program
+            [plymouth, "--ping"], stdin=subprocess.DEVNULL, check=False, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return plymouth if pinged.returncode == 0 else None
+
+
+def console_prompt() -> ConsolePrompt:
+    """The console: this process's own standard input and output when they are a terminal
+    (an initramfs runs its scripts on /dev/console), else /dev/console itself."""
+    if os.isatty(0) and os.isatty(1):
+        return ConsolePrompt(0, 1)
+    fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
+    return ConsolePrompt(fd, fd)
+
+
+def any_prompt() -> Prompt:
+    plymouth = plymouth_running()
+    return PlymouthPrompt(plymouth) if plymouth is not None else console_prompt()
+
+
+class BootRace:
+    def __init__(
+        self,
+        unlocker: Unlocker,
+        client: Callable[[Race, Callable[[str], None]], KeyClient],
+        root: str,
+        prompt: Callable[[], Prompt],
+        grace: float = GRACE_SECONDS,
+        deadline: float | None = None,
+    ) -> None:
+        """CLIENT(RACE, REPORT) makes a key client whose pauses end when RACE does and
+        that tells REPORT of each failed try; PROMPT() makes
+        the prompt once the grace period is over (plymouth may have started meanwhile)."""
+        self.unlocker = unlocker
+        self.client = client
+        self.root = root
+        self.make_prompt = prompt
+        self.grace = grace
+        self.deadline = deadline
+        self.race = Race()
+        self.prompt: Prompt | None = None
+
+    def run(self) -> int:
+        """Race until a key is loaded (exit 0) or a signal stops it (exit 75 unless the
+        key was loaded meanwhile)."""
+        zfs = self.unlocker.zfs
+        inventory = zfs.inventory()
+        root = inventory.root_of(self.root)
+        if root.keystatus == "available":
+            log.info("%s: its key is loaded already", root.name)
+            return EX_OK
+        previous = {
+            signum: signal.signal(signum, self._stop) for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        tasks = [
+            threading.Thread(target=self._network, args=(inventory, root), daemon=True),
+            threading.Thread(target=self._ask, args=(root,), daemon=True),
+            threading.Thread(target=self._watch, args=(root.name,), daemon=True),
+        ]
+        for task in tasks:
+            task.start()
+        try:
+            self.race.prompt_may_start.wait(self.grace)
+            self.race.prompt_may_start.set()
+            while not self.race.over.wait(_POLL_SECONDS):
+                pass
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        prompt = self.prompt
+        if prompt is not None:
+            prompt.close()
+            if self.race.winner != BY_TYPED:
+                prompt.say(f"{root.name}: unlocked with {self.race.winner}; no key needed")
+        if self.race.winner == STOPPED:
+            try:
+                loaded = zfs.keystatus(root.name) == "available"
+            except AgentError:
+                loaded = False
+            log.info("%s: stopped; its key is %s", root.name, "loaded" if loaded else "not loaded")
+            return EX_OK if loaded else EX_TEMPFAIL
+        log.info("%s: unlocked with %s", root.name, self.race.winner)
+        return EX_OK
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.race.finish(STOPPED)
+
+    # The network
+
+    def _network(self, inventory: Inventory, root: Dataset) -> None:
+        try:
+            results = self.unlocker.unlock(inventory, [root], mount=False, source=self._fetch)
+        except AgentError as exc:
+            log.error("%s: %s", root.name, exc)
+            results = []
+        if results and results[0].outcome == "unlocked":
+            self.race.finish(BY_SERVER)
+        elif results and results[0].outcome == "available":
+            self.race.finish(BY_OTHER)
+        elif not self.race.over.is_set():
+            self.race.prompt_may_start.set()  # nothing more will come from the network
+
+    def _fetch(
+        self, inventory: Inventory, locked: Sequence[Dataset], results: dict[str, RootResult]
+    ) -> dict[str, ReleasedKey]:
+        """The key source of Unlocker.unlock: asks until the server answers, the race ends,
+        or the deadline passes. Only a failure that retrying cannot mend ends it early."""
+        [root] = locked
+        ref = DatasetRef(inventory.pool_guid(root), root.guid)
+        until = None if self.deadline is None else time.monotonic() + self.deadline
+        while not self.race.over.is_set():
+            try:
+                with self.client(self.race, self.progress) as client:
+                    released, _ = client.release(self.unlocker.machine_id, [ref])
+            except AgentError as exc:
+                if exc.exit_code == EX_TEMPFAIL and (until is None or time.monotonic() < until):
+                    self.progress(f"{root.name}: no key from the key server yet ({exc})")
+                    continue
+                results[root.name] = RootResult(root.name, "failed", exc.exit_code, str(exc))
+                return {}
+            if ref not in released:
+                results[root.name] = RootResult(
+                    root.name, "failed", EX_NOPERM, "the key server refused to release its key"
+                )
+                return {}
+            if self.race.over.is_set():
+                released[ref].wipe()
+                break
+            return {root.name: released[ref]}
+        results[root.name] = RootResult(root.name, "available", message="the race is over")
+        return {}
+
+    def progress(self, message: str) -> None:
+        """How the network side fares, while nobody is typing: once the prompt is on the
+        console, a line per retry would only scramble it."""
+        if not self.race.prompt_shown.is_set():
+            log.progress("%s", message)
+
+    # The person at the console
+
+    def _ask(self, root: Dataset) -> None:
+        self.race.prompt_may_start.wait()
+        if self.race.over.is_set():
+            return
+        prompt = self.prompt = self.make_prompt()
+        if root.keyformat not in TYPABLE_KEYFORMATS:
+            prompt.say(
+                f"{root.name}: its key is {root.keyformat} and cannot be typed; waiting for the"
+                " key server. To unlock it by hand, log in over SSH (dropbear-initramfs) and"
+                f" load it from a key file: zfs load-key -L file:///PATH {root.name}"
+            )
+            return
+        what = "hex key" if root.keyformat == "hex" else "passphrase"
+        text = f"Enter {what} for '{root.name}' (the key server is tried meanwhile): "
+        self.race.prompt_shown.set()
+        while not self.race.over.is_set():
+            typed = prompt.ask(text, self.race)
+            if typed is None:
+                return
+            with typed:
+                if not len(typed):
+                    continue
+                self._try_typed(root.name, typed, what, prompt)
+
+    def _try_typed(self, root: str, typed: Secret, what: str, prompt: Prompt) -> None:
+        try:
+            self.unlocker.zfs.load_key(root, typed)
+        except KeyAlreadyLoaded:
+            self.race.finish(BY_OTHER)
+            return
+        except ZfsError as exc:
+            if exc.exit_code == EX_BADKEY:
+                prompt.say(f"That {what} does not open {root}; try again.")
+            else:
+                prompt.say(f"{root}: {exc}; try again.")
+            return
+        self.race.finish(BY_TYPED)
+
+    # Anybody else
+
+    def _watch(self, root: str) -> None:
+        while not self.race.over.wait(WATCH_SECONDS):
+            try:
+                if self.unlocker.zfs.keystatus(root) == "available":
+                    self.race.finish(BY_OTHER)
+            except AgentError as exc:
+                log.debug("%s: cannot read the keystatus: %s", root, exc)
