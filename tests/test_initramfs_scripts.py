@@ -576,6 +576,21 @@ def test_dracut_hook_waits_for_the_pool_import(initramfs: Image) -> None:
         pytest.param(None, None, "unavailable", {}, id="no-such-dataset"),
         pytest.param(None, "rpool/ROOT", "available", {}, id="key-already-loaded"),
         pytest.param("root=/dev/sda1", "rpool/ROOT", "unavailable", {}, id="root-not-on-zfs"),
+        # A key that can be typed: OpenZFS's hook asks, and the password agent answers.
+        pytest.param(
+            None,
+            "rpool/ROOT",
+            "unavailable",
+            {"keyformat,keylocation": "hex\nprompt\n"},
+            id="hex-left-to-the-password-agent",
+        ),
+        pytest.param(
+            None,
+            "rpool/ROOT",
+            "unavailable",
+            {"keyformat,keylocation": "passphrase\nprompt\n"},
+            id="passphrase-left-to-the-password-agent",
+        ),
     ],
 )
 def test_dracut_hook_leaves_alone_what_is_not_its_business(
@@ -596,6 +611,16 @@ def test_dracut_hook_leaves_alone_what_is_not_its_business(
     assert result.stdout.strip() == "hook returned 0", result.stderr
     assert log(initramfs, "agent-argv") == []
     assert "systemctl start network-online.target" not in log(initramfs, "calls")
+
+
+@pytest.mark.parametrize(
+    "properties", ["raw\nprompt\n", "hex\nfile:///etc/zfs/root.key\n"], ids=["raw", "hex-file"]
+)
+def test_dracut_hook_fetches_a_key_nobody_is_asked_for(initramfs: Image, properties: str) -> None:
+    result = dracut_boot(initramfs, states={"keyformat,keylocation": properties})
+
+    assert result.stdout.strip() == "hook returned 0", result.stderr
+    assert log(initramfs, "agent-argv") == unlock_argv()
 
 
 def test_dracut_hook_warns_and_returns_0_when_the_agent_fails(initramfs: Image) -> None:
@@ -940,6 +965,15 @@ def test_dracut_module_installs_the_listed_files_and_the_hook(tmp_path: Path) ->
         f'#!/bin/sh\nexec {agent_interpreter()} -I -m zfs_unlock_agent "$@"\n'
     )
     assert stat.S_IMODE(wrapper.stat().st_mode) == 0o755
+    # The password agent, started in the initrd whenever a question is asked.
+    units = initdir / "usr" / "lib" / "systemd" / "system"
+    watch = (units / "zfs-unlock-agent-password.path").read_text()
+    assert "DirectoryNotEmpty=/run/systemd/ask-password" in watch
+    service = (units / "zfs-unlock-agent-password.service").read_text()
+    assert "ExecStart=/usr/sbin/zfs-unlock-agent password-agent" in service
+    assert "Conflicts=shutdown.target initrd-switch-root.target" in service
+    wanted = units / "sysinit.target.wants" / "zfs-unlock-agent-password.path"
+    assert os.readlink(wanted) == "../zfs-unlock-agent-password.path"
 
 
 def test_dracut_module_refuses_a_configuration_bootfiles_refuses(tmp_path: Path) -> None:

@@ -269,6 +269,11 @@ class BootRace:
         if root.keystatus == "available":
             log.info("%s: its key is loaded already", root.name)
             return EX_OK
+        log.info(
+            "%s: asking the key server; a prompt follows in %g s unless a key loads first",
+            root.name,
+            self.grace,
+        )
         previous = {
             signum: signal.signal(signum, self._stop) for signum in (signal.SIGTERM, signal.SIGINT)
         }

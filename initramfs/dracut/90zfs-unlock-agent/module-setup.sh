@@ -1,7 +1,12 @@
 #!/bin/bash
-# dracut module: zfs-unlock-agent fetches the root dataset's key from the key
-# server before OpenZFS's own key loading (its pre-mount hook 90), which then
-# finds the key loaded, or prompts as usual when the agent could not get it.
+# dracut module: the root dataset's key comes from the key server, and a person at the
+# console can type it meanwhile.
+# - A root whose key can be typed (hex or passphrase, keylocation=prompt): OpenZFS's
+#   pre-mount hook (90) asks through systemd-ask-password; zfs-unlock-agent's password
+#   agent, started by a .path unit in the initrd, answers with the server's key while
+#   systemd's console and plymouth agents ask a person. Whoever answers first wins.
+# - Any other key (raw): our pre-mount hook (85) fetches and loads it before OpenZFS's
+#   hook, which finds it loaded, or prompts as usual when the server could not be reached.
 # Network: rd.neednet=1 ip=dhcp (or any ip= form dracut's network modules accept).
 # shellcheck disable=SC2154 # initdir and moddir are set by dracut
 
@@ -77,4 +82,35 @@ install() {
 	chmod 0755 "${initdir}/usr/sbin/zfs-unlock-agent"
 
 	inst_hook pre-mount 85 "${moddir}/zfs-unlock-agent-load-key.sh"
+	install_password_agent
+}
+
+# The password agent's units, for the initrd: started whenever a question is asked,
+# stopped before the switch to the real root, where the system's own units take over.
+install_password_agent() {
+	local units="${initdir}${systemdsystemunitdir:-/usr/lib/systemd/system}"
+	mkdir -p "$units/sysinit.target.wants"
+	cat >"$units/zfs-unlock-agent-password.path" <<-'UNIT'
+		[Unit]
+		Description=Answer ZFS password questions with keys from the key server (watch)
+		DefaultDependencies=no
+		Conflicts=shutdown.target initrd-switch-root.target
+		Before=paths.target shutdown.target initrd-switch-root.target
+
+		[Path]
+		DirectoryNotEmpty=/run/systemd/ask-password
+		MakeDirectory=yes
+	UNIT
+	cat >"$units/zfs-unlock-agent-password.service" <<-'UNIT'
+		[Unit]
+		Description=Answer ZFS password questions with keys from the key server
+		DefaultDependencies=no
+		Wants=network-online.target
+		Conflicts=shutdown.target initrd-switch-root.target
+		Before=shutdown.target initrd-switch-root.target
+
+		[Service]
+		ExecStart=/usr/sbin/zfs-unlock-agent password-agent
+	UNIT
+	ln -sf ../zfs-unlock-agent-password.path "$units/sysinit.target.wants/"
 }

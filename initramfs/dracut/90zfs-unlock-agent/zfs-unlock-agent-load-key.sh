@@ -1,7 +1,9 @@
 #!/bin/sh
 # pre-mount hook 85, before OpenZFS's zfs-load-key.sh (90): fetch the key of the
-# root dataset's encryption root from the key server. On any failure it returns
-# quietly and OpenZFS's hook asks for the passphrase as usual.
+# root dataset's encryption root from the key server when it cannot be typed (raw) or
+# OpenZFS would not ask for it (keylocation is not prompt). On any failure it returns
+# quietly and OpenZFS's hook goes on as usual. A key that can be typed is left to
+# OpenZFS's prompt, which the password agent answers (see module-setup.sh).
 # zfs_unlock_agent.deadline=SECONDS on the kernel command line bounds how long the
 # agent tries the servers (default 30).
 
@@ -24,6 +26,10 @@ fi
 zua_root="$(zfs get -Ho value encryptionroot "$zua_bootfs" 2>/dev/null)" || return 0
 [ -n "$zua_root" ] && [ "$zua_root" != "-" ] || return 0
 [ "$(zfs get -Ho value keystatus "$zua_root")" = "unavailable" ] || return 0
+zua_typable="$(zfs get -Ho value keyformat,keylocation "$zua_root" | tr '\n' ' ')"
+case "$zua_typable" in
+"hex prompt " | "passphrase prompt ") return 0 ;;
+esac
 
 zua_deadline="$(getarg zfs_unlock_agent.deadline=)"
 # A typo on the kernel command line must not cost the automatic unlock.

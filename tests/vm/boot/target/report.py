@@ -206,6 +206,12 @@ def main() -> int:
     say(f"system state: {report['state']} at {report['state_at']:.1f} s")
     report["failed"] = run("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"]
     report["jobs"] = run("systemctl", "list-jobs", "--no-legend")["out"]
+    # The initramfs's race and password agent end with the initramfs: none may be left.
+    report["initramfs_agents"] = [
+        line.strip()
+        for line in run("ps", "-eo", "pid,args", "--no-headers")["out"].splitlines()
+        if "boot-unlock" in line or "password-agent" in line
+    ]
     report["zfs"] = zfs_state()
     report["findmnt"] = run("findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "/")["out"].strip()
     report["load_key_units"] = run("systemctl", "list-units", "--all", "--plain", "--no-legend",
