@@ -15,9 +15,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
-from zfs_unlock_agent import config, initramfs, learnedpins, renew, textfile
+from zfs_unlock_agent import askpassword, config, initramfs, learnedpins, renew, textfile
 from zfs_unlock_agent.errors import AgentError
 from zfs_unlock_agent.keyclient import KeyClient
 from zfs_unlock_agent.log import log
@@ -25,7 +26,8 @@ from zfs_unlock_agent.notify import Notifier
 from zfs_unlock_agent.rotate import rotate
 from zfs_unlock_agent.udev import PoolDiskWatch
 from zfs_unlock_agent.unlock import RootResult, Unlocker, read_machine_id, select_roots
-from zfs_unlock_agent.zfs import Zfs
+from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Dataset, Inventory, Zfs
+from zfs_unlock_agent.zfsasks import roots_asked
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
 
@@ -108,8 +110,10 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         mount_pending: Callable[[], bool] = zfs_mount_pending,
         wall_clock: Callable[[], float] = time.time,
+        ask_directory: Path = askpassword.ASK_DIRECTORY,
     ) -> None:
         self.config = cfg
+        self.ask_directory = ask_directory
         self.machine_id = read_machine_id(cfg.machine_id_file)
         self.notifier = notifier
         self.signals = signals
@@ -205,6 +209,7 @@ class Daemon:
             if (root.keystatus != "available" or root.guid in self.retries)
             and (root.guid not in self.retries or self.retries[root.guid].due <= now)
         ]
+        due = self._leave_to_prompts(inventory, due)
         if not due:
             self.write_textfile()
             return
@@ -212,6 +217,26 @@ class Daemon:
         for root, result in zip(due, results, strict=True):
             self._record(root.guid, result)
         self.write_textfile()
+
+    def _leave_to_prompts(self, inventory: Inventory, due: list[Dataset]) -> list[Dataset]:
+        """DUE without the roots that OpenZFS's prompt asks for right now, when
+        [datasets] openzfs_prompt = "answer": the password agent and the person at the
+        console answer those. Loading such a key here would leave the prompt asking for a
+        key already loaded (OpenZFS's unit looks at the keystatus only before it asks),
+        and its unit failing after three tries. They are looked at again shortly."""
+        if self.config.datasets.openzfs_prompt != "answer" or not due:
+            return due
+        asked = roots_asked(inventory, self.ask_directory)
+        left = {r.name for r in due if r.name in asked and r.keyformat in TYPABLE_KEYFORMATS}
+        pause = self.config.daemon.retry_initial
+        for root in due:
+            if root.name in left:
+                if root.guid not in self.retries:
+                    log.info(
+                        "%s: OpenZFS's prompt asks for it; left to the password agent", root.name
+                    )
+                self.retries[root.guid] = Retry(pause, self.clock() + pause)
+        return [r for r in due if r.name not in left]
 
     def _record(self, guid: str, result: RootResult) -> None:
         if result.ok:

@@ -16,7 +16,6 @@ which leaves the question to the other agents.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,26 +28,11 @@ from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import key_problem, select_roots
 from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Dataset, Inventory, Zfs
-from zfs_unlock_common import validate
+from zfs_unlock_agent.zfsasks import dataset_asked
 from zfs_unlock_common.protocol import DatasetRef
 
 POLL_SECONDS = 0.25  # how often the ask directory is looked at
 IDLE_SECONDS = 5.0  # the directory empty this long: exit (the .path unit starts us again)
-_DRACUT_MESSAGE = re.compile(r"Encrypted ZFS password for (\S+)")
-
-
-def dataset_asked(question: Question) -> str | None:
-    """The dataset an OpenZFS question is about, or None for anybody else's question."""
-    if question.id.startswith("zfs:"):
-        name = question.id.removeprefix("zfs:")
-    elif (found := _DRACUT_MESSAGE.fullmatch(question.message.strip())) is not None:
-        name = found.group(1)
-    else:
-        return None
-    try:
-        return validate.dataset_name(name)
-    except validate.InvalidInput:
-        return None
 
 
 class PasswordAgent:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from zfs_unlock_agent import askpassword
-from zfs_unlock_agent.passwordagent import dataset_asked
+from zfs_unlock_agent.zfsasks import dataset_asked
 from zfs_unlock_agent.secret import Secret
 
 ASK = """[Ask]

@@ -711,3 +711,55 @@ def test_watchdog_interval_follows_sd_watchdog_enabled(
         environ = {**environ, "WATCHDOG_PID": str(os.getpid())}
     notifier = Notifier(environ)
     assert notifier.watchdog_interval == interval
+
+
+ASKED = """[Ask]
+PID={pid}
+Socket=/run/zua-test/sck.1
+NotAfter=0
+Message=Enter passphrase for tank/secret:
+Id=zfs:tank/secret
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ask files are read only when root owns them")
+def test_with_openzfs_prompt_answer_a_root_asked_for_is_left_to_the_password_agent(
+    shared_keyserver: KeyServer, tmp_path: Path, signals: Signals
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "daemon-asked")
+    pool = host.zfs.add_pool("tank")
+    host.encrypted_dataset("tank/secret", pool, keyformat="hex")
+    host.write_config(extra='[datasets]\nopenzfs_prompt = "answer"\n' + daemon_table())
+    asks = tmp_path / "ask"
+    asks.mkdir()
+    question = asks / "ask.x"
+    question.write_text(ASKED.format(pid=os.getpid()))
+    cfg = config.load(host.config_path)
+    daemon = Daemon(cfg, Notifier({}), signals, watch_with(None), ask_directory=asks)
+
+    daemon.unlock_pass(10)
+    assert host.zfs.keystatus("tank/secret") == "unavailable"
+    assert not host.zfs.calls("zfs", "load-key")
+    assert daemon.summary().startswith("0 of 1 managed encryption roots unlocked; 1 locked")
+
+    question.unlink()  # answered, timed out, or its unit gave up: the daemon takes over
+    daemon.retries.clear()
+    daemon.unlock_pass(10)
+    assert host.zfs.keystatus("tank/secret") == "available"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ask files are read only when root owns them")
+def test_with_openzfs_prompt_skip_the_daemon_unlocks_whatever_is_asked(
+    shared_keyserver: KeyServer, tmp_path: Path, signals: Signals
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "daemon-skip")
+    pool = host.zfs.add_pool("tank")
+    host.encrypted_dataset("tank/secret", pool, keyformat="hex")
+    asks = tmp_path / "ask"
+    asks.mkdir()
+    (asks / "ask.x").write_text(ASKED.format(pid=os.getpid()))
+    cfg = config.load(host.config_path)
+    daemon = Daemon(cfg, Notifier({}), signals, watch_with(None), ask_directory=asks)
+
+    daemon.unlock_pass(10)
+    assert host.zfs.keystatus("tank/secret") == "available"

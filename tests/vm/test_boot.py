@@ -16,9 +16,13 @@ zua-network-stack generator masks the others). One run per OpenZFS line:
 4. boots from those disks, one after the other. OpenZFS 2.3 (bookworm-backports):
    A  initramfs-tools, networkd, server up: key from the server, multi-user, the daemon's
       work, hot-plug, systemd-analyze, the server's unit (tests 1 and 3);
-   B  initramfs-tools, ifupdown, server down: the prompt appears, the test types the key
-      (test 2);
-   C  dracut, NetworkManager, server up (test 4).
+   B  initramfs-tools, ifupdown, server down: the race's prompt appears within the grace
+      period, the test types the key (test 2);
+   B2 initramfs-tools, networkd, server down: a wrong key typed, then the server comes
+      back and its key wins (test 2);
+   C  dracut, NetworkManager, server up: the password agent in the initrd answers
+      OpenZFS's question (test 4);
+   C2 dracut, networkd, server down: the key typed at systemd's console prompt wins.
    OpenZFS 2.1.11 (Debian 12's own), its own install:
    D  initramfs-tools, ifupdown, server up: Debian 12's default host (test 5).
 Each boot's report (tests/vm/boot/target/report.py) comes back through a 9p share.
