@@ -362,6 +362,7 @@ def unlock_argv(deadline: str = "30") -> list[str]:
 
 def race_argv(grace: str = "2", deadline: str = "") -> list[str]:
     argv = ["boot-unlock", "--dataset", "rpool/ROOT", "--grace", grace]
+    argv += ["--network-up", "/run/zfs-unlock-agent.network-up"]
     return [*argv, "--deadline", deadline] if deadline else argv
 
 

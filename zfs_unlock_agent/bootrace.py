@@ -5,9 +5,10 @@ Three tasks run at once, and `zfs load-key` judges every candidate key:
 
 - the network asks the key servers, with the agent's backoff, for as long as the race
   lasts (or until --deadline);
-- the prompt appears after a short grace period, so that a healthy network unlock never
-  shows it, on the console or through plymouth when it runs; a typed key that does not
-  load says so and asks again;
+- the prompt appears a short grace period after the network is up (or after
+  NETWORK_WAIT seconds without it), so that a healthy network unlock never shows it, on
+  the console or through plymouth when it runs; a typed key that does not load says so
+  and asks again;
 - the watcher reads the root's keystatus, so that a key loaded some other way (OpenZFS's
   `zfsunlock` over SSH) ends the race too.
 
@@ -28,6 +29,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
@@ -47,7 +49,8 @@ from zfs_unlock_agent.unlock import RootResult, Unlocker
 from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Dataset, Inventory
 from zfs_unlock_common.protocol import DatasetRef
 
-GRACE_SECONDS = 2.0  # the prompt waits this long for the network before it appears
+GRACE_SECONDS = 2.0  # the prompt waits this long for the key server, once the network is up
+NETWORK_WAIT = 15.0  # the longest wait for the network to come up before the grace starts
 WATCH_SECONDS = 1.0  # how often the watcher reads the keystatus
 _POLL_SECONDS = 0.2  # how often a waiting prompt looks whether the race is over
 _MAX_TYPED = 1024  # bytes of one typed line; OpenZFS takes passphrases up to 512
@@ -247,15 +250,21 @@ class BootRace:
         prompt: Callable[[], Prompt],
         grace: float = GRACE_SECONDS,
         deadline: float | None = None,
+        network_up: Path | None = None,
+        network_wait: float = NETWORK_WAIT,
     ) -> None:
         """CLIENT(RACE, REPORT) makes a key client whose pauses end when RACE does and
         that tells REPORT of each failed try; PROMPT() makes
-        the prompt once the grace period is over (plymouth may have started meanwhile)."""
+        the prompt once the grace period is over (plymouth may have started meanwhile).
+        NETWORK_UP: a file that appears once the network is up; the grace period starts
+        then, or after NETWORK_WAIT seconds without it."""
         self.unlocker = unlocker
         self.client = client
         self.root = root
         self.make_prompt = prompt
         self.grace = grace
+        self.network_up = network_up
+        self.network_wait = network_wait
         self.deadline = deadline
         self.race = Race()
         self.prompt: Prompt | None = None
@@ -270,7 +279,8 @@ class BootRace:
             log.info("%s: its key is loaded already", root.name)
             return EX_OK
         log.info(
-            "%s: asking the key server; a prompt follows in %g s unless a key loads first",
+            "%s: asking the key server; a prompt follows %g s after the network is up, unless"
+            " a key loads first",
             root.name,
             self.grace,
         )
@@ -285,8 +295,7 @@ class BootRace:
         for task in tasks:
             task.start()
         try:
-            self.race.prompt_may_start.wait(self.grace)
-            self.race.prompt_may_start.set()
+            self._grace()
             while not self.race.over.wait(_POLL_SECONDS):
                 pass
         finally:
@@ -306,6 +315,18 @@ class BootRace:
             return EX_OK if loaded else EX_TEMPFAIL
         log.info("%s: unlocked with %s", root.name, self.race.winner)
         return EX_OK
+
+    def _grace(self) -> None:
+        """Wait for the network (at most NETWORK_WAIT), then the grace period; a network
+        side that gave up, or the end of the race, cuts both short."""
+        waiting = self.race.prompt_may_start
+        if self.network_up is not None:
+            until = time.monotonic() + self.network_wait
+            while not self.network_up.exists() and time.monotonic() < until:
+                if waiting.wait(0.1):
+                    return
+        waiting.wait(self.grace)
+        waiting.set()
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.race.finish(STOPPED)

@@ -283,6 +283,7 @@ def cmd_boot_unlock(args: argparse.Namespace) -> int:
         any_prompt,
         grace=args.grace,
         deadline=args.deadline,
+        network_up=args.network_up,
     )
     return race.run()
 
@@ -514,7 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_grace,
         default=2.0,
         metavar="SECONDS",
-        help="show the prompt after this long without a key from the server (default 2)",
+        help="show the prompt this long after the network is up, without a key from the server"
+        " (default 2)",
+    )
+    p.add_argument(
+        "--network-up",
+        type=Path,
+        metavar="FILE",
+        help="a file that appears once the network is up: the grace period starts then (or"
+        " after 15 s without it); without this option, at once",
     )
     p.add_argument(
         "--deadline",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from zfs_unlock_agent import askpassword
-from zfs_unlock_agent.zfsasks import dataset_asked
 from zfs_unlock_agent.secret import Secret
+from zfs_unlock_agent.zfsasks import dataset_asked
 
 ASK = """[Ask]
 PID={pid}

@@ -140,6 +140,24 @@ def test_server_down_the_prompt_appears_after_the_grace_and_a_typed_key_wins(
     assert key.decode() not in console.output + err
 
 
+def test_the_grace_period_starts_once_the_network_is_up(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    # A slow DHCP answer must not bring the prompt up while the key is on its way.
+    host, key = stopped_server_host(keyserver, tmp_path, "race-network")
+    network_up = tmp_path / "network-up"
+    racing = boot_unlock(host, console, "--grace", "1", "--network-up", str(network_up))
+    time.sleep(3)
+    console.read(0.1)
+    assert not PROMPT.search(console.output), "the prompt came before the network"
+    up = time.monotonic()
+    network_up.touch()
+    shown = console.wait_for(PROMPT)
+    assert 1.0 <= shown - up < 10, shown - up
+    console.type(key + b"\n")
+    assert finish(racing)[0] == 0
+
+
 def test_a_wrong_key_asks_again_and_the_network_wins_when_the_server_comes_back(
     keyserver: KeyServer, tmp_path: Path, console: Console
 ) -> None:

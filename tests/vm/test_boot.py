@@ -91,7 +91,11 @@ TYPED_WON = re.compile(r"rpool/ROOT: unlocked with the typed key")
 NETWORK_WON = re.compile(r"rpool/ROOT: unlocked with the key server's key; no key needed")
 WRONG_KEY = re.compile(r"That hex key does not open rpool/ROOT; try again")
 ROOT_MOUNTED = re.compile(r"Begin: Running /scripts/init-bottom")  # after the root mount
-GRACE_BOUND = 6.0  # seconds from the race's start to the prompt: 2 s of grace, TCG's pace
+NETWORK_KEY = re.compile(r"rpool/ROOT: unlocked with the key server's key")
+# Boots with the server up: under TCG, a TLS exchange takes longer than the 2 s of grace
+# that hardware needs (network_key_timing measures it); the prompt must not interfere.
+UNHURRIED = ("zfs_unlock_agent.grace=30",)
+GRACE_BOUND = 6.0  # seconds from the network up to the prompt: 2 s of grace, TCG's pace
 REPORT_STARTED = re.compile(r"ZUABOOT: report of boot")
 COMMON_APPEND = "console=ttyS0 panic=-1 loglevel=4"
 ITOOLS_APPEND = "root=ZFS=rpool/ROOT/debian boot=zfs ip=dhcp"
@@ -188,11 +192,12 @@ class Tier:
         answered (its tests then fail on it) so that the rest of the evidence comes in."""
         key = self.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
         audit_from = len(self.server.audit_records())
-        machine = self.machine(variant, name, stack)
+        machine = self.machine(variant, name, stack, *UNHURRIED)
         facts: dict[str, Any] = {}
         with machine:
             machine.start()
             answer_unexpected_prompt(machine, key, facts, REPORT_STARTED)
+            network_key_timing(machine, facts)
             return self.finish(machine, audit_from, facts)
 
     def key_of(self, dataset: str) -> str:
@@ -286,6 +291,9 @@ def open_tier(
     write_agent_config(share / "agent", server, creds)
     if zfs_list_cache:
         (share / "zfs-list-cache").touch()
+        # tank/typed keeps OpenZFS's prompt, which the password agent answers.
+        toml = share / "agent" / "agent.toml"
+        toml.write_text(toml.read_text() + '[datasets]\nopenzfs_prompt = "answer"\n')
     target = Target(MACHINE_ID, HOSTID, share / "agent")
     server.start()
     try:
@@ -345,13 +353,14 @@ def boot_up(tier: Tier) -> Boot:
     key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
     audit_from = len(tier.server.audit_records())
     machine = tier.machine(
-        "initramfs-tools", "itools-up", "networkd", "zua.hotplug=1", "zua.server=1"
+        "initramfs-tools", "itools-up", "networkd", "zua.hotplug=1", "zua.server=1", *UNHURRIED
     )
     facts: dict[str, Any] = {}
     with machine:
         machine.start()
         try:
             answer_unexpected_prompt(machine, key, facts, HOTPLUG_READY)
+            network_key_timing(machine, facts)
             ready = machine.console.wait_for(HOTPLUG_READY, timeout=900)
             facts["hotplug_ready_after"] = round(
                 machine.console.time_of(ready.start()) - machine.started, 1
@@ -378,6 +387,16 @@ def answer_unexpected_prompt(
         facts["unexpected_prompt"] = first.group(0)
         time.sleep(2)  # the prompt reads the line only once it is shown
         machine.console.type(key + "\n")
+
+
+def network_key_timing(machine: Machine, facts: dict[str, Any]) -> None:
+    """From the network up to the key server's key loaded, in the initramfs-tools race."""
+    text = machine.console.text
+    network, won = NETWORK_UP.search(text), NETWORK_KEY.search(text)
+    if network and won:
+        facts["network_up_to_key_loaded"] = round(
+            machine.console.time_of(won.start()) - machine.console.time_of(network.start()), 1
+        )
 
 
 def no_prompt(boot: Boot) -> None:
@@ -459,7 +478,11 @@ def daemon_unlocked_tank(boot: Boot) -> None:
     assert tank.get("keystatus") == "available", boot.evidence()
     assert tank.get("mounted") == "yes", boot.evidence()
     assert boot.releases("tank/secure"), boot.evidence()
-    assert not boot.report["load_key_units"].strip(), boot.evidence()
+    # (tank/typed, in the 2.1 tier, keeps OpenZFS's prompt: its unit is its own test's.)
+    asked = [
+        line for line in boot.report["load_key_units"].splitlines() if "tank-typed" not in line
+    ]
+    assert not asked, boot.evidence()
 
 
 def test_daemon_unlocks_tank_after_the_network_and_a_service_sees_its_data(
@@ -560,7 +583,7 @@ def no_initramfs_agent_left(boot: Boot) -> None:
 
 def test_server_down_prompts_within_the_grace_and_a_typed_key_boots(boot_down: Boot) -> None:
     """2. With the server unreachable, the prompt appears within the grace period (2 s after
-    the race starts), the typed hex key opens rpool/ROOT, the race ends (no agent process
+    the network is up, the default), the typed hex key opens rpool/ROOT, the race ends (no agent process
     is left) and the system boots to multi-user, with ifupdown bringing the network up and
     no ordering cycle."""
     agent = boot_down.report.get("units", {}).get("zfs-unlock-agent.service", {})
@@ -570,8 +593,8 @@ def test_server_down_prompts_within_the_grace_and_a_typed_key_boots(boot_down: B
     print(f"prompt: {boot_down.facts}; zfs-unlock-agent.service took {held / 1e6:.1f} s to start")
     assert boot_down.facts.get("typed"), boot_down.evidence()
     assert boot_down.facts.get("typed_to_root_mounted") is not None, boot_down.evidence()
-    # 2 s of grace; the guest's clock under TCG runs slow, so allow for it.
-    assert boot_down.facts["prompt_after_race_start"] <= GRACE_BOUND, boot_down.evidence()
+    # 2 s of grace after the network is up; TCG's pace is allowed for.
+    assert 0 < boot_down.facts["prompt_after_network"] <= GRACE_BOUND, boot_down.evidence()
     assert not boot_down.releases("rpool/ROOT"), boot_down.evidence()
     booted_to_multi_user(boot_down, ours_must_not_fail=False)
     no_initramfs_agent_left(boot_down)
@@ -730,6 +753,25 @@ def test_openzfs_21_with_ifupdown_daemon_unlocks_tank(boot_21: Boot) -> None:
     """5. With ifupdown on OpenZFS 2.1.11: see daemon_unlocked_tank."""
     network_came_up(boot_21, "ifupdown")
     daemon_unlocked_tank(boot_21)
+
+
+def test_openzfs_21_generated_units_prompt_is_answered_by_the_password_agent(
+    boot_21: Boot,
+) -> None:
+    """The booted system: tank/typed (keylocation=prompt, hex) behind OpenZFS's generated
+    zfs-load-key@ unit, with no drop-in of ours; its question is answered by the password
+    agent with the server's key, the unit succeeds and the generated mount unit mounts it."""
+    typed = boot_21.report["zfs"].get("tank/typed", {})
+    assert typed.get("keystatus") == "available", boot_21.evidence()
+    assert typed.get("mounted") == "yes", boot_21.evidence()
+    assert boot_21.releases("tank/typed"), boot_21.evidence()
+    answered = "tank/typed: answered the password question with the key server's key"
+    assert answered in boot_21.report["journal"], boot_21.evidence()
+    unit = boot_21.report["units"]["zfs-load-key@tank-typed.service"]
+    assert unit.get("ActiveState") == "active" and unit.get("Result") == "success", (
+        boot_21.evidence()
+    )
+    assert "zfs-unlock-agent.conf" not in unit.get("DropInPaths", ""), boot_21.evidence()
 
 
 def test_zfs_list_cache_units_leave_the_agents_mounts_alone(boot_21: Boot) -> None:

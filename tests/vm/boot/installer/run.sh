@@ -58,6 +58,16 @@ cp /etc/zfs/zpool.cache /target/etc/zfs/zpool.cache
 # rpool and tank, as OpenZFS's Debian root-on-ZFS guide sets it up (zed keeps it current;
 # zfs-mount-generator makes units from it): zed's cacher's columns, the altroot dropped.
 if [ -e "$share/zfs-list-cache" ]; then
+    # A data dataset behind OpenZFS's own prompt (keylocation=prompt, a hex key), kept
+    # with the stock units and without our drop-in: zfs-mount-generator makes its
+    # zfs-load-key@ unit, whose question the password agent answers with the server's key.
+    # Wanted by multi-user.target: with ifupdown the network comes after local-fs.target.
+    agent enroll --dataset tank/typed --keyformat hex --create
+    zfs set org.openzfs.systemd:ignore=off tank/typed
+    zfs set org.openzfs.systemd:wanted-by=multi-user.target tank/typed
+    echo "written at install time" >/tank/typed/marker
+    rm /target/lib/systemd/system/zfs-load-key@.service.d/zfs-unlock-agent.conf
+    say "tank/typed enrolled, left to OpenZFS's prompt"
     props=name,mountpoint,canmount,atime,relatime,devices,exec,readonly,setuid,nbmand
     props=$props,encroot,keylocation,org.openzfs.systemd:requires
     props=$props,org.openzfs.systemd:requires-mounts-for,org.openzfs.systemd:before
@@ -73,8 +83,9 @@ if [ -e "$share/zfs-list-cache" ]; then
     say "zfs-list.cache: $(cat /target/etc/zfs/zfs-list.cache/* | cut -f1,2,11,20 | tr '\t\n' ' ;')"
 fi
 
-for root in rpool/ROOT tank/secure usb/secure; do
+for root in rpool/ROOT tank/secure usb/secure tank/typed; do
     pool=${root%%/*}
+    zfs list "$root" >/dev/null 2>&1 || continue
     echo "$root $(zpool get -Hp -o value guid "$pool") $(zfs get -Hp -o value guid "$root")" \
         "$(zfs get -H -o value keyformat,keylocation,zfs-unlock-agent:managed "$root" |
             tr '\n' ' ')"

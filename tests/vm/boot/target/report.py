@@ -222,6 +222,7 @@ def main() -> int:
         "zfs-unlock-agent.target", "zua-needs-data.service", "local-fs.target",
         "systemd-networkd.service", "networking.service", "ifupdown-wait-online.service",
         "NetworkManager.service", "NetworkManager-wait-online.service",
+        "zfs-load-key@tank-typed.service", "zfs-unlock-agent-password.service",
     )  # fmt: skip
     report["network"] = network()
     report["zfs_list_cache"] = sorted(p.name for p in Path("/etc/zfs/zfs-list.cache").glob("*"))
