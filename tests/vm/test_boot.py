@@ -419,6 +419,7 @@ def booted_to_multi_user(boot: Boot, ours_must_not_fail: bool = True) -> None:
 def test_initramfs_tools_fetches_root_key_and_boots(boot_up: Boot) -> None:
     """1. update-initramfs's image with zfs-initramfs and our hook gets rpool/ROOT's key from
     the server (the audit log shows the release), and the system reaches multi-user."""
+    print(f"itools-up: {boot_up.facts}")
     assert boot_up.releases("rpool/ROOT"), f"no release of rpool/ROOT\n{boot_up.evidence()}"
     no_prompt(boot_up)
     booted_to_multi_user(boot_up)
@@ -596,6 +597,9 @@ def test_server_down_prompts_within_the_grace_and_a_typed_key_boots(boot_down: B
     # 2 s of grace after the network is up; TCG's pace is allowed for.
     assert 0 < boot_down.facts["prompt_after_network"] <= GRACE_BOUND, boot_down.evidence()
     assert not boot_down.releases("rpool/ROOT"), boot_down.evidence()
+    # decrypt_fs found the key loaded: every prompt shown was the race's, none OpenZFS's.
+    prompts = re.findall(f"(?:{PROMPT.pattern}).{{0,3}}", boot_down.run.console)
+    assert all("(" in shown for shown in prompts), f"{prompts}\n{boot_down.evidence()}"
     booted_to_multi_user(boot_down, ours_must_not_fail=False)
     no_initramfs_agent_left(boot_down)
     network_came_up(boot_down, "ifupdown")
