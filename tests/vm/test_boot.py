@@ -219,9 +219,14 @@ def write_agent_config(directory: Path, server: KeyServer, creds: HostCreds) -> 
     (pins.json, for /var/lib/zfs-unlock-agent). Every boot's unlock, in the initramfs that
     update-initramfs or dracut built and under systemd, then reaches the server only
     through the learned pin."""
-    # TCG is slow: Python starts in seconds, TLS handshakes take a while.
+    # TCG is slow: Python starts in seconds, TLS handshakes take a while. The daemon's boot
+    # pass took 5-10 s here with the server up; 15 s, not 30, is what a boot with the server
+    # down waits for it.
     write_guest_agent_config(
-        directory, server, creds, "connect_timeout = 5\nread_timeout = 30\ndeadline = 30\n"
+        directory,
+        server,
+        creds,
+        "connect_timeout = 5\nread_timeout = 30\ndeadline = 30\n[daemon]\nboot_deadline = 15\n",
     )
     toml = directory / "agent.toml"
     toml.write_text(toml.read_text().replace(server.pin, RETIRED_PIN))
