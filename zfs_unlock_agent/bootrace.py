@@ -28,7 +28,7 @@ import subprocess
 import termios
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from zfs_unlock_agent.errors import (
     EX_NOPERM,
     EX_OK,
     EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     AgentError,
     KeyAlreadyLoaded,
     ZfsError,
@@ -63,13 +64,17 @@ STOPPED = "stopped by a signal"
 
 
 class Race:
-    """Who won, once somebody has."""
+    """Who won, once somebody has, and which keys are on their way into zfs (so that the
+    watcher does not credit somebody else with a key that is being loaded here)."""
 
     def __init__(self) -> None:
         self.over = threading.Event()
+        self.network_up = threading.Event()  # the network is up, or the wait for it is over
         self.prompt_may_start = threading.Event()  # the grace is over, or the network gave up
         self.prompt_shown = threading.Event()
+        self.network_gave_up = threading.Event()
         self.winner = ""
+        self._loading = 0
         self._lock = threading.Lock()
 
     def finish(self, winner: str) -> None:
@@ -77,28 +82,55 @@ class Race:
             if not self.over.is_set():
                 self.winner = winner
                 self.over.set()
+                self.network_up.set()
                 self.prompt_may_start.set()
+
+    def begin_load(self) -> None:
+        """A key of ours is on its way into zfs: the watcher leaves the verdict to it."""
+        with self._lock:
+            self._loading += 1
+
+    def end_load(self) -> None:
+        with self._lock:
+            self._loading -= 1
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        self.begin_load()
+        try:
+            yield
+        finally:
+            self.end_load()
+
+    def finish_unless_loading(self, winner: str) -> None:
+        with self._lock:
+            if self._loading:
+                return
+        self.finish(winner)
 
 
 class Prompt(Protocol):
     def ask(self, text: str, race: Race) -> Secret | None:
-        """A typed line, or None when the race ended first or nothing can be typed."""
+        """A typed line (empty: ask again), or None when the race ended first or nothing
+        can be typed any more."""
 
     def say(self, text: str) -> None:
         """A line for the person at the console."""
 
-    def close(self) -> None:
-        """Take the prompt down (the race is over)."""
+    def close(self, last: str) -> None:
+        """Take the prompt down for good (the race is over), then say LAST, if anything."""
 
 
 class ConsolePrompt:
     """Asks on a terminal with echo off, as `zfs load-key` would; reads with select so
-    that a key from the network can take the prompt down."""
+    that a key from the network can take the prompt down. Once closed, it writes nothing
+    more and leaves echo on, whatever a late asking thread tries."""
 
     def __init__(self, fd_in: int, fd_out: int) -> None:
         self.fd = fd_in
         self.fd_out = fd_out
         self._saved: list[Any] | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def ask(self, text: str, race: Race) -> Secret | None:
@@ -115,8 +147,8 @@ class ConsolePrompt:
                 if race.over.is_set():  # a line typed as the race ended is not used
                     return None
                 count = os.readv(self.fd, [view[used:]])
-                if count == 0:  # no console to read from: nobody can type
-                    return None
+                if count == 0:  # Ctrl-D on a terminal asks again; a closed pipe ends asking
+                    return Secret(b"") if os.isatty(self.fd) else None
                 used += count
                 end = buffer.find(b"\n", 0, used)
                 if end >= 0:
@@ -124,8 +156,10 @@ class ConsolePrompt:
                         end -= 1
                     return Secret(view[:end])
                 if used == len(buffer):
+                    with contextlib.suppress(termios.error):
+                        termios.tcflush(self.fd, termios.TCIFLUSH)  # the rest is no key either
                     self._write("\n")
-                    self.say("too long; try again")
+                    self.say("That is too long for a key; try again.")
                     return Secret(b"")
             return None
         finally:
@@ -137,25 +171,41 @@ class ConsolePrompt:
     def say(self, text: str) -> None:
         self._write(text + "\n")
 
-    def close(self) -> None:
-        self._echo(True)
+    def close(self, last: str) -> None:
+        with self._lock:
+            self._restore()
+            if last:
+                self._write_now(f"\n{last}\n")
+            self._closed = True
 
     def _echo(self, on: bool) -> None:
         with self._lock:
+            if on:
+                self._restore()
+                return
+            if self._closed:
+                return
             try:
-                if not on:
-                    if self._saved is None:
-                        self._saved = termios.tcgetattr(self.fd)
-                    quiet = termios.tcgetattr(self.fd)
-                    quiet[3] &= ~termios.ECHO
-                    termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
-                elif self._saved is not None:
-                    termios.tcsetattr(self.fd, termios.TCSANOW, self._saved)
-                    self._saved = None
+                if self._saved is None:
+                    self._saved = termios.tcgetattr(self.fd)
+                quiet = termios.tcgetattr(self.fd)
+                quiet[3] &= ~termios.ECHO
+                termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
             except termios.error:  # not a terminal (a pipe in a test): nothing to echo
                 pass
 
+    def _restore(self) -> None:
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSANOW, self._saved)
+            self._saved = None
+
     def _write(self, text: str) -> None:
+        with self._lock:
+            if not self._closed:
+                self._write_now(text)
+
+    def _write_now(self, text: str) -> None:
         with contextlib.suppress(OSError):
             os.write(self.fd_out, text.encode())
 
@@ -165,13 +215,19 @@ class PlymouthPrompt:
 
     def __init__(self, plymouth: str) -> None:
         self.plymouth = plymouth
+        self._asking: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self._lock = threading.Lock()
 
     def ask(self, text: str, race: Race) -> Secret | None:
-        asking = subprocess.Popen(  # noqa: S603 - a fixed program and fixed words
-            [self.plymouth, "ask-for-password", f"--prompt={text}"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-        )
+        with self._lock:
+            if self._closed:
+                return None
+            asking = self._asking = subprocess.Popen(  # noqa: S603 - a fixed program
+                [self.plymouth, "ask-for-password", f"--prompt={text}"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+            )
         stdout = asking.stdout
         if stdout is None:  # never: stdout=PIPE
             return None
@@ -194,23 +250,42 @@ class PlymouthPrompt:
                 return None
             return Secret(view[:used])
         finally:
-            if asking.poll() is None:
-                asking.terminate()  # takes the question off the splash screen
-            asking.wait()
+            self._take_down(asking)
             stdout.close()
             view.release()
             buffer[:] = bytes(len(buffer))
 
     def say(self, text: str) -> None:
-        subprocess.run(  # noqa: S603 - a fixed program
-            [self.plymouth, "display-message", f"--text={text}"],
-            stdin=subprocess.DEVNULL,
-            check=False,
-            timeout=10,
-        )
+        with self._lock:
+            if self._closed:
+                return
+        self._message(text)
 
-    def close(self) -> None:
-        pass
+    def close(self, last: str) -> None:
+        with self._lock:
+            self._closed = True
+            asking = self._asking
+        if asking is not None:
+            self._take_down(asking)
+        if last:
+            self._message(last)
+
+    @staticmethod
+    def _take_down(asking: subprocess.Popen[bytes]) -> None:
+        """Ending the client takes its question off the splash screen."""
+        if asking.poll() is None:
+            asking.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            asking.wait(timeout=5)
+
+    def _message(self, text: str) -> None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(  # noqa: S603 - a fixed program
+                [self.plymouth, "display-message", f"--text={text}"],
+                stdin=subprocess.DEVNULL,
+                check=False,
+                timeout=10,
+            )
 
 
 def plymouth_running() -> str | None:
@@ -241,23 +316,30 @@ def any_prompt() -> Prompt:
     return PlymouthPrompt(plymouth) if plymouth is not None else console_prompt()
 
 
+# CLIENT(RACE, REPORT, DEADLINE): a key client whose pauses end when RACE does, that tells
+# REPORT of each failed try and gives up after DEADLINE seconds.
+ClientFactory = Callable[[Race, Callable[[str], None], float], KeyClient]
+
+
 class BootRace:
     def __init__(
         self,
         unlocker: Unlocker,
-        client: Callable[[Race, Callable[[str], None]], KeyClient],
+        client: ClientFactory,
         root: str,
         prompt: Callable[[], Prompt],
         grace: float = GRACE_SECONDS,
         deadline: float | None = None,
         network_up: Path | None = None,
         network_wait: float = NETWORK_WAIT,
+        request_deadline: float = 60.0,
     ) -> None:
-        """CLIENT(RACE, REPORT) makes a key client whose pauses end when RACE does and
-        that tells REPORT of each failed try; PROMPT() makes
-        the prompt once the grace period is over (plymouth may have started meanwhile).
-        NETWORK_UP: a file that appears once the network is up; the grace period starts
-        then, or after NETWORK_WAIT seconds without it."""
+        """PROMPT() makes the prompt once the grace period is over (plymouth may have
+        started meanwhile). NETWORK_UP: a file that appears once the network is up; the
+        key server is asked, and the grace period starts, then, or after NETWORK_WAIT
+        seconds without it. DEADLINE: stop asking the key server after that long (None:
+        for as long as the race lasts). REQUEST_DEADLINE: how long one request to the
+        servers may take, its retries included ([network] deadline)."""
         self.unlocker = unlocker
         self.client = client
         self.root = root
@@ -266,54 +348,75 @@ class BootRace:
         self.network_up = network_up
         self.network_wait = network_wait
         self.deadline = deadline
+        self.request_deadline = request_deadline
         self.race = Race()
         self.prompt: Prompt | None = None
+        self.network_status = 0  # why the network side gave up, when it did
+        self._key_in_hand = False
 
-    def run(self) -> int:
-        """Race until a key is loaded (exit 0) or a signal stops it (exit 75 unless the
-        key was loaded meanwhile)."""
+    def run(self, managed: set[str]) -> int:
+        """Race until a key is loaded (exit 0). Without a key: 69 for a root the agent
+        does not manage (left to OpenZFS at once), the network side's status when nothing
+        can be typed and the server gave up, 75 when a signal stopped the race."""
         zfs = self.unlocker.zfs
         inventory = zfs.inventory()
         root = inventory.root_of(self.root)
         if root.keystatus == "available":
             log.info("%s: its key is loaded already", root.name)
             return EX_OK
-        log.info(
-            "%s: asking the key server; a prompt follows %g s after the network is up, unless"
-            " a key loads first",
-            root.name,
-            self.grace,
-        )
+        if root.name not in managed:
+            log.info("%s: not managed by zfs-unlock-agent; left to OpenZFS", root.name)
+            return EX_UNAVAILABLE
+        typable = root.keyformat in TYPABLE_KEYFORMATS and root.keylocation == "prompt"
+        if typable:
+            log.info(
+                "%s: asking the key server; a prompt follows %g s after the network is up,"
+                " unless a key loads first",
+                root.name,
+                self.grace,
+            )
         previous = {
             signum: signal.signal(signum, self._stop) for signum in (signal.SIGTERM, signal.SIGINT)
         }
-        tasks = [
-            threading.Thread(target=self._network, args=(inventory, root), daemon=True),
-            threading.Thread(target=self._ask, args=(root,), daemon=True),
+        network = threading.Thread(target=self._network, args=(inventory, root), daemon=True)
+        asking = threading.Thread(target=self._ask, args=(root,), daemon=True)
+        for task in (
+            network,
+            asking,
             threading.Thread(target=self._watch, args=(root.name,), daemon=True),
-        ]
-        for task in tasks:
+        ):
             task.start()
         try:
             self._grace()
             while not self.race.over.wait(_POLL_SECONDS):
-                pass
+                if self.race.network_gave_up.is_set() and not typable:
+                    break  # nobody can type this key: OpenZFS goes on its own way
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        prompt = self.prompt
-        if prompt is not None:
-            prompt.close()
-            if self.race.winner != BY_TYPED:
-                prompt.say(f"{root.name}: unlocked with {self.race.winner}; no key needed")
-        if self.race.winner == STOPPED:
+        return self._end(root, network, asking)
+
+    def _end(self, root: Dataset, network: threading.Thread, asking: threading.Thread) -> int:
+        winner = self.race.winner
+        loaded = winner in (BY_SERVER, BY_TYPED, BY_OTHER)
+        if not loaded:
             try:
-                loaded = zfs.keystatus(root.name) == "available"
+                loaded = self.unlocker.zfs.keystatus(root.name) == "available"
             except AgentError:
                 loaded = False
+        self.race.finish(winner or "nobody")  # stops the other tasks' loops
+        prompt = self.prompt
+        if prompt is not None:
+            last = "" if winner == BY_TYPED or not loaded else f"{root.name}: unlocked with"
+            prompt.close(f"{last} {winner}; no key needed" if last else "")
+            asking.join(_POLL_SECONDS * 3)  # its own clean-up (echo, the splash question)
+        if winner == STOPPED:
             log.info("%s: stopped; its key is %s", root.name, "loaded" if loaded else "not loaded")
             return EX_OK if loaded else EX_TEMPFAIL
-        log.info("%s: unlocked with %s", root.name, self.race.winner)
+        if not loaded:
+            log.error("%s: no key from the key server, and it cannot be typed", root.name)
+            return self.network_status or EX_TEMPFAIL
+        log.info("%s: unlocked with %s", root.name, winner)
         return EX_OK
 
     def _grace(self) -> None:
@@ -325,6 +428,7 @@ class BootRace:
             while not self.network_up.exists() and time.monotonic() < until:
                 if waiting.wait(0.1):
                     return
+        self.race.network_up.set()
         waiting.wait(self.grace)
         waiting.set()
 
@@ -334,16 +438,25 @@ class BootRace:
     # The network
 
     def _network(self, inventory: Inventory, root: Dataset) -> None:
+        # Asked before the network is up, the server would only pile up pauses (up to
+        # backoff_max) that could hold its answer back past the grace period.
+        self.race.network_up.wait()
         try:
             results = self.unlocker.unlock(inventory, [root], mount=False, source=self._fetch)
         except AgentError as exc:
             log.error("%s: %s", root.name, exc)
-            results = []
-        if results and results[0].outcome == "unlocked":
+            results = [RootResult(root.name, "failed", exc.exit_code, str(exc))]
+        finally:
+            if self._key_in_hand:
+                self.race.end_load()
+        outcome = results[0]
+        if outcome.outcome == "unlocked":
             self.race.finish(BY_SERVER)
-        elif results and results[0].outcome == "available":
+        elif outcome.outcome == "available" and outcome.message != _RACE_OVER:
             self.race.finish(BY_OTHER)
         elif not self.race.over.is_set():
+            self.network_status = outcome.exit_code
+            self.race.network_gave_up.set()
             self.race.prompt_may_start.set()  # nothing more will come from the network
 
     def _fetch(
@@ -353,11 +466,20 @@ class BootRace:
         or the deadline passes. Only a failure that retrying cannot mend ends it early."""
         [root] = locked
         ref = DatasetRef(inventory.pool_guid(root), root.guid)
+        limit = self.request_deadline
         until = None if self.deadline is None else time.monotonic() + self.deadline
         while not self.race.over.is_set():
+            left = limit if until is None else min(limit, until - time.monotonic())
             try:
-                with self.client(self.race, self.progress) as client:
+                if left <= 0:
+                    raise DeadlinePassed
+                with self.client(self.race, self.progress, left) as client:
                     released, _ = client.release(self.unlocker.machine_id, [ref])
+            except DeadlinePassed:
+                results[root.name] = RootResult(
+                    root.name, "failed", EX_TEMPFAIL, "no key from the key server in time"
+                )
+                return {}
             except AgentError as exc:
                 if exc.exit_code == EX_TEMPFAIL and (until is None or time.monotonic() < until):
                     self.progress(f"{root.name}: no key from the key server yet ({exc})")
@@ -372,8 +494,10 @@ class BootRace:
             if self.race.over.is_set():
                 released[ref].wipe()
                 break
+            self._key_in_hand = True  # ended by _network, once Unlocker.unlock has loaded it
+            self.race.begin_load()
             return {root.name: released[ref]}
-        results[root.name] = RootResult(root.name, "available", message="the race is over")
+        results[root.name] = RootResult(root.name, "available", message=_RACE_OVER)
         return {}
 
     def progress(self, message: str) -> None:
@@ -388,6 +512,8 @@ class BootRace:
         self.race.prompt_may_start.wait()
         if self.race.over.is_set():
             return
+        if root.keylocation != "prompt":
+            return  # OpenZFS loads it from its keylocation once the server gave up
         prompt = self.prompt = self.make_prompt()
         if root.keyformat not in TYPABLE_KEYFORMATS:
             prompt.say(
@@ -404,23 +530,23 @@ class BootRace:
             if typed is None:
                 return
             with typed:
-                if not len(typed):
-                    continue
-                self._try_typed(root.name, typed, what, prompt)
+                if len(typed):
+                    self._try_typed(root.name, typed, what, prompt)
 
     def _try_typed(self, root: str, typed: Secret, what: str, prompt: Prompt) -> None:
-        try:
-            self.unlocker.zfs.load_key(root, typed)
-        except KeyAlreadyLoaded:
-            self.race.finish(BY_OTHER)
-            return
-        except ZfsError as exc:
-            if exc.exit_code == EX_BADKEY:
-                prompt.say(f"That {what} does not open {root}; try again.")
-            else:
-                prompt.say(f"{root}: {exc}; try again.")
-            return
-        self.race.finish(BY_TYPED)
+        with self.race.loading():
+            try:
+                self.unlocker.zfs.load_key(root, typed)
+            except KeyAlreadyLoaded:
+                self.race.finish(BY_OTHER)
+                return
+            except ZfsError as exc:
+                if exc.exit_code == EX_BADKEY:
+                    prompt.say(f"That {what} does not open {root}; try again.")
+                else:
+                    prompt.say(f"{root}: {exc}; try again.")
+                return
+            self.race.finish(BY_TYPED)
 
     # Anybody else
 
@@ -428,6 +554,13 @@ class BootRace:
         while not self.race.over.wait(WATCH_SECONDS):
             try:
                 if self.unlocker.zfs.keystatus(root) == "available":
-                    self.race.finish(BY_OTHER)
+                    self.race.finish_unless_loading(BY_OTHER)
             except AgentError as exc:
                 log.debug("%s: cannot read the keystatus: %s", root, exc)
+
+
+_RACE_OVER = "the race is over"
+
+
+class DeadlinePassed(Exception):
+    """--deadline ran out between two requests."""

@@ -259,11 +259,11 @@ def cmd_password_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_boot_unlock(args: argparse.Namespace) -> int:
-    from zfs_unlock_agent.bootrace import BootRace, Race, any_prompt  # noqa: PLC0415
+    from zfs_unlock_agent.bootrace import GRACE_SECONDS, BootRace, Race, any_prompt  # noqa: PLC0415
 
     cfg = _load(args)
 
-    def client(race: Race, report: Callable[[str], None]) -> KeyClient:
+    def client(race: Race, report: Callable[[str], None], deadline: float) -> KeyClient:
         def pause(seconds: float) -> None:  # a pause that the end of the race cuts short
             race.over.wait(seconds)
 
@@ -271,21 +271,42 @@ def cmd_boot_unlock(args: argparse.Namespace) -> int:
             cfg.trusted_servers(),
             cfg.client_certificate,
             cfg.client_key,
-            cfg.network,
+            cfg.network._replace(deadline=deadline),
             sleep=pause,
             report=report,
         )
 
+    unlocker = _unlocker(cfg)
+    inventory = unlocker.zfs.inventory()
+    managed = {r.name for r in select_roots(inventory, cfg, [], True, on_missing=log.debug)}
     race = BootRace(
-        _unlocker(cfg),
+        unlocker,
         client,
         validate.dataset_name(args.dataset),
         any_prompt,
-        grace=args.grace,
-        deadline=args.deadline,
+        grace=_kernel_seconds("zfs_unlock_agent.grace", args.grace, GRACE_SECONDS, zero=True)
+        or 0.0,
+        deadline=_kernel_seconds("zfs_unlock_agent.deadline", args.deadline, None, zero=False),
         network_up=args.network_up,
+        request_deadline=cfg.network.deadline,
     )
-    return race.run()
+    return race.run(managed)
+
+
+def _kernel_seconds(name: str, text: str | None, default: float | None, zero: bool) -> float | None:
+    """A number of seconds from the kernel command line. A typo there must cost neither
+    the prompt nor the key server: it is said, and DEFAULT stands in."""
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    lowest_ok = value >= 0 if zero else value > 0
+    if lowest_ok and value < 86400:
+        return value
+    log.warning("%s=%s is not a number of seconds we can use; taking %s", name, text, default)
+    return default
 
 
 def _seconds(text: str) -> float:
@@ -296,11 +317,6 @@ def _seconds(text: str) -> float:
     if not 0 < value < 86400:
         raise argparse.ArgumentTypeError("must be more than 0 and less than 86400")
     return value
-
-
-def _grace(text: str) -> float:
-    """0 (the prompt at once) is allowed, unlike _seconds."""
-    return 0.0 if text.strip() in ("0", "0.0") else _seconds(text)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -512,8 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, metavar="DS")
     p.add_argument(
         "--grace",
-        type=_grace,
-        default=2.0,
         metavar="SECONDS",
         help="show the prompt this long after the network is up, without a key from the server"
         " (default 2)",
@@ -522,12 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--network-up",
         type=Path,
         metavar="FILE",
-        help="a file that appears once the network is up: the grace period starts then (or"
-        " after 15 s without it); without this option, at once",
+        help="a file that appears once the network is up: the server is asked and the grace"
+        " period starts then (or after 15 s without it); without this option, at once",
     )
     p.add_argument(
         "--deadline",
-        type=_seconds,
         metavar="SECONDS",
         help="stop asking the servers after this long (default: for as long as the race lasts)",
     )

@@ -21,7 +21,7 @@ from tests.fakes import sha256
 from tests.keyserver import KeyServer
 
 PROMPT = re.compile(r"Enter hex key for 'tank/secret' \(the key server is tried meanwhile\): ")
-EX_TEMPFAIL = 75
+EX_UNAVAILABLE, EX_TEMPFAIL = 69, 75
 
 
 class Console:
@@ -92,9 +92,9 @@ def finish(process: subprocess.Popen[str], timeout: float = 30) -> tuple[int, st
     return process.returncode, err
 
 
-def hex_root(host: AgentHost, keyformat: str = "hex") -> bytes:
+def hex_root(host: AgentHost, keyformat: str = "hex", **extra: object) -> bytes:
     pool = host.zfs.add_pool("tank")
-    return host.encrypted_dataset("tank/secret", pool, keyformat=keyformat)
+    return host.encrypted_dataset("tank/secret", pool, keyformat=keyformat, **extra)
 
 
 def stopped_server_host(keyserver: KeyServer, tmp_path: Path, name: str) -> tuple[AgentHost, bytes]:
@@ -215,6 +215,8 @@ def test_zfsunlocks_kill_takes_the_prompt_down(
     assert code == EX_TEMPFAIL, err
     assert "tank/secret: stopped; its key is not loaded" in err
     assert console.echoes(), "a killed prompt must not leave the console without echo"
+    console.read(0.2)
+    assert "unlocked" not in console.output
 
 
 def test_a_raw_key_cannot_be_typed_and_the_console_says_what_to_do(
@@ -271,6 +273,7 @@ DIR="$(dirname "$0")"
 case "$1" in
 --ping) exit 0 ;;
 ask-for-password)
+	echo "$$" >"$DIR/asking-pid"
 	echo "$2" >>"$DIR/asked"
 	while [ ! -e "$DIR/typed" ]; do sleep 0.05; done
 	cat "$DIR/typed"; rm -f "$DIR/typed" ;;
@@ -305,3 +308,92 @@ def test_with_plymouth_running_the_splash_screen_asks(
     assert code == 0, err
     assert "tank/secret: unlocked with the typed key" in err
     assert not PROMPT.search(console.output), "plymouth asks, not the console"
+
+
+def test_the_server_winning_takes_the_question_off_the_splash_screen(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host, _ = stopped_server_host(keyserver, tmp_path, "race-splash")
+    splash = host.root / "no-plymouth"
+    splash.mkdir()
+    (splash / "plymouth").write_text(PLYMOUTH)
+    (splash / "plymouth").chmod(0o755)
+    racing = boot_unlock(host, console, "--grace", "0")
+    deadline = time.monotonic() + 20
+    while not (splash / "asking-pid").exists():
+        assert time.monotonic() < deadline and racing.poll() is None
+        time.sleep(0.05)
+    asking = int((splash / "asking-pid").read_text())
+    keyserver.start()
+    code, err = finish(racing, 60)
+    assert code == 0, err
+    assert "tank/secret: unlocked with the key server's key" in err
+    with pytest.raises(ProcessLookupError):  # the question is off the screen
+        os.kill(asking, 0)
+    said = (splash / "messages").read_text()
+    assert "tank/secret: unlocked with the key server's key; no key needed" in said
+
+
+def test_a_root_this_host_does_not_manage_is_left_to_openzfs_at_once(
+    shared_keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, "race-unmanaged")
+    hex_root(host, managed=False)
+    code, err = finish(boot_unlock(host, console, "--grace", "0"))
+    assert code == EX_UNAVAILABLE, err
+    assert "tank/secret: not managed by zfs-unlock-agent; left to OpenZFS" in err
+    assert not PROMPT.search(console.output)
+    assert not host.zfs.calls("zfs", "load-key")
+
+
+@pytest.mark.parametrize(
+    ("keyformat", "keylocation"),
+    [("hex", "file:///etc/zfs/tank.key"), ("raw", "prompt")],
+    ids=["keylocation-file", "raw"],
+)
+def test_with_nothing_to_type_a_server_that_gives_up_ends_the_race(
+    keyserver: KeyServer, tmp_path: Path, console: Console, keyformat: str, keylocation: str
+) -> None:
+    # OpenZFS then goes on as usual (keylocation=file:// loads from the file); a race that
+    # went on would only hold the boot.
+    keyserver.start()
+    host = AgentHost.create(tmp_path, keyserver, f"race-gives-up-{keyformat}")
+    hex_root(host, keyformat=keyformat, keylocation=keylocation)
+    keyserver.stop()
+    started = time.monotonic()
+    code, err = finish(boot_unlock(host, console, "--grace", "0", "--deadline", "1"))
+    assert code == EX_TEMPFAIL, err
+    assert time.monotonic() - started < 5, "--deadline bounds the requests it is cut into"
+    assert "tank/secret: no key from the key server, and it cannot be typed" in err
+    assert not re.search(r"Enter \S+", console.output)
+
+
+@pytest.mark.parametrize("grace", ["00", "0.0", "x", "-1", "99999"])
+def test_a_grace_from_the_kernel_command_line_never_costs_the_race(
+    shared_keyserver: KeyServer, tmp_path: Path, console: Console, grace: str
+) -> None:
+    host = AgentHost.create(tmp_path, shared_keyserver, f"race-grace-{grace}")
+    hex_root(host)
+    code, err = finish(boot_unlock(host, console, "--grace", grace, "--deadline", "0.0"))
+    assert code == 0, err
+    assert "tank/secret: unlocked with the key server's key" in err
+    if grace in ("x", "-1", "99999"):
+        assert f"zfs_unlock_agent.grace={grace} is not a number of seconds we can use" in err
+
+
+def test_a_line_too_long_for_a_key_is_refused_whole(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    host, key = stopped_server_host(keyserver, tmp_path, "race-long")
+    racing = boot_unlock(host, console, "--grace", "0")
+    console.wait_for(PROMPT)
+    console.type(b"a" * 1500 + b"\n")
+    said = re.compile(r"That is too long for a key; try again\.")
+    console.wait_for(said)
+    console.wait_for(PROMPT, start=said.search(console.output).end())  # type: ignore[union-attr]
+    console.type(key + b"\n")
+    code, err = finish(racing)
+    assert code == 0, err
+    assert "tank/secret: unlocked with the typed key" in err
+    [loaded] = host.zfs.calls("zfs", "load-key")  # nothing of the long line reached zfs
+    assert loaded["stdin_sha256"] == sha256(key)

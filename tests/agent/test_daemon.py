@@ -735,15 +735,25 @@ def test_with_openzfs_prompt_answer_a_root_asked_for_is_left_to_the_password_age
     question = asks / "ask.x"
     question.write_text(ASKED.format(pid=os.getpid()))
     cfg = config.load(host.config_path)
-    daemon = Daemon(cfg, Notifier({}), signals, watch_with(None), ask_directory=asks)
+    now = [1000.0]
+    daemon = Daemon(
+        cfg, Notifier({}), signals, watch_with(None), clock=lambda: now[0], ask_directory=asks
+    )
 
     daemon.unlock_pass(10)
     assert host.zfs.keystatus("tank/secret") == "unavailable"
     assert not host.zfs.calls("zfs", "load-key")
-    assert daemon.summary().startswith("0 of 1 managed encryption roots unlocked; 1 locked")
+    assert daemon.summary() == (
+        "0 of 1 managed encryption roots unlocked; 1 locked, next try in 5 s"
+    )
+    now[0] += 5  # still asked at the next look: still left alone
+    daemon.unlock_pass(10)
+    assert host.zfs.keystatus("tank/secret") == "unavailable"
 
     question.unlink()  # answered, timed out, or its unit gave up: the daemon takes over
-    daemon.retries.clear()
+    daemon.unlock_pass(10)
+    assert host.zfs.keystatus("tank/secret") == "unavailable", "not before it is due"
+    now[0] += 5
     daemon.unlock_pass(10)
     assert host.zfs.keystatus("tank/secret") == "available"
 
