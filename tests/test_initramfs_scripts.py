@@ -381,9 +381,7 @@ def test_a_network_that_hangs_does_not_hold_the_race_back(initramfs: Image) -> N
     )
     add_stubs(initramfs)
     initramfs.add_text("/proc/cmdline", CMDLINE + "\n")
-    initramfs.add_text(
-        "/etc/zfs/initramfs-tools-load-key.d/zfs-unlock-agent", PROVIDER.read_text()
-    )
+    initramfs.add_text("/etc/zfs/initramfs-tools-load-key.d/zfs-unlock-agent", PROVIDER.read_text())
     initramfs.add_text("/decrypt_fs", script, 0o755)
     state(initramfs, "keystatus", "unavailable\n")
     state(initramfs, "agent-exit", "0\n")
