@@ -368,6 +368,9 @@ class BootRace:
             log.info("%s: not managed by zfs-unlock-agent; left to OpenZFS", root.name)
             return EX_UNAVAILABLE
         typable = root.keyformat in TYPABLE_KEYFORMATS and root.keylocation == "prompt"
+        if root.keylocation != "prompt" and self.deadline is None:
+            # OpenZFS loads such a key from its keylocation once we are done: not forever.
+            self.deadline = self.request_deadline
         if typable:
             log.info(
                 "%s: asking the key server; a prompt follows %g s after the network is up,"

@@ -397,3 +397,18 @@ def test_a_line_too_long_for_a_key_is_refused_whole(
     assert "tank/secret: unlocked with the typed key" in err
     [loaded] = host.zfs.calls("zfs", "load-key")  # nothing of the long line reached zfs
     assert loaded["stdin_sha256"] == sha256(key)
+
+
+def test_a_key_with_a_keylocation_of_its_own_is_tried_for_one_request_deadline(
+    keyserver: KeyServer, tmp_path: Path, console: Console
+) -> None:
+    # Without --deadline: [network] deadline (6 s here), then OpenZFS loads it its own way.
+    keyserver.start()
+    host = AgentHost.create(tmp_path, keyserver, "race-own-location")
+    hex_root(host, keylocation="file:///etc/zfs/tank.key")
+    keyserver.stop()
+    started = time.monotonic()
+    code, err = finish(boot_unlock(host, console, "--grace", "0"))
+    assert code == EX_TEMPFAIL, err
+    assert 5 < time.monotonic() - started < 20
+    assert not re.search(r"Enter \S+", console.output)
