@@ -18,13 +18,14 @@ zua-network-stack generator masks the others). One run per OpenZFS line:
       work, hot-plug, systemd-analyze, the server's unit (tests 1 and 3);
    B  initramfs-tools, ifupdown, server down: the race's prompt appears within the grace
       period, the test types the key (test 2);
-   B2 initramfs-tools, networkd, server down: a wrong key typed, then the server comes
-      back and its key wins (test 2);
    C  dracut, NetworkManager, server up: the password agent in the initrd answers
       OpenZFS's question (test 4);
    C2 dracut, networkd, server down: the key typed at systemd's console prompt wins.
    OpenZFS 2.1.11 (Debian 12's own), its own install:
-   D  initramfs-tools, ifupdown, server up: Debian 12's default host (test 5).
+   D  initramfs-tools, ifupdown: Debian 12's default host (test 5). The server is down as
+      the initramfs starts: a wrong key is typed at the race's prompt and refused, then
+      the server comes back and its key wins (test 2); the booted system's password agent
+      answers OpenZFS's generated unit for tank/typed.
 Each boot's report (tests/vm/boot/target/report.py) comes back through a 9p share.
 The tier fails when it cannot run; ZUA_SKIP_VM=1 skips it, like tests/vm/test_real_zfs.py.
 """
@@ -186,19 +187,6 @@ class Tier:
         boot = Boot(machine.name, run, report, self.server.audit_records()[audit_from:], facts)
         self.boots[machine.name] = boot
         return boot
-
-    def boot_unattended(self, variant: str, name: str, stack: str) -> Boot:
-        """A boot with the server up, which should need nobody: a prompt, should one come, is
-        answered (its tests then fail on it) so that the rest of the evidence comes in."""
-        key = self.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
-        audit_from = len(self.server.audit_records())
-        machine = self.machine(variant, name, stack, *UNHURRIED)
-        facts: dict[str, Any] = {}
-        with machine:
-            machine.start()
-            answer_unexpected_prompt(machine, key, facts, REPORT_STARTED)
-            network_key_timing(machine, facts)
-            return self.finish(machine, audit_from, facts)
 
     def key_of(self, dataset: str) -> str:
         """DATASET's key as the server holds it, fetched with the host's own certificate
@@ -614,56 +602,11 @@ def test_server_down_prompts_within_the_grace_and_a_typed_key_boots(boot_down: B
     )
 
 
-# Boot B2: initramfs-tools, server down, a wrong key typed, then the server comes back
-
-
-@pytest.fixture(scope="module")
-def boot_race(tier: Tier, boot_down: Boot) -> Boot:
-    audit_from = len(tier.server.audit_records())
-    machine = tier.machine("initramfs-tools", "itools-race", "networkd")
-    facts: dict[str, Any] = {}
-    tier.forwarder.switch(False)
-    try:
-        with machine:
-            machine.start()
-            try:
-                prompt = machine.console.wait_for(PROMPT, timeout=900)
-                time.sleep(1)
-                machine.console.type("0" * 64 + "\n")
-                refused = machine.console.wait_for(WRONG_KEY, 120, prompt.end())
-                machine.console.wait_for(PROMPT, 60, refused.end())
-                facts["wrong_key_refused"] = True
-                tier.forwarder.switch(True)
-                back = time.monotonic()
-                won = machine.console.wait_for(NETWORK_WON, 300, refused.end())
-                facts["server_back_to_unlocked"] = round(
-                    machine.console.time_of(won.start()) - back, 1
-                )
-                facts["prompt_withdrawn"] = True
-            except VmError as exc:
-                facts["race_error"] = str(exc)
-            return tier.finish(machine, audit_from, facts)
-    finally:
-        tier.forwarder.switch(True)
-
-
-def test_a_wrong_key_then_the_server_back_the_network_key_wins(boot_race: Boot) -> None:
-    """2. Server down, the prompt shown: a wrong hex key is refused with a clear message
-    and asked again; the server comes back, the key server's key opens rpool/ROOT, the
-    prompt is withdrawn and the system boots."""
-    print(f"race: {boot_race.facts}")
-    assert boot_race.facts.get("wrong_key_refused"), boot_race.evidence()
-    assert boot_race.facts.get("prompt_withdrawn"), boot_race.evidence()
-    assert boot_race.releases("rpool/ROOT"), boot_race.evidence()
-    booted_to_multi_user(boot_race)
-    no_initramfs_agent_left(boot_race)
-
-
 # Boot C: dracut, server up: the password agent answers OpenZFS's own prompt
 
 
 @pytest.fixture(scope="module")
-def boot_dracut(tier: Tier, boot_race: Boot) -> Boot:
+def boot_dracut(tier: Tier, boot_down: Boot) -> Boot:
     key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
     audit_from = len(tier.server.audit_records())
     machine = tier.machine("dracut", "dracut-up", "networkmanager")
@@ -746,16 +689,51 @@ def test_dracut_server_down_the_typed_key_wins(boot_dracut_down: Boot) -> None:
 
 @pytest.fixture(scope="module")
 def boot_21(tier21: Tier) -> Boot:
-    return tier21.boot_unattended("initramfs-tools", "itools-2.1", "ifupdown")
+    """Server down as the initramfs starts: a wrong key is typed at the race's prompt and
+    refused; then the server comes back and its key wins. The rest of the boot has it."""
+    tier = tier21
+    audit_from = len(tier.server.audit_records())
+    machine = tier.machine("initramfs-tools", "itools-2.1", "ifupdown")
+    facts: dict[str, Any] = {}
+    tier.forwarder.switch(False)
+    try:
+        with machine:
+            machine.start()
+            try:
+                prompt = machine.console.wait_for(PROMPT, timeout=900)
+                time.sleep(1)
+                machine.console.type("0" * 64 + "\n")
+                refused = machine.console.wait_for(WRONG_KEY, 120, prompt.end())
+                machine.console.wait_for(PROMPT, 60, refused.end())
+                facts["wrong_key_refused"] = True
+                tier.forwarder.switch(True)
+                back = time.monotonic()
+                won = machine.console.wait_for(NETWORK_WON, 300, refused.end())
+                facts["server_back_to_unlocked"] = round(
+                    machine.console.time_of(won.start()) - back, 1
+                )
+                facts["prompt_withdrawn"] = True
+            except VmError as exc:
+                facts["race_error"] = str(exc)
+            return tier.finish(machine, audit_from, facts)
+    finally:
+        tier.forwarder.switch(True)
 
 
-def test_openzfs_21_initramfs_tools_fetches_root_key_and_boots(boot_21: Boot) -> None:
-    """5. OpenZFS 2.1.11's initramfs-tools script, which runs no key provider of its own,
-    gets rpool/ROOT's key through our hook; the system reaches multi-user."""
+def test_openzfs_21_race_a_wrong_key_then_the_server_back_the_network_key_wins(
+    boot_21: Boot,
+) -> None:
+    """2, 5. OpenZFS 2.1.11's initramfs-tools script, which runs no key provider of its own,
+    runs the race through our hook. Server down, the prompt shown: a wrong hex key is
+    refused with a clear message and asked again; the server comes back, its key opens
+    rpool/ROOT, the prompt is withdrawn, and the system reaches multi-user."""
+    print(f"race: {boot_21.facts}")
     assert "zfs-2.1.11" in boot_21.report.get("zfs_version", ""), boot_21.evidence()
+    assert boot_21.facts.get("wrong_key_refused"), boot_21.evidence()
+    assert boot_21.facts.get("prompt_withdrawn"), boot_21.evidence()
     assert boot_21.releases("rpool/ROOT"), f"no release of rpool/ROOT\n{boot_21.evidence()}"
-    no_prompt(boot_21)
     booted_to_multi_user(boot_21)
+    no_initramfs_agent_left(boot_21)
 
 
 def test_openzfs_21_with_ifupdown_daemon_unlocks_tank(boot_21: Boot) -> None:
