@@ -208,10 +208,12 @@ def main() -> int:
     report["failed"] = run("systemctl", "list-units", "--failed", "--plain", "--no-legend")["out"]
     report["jobs"] = run("systemctl", "list-jobs", "--no-legend")["out"]
     # The initramfs's race and password agent end with the initramfs: none may be left.
+    # Both run through the initramfs's wrapper (python3 -I -m zfs_unlock_agent), the
+    # system's own password agent through /usr/bin/zfs-unlock-agent.
     report["initramfs_agents"] = [
         line.strip()
         for line in run("ps", "-eo", "pid,args", "--no-headers")["out"].splitlines()
-        if "boot-unlock" in line or "password-agent" in line
+        if "-m zfs_unlock_agent" in line
     ]
     report["zfs"] = zfs_state()
     report["findmnt"] = run("findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "/")["out"].strip()
