@@ -97,10 +97,13 @@ def hex_root(host: AgentHost, keyformat: str = "hex", **extra: object) -> bytes:
     return host.encrypted_dataset("tank/secret", pool, keyformat=keyformat, **extra)
 
 
-def stopped_server_host(keyserver: KeyServer, tmp_path: Path, name: str) -> tuple[AgentHost, bytes]:
+def stopped_server_host(
+    keyserver: KeyServer, tmp_path: Path, name: str, keyformat: str = "hex", **extra: object
+) -> tuple[AgentHost, bytes]:
+    """A host whose tank/secret key the server holds, the server then stopped."""
     keyserver.start()
     host = AgentHost.create(tmp_path, keyserver, name)
-    key = hex_root(host)
+    key = hex_root(host, keyformat, **extra)
     keyserver.stop()
     return host, key
 
@@ -222,10 +225,7 @@ def test_zfsunlocks_kill_takes_the_prompt_down(
 def test_a_raw_key_cannot_be_typed_and_the_console_says_what_to_do(
     keyserver: KeyServer, tmp_path: Path, console: Console
 ) -> None:
-    keyserver.start()
-    host = AgentHost.create(tmp_path, keyserver, "race-raw")
-    hex_root(host, keyformat="raw")
-    keyserver.stop()
+    host, _ = stopped_server_host(keyserver, tmp_path, "race-raw", "raw")
     racing = boot_unlock(host, console, "--grace", "0")
     console.wait_for(re.compile(r"tank/secret: its key is raw and cannot be typed"))
     assert "zfs load-key -L file:///PATH tank/secret" in console.output
@@ -283,25 +283,32 @@ esac
 """
 
 
+def fake_plymouth(host: AgentHost) -> Path:
+    """PLYMOUTH, first on the race's PATH (see boot_unlock); its directory."""
+    splash = host.root / "no-plymouth"
+    splash.mkdir()
+    (splash / "plymouth").write_text(PLYMOUTH)
+    (splash / "plymouth").chmod(0o755)
+    return splash
+
+
+def wait_for_file(path: Path, racing: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        assert time.monotonic() < deadline and racing.poll() is None, path
+        time.sleep(0.05)
+
+
 def test_with_plymouth_running_the_splash_screen_asks(
     keyserver: KeyServer, tmp_path: Path, console: Console
 ) -> None:
     host, key = stopped_server_host(keyserver, tmp_path, "race-plymouth")
-    splash = host.root / "no-plymouth"  # first on the race's PATH: see boot_unlock
-    splash.mkdir()
-    (splash / "plymouth").write_text(PLYMOUTH)
-    (splash / "plymouth").chmod(0o755)
+    splash = fake_plymouth(host)
     racing = boot_unlock(host, console, "--grace", "0")
-    deadline = time.monotonic() + 20
-    while not (splash / "asked").exists():
-        assert time.monotonic() < deadline and racing.poll() is None
-        time.sleep(0.05)
+    wait_for_file(splash / "asked", racing)
     assert "--prompt=Enter hex key for 'tank/secret'" in (splash / "asked").read_text()
     (splash / "typed").write_bytes(b"f" * 64)
-    deadline = time.monotonic() + 20
-    while not (splash / "messages").exists():
-        assert time.monotonic() < deadline and racing.poll() is None
-        time.sleep(0.05)
+    wait_for_file(splash / "messages", racing)
     assert "does not open tank/secret" in (splash / "messages").read_text()
     (splash / "typed").write_bytes(key)
     code, err = finish(racing)
@@ -314,15 +321,9 @@ def test_the_server_winning_takes_the_question_off_the_splash_screen(
     keyserver: KeyServer, tmp_path: Path, console: Console
 ) -> None:
     host, _ = stopped_server_host(keyserver, tmp_path, "race-splash")
-    splash = host.root / "no-plymouth"
-    splash.mkdir()
-    (splash / "plymouth").write_text(PLYMOUTH)
-    (splash / "plymouth").chmod(0o755)
+    splash = fake_plymouth(host)
     racing = boot_unlock(host, console, "--grace", "0")
-    deadline = time.monotonic() + 20
-    while not (splash / "asking-pid").exists():
-        assert time.monotonic() < deadline and racing.poll() is None
-        time.sleep(0.05)
+    wait_for_file(splash / "asking-pid", racing)
     asking = int((splash / "asking-pid").read_text())
     keyserver.start()
     code, err = finish(racing, 60)
@@ -356,10 +357,9 @@ def test_with_nothing_to_type_a_server_that_gives_up_ends_the_race(
 ) -> None:
     # OpenZFS then goes on as usual (keylocation=file:// loads from the file); a race that
     # went on would only hold the boot.
-    keyserver.start()
-    host = AgentHost.create(tmp_path, keyserver, f"race-gives-up-{keyformat}")
-    hex_root(host, keyformat=keyformat, keylocation=keylocation)
-    keyserver.stop()
+    host, _ = stopped_server_host(
+        keyserver, tmp_path, f"race-gives-up-{keyformat}", keyformat, keylocation=keylocation
+    )
     started = time.monotonic()
     code, err = finish(boot_unlock(host, console, "--grace", "0", "--deadline", "1"))
     assert code == EX_TEMPFAIL, err
@@ -403,10 +403,9 @@ def test_a_key_with_a_keylocation_of_its_own_is_tried_for_one_request_deadline(
     keyserver: KeyServer, tmp_path: Path, console: Console
 ) -> None:
     # Without --deadline: [network] deadline (6 s here), then OpenZFS loads it its own way.
-    keyserver.start()
-    host = AgentHost.create(tmp_path, keyserver, "race-own-location")
-    hex_root(host, keylocation="file:///etc/zfs/tank.key")
-    keyserver.stop()
+    host, _ = stopped_server_host(
+        keyserver, tmp_path, "race-own-location", keylocation="file:///etc/zfs/tank.key"
+    )
     started = time.monotonic()
     code, err = finish(boot_unlock(host, console, "--grace", "0"))
     assert code == EX_TEMPFAIL, err

@@ -722,22 +722,36 @@ Id=zfs:tank/secret
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="ask files are read only when root owns them")
-def test_with_openzfs_prompt_answer_a_root_asked_for_is_left_to_the_password_agent(
-    shared_keyserver: KeyServer, tmp_path: Path, signals: Signals
-) -> None:
-    host = AgentHost.create(tmp_path, shared_keyserver, "daemon-asked")
+def asked_host(
+    server: KeyServer, tmp_path: Path, name: str, openzfs_prompt: str
+) -> tuple[AgentHost, Path]:
+    """A host whose locked tank/secret (hex) an OpenZFS prompt asks for, in an ask
+    directory of the test's; that question's file."""
+    host = AgentHost.create(tmp_path, server, name)
     pool = host.zfs.add_pool("tank")
     host.encrypted_dataset("tank/secret", pool, keyformat="hex")
-    host.write_config(extra='[datasets]\nopenzfs_prompt = "answer"\n' + daemon_table())
+    host.write_config(extra=f'[datasets]\nopenzfs_prompt = "{openzfs_prompt}"\n')
     asks = tmp_path / "ask"
     asks.mkdir()
     question = asks / "ask.x"
     question.write_text(ASKED.format(pid=os.getpid()))
+    return host, question
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ask files are read only when root owns them")
+def test_with_openzfs_prompt_answer_a_root_asked_for_is_left_to_the_password_agent(
+    shared_keyserver: KeyServer, tmp_path: Path, signals: Signals
+) -> None:
+    host, question = asked_host(shared_keyserver, tmp_path, "daemon-asked", "answer")
     cfg = config.load(host.config_path)
     now = [1000.0]
     daemon = Daemon(
-        cfg, Notifier({}), signals, watch_with(None), clock=lambda: now[0], ask_directory=asks
+        cfg,
+        Notifier({}),
+        signals,
+        watch_with(None),
+        clock=lambda: now[0],
+        ask_directory=question.parent,
     )
 
     daemon.unlock_pass(10)
@@ -762,14 +776,9 @@ def test_with_openzfs_prompt_answer_a_root_asked_for_is_left_to_the_password_age
 def test_with_openzfs_prompt_skip_the_daemon_unlocks_whatever_is_asked(
     shared_keyserver: KeyServer, tmp_path: Path, signals: Signals
 ) -> None:
-    host = AgentHost.create(tmp_path, shared_keyserver, "daemon-skip")
-    pool = host.zfs.add_pool("tank")
-    host.encrypted_dataset("tank/secret", pool, keyformat="hex")
-    asks = tmp_path / "ask"
-    asks.mkdir()
-    (asks / "ask.x").write_text(ASKED.format(pid=os.getpid()))
+    host, question = asked_host(shared_keyserver, tmp_path, "daemon-skip", "skip")
     cfg = config.load(host.config_path)
-    daemon = Daemon(cfg, Notifier({}), signals, watch_with(None), ask_directory=asks)
+    daemon = Daemon(cfg, Notifier({}), signals, watch_with(None), ask_directory=question.parent)
 
     daemon.unlock_pass(10)
     assert host.zfs.keystatus("tank/secret") == "available"
