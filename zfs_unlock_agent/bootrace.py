@@ -354,12 +354,11 @@ class BootRace:
         self.network_status = 0  # why the network side gave up, when it did
         self._key_in_hand = False
 
-    def run(self, managed: set[str]) -> int:
+    def run(self, inventory: Inventory, managed: set[str]) -> int:
         """Race until a key is loaded (exit 0). Without a key: 69 for a root the agent
         does not manage (left to OpenZFS at once), the network side's status when nothing
-        can be typed and the server gave up, 75 when a signal stopped the race."""
-        zfs = self.unlocker.zfs
-        inventory = zfs.inventory()
+        can be typed and the server gave up, 75 when a signal stopped the race. INVENTORY:
+        the datasets as listed just before; MANAGED: the roots this host manages."""
         root = inventory.root_of(self.root)
         if root.keystatus == "available":
             log.info("%s: its key is loaded already", root.name)

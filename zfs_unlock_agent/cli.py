@@ -279,25 +279,26 @@ def cmd_boot_unlock(args: argparse.Namespace) -> int:
     unlocker = _unlocker(cfg)
     inventory = unlocker.zfs.inventory()
     managed = {r.name for r in select_roots(inventory, cfg, [], True, on_missing=log.debug)}
+    grace = _kernel_seconds("zfs_unlock_agent.grace", args.grace, zero=True)
     race = BootRace(
         unlocker,
         client,
         validate.dataset_name(args.dataset),
         any_prompt,
-        grace=_kernel_seconds("zfs_unlock_agent.grace", args.grace, GRACE_SECONDS, zero=True)
-        or 0.0,
-        deadline=_kernel_seconds("zfs_unlock_agent.deadline", args.deadline, None, zero=False),
+        grace=GRACE_SECONDS if grace is None else grace,
+        deadline=_kernel_seconds("zfs_unlock_agent.deadline", args.deadline, zero=False),
         network_up=args.network_up,
         request_deadline=cfg.network.deadline,
     )
-    return race.run(managed)
+    return race.run(inventory, managed)
 
 
-def _kernel_seconds(name: str, text: str | None, default: float | None, zero: bool) -> float | None:
-    """A number of seconds from the kernel command line. A typo there must cost neither
-    the prompt nor the key server: it is said, and DEFAULT stands in."""
+def _kernel_seconds(name: str, text: str | None, zero: bool) -> float | None:
+    """A number of seconds from the kernel command line (0 allowed when ZERO), or None for
+    the default. A typo there must cost neither the prompt nor the key server: it is said,
+    and the default stands in."""
     if text is None:
-        return default
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -305,8 +306,8 @@ def _kernel_seconds(name: str, text: str | None, default: float | None, zero: bo
     lowest_ok = value >= 0 if zero else value > 0
     if lowest_ok and value < 86400:
         return value
-    log.warning("%s=%s is not a number of seconds we can use; taking %s", name, text, default)
-    return default
+    log.warning("%s=%s is not a number of seconds we can use; taking the default", name, text)
+    return None
 
 
 def _seconds(text: str) -> float:

@@ -50,6 +50,20 @@ class Console:
     def type(self, text: bytes) -> None:
         os.write(self.master, text)
 
+    def refused(self, line: bytes, said: str) -> None:
+        """Type LINE at the prompt; the console says SAID and asks again."""
+        self.wait_for(PROMPT)
+        self.type(line + b"\n")
+        start = self.wait_for_match(re.compile(re.escape(said)))
+        self.wait_for(PROMPT, start=start)
+
+    def wait_for_match(self, pattern: re.Pattern[str], timeout: float = 20) -> int:
+        """Wait until PATTERN shows; where its match ends."""
+        self.wait_for(pattern, timeout)
+        found = pattern.search(self.output)
+        assert found is not None
+        return found.end()
+
     def echoes(self) -> bool:
         return bool(termios.tcgetattr(self.slave)[3] & termios.ECHO)
 
@@ -166,11 +180,7 @@ def test_a_wrong_key_asks_again_and_the_network_wins_when_the_server_comes_back(
 ) -> None:
     host, key = stopped_server_host(keyserver, tmp_path, "race-wrong")
     racing = boot_unlock(host, console, "--grace", "0")
-    console.wait_for(PROMPT)
-    console.type(b"0" * 64 + b"\n")
-    said = re.compile(r"That hex key does not open tank/secret; try again\.")
-    console.wait_for(said)
-    console.wait_for(PROMPT, start=said.search(console.output).end())  # type: ignore[union-attr]
+    console.refused(b"0" * 64, "That hex key does not open tank/secret; try again.")
     assert racing.poll() is None
     keyserver.start()
     code, err = finish(racing, 60)
@@ -386,11 +396,7 @@ def test_a_line_too_long_for_a_key_is_refused_whole(
 ) -> None:
     host, key = stopped_server_host(keyserver, tmp_path, "race-long")
     racing = boot_unlock(host, console, "--grace", "0")
-    console.wait_for(PROMPT)
-    console.type(b"a" * 1500 + b"\n")
-    said = re.compile(r"That is too long for a key; try again\.")
-    console.wait_for(said)
-    console.wait_for(PROMPT, start=said.search(console.output).end())  # type: ignore[union-attr]
+    console.refused(b"a" * 1500, "That is too long for a key; try again.")
     console.type(key + b"\n")
     code, err = finish(racing)
     assert code == 0, err

@@ -188,6 +188,16 @@ class Tier:
         self.boots[machine.name] = boot
         return boot
 
+    @contextlib.contextmanager
+    def server_down(self) -> Iterator[None]:
+        """The key server unreachable from the guests (the forwarder refuses) until the
+        block ends or the test calls forwarder.switch(True) itself."""
+        self.forwarder.switch(False)
+        try:
+            yield
+        finally:
+            self.forwarder.switch(True)
+
     def key_of(self, dataset: str) -> str:
         """DATASET's key as the server holds it, fetched with the host's own certificate
         (what an operator with that certificate could type at the prompt)."""
@@ -537,41 +547,31 @@ def boot_down(tier: Tier, boot_up: Boot) -> Boot:  # after boot A: same disks
     audit_from = len(tier.server.audit_records())
     machine = tier.machine("initramfs-tools", "itools-down", "ifupdown")
     facts: dict[str, Any] = {}
-    tier.forwarder.switch(False)
-    try:
-        with machine:
-            machine.start()
-            try:
-                prompt = machine.console.wait_for(PROMPT, timeout=900)
-                at = machine.console.time_of(prompt.start())
-                facts["prompt"] = prompt.group(0)
-                facts["prompt_after_start"] = round(at - machine.started, 1)
-                began = machine.console.wait_for(RACE_STARTED, 1)
-                facts["prompt_after_race_start"] = round(
-                    at - machine.console.time_of(began.start()), 1
-                )
-                # initramfs-tools prints IP-Config once the network is up, beside the race.
-                network = machine.console.wait_for(NETWORK_UP, 120)
-                facts["prompt_after_network"] = round(
-                    at - machine.console.time_of(network.start()), 1
-                )
-                time.sleep(1)
-                typed_at = time.monotonic()
-                machine.console.type(key + "\n")
-                facts["typed"] = True
-                won = machine.console.wait_for(TYPED_WON, 120, prompt.end())
-                facts["typed_to_unlocked"] = round(
-                    machine.console.time_of(won.start()) - typed_at, 1
-                )
-                mounted = machine.console.wait_for(ROOT_MOUNTED, 300, won.end())
-                facts["typed_to_root_mounted"] = round(
-                    machine.console.time_of(mounted.start()) - typed_at, 1
-                )
-            except VmError as exc:
-                facts["prompt_error"] = str(exc)
-            return tier.finish(machine, audit_from, facts)
-    finally:
-        tier.forwarder.switch(True)
+    with tier.server_down(), machine:
+        machine.start()
+        try:
+            prompt = machine.console.wait_for(PROMPT, timeout=900)
+            at = machine.console.time_of(prompt.start())
+            facts["prompt"] = prompt.group(0)
+            facts["prompt_after_start"] = round(at - machine.started, 1)
+            began = machine.console.wait_for(RACE_STARTED, 1)
+            facts["prompt_after_race_start"] = round(at - machine.console.time_of(began.start()), 1)
+            # initramfs-tools prints IP-Config once the network is up, beside the race.
+            network = machine.console.wait_for(NETWORK_UP, 120)
+            facts["prompt_after_network"] = round(at - machine.console.time_of(network.start()), 1)
+            time.sleep(1)
+            typed_at = time.monotonic()
+            machine.console.type(key + "\n")
+            facts["typed"] = True
+            won = machine.console.wait_for(TYPED_WON, 120, prompt.end())
+            facts["typed_to_unlocked"] = round(machine.console.time_of(won.start()) - typed_at, 1)
+            mounted = machine.console.wait_for(ROOT_MOUNTED, 300, won.end())
+            facts["typed_to_root_mounted"] = round(
+                machine.console.time_of(mounted.start()) - typed_at, 1
+            )
+        except VmError as exc:
+            facts["prompt_error"] = str(exc)
+        return tier.finish(machine, audit_from, facts)
 
 
 def no_initramfs_agent_left(boot: Boot) -> None:
@@ -658,23 +658,19 @@ def boot_dracut_down(tier: Tier, boot_dracut: Boot) -> Boot:
     audit_from = len(tier.server.audit_records())
     machine = tier.machine("dracut", "dracut-down", "networkd")
     facts: dict[str, Any] = {}
-    tier.forwarder.switch(False)
-    try:
-        with machine:
-            machine.start()
-            try:
-                asked = machine.console.wait_for(PROMPT, timeout=900)
-                facts["prompt_after_start"] = round(
-                    machine.console.time_of(asked.start()) - machine.started, 1
-                )
-                time.sleep(2)
-                machine.console.type(key + "\n")
-                facts["typed"] = True
-            except VmError as exc:
-                facts["prompt_error"] = str(exc)
-            return tier.finish(machine, audit_from, facts)
-    finally:
-        tier.forwarder.switch(True)
+    with tier.server_down(), machine:
+        machine.start()
+        try:
+            asked = machine.console.wait_for(PROMPT, timeout=900)
+            facts["prompt_after_start"] = round(
+                machine.console.time_of(asked.start()) - machine.started, 1
+            )
+            time.sleep(2)
+            machine.console.type(key + "\n")
+            facts["typed"] = True
+        except VmError as exc:
+            facts["prompt_error"] = str(exc)
+        return tier.finish(machine, audit_from, facts)
 
 
 def test_dracut_server_down_the_typed_key_wins(boot_dracut_down: Boot) -> None:
@@ -698,29 +694,23 @@ def boot_21(tier21: Tier) -> Boot:
     audit_from = len(tier.server.audit_records())
     machine = tier.machine("initramfs-tools", "itools-2.1", "ifupdown")
     facts: dict[str, Any] = {}
-    tier.forwarder.switch(False)
-    try:
-        with machine:
-            machine.start()
-            try:
-                prompt = machine.console.wait_for(PROMPT, timeout=900)
-                time.sleep(1)
-                machine.console.type("0" * 64 + "\n")
-                refused = machine.console.wait_for(WRONG_KEY, 120, prompt.end())
-                machine.console.wait_for(PROMPT, 60, refused.end())
-                facts["wrong_key_refused"] = True
-                tier.forwarder.switch(True)
-                back = time.monotonic()
-                won = machine.console.wait_for(NETWORK_WON, 300, refused.end())
-                facts["server_back_to_unlocked"] = round(
-                    machine.console.time_of(won.start()) - back, 1
-                )
-                facts["prompt_withdrawn"] = True
-            except VmError as exc:
-                facts["race_error"] = str(exc)
-            return tier.finish(machine, audit_from, facts)
-    finally:
-        tier.forwarder.switch(True)
+    with tier.server_down(), machine:
+        machine.start()
+        try:
+            prompt = machine.console.wait_for(PROMPT, timeout=900)
+            time.sleep(1)
+            machine.console.type("0" * 64 + "\n")
+            refused = machine.console.wait_for(WRONG_KEY, 120, prompt.end())
+            machine.console.wait_for(PROMPT, 60, refused.end())
+            facts["wrong_key_refused"] = True
+            tier.forwarder.switch(True)
+            back = time.monotonic()
+            won = machine.console.wait_for(NETWORK_WON, 300, refused.end())
+            facts["server_back_to_unlocked"] = round(machine.console.time_of(won.start()) - back, 1)
+            facts["prompt_withdrawn"] = True
+        except VmError as exc:
+            facts["race_error"] = str(exc)
+        return tier.finish(machine, audit_from, facts)
 
 
 def test_openzfs_21_race_a_wrong_key_then_the_server_back_the_network_key_wins(
