@@ -19,8 +19,19 @@ from pathlib import Path
 from zfs_unlock_common import pinning, protocol, validate
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_common.protocol import DatasetRef
+from zfs_unlock_server import (
+    approval,
+    approvaldecide,
+    database,
+    hostca,
+    pki,
+    privileges,
+    secretfile,
+)
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server import database, hostca, pki, privileges, secretfile
+from zfs_unlock_server.approval import Policy
+from zfs_unlock_server.approvalgate import deny_open
+from zfs_unlock_server.approvalrows import HOST_WIDE, Approval
 from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
@@ -339,6 +350,7 @@ class Admin:
         else:
             self.store.set_host_enabled(host.id, False, "admin")
             self.record("host_disabled", host=name)
+            deny_open(self.store, self.audit, host, None, actor(), "host_disabled", _now())
 
     def expire_silent_hosts(self) -> list[str]:
         return expire_silent_hosts(
@@ -409,6 +421,9 @@ class Admin:
         if state == "revoked":
             self.store.set_key_state(key_id, state, expected, int(time.time()))
             self.record("key_revoked", **fields)
+            host = self.store.host_by_name(record.host)
+            ref = (record.pool_guid, record.dataset_guid)
+            deny_open(self.store, self.audit, host, [ref], actor(), "key_revoked", _now())
         else:
             with self.granting("key_restored", **fields):
                 self.store.set_key_state(key_id, state, expected, int(time.time()))
@@ -446,3 +461,64 @@ class Admin:
             dataset=record.dataset,
         )
         return record
+
+    # Approval of releases
+
+    def set_approval_policy(self, host_name: str, policy: Policy | None, key_id: str = "") -> None:
+        """Set the approval policy of a host, or (KEY_ID) of that key's dataset; None: the
+        dataset follows its host's again. A policy that asks less than before is recorded
+        before it is made, one that asks more after."""
+        host = self.store.host_by_name(host_name)
+        ref = HOST_WIDE
+        fields: dict[str, str | int | None] = {"host": host.name}
+        if key_id:
+            record = self.store.key_by_id(validate.key_id(key_id))
+            if record.host != host.name:
+                raise DataError(f"key {key_id} is not a key of host {host.name}")
+            if not record.dataset_guid:
+                raise DataError(
+                    "an imported SimpleZFSKeySystem key follows its host's approval policy"
+                )
+            ref = (record.pool_guid, record.dataset_guid)
+            fields |= {"pool": record.pool_guid, "dataset_guid": record.dataset_guid}
+            fields["dataset"] = record.dataset
+        text = None if policy is None or (not key_id and not policy.active) else policy.to_text()
+        fields["policy"] = text or ("inherit" if key_id else "none")
+        if policy is None or not policy.active:
+            with self.granting("approval_policy_set", **fields):
+                self.store.set_approval_policy(host.id, ref, text)
+        else:
+            self.store.set_approval_policy(host.id, ref, text)
+            self.record("approval_policy_set", **fields)
+
+    def approval_policies(self) -> dict[int, dict[tuple[str, str], Policy]]:
+        """Every policy, by host id and then (pool GUID, dataset GUID)."""
+        found: dict[int, dict[tuple[str, str], Policy]] = {}
+        for host_id, pool, dataset, text in self.store.all_approval_policies():
+            found.setdefault(host_id, {})[(pool, dataset)] = approval.from_text(text)
+        return found
+
+    def approvals(self, host_name: str | None = None) -> list[Approval]:
+        host_id = self.store.host_by_name(host_name).id if host_name else None
+        return self.store.approvals(host_id)
+
+    def approve(self, approval_id: str, note: str) -> Approval:
+        self.expire_silent_hosts()
+        return approvaldecide.approve(
+            self.store,
+            self.audit,
+            validate.approval_id(approval_id),
+            actor(),
+            note,
+            _now(),
+            self.config.deadman_timeout,
+        )
+
+    def deny(self, approval_id: str, note: str) -> Approval:
+        return approvaldecide.deny(
+            self.store, self.audit, validate.approval_id(approval_id), actor(), note, _now()
+        )
+
+
+def _now() -> int:
+    return int(time.time())

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from zfs_unlock_common import protocol, validate
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import database, hostca, masterring, pki, tlspins
+from zfs_unlock_server.approvalnotify import Notifier
 from zfs_unlock_server.audit import AuditError, AuditSink, SharedSync
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.errors import Conflict, DatabaseUnavailable, DataError, StaleMasterKey
@@ -175,6 +176,7 @@ class KeyServerApp:
         self._served_pin = tlspins.served_pin(layout.server_cert)
         self._next_ca = hostca.next_ca_key_id(layout)
         self.routes = ROUTES + ((SIMPLEZFS_ROUTE,) if config.simplezfs_route else ())
+        self.notifier = Notifier(config.approval.notify, config.approval.notify_timeout)
         # Imported only when asked for: serve has set PROMETHEUS_MULTIPROC_DIR by then.
         self.metrics: ModuleType | None = None
         if config.metrics.listen:
@@ -215,6 +217,9 @@ class KeyServerApp:
                 sign=lambda name, csr: hostca.sign(self.layout, name, csr),
                 renewed_certificate_grace=self.config.renewed_certificate_grace_days * 86400,
                 next_ca_key_id=self._next_ca,
+                max_pending_approvals=self.config.approval.max_pending,
+                approval_poll=self.config.approval.poll_seconds,
+                notify=self.notifier,
             )
             self._pid = os.getpid()
         return self._service, self._limiter
@@ -238,6 +243,11 @@ class KeyServerApp:
         """Between connections, and at least every request_timeout/2 s while idle (serve.py):
         look at the ring every REFRESH_SECONDS, so that an idle worker learns a rotation's
         new key while the ring still holds it."""
+        if self._service is not None and self._pid == os.getpid():
+            try:
+                self.notifier.collect(self._service.audit)
+            except AuditError:
+                log.exception("cannot audit the notification hook's outcome")
         now = time.monotonic()
         if now < self._next_ring_check:
             return
@@ -481,7 +491,7 @@ def host_status(
 def release_batch(
     service: KeyService, caller: Caller, environ: Environ, match: re.Match[str]
 ) -> Response:
-    body = _fields(json_body(environ), {"machine_id", "datasets"})
+    body = _fields(json_body(environ), {"machine_id", "datasets"}, {"nonce"})
     machine_id = validate.machine_id(body["machine_id"])
     items = body["datasets"]
     if not isinstance(items, list) or not 1 <= len(items) <= protocol.MAX_BATCH:
@@ -489,18 +499,26 @@ def release_batch(
     refs = [_dataset_ref(item) for item in items]
     if len(set(refs)) != len(refs):
         raise validate.InvalidInput("datasets must not repeat")
-    result = service.release(caller, machine_id, refs)
-    return json_response(
-        200,
-        {
-            "keys": [key_json(r) for r in result.released],
-            # Beside "keys", so that agents written before rotation existed ignore them.
-            "next_keys": [key_json(r) for r in result.upcoming],
-            "denied": [
-                {"pool_guid": d.pool_guid, "dataset_guid": d.dataset_guid} for d in result.denied
-            ],
-        },
-    )
+    nonce = validate.nonce(body["nonce"]) if "nonce" in body else ""
+    result = service.release(caller, machine_id, refs, nonce=nonce)
+    answer: dict[str, Any] = {
+        "keys": [key_json(r) for r in result.released],
+        # Beside "keys", so that agents written before rotation existed ignore them.
+        "next_keys": [key_json(r) for r in result.upcoming],
+        "denied": [_ref_json(d) for d in result.denied],
+    }
+    if result.waiting is not None:  # only for agents that sent a nonce: they know it
+        answer["pending"] = {
+            "id": result.waiting.request.id,
+            "retry_after": result.waiting.retry_after,
+            "expires_in": max(0, result.waiting.request.expires_at - int(time.time())),
+            "datasets": [_ref_json(r) for r in result.waiting.refs],
+        }
+    return json_response(200, answer)
+
+
+def _ref_json(ref: DatasetRef) -> dict[str, str]:
+    return {"pool_guid": ref.pool_guid, "dataset_guid": ref.dataset_guid}
 
 
 def release_one(

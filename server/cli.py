@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import sqlite3
@@ -30,8 +29,12 @@ from zfs_unlock_server import (
     simplezfs,
 )
 from zfs_unlock_server import config as server_config
+from zfs_unlock_server.approvalcommands import add_approval_commands, add_policy_commands
+from zfs_unlock_server.approvalcommands import describe as describe_policy
+from zfs_unlock_server.approvalrows import HOST_WIDE
 from zfs_unlock_server.backupcommands import OWN_DATA_DIR, add_backup_commands
 from zfs_unlock_server.cliargs import whole_number
+from zfs_unlock_server.clitext import table, when
 from zfs_unlock_server.datadir import AdminInputs, Output, Wants, enter_data_dir
 from zfs_unlock_server.deadman import deadman_timeout
 from zfs_unlock_server.errors import (
@@ -48,10 +51,6 @@ from zfs_unlock_server.rollovercommands import add_rollover_commands
 from zfs_unlock_server.store import Host, KeyRecord
 
 Handler = Callable[[argparse.Namespace, AdminInputs], int]
-
-
-def _when(stamp: int) -> str:
-    return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _say(message: str) -> None:
@@ -75,13 +74,6 @@ def _duration(seconds: int) -> str:
             count = seconds // size
             return f"{count} {unit}{'s' if count != 1 else ''}"
     return f"{seconds} second{'s' if seconds != 1 else ''}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Aligned columns; the last one is not padded."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-    for row in (header, *rows):
-        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
 
 
 # Commands
@@ -172,7 +164,7 @@ def cmd_serve(args: argparse.Namespace, inputs: AdminInputs) -> int:
 
 
 def _host_json(
-    host: Host, certificates: Sequence[tuple[str, int]], default_timeout: int
+    host: Host, certificates: Sequence[tuple[str, int]], default_timeout: int, approval: str
 ) -> dict[str, Any]:
     timeout = deadman_timeout(host, default_timeout)
     return {
@@ -183,9 +175,10 @@ def _host_json(
         "allowed_networks": list(host.allowed_networks),
         "pools": list(host.pools),
         "deadman_timeout": timeout,
-        "created_at": _when(host.created_at),
-        "last_seen": _when(host.last_seen),
-        "certificates": [{"sha256": fp, "not_after": _when(na)} for fp, na in certificates],
+        "created_at": when(host.created_at),
+        "last_seen": when(host.last_seen),
+        "certificates": [{"sha256": fp, "not_after": when(na)} for fp, na in certificates],
+        "approval": approval,
     }
 
 
@@ -238,9 +231,10 @@ class HostView:
     certificates: Sequence[tuple[str, int]]
     timeout: int  # its dead-man timeout, its own or server.toml's
     key_states: Sequence[str]
+    approval: str  # its approval policy, described
 
     def json(self) -> dict[str, Any]:
-        return _host_json(self.host, self.certificates, self.timeout)
+        return _host_json(self.host, self.certificates, self.timeout, self.approval)
 
 
 def _host_views(args: argparse.Namespace, name: str | None) -> list[HostView]:
@@ -250,12 +244,14 @@ def _host_views(args: argparse.Namespace, name: str | None) -> list[HostView]:
         for expired in ops.expire_silent_hosts():
             _say(f"host {expired}: disabled now by the dead-man switch")
         hosts = [ops.store.host_by_name(name)] if name else ops.store.hosts()
+        policies = ops.approval_policies()
         return [
             HostView(
                 h,
                 ops.store.certificates(h.id),
                 deadman_timeout(h, ops.config.deadman_timeout),
                 [k.state for k in ops.store.keys(h.id)] if name else [],
+                describe_policy(policies.get(h.id, {}), HOST_WIDE),
             )
             for h in hosts
         ]
@@ -272,14 +268,14 @@ def cmd_host_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
         _say("no hosts")
         return 0
     now = int(time.time())
-    _table(
+    table(
         ("NAME", "STATE", "MACHINE-ID", "LAST SEEN", "CERT EXPIRES", "ALLOWED", "POOLS"),
         [
             (
                 v.host.name,
                 _state(v.host),
                 v.host.machine_id,
-                _when(v.host.last_seen),
+                when(v.host.last_seen),
                 _expiry(v.certificates, now),
                 ",".join(v.host.allowed_networks) or "any-address",
                 ",".join(v.host.pools) or "any-pool",
@@ -296,7 +292,7 @@ def _expiry(certificates: Sequence[tuple[str, int]], now: int) -> str:
     if not certificates:
         return "no-certificate"
     last = max(not_after for _, not_after in certificates)
-    day = _when(last)[:10]
+    day = when(last)[:10]
     if last <= now:
         return f"{day} (expired)"
     if last - now <= protocol.CERTIFICATE_WARNING:
@@ -326,7 +322,7 @@ def cmd_host_show(args: argparse.Namespace, inputs: AdminInputs) -> int:
     timeout = f"{view.timeout} s ({_duration(view.timeout)})" if view.timeout else "off"
     if host.deadman_timeout is None:
         timeout += ", server.toml's deadman_timeout"
-    certificates = [f"{fp}  expires {_when(na)}" for fp, na in view.certificates] or ["none"]
+    certificates = [f"{fp}  expires {when(na)}" for fp, na in view.certificates] or ["none"]
     fields = [
         ("name", host.name),
         ("enabled", "yes" if host.enabled else why.get(host.disabled_reason, "no")),
@@ -334,11 +330,12 @@ def cmd_host_show(args: argparse.Namespace, inputs: AdminInputs) -> int:
         ("allowed networks", ", ".join(host.allowed_networks) or "any address"),
         ("pools", ", ".join(host.pools) or "any pool"),
         ("dead-man timeout", timeout),
-        ("last seen", _when(host.last_seen)),
-        ("created", _when(host.created_at)),
+        ("last seen", when(host.last_seen)),
+        ("created", when(host.created_at)),
         ("certificates", certificates[0]),
         *(("", line) for line in certificates[1:]),
         ("keys", _key_count(view.key_states)),
+        ("approval", view.approval),
     ]
     width = max(len(label) for label, _ in fields) + 2
     for label, value in fields:
@@ -396,8 +393,8 @@ def _key_json(record: KeyRecord) -> dict[str, Any]:
         "keyformat": record.keyformat,
         "state": record.state,
         "origin": record.origin,
-        "created_at": _when(record.created_at),
-        "updated_at": _when(record.updated_at),
+        "created_at": when(record.created_at),
+        "updated_at": when(record.updated_at),
     }
 
 
@@ -406,17 +403,26 @@ def cmd_key_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
     try:
         host_id = ops.store.host_by_name(args.host).id if args.host else None
         records = ops.store.keys(host_id)
+        policies = ops.approval_policies()
     finally:
         ops.close()
+    approvals = [
+        describe_policy(policies.get(k.host_id, {}), (k.pool_guid, k.dataset_guid)) for k in records
+    ]
     if args.json:
-        print(json.dumps([_key_json(k) for k in records], indent=2))
+        print(
+            json.dumps(
+                [_key_json(k) | {"approval": a} for k, a in zip(records, approvals, strict=True)],
+                indent=2,
+            )
+        )
         return 0
     if not records:
         _say(f"no keys for host {args.host}" if args.host else "no keys")
         return 0
     now = int(time.time())
-    _table(
-        ("KEY-ID", "STATE", "AGE", "HOST", "DATASET", "POOL/DATASET-GUID", "FORMAT"),
+    table(
+        ("KEY-ID", "STATE", "AGE", "HOST", "DATASET", "POOL/DATASET-GUID", "FORMAT", "APPROVAL"),
         [
             (
                 k.key_id,
@@ -426,8 +432,9 @@ def cmd_key_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
                 k.dataset,
                 f"{k.pool_guid}/{k.dataset_guid or k.legacy_name}",
                 k.keyformat,
+                approval,
             )
-            for k in records
+            for k, approval in zip(records, approvals, strict=True)
         ],
     )
     return 0
@@ -535,7 +542,7 @@ def cmd_migrate_store(args: argparse.Namespace, inputs: AdminInputs) -> int:
         report = migratestore.migrate(ops.layout, ops.config, args.to, sealer)
     finally:
         ops.close()
-    _table(
+    table(
         ["", "SQLite", "PostgreSQL"],
         [[what, str(before), str(after)] for what, before, after in report.counts],
     )
@@ -653,7 +660,7 @@ def cmd_master_key_status(args: argparse.Namespace, inputs: AdminInputs) -> int:
     for kid, count in sorted(found.values.items()):
         if kid not in ring.wrapped:
             rows.append([kid, "not in the ring", str(count)])
-    _table(["MASTER KEY", "ROLE", "VALUES"], rows)
+    table(["MASTER KEY", "ROLE", "VALUES"], rows)
     if len(ring.wrapped) > 1:
         _say("a rotation has not finished: 'zfs-unlock-server master-key rotate' resumes it")
     return 0
@@ -1144,6 +1151,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_backup_commands(sub, add)
     add_rollover_commands(sub, add, _missing_subcommand)
+    add_policy_commands(hosts, keys, add)
+    add_approval_commands(sub, add, _missing_subcommand)
     return parser
 
 

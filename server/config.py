@@ -108,6 +108,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ApprovalConfig:
+    # A command (argv, no shell) told of each new request for approval, as JSON on its
+    # stdin (approvalnotify.py); empty: none.
+    notify: tuple[str, ...] = ()
+    notify_timeout: float = 10.0
+    # Requests of one host that may wait at once; more are refused (a flood of them
+    # would bury the one that matters).
+    max_pending: int = 4
+    # Seconds an agent waits between asks while its request waits.
+    poll_seconds: int = 5
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[str, ...] = ("0.0.0.0:8443",)
     workers: int = 0  # 0: two per CPU core
@@ -129,6 +142,7 @@ class ServerConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    approval: ApprovalConfig = field(default_factory=ApprovalConfig)
 
 
 def _check_fields(table: dict[str, Any], cls: type, where: str) -> None:
@@ -188,6 +202,7 @@ def parse(text: str, where: str) -> ServerConfig:
         r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):[0-9]{1,5}", metrics.listen
     ):
         raise ConfigError(f"{where}: [metrics] listen must be 'ADDRESS:PORT'")
+    approval = _approval(_table(table, "approval", ApprovalConfig, where), where)
     listen = table.get("listen", list(ServerConfig.listen))
     if not isinstance(listen, list) or not listen or not all(isinstance(x, str) for x in listen):
         raise ConfigError(f"{where}: listen must be a non-empty list of 'ADDRESS:PORT'")
@@ -212,6 +227,7 @@ def parse(text: str, where: str) -> ServerConfig:
         rate_limits=limits,
         database=database,
         metrics=metrics,
+        approval=approval,
     )
     if config.workers < 0 or config.deadman_timeout < 0 or config.request_timeout < 1:
         raise ConfigError(f"{where}: workers, deadman_timeout must be >= 0, request_timeout >= 1")
@@ -229,6 +245,29 @@ def parse(text: str, where: str) -> ServerConfig:
             f"{where}: retired_key_grace_days, max_key_age_days,"
             " renewed_certificate_grace_days must be >= 0"
         )
+    return config
+
+
+def _approval(table: dict[str, Any], where: str) -> ApprovalConfig:
+    notify = table.get("notify", [])
+    if not isinstance(notify, list) or not all(isinstance(x, str) and x for x in notify):
+        raise ConfigError(f"{where}: [approval] notify must be a list of strings (an argv)")
+    if notify and not os.path.isabs(notify[0]):
+        raise ConfigError(f"{where}: [approval] notify must start with an absolute path")
+    config = ApprovalConfig(
+        notify=tuple(notify),
+        notify_timeout=float(
+            _typed(table.get("notify_timeout", 10.0), (int, float), "notify_timeout", where)
+        ),
+        max_pending=_typed(table.get("max_pending", 4), int, "max_pending", where),
+        poll_seconds=_typed(table.get("poll_seconds", 5), int, "poll_seconds", where),
+    )
+    if not 0 < config.notify_timeout <= 300:
+        raise ConfigError(f"{where}: [approval] notify_timeout must be > 0 and <= 300")
+    if not 1 <= config.max_pending <= 100:
+        raise ConfigError(f"{where}: [approval] max_pending must be 1 to 100")
+    if not 1 <= config.poll_seconds <= 60:
+        raise ConfigError(f"{where}: [approval] poll_seconds must be 1 to 60")
     return config
 
 
@@ -304,6 +343,16 @@ per_address_rate = 0.5
 # a plain-HTTP listener of their own; off while empty. For example "127.0.0.1:9843".
 [metrics]
 listen = ""
+
+# Releases that wait for a person's approval ('host set --approval'): a command
+# (argv, no shell) run with each new request as JSON on stdin, to page, mail or
+# chat; killed after notify_timeout seconds. How many requests a host may have
+# waiting at once, and how often its agent asks again.
+[approval]
+notify = []
+notify_timeout = 10
+max_pending = 4
+poll_seconds = 5
 {database}"""
 
 # What init writes for a new data directory: a lost host that never calls again is

@@ -3,6 +3,9 @@ admin enables it again. Requests apply it to their own host, admin listings to a
 
 from __future__ import annotations
 
+import time
+
+from zfs_unlock_server.approvalgate import deny_open
 from zfs_unlock_server.audit import AuditRecord, AuditSink
 from zfs_unlock_server.store import Host, Store
 
@@ -24,8 +27,9 @@ def deadman_expired(host: Host, default: int, now: int) -> bool:
 def disable_silent_host(
     store: Store, audit: AuditSink, host: Host, default: int, request: AuditRecord | None = None
 ) -> None:
-    """The dead-man switch fires: disable HOST until an admin enables it. Audited, with
-    REQUEST's fields (certificate, address, request id) when a request fired it."""
+    """The dead-man switch fires: disable HOST until an admin enables it, and deny what it
+    asked approval for. Audited, with REQUEST's fields (certificate, address, request id)
+    when a request fired it."""
     store.set_host_enabled(host.id, False, "deadman")
     record: AuditRecord = {
         "event": "host_disabled",
@@ -38,6 +42,7 @@ def disable_silent_host(
         **(request or {}),
     }
     audit.write(record)
+    deny_open(store, audit, host, None, "deadman-switch", "deadman", int(time.time()))
 
 
 def expire_silent_hosts(store: Store, audit: AuditSink, default: int, now: int) -> list[str]:

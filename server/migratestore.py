@@ -87,6 +87,11 @@ def migrate(layout: Layout, config: ServerConfig, url: str, sealer: Sealer) -> R
                 ("hosts", len(snapshot.hosts), len(copied.hosts)),
                 ("certificates", len(snapshot.certificates), len(copied.certificates)),
                 ("keys", len(snapshot.keys), len(copied.keys)),
+                (
+                    "approval policies",
+                    len(snapshot.approval_policies),
+                    len(copied.approval_policies),
+                ),
                 ("audit records", copied_lines, target.audit_count()),
             ],
             opened,

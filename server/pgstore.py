@@ -28,6 +28,7 @@ from psycopg import conninfo as pg_conninfo
 from psycopg.rows import dict_row
 
 from zfs_unlock_server import schema
+from zfs_unlock_server.approvalrows import ApprovalRows
 from zfs_unlock_server.errors import (
     ConfigError,
     Conflict,
@@ -128,7 +129,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-class PgStore:
+class PgStore(ApprovalRows):
     """Store on a PostgreSQL database. Open one per process (a connection does not
     survive fork); it reconnects by itself after the database came back."""
 
@@ -206,6 +207,16 @@ class PgStore:
     def close(self) -> None:
         self._drop()
 
+    def _rows(
+        self, sql: str, params: Sequence[object] = (), write: bool = False
+    ) -> list[dict[str, Any]]:
+        try:
+            with self._session(write) as conn:
+                cursor = conn.execute(sql.replace("?", "%s"), tuple(params))
+                return list(cursor.fetchall()) if cursor.description is not None else []
+        except psycopg.IntegrityError as exc:
+            raise Conflict(_one_line(exc)) from None
+
     # Schema
 
     def schema_version(self) -> int:
@@ -273,7 +284,8 @@ class PgStore:
                 str(r["name"]): bytes(r["value"])
                 for r in conn.execute("SELECT name, value FROM meta")
             }
-        return Snapshot(hosts, certificates, keys, meta)
+            policies = self.all_approval_policies()
+        return Snapshot(hosts, certificates, keys, meta, policies)
 
     def load(self, snapshot: Snapshot, audit: Iterable[tuple[str, str]]) -> None:
         """Fill an empty database with SNAPSHOT and the audit records AUDIT ((time, line)
@@ -317,12 +329,17 @@ class PgStore:
             cursor.executemany(
                 "INSERT INTO meta (name, value) VALUES (%s, %s)", list(snapshot.meta.items())
             )
+            cursor.executemany(
+                "INSERT INTO approval_policies (host_id, pool_guid, dataset_guid, policy)"
+                " VALUES (%s, %s, %s, %s)",
+                snapshot.approval_policies,
+            )
             with cursor.copy("COPY audit (ts, record) FROM STDIN") as copy:
                 for when, line in audit:
                     copy.write_row((when, line))
             # Statistics now, not when autovacuum next comes by: the first requests after
             # the switch are planned on what the tables hold.
-            cursor.execute("ANALYZE hosts, certificates, keys, meta, audit")
+            cursor.execute("ANALYZE hosts, certificates, keys, meta, audit, approval_policies")
 
     def audit_count(self) -> int:
         with self._session() as conn:

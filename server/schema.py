@@ -124,6 +124,40 @@ SQLITE: tuple[str, ...] = (
     ALTER TABLE certificates ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
     ALTER TABLE certificates ADD COLUMN retire_at INTEGER NOT NULL DEFAULT 0;
     """,
+    # Approval of releases (approval.py): policies of hosts and of their datasets
+    # ('' '' is the host's own), the requests waiting for a person, and the hosts whose
+    # silence condition tripped. Requests are working state: closed ones are deleted
+    # after a while; the audit log keeps every decision.
+    """
+    CREATE TABLE approval_policies (
+        host_id      INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        pool_guid    TEXT NOT NULL DEFAULT '',
+        dataset_guid TEXT NOT NULL DEFAULT '',
+        policy       TEXT NOT NULL,
+        PRIMARY KEY (host_id, pool_guid, dataset_guid)
+    ) STRICT;
+    CREATE TABLE approvals (
+        id         TEXT PRIMARY KEY,
+        host_id    INTEGER NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        cert_fp    TEXT NOT NULL,
+        nonce      TEXT NOT NULL,
+        datasets   TEXT NOT NULL,
+        source_ip  TEXT NOT NULL,
+        reasons    TEXT NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'denied', 'released')),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        decided_by TEXT NOT NULL DEFAULT '',
+        decided_at INTEGER NOT NULL DEFAULT 0,
+        note       TEXT NOT NULL DEFAULT '',
+        UNIQUE (host_id, cert_fp, nonce)
+    ) STRICT;
+    CREATE INDEX approvals_host ON approvals(host_id, state);
+    CREATE TABLE silence_trips (
+        host_id    INTEGER PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        silent_for INTEGER NOT NULL
+    ) STRICT;
+    """,
 )
 
 
@@ -213,6 +247,37 @@ POSTGRESQL: tuple[str, ...] = (
     );
     ALTER TABLE certificates ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
     ALTER TABLE certificates ADD COLUMN retire_at BIGINT NOT NULL DEFAULT 0;
+    """,
+    # Approval of releases, as SQLite's step 6.
+    """
+    CREATE TABLE approval_policies (
+        host_id      BIGINT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        pool_guid    TEXT NOT NULL DEFAULT '',
+        dataset_guid TEXT NOT NULL DEFAULT '',
+        policy       TEXT NOT NULL,
+        PRIMARY KEY (host_id, pool_guid, dataset_guid)
+    );
+    CREATE TABLE approvals (
+        id         TEXT PRIMARY KEY,
+        host_id    BIGINT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        cert_fp    TEXT NOT NULL,
+        nonce      TEXT NOT NULL,
+        datasets   TEXT NOT NULL,
+        source_ip  TEXT NOT NULL,
+        reasons    TEXT NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('pending', 'approved', 'denied', 'released')),
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        decided_by TEXT NOT NULL DEFAULT '',
+        decided_at BIGINT NOT NULL DEFAULT 0,
+        note       TEXT NOT NULL DEFAULT '',
+        UNIQUE (host_id, cert_fp, nonce)
+    );
+    CREATE INDEX approvals_host ON approvals(host_id, state);
+    CREATE TABLE silence_trips (
+        host_id    BIGINT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        silent_for BIGINT NOT NULL
+    );
     """,
 )
 

@@ -8,7 +8,6 @@ the audit log only; callers learn nothing but "denied".
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -17,7 +16,9 @@ from dataclasses import dataclass, field
 
 from zfs_unlock_common import protocol
 from zfs_unlock_common.protocol import DatasetRef
-from zfs_unlock_server import masterring, tlspins
+from zfs_unlock_server import approval, masterring, tlspins
+from zfs_unlock_server.approvalgate import ApprovalGate, Gated
+from zfs_unlock_server.approvalrows import Approval
 from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.deadman import (
     TOUCH_INTERVAL,
@@ -83,11 +84,22 @@ class HostStatus:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """Keys kept back until a person approves REQUEST; the agent asks again after
+    RETRY_AFTER seconds, with the same nonce."""
+
+    request: Approval
+    refs: list[DatasetRef]
+    retry_after: int
+
+
+@dataclass
 class BatchResult:
     released: list[Released]
     denied: list[DatasetRef]
     # The next keys of released datasets whose rotation has begun.
     upcoming: list[Released] = field(default_factory=list)
+    waiting: Waiting | None = None
 
 
 def new_key_id() -> str:
@@ -106,15 +118,7 @@ def context_of(record: KeyRecord) -> KeyContext:
 
 
 def address_allowed(source_ip: str, networks: Sequence[str]) -> bool:
-    if not networks:
-        return True
-    try:
-        address = ipaddress.ip_address(source_ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in ipaddress.ip_network(net) for net in networks)
+    return not networks or approval.in_networks(source_ip, networks)
 
 
 def pool_allowed(host: Host, pool_guid: str) -> bool:
@@ -136,6 +140,9 @@ class KeyService:
         sign: Callable[[str, bytes], bytes] | None = None,
         renewed_certificate_grace: int = 7 * 86400,
         next_ca_key_id: Callable[[], str] = lambda: "",
+        max_pending_approvals: int = 4,
+        approval_poll: int = 5,
+        notify: Callable[[Approval], None] = lambda request: None,
     ) -> None:
         self.store = store
         self.sealer = sealer
@@ -149,6 +156,9 @@ class KeyService:
         self.renewed_certificate_grace = renewed_certificate_grace
         self.next_ca_key_id = next_ca_key_id  # "" unless a CA rollover runs (ca next)
         self._looked_up: tuple[str, Host | None] | None = None  # (request id, its host)
+        self.approvals = ApprovalGate(store, audit, clock, max_pending_approvals)
+        self.approval_poll = approval_poll  # seconds an agent waits between asks
+        self.notify = notify  # told of each new request for approval (after its commit)
 
     # The host-level gate, shared by every route.
 
@@ -199,6 +209,7 @@ class KeyService:
             raise self.deny(caller, event, "source_address_not_allowed", **named)
         if machine_id != host.machine_id:
             raise self.deny(caller, event, "machine_id_mismatch", **named)
+        self.approvals.check_silence(caller.audit_fields(), host, now)
         if host.replaces_certificate:
             self._retire_replaced(caller, host)
         return host
@@ -367,10 +378,13 @@ class KeyService:
         machine_id: str,
         refs: Sequence[DatasetRef],
         with_next: bool = True,
+        nonce: str = "",
     ) -> BatchResult:
         """Release each requested key the host may have and, WITH_NEXT, the next key of each
         released dataset whose rotation has begun (the dataset may already be wrapped with
-        it). Audited before anything is returned."""
+        it). Keys whose approval policy asks for a person wait for one (NONCE binds the
+        request to this agent; without one they are refused). Audited before anything is
+        returned."""
         with self.serving(caller, machine_id, "release", seen=False) as host:
             result = BatchResult([], [])
             records: list[AuditRecord] = []
@@ -381,29 +395,51 @@ class KeyService:
                 keys = self.store.keys_for_datasets(
                     host.id, [(r.pool_guid, r.dataset_guid) for r in refs]
                 )
+                decided: list[tuple[DatasetRef, Released | None, AuditRecord, DatasetKeys]] = []
                 for ref in refs:
                     found = keys.get((ref.pool_guid, ref.dataset_guid), DatasetKeys(None))
                     released, audit_record = self._releasable(caller, host, ref, found.current)
-                    records.append(audit_record)
-                    if released is None:
-                        result.denied.append(ref)
+                    decided.append((ref, released, audit_record, found))
+                gated = self.approvals.gate(
+                    caller.audit_fields(),
+                    host,
+                    nonce,
+                    {
+                        (r.pool_guid, r.dataset_guid): k.record.dataset
+                        for r, k, _, _ in decided
+                        if k is not None
+                    },
+                )
+                for ref, released, first, found in decided:  # in request order
+                    record = first if released is None else _gated_record(gated, ref, first)
+                    records.append(record)
+                    if released is None or record["decision"] != "allow":
+                        if record["decision"] == "deny":
+                            result.denied.append(ref)
                         continue
                     result.released.append(released)
                     if with_next and found.next is not None:
-                        base = {k: v for k, v in audit_record.items() if k != "reason"}
+                        base = {k: v for k, v in record.items() if k != "reason"}
                         upcoming, next_record = self._open_for_release(found.next, base)
                         if upcoming is not None:
                             next_record = {**next_record, "reason": "next_key"}
                             result.upcoming.append(upcoming)
                         records.append(next_record)
+                if gated.waiting is not None:
+                    result.waiting = Waiting(
+                        gated.waiting, [DatasetRef(*r) for r in gated.held], self.approval_poll
+                    )
                 self.audit.write(*records)
                 self._seen(host)
+        if gated.created is not None:
+            self.notify(gated.created)
         return result
 
     def release_legacy(
         self, caller: Caller, machine_id: str, pool_guid: str, name: str
     ) -> Released:
-        """The SimpleZFSKeySystem route: imported keys by (machine, pool, name)."""
+        """The SimpleZFSKeySystem route: imported keys by (machine, pool, name). It cannot
+        wait: a key whose policy asks for approval is refused here."""
         with self.serving(caller, machine_id, "release") as host:
             base = self._record(caller, "release", host=host.name, pool=pool_guid, legacy_name=name)
             with self.store.transaction():  # as release()
@@ -417,8 +453,14 @@ class KeyService:
                 else:
                     record = self.store.key_for_legacy_name(host.id, pool_guid, name)
                     result, audit_record = self._open_for_release(record, base)
+                if result is not None:
+                    ref = (pool_guid, result.record.dataset_guid)
+                    gated = self.approvals.gate(
+                        caller.audit_fields(), host, "", {ref: result.record.dataset}
+                    )
+                    audit_record = _gated_record(gated, DatasetRef(*ref), audit_record)
                 self.audit.write(audit_record)
-            if result is None:
+            if result is None or audit_record["decision"] != "allow":
                 raise Denied(str(audit_record["reason"]))
         return result
 
@@ -699,3 +741,22 @@ def generate_material(keyformat: str) -> bytes:
         return secret
     # A rotation's passphrase: 64 hex digits are a valid one, and as strong as a raw key.
     return secret.hex().encode("ascii")
+
+
+def _gated_record(gated: Gated, ref: DatasetRef, record: AuditRecord) -> AuditRecord:
+    """The audit record of a key the release would send, as the approval gate decided."""
+    key = (ref.pool_guid, ref.dataset_guid)
+    if key in gated.refused:
+        return {**record, "decision": "deny", "reason": gated.refused[key]}
+    if key not in gated.passed:
+        waiting = gated.waiting.id if gated.waiting is not None else None
+        return {**record, "decision": "pending", "reason": "approval_pending", "approval": waiting}
+    if key in gated.approved:
+        given = gated.approved[key]
+        return {
+            **record,
+            "reason": "approved",
+            "approval": given.id,
+            "approved_by": given.decided_by,
+        }
+    return record

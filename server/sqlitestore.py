@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from zfs_unlock_server import schema
+from zfs_unlock_server.approvalrows import ApprovalRows
 from zfs_unlock_server.errors import ConfigError, Conflict, NotFound, StaleMasterKey
 from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.sealing import FORMAT_V2, Ring
@@ -54,7 +56,7 @@ def _admit(db: sqlite3.Connection, records: Sequence[KeyRecord]) -> None:
         raise StaleMasterKey("sealed under a master key that was just retired; try again")
 
 
-class SqliteStore:
+class SqliteStore(ApprovalRows):
     """Store on one SQLite file. Open one per process (connections do not survive fork)."""
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000, migrate: bool = False) -> None:
@@ -120,6 +122,17 @@ class SqliteStore:
     def transaction(self) -> Iterator[None]:
         yield
 
+    def _rows(
+        self, sql: str, params: Sequence[object] = (), write: bool = False
+    ) -> list[dict[str, Any]]:
+        try:
+            if not write:
+                return [dict(r) for r in self._db.execute(sql, tuple(params))]
+            with self._write() as db:
+                return [dict(r) for r in db.execute(sql, tuple(params)).fetchall()]
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(str(exc)) from None
+
     def host_states(self) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT CASE WHEN enabled THEN 'enabled' ELSE 'disabled_' || disabled_reason END,"
@@ -146,9 +159,10 @@ class SqliteStore:
                 )
             ]
             meta = {r[0]: bytes(r[1]) for r in self._db.execute("SELECT name, value FROM meta")}
+            policies = self.all_approval_policies()
         finally:
             self._db.execute("COMMIT")
-        return Snapshot(hosts, certificates, keys, meta)
+        return Snapshot(hosts, certificates, keys, meta, policies)
 
     def counts(self) -> tuple[int, int]:
         hosts = self._db.execute("SELECT count(*) FROM hosts").fetchone()[0]

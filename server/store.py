@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from zfs_unlock_server.approvalrows import Approval
 from zfs_unlock_server.ratelimit import Charge
 from zfs_unlock_server.sealing import Ring
 
@@ -98,6 +99,9 @@ class Snapshot:
     certificates: list[Certificate]
     keys: list[KeyRecord]  # oldest first
     meta: dict[str, bytes]
+    # (host id, pool GUID, dataset GUID, policy text); the requests waiting for approval
+    # are working state and stay behind.
+    approval_policies: list[tuple[int, str, str, str]] = field(default_factory=list)
 
 
 # The columns an insert into keys writes, and a record's values for them, in that order.
@@ -290,6 +294,31 @@ class Store(Protocol):
         ...
 
     def snapshot(self) -> Snapshot: ...
+
+    # Approval of releases (approvalrows.py, one implementation for both backends)
+    def approval_policies(self, host_id: int) -> dict[tuple[str, str], str]: ...
+    def all_approval_policies(self) -> list[tuple[int, str, str, str]]: ...
+    def set_approval_policy(
+        self, host_id: int, ref: tuple[str, str], policy: str | None
+    ) -> None: ...
+    def silence_tripped(self, host_id: int) -> int: ...
+    def trip_silence(self, host_id: int, silent_for: int) -> bool: ...
+    def clear_silence(self, host_id: int) -> None: ...
+    def add_approval(self, approval: Approval, keep_closed_after: int) -> None: ...
+    def approval_for(self, host_id: int, cert_fp: str, nonce: str) -> Approval | None: ...
+    def approval(self, approval_id: str) -> Approval: ...
+    def approvals(self, host_id: int | None = None) -> list[Approval]: ...
+    def open_approvals(self, host_id: int, now: int) -> int: ...
+    def decide_approval(
+        self,
+        approval_id: str,
+        expected: tuple[str, ...],
+        state: str,
+        by: str,
+        note: str,
+        now: int,
+    ) -> bool: ...
+    def mark_released(self, approval_id: str, now: int) -> bool: ...
 
     def transaction(self) -> AbstractContextManager[None]:
         """The calls made inside run as one transaction where the backend can (PostgreSQL:

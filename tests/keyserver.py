@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -290,6 +291,29 @@ def enroll(
         timeout=10,
         allow_redirects=False,
     )
+
+
+def activated_key(
+    server: KeyServer, host: HostCreds, pool: str, dataset_guid: str, dataset: str = "tank/data"
+) -> tuple[str, bytes]:
+    """Enroll and activate a key for a dataset of HOST; return (key id, key bytes)."""
+    with server.session(host) as session:
+        response = enroll(session, server, host, pool, dataset_guid, dataset)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        activated = session.post(
+            server.url("/v1/keys/activate"),
+            json={
+                "machine_id": host.machine_id,
+                "pool_guid": pool,
+                "dataset_guid": dataset_guid,
+                "key_id": body["key_id"],
+            },
+            timeout=10,
+        )
+        assert activated.status_code == 200, activated.text
+        assert activated.json()["state"] == "active"
+    return body["key_id"], base64.b64decode(body["key"])
 
 
 def release(

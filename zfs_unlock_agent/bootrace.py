@@ -476,7 +476,7 @@ class BootRace:
                 if left <= 0:
                     raise DeadlinePassed
                 with self.client(self.race, self.progress, left) as client:
-                    released, _ = client.release(self.unlocker.machine_id, [ref])
+                    batch = client.release(self.unlocker.machine_id, [ref], self.unlocker.ticket)
             except DeadlinePassed:
                 results[root.name] = RootResult(
                     root.name, "failed", EX_TEMPFAIL, "no key from the key server in time"
@@ -488,6 +488,10 @@ class BootRace:
                     continue
                 results[root.name] = RootResult(root.name, "failed", exc.exit_code, str(exc))
                 return {}
+            if ref in batch.waiting:  # asked again, for the same request, while the race lasts
+                self.progress(f"{root.name}: approval {batch.approval} is still pending")
+                continue
+            released = batch.released
             if ref not in released:
                 results[root.name] = RootResult(
                     root.name, "failed", EX_NOPERM, "the key server refused to release its key"

@@ -20,7 +20,7 @@ from types import FrameType
 
 from zfs_unlock_agent import askpassword, config, initramfs, learnedpins, renew, textfile
 from zfs_unlock_agent.errors import AgentError
-from zfs_unlock_agent.keyclient import KeyClient
+from zfs_unlock_agent.keyclient import ApprovalTicket, KeyClient
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.notify import Notifier
 from zfs_unlock_agent.rotate import rotate
@@ -121,6 +121,8 @@ class Daemon:
         self.clock = clock
         self.mount_pending = mount_pending
         self.retries: dict[str, Retry] = {}  # by dataset GUID: survives renames
+        # Passes that ask again for a release waiting for approval find the same request.
+        self.ticket = ApprovalTicket()
         self.managed = 0
         self.missing_reported: set[str] = set()
         self.next_rescan = 0.0
@@ -179,6 +181,7 @@ class Daemon:
             self.machine_id,
             cfg.zfs.volume_link_timeout,
             cfg.zfs.zvol_dir,
+            ticket=self.ticket,
         )
 
     def _note_missing(self, problem: str) -> None:

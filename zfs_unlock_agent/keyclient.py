@@ -60,6 +60,58 @@ class Answer(NamedTuple):
     body: dict[str, Any]
 
 
+# The longest pause between two asks while a release waits for approval, whatever the
+# server says.
+MAX_APPROVAL_POLL = 60.0
+
+
+class Pending(NamedTuple):
+    """The server keeps keys back until a person approves request ID."""
+
+    id: str
+    refs: list[DatasetRef]
+    retry_after: float
+
+
+class Batch(NamedTuple):
+    """A release's outcome: the keys, the datasets refused, and those still waiting for
+    approval APPROVAL when the deadline came."""
+
+    released: dict[DatasetRef, ReleasedKey]
+    denied: list[DatasetRef]
+    waiting: tuple[DatasetRef, ...] = ()
+    approval: str = ""
+
+
+class ApprovalTicket:
+    """The nonce an agent's releases carry. The server binds a release that waits for
+    approval to it (and to this host's certificate): the agent keeps it while its
+    request waits, so that asking again, even in a later call, finds the same request,
+    and takes a new one once the request is decided."""
+
+    def __init__(self) -> None:
+        self.nonce = ""
+        self.told = ""
+        self.renew()
+
+    def renew(self) -> None:
+        self.nonce = os.urandom(16).hex()
+
+    def note(self, pending: Pending) -> None:
+        """Say once per request, on the terminal and in the journal, what waits and for
+        what, so that the person who approves it knows which request is this host's."""
+        if pending.id == self.told:
+            return
+        self.told = pending.id
+        log.warning(
+            "the key server holds %d key(s) until a person approves request %s"
+            " (on the key server: zfs-unlock-server approval approve %s)",
+            len(pending.refs),
+            pending.id,
+            pending.id,
+        )
+
+
 def retry_delay(
     network: NetworkSettings, attempt: int, jitter: float, wait_hint: float = 0.0
 ) -> float:
@@ -187,10 +239,18 @@ class KeyClient:
         )
 
     def call(
-        self, method: str, path: str, body: dict[str, Any], accept: tuple[int, ...] = (200, 201)
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any],
+        accept: tuple[int, ...] = (200, 201),
+        until: float | None = None,
     ) -> Answer:
+        """UNTIL (this client's clock): an end earlier than the configured deadline's."""
         started = self._clock()
         deadline = started + self.network.deadline
+        if until is not None:
+            deadline = min(deadline, until)
         attempt = 0
         problems: list[str] = []
         # The last failed attempt, reported once it is known what comes next.
@@ -277,9 +337,42 @@ class KeyClient:
     # Routes
 
     def release(
-        self, machine_id: str, refs: Sequence[DatasetRef]
-    ) -> tuple[dict[DatasetRef, ReleasedKey], list[DatasetRef]]:
-        """Every requested key in one request. Returns (released, denied)."""
+        self, machine_id: str, refs: Sequence[DatasetRef], ticket: ApprovalTicket | None = None
+    ) -> Batch:
+        """Every requested key in one request; keys that wait for a person's approval are
+        asked for again, as the server says, until they come, are refused, or the
+        deadline would pass (then they are in the answer's `waiting`, and TICKET keeps
+        the nonce for the next call to find the same request)."""
+        ticket = ticket or ApprovalTicket()
+        until = self._clock() + self.network.deadline
+        released: dict[DatasetRef, ReleasedKey] = {}
+        denied: list[DatasetRef] = []
+        asking = list(refs)
+        try:
+            while True:
+                got, refused, pending = self._release_once(machine_id, asking, ticket.nonce, until)
+                released |= got
+                denied += refused
+                if pending is None:
+                    ticket.renew()  # decided: a later release is a new request
+                    return Batch(released, denied)
+                ticket.note(pending)
+                asking = pending.refs
+                pause = min(max(pending.retry_after, 1.0), MAX_APPROVAL_POLL)
+                if self._clock() + pause >= until:
+                    return Batch(released, denied, tuple(asking), pending.id)
+                self._report(
+                    f"approval {pending.id} is pending; asking again in {seconds(pause)} s"
+                )
+                self._sleep(pause)
+        except BaseException:
+            for key in released.values():
+                key.wipe()
+            raise
+
+    def _release_once(
+        self, machine_id: str, refs: Sequence[DatasetRef], nonce: str, until: float
+    ) -> tuple[dict[DatasetRef, ReleasedKey], list[DatasetRef], Pending | None]:
         answer = self.call(
             "POST",
             protocol.ROUTE_RELEASE_BATCH,
@@ -288,7 +381,9 @@ class KeyClient:
                 "datasets": [
                     {"pool_guid": r.pool_guid, "dataset_guid": r.dataset_guid} for r in refs
                 ],
+                "nonce": nonce,
             },
+            until=until,
         )
         keys = answer.body.get("keys")
         denied = answer.body.get("denied")
@@ -318,11 +413,12 @@ class KeyClient:
                     raise BadKeyData("server sent a next key without its dataset's key")
                 released[key.ref] = current._replace(next=key)
             refused = [_ref(item) for item in denied]
+            pending = _pending(answer.body.get("pending"), asked - set(released))
         except BadKeyData:
             for key in released.values():
                 key.wipe()
             raise
-        return released, refused
+        return released, refused, pending
 
     def next_key(self, machine_id: str, ref: DatasetRef) -> ReleasedKey:
         """A rotation's next key for the dataset REF (the same one when asked again)."""
@@ -488,3 +584,22 @@ def _released_key(item: Any, states: tuple[str, ...] = ("pending", "active")) ->
     except (validate.InvalidInput, binascii.Error, ValueError):
         raise BadKeyData("answer carries a malformed key_id or key") from None
     return ReleasedKey(ref, key_id, keyformat, state, secret)
+
+
+def _pending(item: Any, waiting: set[DatasetRef]) -> Pending | None:
+    """The answer's "pending" (None when absent): datasets asked for and not released."""
+    if item is None:
+        return None
+    if not isinstance(item, dict) or not isinstance(item.get("datasets"), list):
+        raise BadKeyData("server answer has a malformed 'pending'")
+    try:
+        approval_id = validate.approval_id(item.get("id"))
+    except validate.InvalidInput:
+        raise BadKeyData("server answer has a malformed approval id") from None
+    retry_after = item.get("retry_after")
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+        raise BadKeyData("server answer has a malformed 'retry_after'")
+    refs = [_ref(d) for d in item["datasets"]]
+    if not refs or not set(refs) <= waiting or len(set(refs)) != len(refs):
+        raise BadKeyData("server holds back datasets that were not asked for")
+    return Pending(approval_id, refs, float(retry_after))

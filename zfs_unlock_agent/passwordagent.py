@@ -24,7 +24,7 @@ from zfs_unlock_agent import askpassword
 from zfs_unlock_agent.askpassword import Question
 from zfs_unlock_agent.config import Config
 from zfs_unlock_agent.errors import EX_TEMPFAIL, AgentError, ZfsError, ZfsUnavailable
-from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
+from zfs_unlock_agent.keyclient import ApprovalTicket, KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.unlock import key_problem, select_roots
 from zfs_unlock_agent.zfs import TYPABLE_KEYFORMATS, Dataset, Inventory, Zfs
@@ -53,6 +53,7 @@ class PasswordAgent:
         self.directory = directory
         self.idle = idle
         self.settled: set[tuple[Path, tuple[int, int]]] = set()  # answered, or never will be
+        self.ticket = ApprovalTicket()  # a release waiting for approval is asked for again
 
     def run(self) -> int:
         """Answer questions until the directory has been empty for IDLE seconds. Empty, not
@@ -140,7 +141,7 @@ class PasswordAgent:
         deadline = self._deadline([q for questions in ours.values() for q in questions])
         try:
             with self.client(deadline) as client:
-                released, _ = client.release(self.machine_id, list(refs.values()))
+                batch = client.release(self.machine_id, list(refs.values()), self.ticket)
         except AgentError as exc:
             if exc.exit_code == EX_TEMPFAIL:
                 log.progress("no key from the key server yet (%s); still trying", exc)
@@ -150,9 +151,13 @@ class PasswordAgent:
                 for question in questions:
                     self._settle(question)
             return
+        released = batch.released
         try:
             for name, questions in ours.items():
                 key = released.get(refs[name])
+                if refs[name] in batch.waiting:
+                    log.progress("%s: approval %s is still pending", name, batch.approval)
+                    continue  # the next round asks again, while the question is asked
                 if key is None:
                     log.error("%s: the key server refused to release its key", name)
                 elif (proven := self._proven(roots[name], key)) is not None:

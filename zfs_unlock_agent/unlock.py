@@ -16,13 +16,14 @@ from zfs_unlock_agent.errors import (
     EX_NOPERM,
     EX_OK,
     EX_PARTIAL,
+    EX_TEMPFAIL,
     AgentError,
     ConfigError,
     KeyAlreadyLoaded,
     ZfsError,
     ZfsUnavailable,
 )
-from zfs_unlock_agent.keyclient import KeyClient, ReleasedKey
+from zfs_unlock_agent.keyclient import ApprovalTicket, KeyClient, ReleasedKey
 from zfs_unlock_agent.log import log
 from zfs_unlock_agent.udev import wait_for_links
 from zfs_unlock_agent.zfs import GENERATOR_IGNORE, Dataset, Inventory, Zfs
@@ -140,10 +141,14 @@ class Unlocker:
         volume_link_timeout: float = 30.0,
         zvol_dir: Path = ZVOL_DIR,
         completes_enrollment: bool = True,
+        ticket: ApprovalTicket | None = None,
     ) -> None:
         """COMPLETES_ENROLLMENT: a pending key that loads is reported to the key server as
         proven (False for recover, which has no key server)."""
         self.completes_enrollment = completes_enrollment
+        # Kept by callers that ask again (the daemon): a release that waits for approval
+        # is found again, not asked anew.
+        self.ticket = ticket or ApprovalTicket()
         self.zfs = zfs
         self.client = client
         self.machine_id = machine_id
@@ -170,7 +175,7 @@ class Unlocker:
             return {}
         try:
             with self.client() as client:
-                released, _ = client.release(self.machine_id, list(refs.values()))
+                batch = client.release(self.machine_id, list(refs.values()), self.ticket)
         except AgentError as exc:
             log.error("%s", exc)
             for name in refs:
@@ -180,8 +185,15 @@ class Unlocker:
             return {}
         keys = {}
         for name, ref in refs.items():
-            if ref in released:
-                keys[name] = released[ref]
+            if ref in batch.released:
+                keys[name] = batch.released[ref]
+            elif ref in batch.waiting:
+                results[name] = RootResult(
+                    name,
+                    "failed",
+                    EX_TEMPFAIL,
+                    f"{outcome}: approval {batch.approval} was not given in time",
+                )
             else:
                 results[name] = RootResult(
                     name, "failed", EX_NOPERM, "the key server refused to release its key"

@@ -20,6 +20,8 @@ _COMPONENT = re.compile(r"[A-Za-z0-9_.: -]+")
 _POOL_RESERVED = re.compile(r"mirror|raidz|draid|spare|log\Z|c[0-9]")
 _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 _KEY_ID = re.compile(r"k-[0-9a-f]{24}")
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_APPROVAL_ID = re.compile(r"a-[0-9a-f]{12}")
 
 
 class InvalidInput(ValueError):
@@ -70,4 +72,18 @@ def key_id(value: object) -> str:
     """A key identifier as the server issues them."""
     if not isinstance(value, str) or not _KEY_ID.fullmatch(value):
         raise InvalidInput("key_id is malformed")
+    return value
+
+
+def nonce(value: object) -> str:
+    """The agent's nonce that binds a release waiting for approval to it: 32 hex digits."""
+    if not isinstance(value, str) or not _NONCE.fullmatch(value):
+        raise InvalidInput("nonce must be 32 lowercase hex digits")
+    return value
+
+
+def approval_id(value: object) -> str:
+    """An approval request's id as the server issues them."""
+    if not isinstance(value, str) or not _APPROVAL_ID.fullmatch(value):
+        raise InvalidInput("approval id must be 'a-' and 12 lowercase hex digits")
     return value

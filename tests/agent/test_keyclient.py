@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,10 @@ from tests.fakes.stub_https import StubHTTPS, json_reply, make_ca, self_signed_c
 from tests.keyserver import KeyServer
 from zfs_unlock_agent import transport
 from zfs_unlock_agent.config import NetworkSettings, ServerSettings
-from zfs_unlock_agent.errors import EX_NOPERM, ServerRefused, ServerUnavailable
+from zfs_unlock_agent.errors import EX_NOPERM, BadKeyData, ServerRefused, ServerUnavailable
 from zfs_unlock_agent.keyclient import (
     UNKNOWN_NAME,
+    ApprovalTicket,
     KeyClient,
     enrolled_name,
     seconds,
@@ -22,6 +25,7 @@ from zfs_unlock_agent.keyclient import (
     uniform,
 )
 from zfs_unlock_common import pinning
+from zfs_unlock_common.protocol import DatasetRef
 
 
 class FakeTime:
@@ -254,3 +258,77 @@ def test_the_enrolled_name_is_the_certificates_common_name(tmp_path: Path) -> No
 def test_spans_are_written_with_the_precision_of_their_rounded_value() -> None:
     values = (0.004, 0.25, 0.996, 1.04, 9.96, 57.4)
     assert [seconds(v) for v in values] == ["0.00", "0.25", "1.0", "1.0", "10", "57"]
+
+
+# Releases that wait for approval, on the fake clock
+
+REF = {"pool_guid": "1", "dataset_guid": "2"}
+OTHER = {"pool_guid": "1", "dataset_guid": "3"}
+
+
+def body(payload: dict[str, object]) -> transport.Response:
+    return transport.Response(
+        200, {"content-type": "application/json"}, bytearray(json.dumps(payload).encode())
+    )
+
+
+def waiting(
+    retry_after: object = 5, datasets: object = (REF,), ident: str = "a-0123456789ab"
+) -> transport.Response:
+    pending = {"id": ident, "retry_after": retry_after, "datasets": list(datasets)}  # type: ignore[call-overload]
+    return body({"keys": [], "denied": [], "pending": pending})
+
+
+def test_a_waiting_release_is_asked_for_again_with_the_same_nonce_until_its_deadline(
+    tmp_path: Path,
+) -> None:
+    client, told = scripted_client(tmp_path, [waiting() for _ in range(4)], deadline=20)
+    sent: list[dict[str, object]] = []
+    for server in client._servers:
+        scripted = server.request
+
+        def recording(
+            *args: object, scripted: Callable[..., transport.Response] = scripted, **kwargs: object
+        ) -> transport.Response:
+            sent.append(json.loads(args[2]))  # type: ignore[arg-type]
+            return scripted(*args, **kwargs)
+
+        server.request = recording  # type: ignore[method-assign]
+    ticket = ApprovalTicket()
+    batch = client.release("0" * 32, [DatasetRef("1", "2")], ticket)
+    assert batch.released == {} and batch.denied == []
+    assert batch.waiting == (DatasetRef("1", "2"),) and batch.approval == "a-0123456789ab"
+    assert len(sent) == 4  # at 0.2, 5.4, 10.6, 15.8 s; a fifth would pass 20 s
+    assert {s["nonce"] for s in sent} == {ticket.nonce}, "one nonce for the whole wait"
+    assert told == ["approval a-0123456789ab is pending; asking again in 5.0 s"] * 3
+
+
+@pytest.mark.parametrize(
+    ("pending", "said"),
+    [
+        (waiting(ident="a-XYZ"), "malformed approval id"),
+        (waiting(retry_after=True), "malformed 'retry_after'"),
+        (waiting(retry_after="5"), "malformed 'retry_after'"),
+        (waiting(datasets=(OTHER,)), "not asked for"),
+        (waiting(datasets=()), "not asked for"),
+        (waiting(datasets=(REF, REF)), "not asked for"),
+        (body({"keys": [], "denied": [], "pending": []}), "malformed 'pending'"),
+    ],
+    ids=["id", "bool", "string", "other", "none", "twice", "list"],
+)
+def test_a_malformed_pending_answer_is_bad_key_data(
+    tmp_path: Path, pending: transport.Response, said: str
+) -> None:
+    client, _ = scripted_client(tmp_path, [pending], deadline=20)
+    with pytest.raises(BadKeyData, match=said):
+        client.release("0" * 32, [DatasetRef("1", "2")])
+
+
+def test_a_ticket_takes_a_new_nonce_once_its_request_is_decided(tmp_path: Path) -> None:
+    decided = body({"keys": [], "denied": [REF]})
+    client, _ = scripted_client(tmp_path, [waiting(), decided], deadline=20)
+    ticket = ApprovalTicket()
+    first = ticket.nonce
+    batch = client.release("0" * 32, [DatasetRef("1", "2")], ticket)
+    assert batch.denied == [DatasetRef("1", "2")] and batch.waiting == ()
+    assert ticket.nonce != first and len(ticket.nonce) == 32

@@ -55,6 +55,7 @@ POOL = "9876543210987654321"
 PIN = re.compile(r"sha256//[A-Za-z0-9+/]{43}=")
 KEY_ID = re.compile(r"k-[0-9a-f]{24}")
 KEY_FIELDS = {
+    "approval",
     "key_id",
     "host",
     "pool_guid",
@@ -68,6 +69,7 @@ KEY_FIELDS = {
     "updated_at",
 }
 HOST_FIELDS = {
+    "approval",
     "name",
     "machine_id",
     "enabled",
@@ -615,8 +617,10 @@ def test_host_show_is_readable(keyserver: KeyServer, tmp_path: Path) -> None:
         "created",
         "certificates",
         "keys",
+        "approval",
     ]
     assert shown["name"] == "fenced" and shown["enabled"] == "yes"
+    assert shown["approval"] == as_json["approval"] == "none"
     assert shown["machine-id"] == as_json["machine_id"]
     assert shown["allowed networks"] == "192.0.2.0/24, 2001:db8::/32"
     assert shown["pools"] == POOL
@@ -858,7 +862,7 @@ def test_key_list_never_shows_key_material(shared_keyserver: KeyServer) -> None:
     assert all(set(k) == KEY_FIELDS for k in keys)
     header, *lines = as_text.splitlines()
     assert header.split() == [
-        "KEY-ID", "STATE", "AGE", "HOST", "DATASET", "POOL/DATASET-GUID", "FORMAT"
+        "KEY-ID", "STATE", "AGE", "HOST", "DATASET", "POOL/DATASET-GUID", "FORMAT", "APPROVAL"
     ]  # fmt: skip
     assert len(lines) == 3
     assert {line.split()[0] for line in lines} == ids

@@ -502,6 +502,9 @@ def sqlite_server_with_history(root: Path) -> tuple[KeyServer, HostCreds, dict[s
         k["dataset_guid"]: k["key_id"] for k in json.loads(server.must("key", "list", "--json"))
     }
     server.must("key", "revoke", key_ids["3"])
+    # Approval policies, of a host and of a dataset, come along too.
+    server.must("host", "set", "parked", "--approval", "required")
+    server.must("key", "set", key_ids["3"], "--approval", "conditional", "--approval-silent", "600")
     server.stop()
     return server, host, keys
 
@@ -517,11 +520,12 @@ def test_migrate_store_copies_checks_and_switches(
 
     code, out, err = server.admin("migrate-store", "--to", url)
     assert code == 0, err
-    table = [line.split() for line in out.splitlines()[1:5]]
+    table = [line.split() for line in out.splitlines()[1:6]]
     assert table == [
         ["hosts", "2", "2"],
         ["certificates", "2", "2"],
         ["keys", "3", "3"],
+        ["approval", "policies", "2", "2"],
         ["audit", "records", str(len(audit_before)), str(len(audit_before))],
     ]
     assert "keys that open under the master key in PostgreSQL: 3 of 3" in out

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.certs import not_after, spki
-from tests.keyserver import HostCreds, KeyServer, enroll, release
+from tests.keyserver import HostCreds, KeyServer, activated_key, enroll, release
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_server import pki
 from zfs_unlock_server.config import Layout
@@ -37,23 +37,7 @@ def new_guid() -> str:
 def enrolled_key(server: KeyServer, host: HostCreds, pool: str = POOL) -> tuple[str, str, bytes]:
     """Enroll and activate a key; return (dataset_guid, key_id, key bytes)."""
     dataset_guid = new_guid()
-    with server.session(host) as session:
-        response = enroll(session, server, host, pool, dataset_guid)
-        assert response.status_code == 201, response.text
-        body = response.json()
-        activated = session.post(
-            server.url("/v1/keys/activate"),
-            json={
-                "machine_id": host.machine_id,
-                "pool_guid": pool,
-                "dataset_guid": dataset_guid,
-                "key_id": body["key_id"],
-            },
-            timeout=10,
-        )
-        assert activated.status_code == 200, activated.text
-        assert activated.json()["state"] == "active"
-    return dataset_guid, body["key_id"], base64.b64decode(body["key"])
+    return (dataset_guid, *activated_key(server, host, pool, dataset_guid))
 
 
 def last_decision(server: KeyServer, event: str = "release") -> dict[str, object]:

@@ -289,7 +289,7 @@ def server_keys(ctx: Context, *datasets: str) -> dict[str, tuple[str, str]]:
 
     refs = {name: DatasetRef(*guids(ctx, name)) for name in datasets}
     with agent_client() as client:
-        released, denied = client.release(machine_id(), list(refs.values()))
+        released, denied, *_ = client.release(machine_id(), list(refs.values()))
     states = {}
     for name, ref in refs.items():
         key = released.get(ref)
@@ -310,7 +310,7 @@ def key_digests(ctx: Context, *datasets: str) -> dict[str, str]:
 
     refs = {name: DatasetRef(*guids(ctx, name)) for name in datasets}
     with agent_client() as client:
-        released, denied = client.release(machine_id(), list(refs.values()))
+        released, denied, *_ = client.release(machine_id(), list(refs.values()))
     check(not denied and len(released) == len(refs), f"server refused: {denied}")
     digests = {}
     for name, ref in refs.items():
