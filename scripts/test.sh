@@ -15,8 +15,10 @@ echo "== mypy --strict" >&2
 # recovery kit's and master-key export's tests run the real age and age-keygen;
 # postgresql: the key server's PostgreSQL tests start their own throwaway clusters
 # (tests/postgres.py) with Debian's server; prometheus: its promtool checks a live scrape
-# of the key server's metrics; logrotate: the package's configuration, on a live audit log.
-bash scripts/need-debian-packages.sh libfaketime age postgresql prometheus logrotate
+# of the key server's metrics; logrotate: the package's configuration, on a live audit log;
+# chromium, its driver and NSS's tools: the approval page, used in a headless browser.
+bash scripts/need-debian-packages.sh libfaketime age postgresql prometheus logrotate \
+    chromium chromium-driver libnss3-tools
 echo "== pytest" >&2
 .venv/bin/pytest "$@"
 # The whole suite (no arguments) also runs the fast tier on Debian 12's dependencies.

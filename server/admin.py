@@ -20,6 +20,7 @@ from zfs_unlock_common import pinning, protocol, validate
 from zfs_unlock_common.csr import new_key_and_csr
 from zfs_unlock_common.protocol import DatasetRef
 from zfs_unlock_server import (
+    adminca,
     approval,
     approvaldecide,
     database,
@@ -35,7 +36,7 @@ from zfs_unlock_server.approvalrows import HOST_WIDE, Approval
 from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
 from zfs_unlock_server.config import Layout, ServerConfig
 from zfs_unlock_server.deadman import expire_silent_hosts
-from zfs_unlock_server.errors import CannotCreate, Conflict, DataError
+from zfs_unlock_server.errors import CannotCreate, Conflict, DataError, NotFound
 from zfs_unlock_server.masterkey import check_master_key
 from zfs_unlock_server.outputs import HostBundle
 from zfs_unlock_server.sealing import Sealer, load_master_key, new_master_key
@@ -518,6 +519,25 @@ class Admin:
         return approvaldecide.deny(
             self.store, self.audit, validate.approval_id(approval_id), actor(), note, _now()
         )
+
+    # The approval page's admins
+
+    def add_admin(self, name: str) -> tuple[bytes, str]:
+        """Issue admin NAME a certificate of the admin CA and register it; the PKCS#12
+        bundle of its key and certificate, and the passphrase that seals it."""
+        validate.label(name, "admin name")
+        if name in (known for known, _, _ in self.store.admins()):
+            raise Conflict(f"admin {name} exists; 'admin remove {name}' first to issue anew")
+        key_pem, cert_pem = adminca.issue(self.layout, name)
+        fingerprint = pki.certificate_fingerprint(pki.pem_to_der(cert_pem))
+        with self.granting("admin_added", admin=name, cert_fp=fingerprint):
+            self.store.add_admin(name, fingerprint, pki.not_after(cert_pem), _now())
+        return adminca.bundle(name, key_pem, cert_pem, self.layout.admin_ca_cert.read_bytes())
+
+    def remove_admin(self, name: str) -> None:
+        if not self.store.remove_admin(name):
+            raise NotFound(f"no admin {name}")
+        self.record("admin_removed", admin=name)
 
 
 def _now() -> int:

@@ -139,6 +139,53 @@ def cmd_approval_deny(args: argparse.Namespace, inputs: AdminInputs) -> int:
     return 0
 
 
+def cmd_admin_add(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    if sys.stdout.isatty():
+        raise DataError(
+            "the admin's PKCS#12 file goes to standard output: redirect it to a file"
+            f" ('zfs-unlock-server admin add {args.name} > {args.name}.p12')"
+        )
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        bundle, passphrase = ops.add_admin(args.name)
+    finally:
+        ops.close()
+    sys.stdout.buffer.write(bundle)
+    sys.stdout.flush()
+    _say(
+        f"admin {args.name} added: the PKCS#12 file (its key and certificate) is sealed with"
+        f" the passphrase {passphrase}; import it into the admin's browser, then delete it"
+    )
+    return 0
+
+
+def cmd_admin_list(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        found = ops.store.admins()
+    finally:
+        ops.close()
+    if args.json:
+        listed = [{"name": n, "sha256": fp, "not_after": when(na)} for n, fp, na in found]
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not found:
+        _say("no admins")
+        return 0
+    table(("NAME", "CERT EXPIRES", "SHA256"), [(n, when(na), fp) for n, fp, na in found])
+    return 0
+
+
+def cmd_admin_remove(args: argparse.Namespace, inputs: AdminInputs) -> int:
+    ops = admin.Admin.open(args.data_dir)
+    try:
+        ops.remove_admin(args.name)
+    finally:
+        ops.close()
+    _say(f"admin {args.name} removed: the approval page refuses its certificate from now on")
+    return 0
+
+
 def _policy_options(p: argparse.ArgumentParser, modes: tuple[str, ...], help_text: str) -> None:
     p.add_argument("--approval", required=True, choices=modes, help=help_text)
     p.add_argument(
@@ -247,3 +294,41 @@ def add_approval_commands(sub: Any, add: Add, missing: Any) -> None:
     )
     p.add_argument("id", help="the request's id, as 'approval list' shows it")
     p.add_argument("--reason", default="", help="why, for the audit log")
+
+
+def add_admin_commands(sub: Any, add: Add, missing: Any) -> None:
+    group = add(
+        sub,
+        "admin",
+        missing,
+        "manage who may use the approval page",
+        ["zfs-unlock-server admin list"],
+    ).add_subparsers(dest="admin_command", required=True, metavar="ACTION", help="what to do")
+    p = add(
+        group,
+        "add",
+        cmd_admin_add,
+        "issue an admin a certificate for the approval page (PKCS#12 on standard output)",
+        ["zfs-unlock-server admin add alice > alice.p12"],
+        description="Issue admin NAME a key pair and a certificate of the admin CA (made in"
+        " the data directory on first use, apart from the hosts' CA), register it, and"
+        " write both as a PKCS#12 file to standard output, sealed with a passphrase printed"
+        " on standard error. Import it into the admin's browser or phone, then delete it.",
+    )
+    p.add_argument("name", help="the admin's name (letters, digits and _ . : -)")
+    p = add(
+        group,
+        "list",
+        cmd_admin_list,
+        "list the admins and their certificates",
+        ["zfs-unlock-server admin list", "zfs-unlock-server admin list --json"],
+    )
+    p.add_argument("--json", action="store_true", help="a JSON array, one object per admin")
+    p = add(
+        group,
+        "remove",
+        cmd_admin_remove,
+        "refuse an admin's certificate on the approval page from now on",
+        ["zfs-unlock-server admin remove alice"],
+    )
+    p.add_argument("name", help="the admin's name")

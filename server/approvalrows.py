@@ -263,3 +263,27 @@ class ApprovalRows:
             write=True,
         )
         return bool(rows)
+
+    # The approval page's admins: the certificates (SHA-256 of the DER) it accepts
+
+    def add_admin(self, name: str, fingerprint: str, not_after: int, now: int) -> None:
+        """Conflict when an admin of that name exists."""
+        self._rows(
+            "INSERT INTO admins (name, fingerprint, not_after, created_at) VALUES (?, ?, ?, ?)",
+            (name, fingerprint, not_after, now),
+            write=True,
+        )
+
+    def admins(self) -> list[tuple[str, str, int]]:
+        """(name, certificate fingerprint, not_after) of each admin, by name."""
+        rows = self._rows("SELECT name, fingerprint, not_after FROM admins ORDER BY name")
+        return [(str(r["name"]), str(r["fingerprint"]), int(r["not_after"])) for r in rows]
+
+    def admin_by_fingerprint(self, fingerprint: str) -> str | None:
+        rows = self._rows("SELECT name FROM admins WHERE fingerprint = ?", (fingerprint,))
+        return str(rows[0]["name"]) if rows else None
+
+    def remove_admin(self, name: str) -> bool:
+        return bool(
+            self._rows("DELETE FROM admins WHERE name = ? RETURNING name", (name,), write=True)
+        )

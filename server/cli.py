@@ -29,7 +29,11 @@ from zfs_unlock_server import (
     simplezfs,
 )
 from zfs_unlock_server import config as server_config
-from zfs_unlock_server.approvalcommands import add_approval_commands, add_policy_commands
+from zfs_unlock_server.approvalcommands import (
+    add_admin_commands,
+    add_approval_commands,
+    add_policy_commands,
+)
 from zfs_unlock_server.approvalcommands import describe as describe_policy
 from zfs_unlock_server.approvalrows import HOST_WIDE
 from zfs_unlock_server.backupcommands import OWN_DATA_DIR, add_backup_commands
@@ -154,7 +158,8 @@ def cmd_serve(args: argparse.Namespace, inputs: AdminInputs) -> int:
     config = server_config.load(layout)
     listen = args.listen or list(config.listen)
     # Before the start is recorded: one clear error, at once.
-    serve.check_listen([*listen, *([config.metrics.listen] if config.metrics.listen else [])])
+    beside = [config.metrics.listen, config.approval.page_listen]
+    serve.check_listen([*listen, *(address for address in beside if address)])
     prestart.check_data_dir(layout, config)
     metrics_directory = serve.prepare_metrics_directory(config)  # before build_app
     serve.run(
@@ -1153,6 +1158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rollover_commands(sub, add, _missing_subcommand)
     add_policy_commands(hosts, keys, add)
     add_approval_commands(sub, add, _missing_subcommand)
+    add_admin_commands(sub, add, _missing_subcommand)
     return parser
 
 

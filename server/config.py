@@ -70,6 +70,15 @@ class Layout:
         return self.root / "server-next.key"
 
     @property
+    def admin_ca_cert(self) -> Path:
+        """The CA of the approval page's admins (`admin add`), apart from the hosts' CA."""
+        return self.root / "admin-ca.crt"
+
+    @property
+    def admin_ca_key(self) -> Path:
+        return self.root / "admin-ca.key"
+
+    @property
     def ratelimit(self) -> Path:
         return self.root / "ratelimit.db"
 
@@ -118,6 +127,9 @@ class ApprovalConfig:
     max_pending: int = 4
     # Seconds an agent waits between asks while its request waits.
     poll_seconds: int = 5
+    # ADDRESS:PORT of the approval page (approvalpage.py), HTTPS for admin certificates;
+    # empty: off.
+    page_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,9 @@ class ServerConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     approval: ApprovalConfig = field(default_factory=ApprovalConfig)
+
+
+_LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):[0-9]{1,5}")
 
 
 def _check_fields(table: dict[str, Any], cls: type, where: str) -> None:
@@ -198,9 +213,7 @@ def parse(text: str, where: str) -> ServerConfig:
         raise ConfigError(f"{where}: [database] audit_retention_days must be >= 0")
     metrics_table = _table(table, "metrics", MetricsConfig, where)
     metrics = MetricsConfig(listen=_typed(metrics_table.get("listen", ""), str, "listen", where))
-    if metrics.listen and not re.fullmatch(
-        r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):[0-9]{1,5}", metrics.listen
-    ):
+    if metrics.listen and not _LISTEN.fullmatch(metrics.listen):
         raise ConfigError(f"{where}: [metrics] listen must be 'ADDRESS:PORT'")
     approval = _approval(_table(table, "approval", ApprovalConfig, where), where)
     listen = table.get("listen", list(ServerConfig.listen))
@@ -261,7 +274,10 @@ def _approval(table: dict[str, Any], where: str) -> ApprovalConfig:
         ),
         max_pending=_typed(table.get("max_pending", 4), int, "max_pending", where),
         poll_seconds=_typed(table.get("poll_seconds", 5), int, "poll_seconds", where),
+        page_listen=_typed(table.get("page_listen", ""), str, "page_listen", where),
     )
+    if config.page_listen and not _LISTEN.fullmatch(config.page_listen):
+        raise ConfigError(f"{where}: [approval] page_listen must be 'ADDRESS:PORT'")
     if not 0 < config.notify_timeout <= 300:
         raise ConfigError(f"{where}: [approval] notify_timeout must be > 0 and <= 300")
     if not 1 <= config.max_pending <= 100:
@@ -353,6 +369,9 @@ notify = []
 notify_timeout = 10
 max_pending = 4
 poll_seconds = 5
+# The approval page for people with an admin certificate ('admin add NAME'), on
+# a listener of its own; off while empty. For example "127.0.0.1:8444".
+page_listen = ""
 {database}"""
 
 # What init writes for a new data directory: a lost host that never calls again is

@@ -92,6 +92,7 @@ def migrate(layout: Layout, config: ServerConfig, url: str, sealer: Sealer) -> R
                     len(snapshot.approval_policies),
                     len(copied.approval_policies),
                 ),
+                ("approval page admins", len(snapshot.admins), len(copied.admins)),
                 ("audit records", copied_lines, target.audit_count()),
             ],
             opened,

@@ -285,7 +285,8 @@ class PgStore(ApprovalRows):
                 for r in conn.execute("SELECT name, value FROM meta")
             }
             policies = self.all_approval_policies()
-        return Snapshot(hosts, certificates, keys, meta, policies)
+            admins = self.admins()
+        return Snapshot(hosts, certificates, keys, meta, policies, admins)
 
     def load(self, snapshot: Snapshot, audit: Iterable[tuple[str, str]]) -> None:
         """Fill an empty database with SNAPSHOT and the audit records AUDIT ((time, line)
@@ -333,6 +334,11 @@ class PgStore(ApprovalRows):
                 "INSERT INTO approval_policies (host_id, pool_guid, dataset_guid, policy)"
                 " VALUES (%s, %s, %s, %s)",
                 snapshot.approval_policies,
+            )
+            cursor.executemany(
+                "INSERT INTO admins (name, fingerprint, not_after, created_at)"
+                " VALUES (%s, %s, %s, %s)",
+                [(*admin, int(time.time())) for admin in snapshot.admins],
             )
             with cursor.copy("COPY audit (ts, record) FROM STDIN") as copy:
                 for when, line in audit:

@@ -125,8 +125,9 @@ SQLITE: tuple[str, ...] = (
     ALTER TABLE certificates ADD COLUMN retire_at INTEGER NOT NULL DEFAULT 0;
     """,
     # Approval of releases (approval.py): policies of hosts and of their datasets
-    # ('' '' is the host's own), the requests waiting for a person, and the hosts whose
-    # silence condition tripped. Requests are working state: closed ones are deleted
+    # ('' '' is the host's own), the requests waiting for a person, the hosts whose
+    # silence condition tripped, and the admins whose certificates the approval page
+    # accepts. Requests are working state: closed ones are deleted
     # after a while; the audit log keeps every decision.
     """
     CREATE TABLE approval_policies (
@@ -156,6 +157,12 @@ SQLITE: tuple[str, ...] = (
     CREATE TABLE silence_trips (
         host_id    INTEGER PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
         silent_for INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE admins (
+        name        TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL UNIQUE,
+        not_after   INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL
     ) STRICT;
     """,
 )
@@ -277,6 +284,12 @@ POSTGRESQL: tuple[str, ...] = (
     CREATE TABLE silence_trips (
         host_id    BIGINT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
         silent_for BIGINT NOT NULL
+    );
+    CREATE TABLE admins (
+        name        TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL UNIQUE,
+        not_after   BIGINT NOT NULL,
+        created_at  BIGINT NOT NULL
     );
     """,
 )

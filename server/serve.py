@@ -317,24 +317,33 @@ def run(
 ) -> None:
     """Serve until SIGTERM (graceful) or SIGINT. gunicorn sends READY=1 to systemd once
     bound. With METRICS_DIRECTORY (prepare_metrics_directory), the metrics listener runs in
-    this process, the master, from when gunicorn is ready."""
+    this process, the master, from when gunicorn is ready; so does the approval page with
+    [approval] page_listen."""
     options = gunicorn_options(app, listen, workers)
-    if metrics_directory is None:
-        KeyServerApplication(app, options).run()
-        return
-    from zfs_unlock_server.metricsserver import MetricsListener  # noqa: PLC0415
-
-    listener = MetricsListener(app.config.metrics.listen, metrics_directory, app.layout, app.config)
-
-    def when_ready(arbiter: Any) -> None:
-        announce(arbiter)
-        listener.start()
-
-    options["when_ready"] = when_ready
-    options["child_exit"] = lambda _arbiter, worker: listener.worker_exited(worker.pid)
+    listeners: list[Any] = []
     try:
+        if metrics_directory is not None:
+            from zfs_unlock_server.metricsserver import MetricsListener  # noqa: PLC0415
+
+            metrics = MetricsListener(
+                app.config.metrics.listen, metrics_directory, app.layout, app.config
+            )
+            listeners.append(metrics)
+            options["child_exit"] = lambda _arbiter, worker: metrics.worker_exited(worker.pid)
+        if app.config.approval.page_listen:
+            from zfs_unlock_server.approvalpage import PageListener  # noqa: PLC0415
+
+            listeners.append(PageListener(app.config.approval.page_listen, app.layout, app.config))
+
+        def when_ready(arbiter: Any) -> None:
+            announce(arbiter)
+            for listener in listeners:
+                listener.start()
+
+        options["when_ready"] = when_ready
         KeyServerApplication(app, options).run()
     finally:
-        listener.close()
-        if not os.environ.get("RUNTIME_DIRECTORY"):
+        for listener in listeners:
+            listener.close()
+        if metrics_directory is not None and not os.environ.get("RUNTIME_DIRECTORY"):
             shutil.rmtree(metrics_directory, ignore_errors=True)

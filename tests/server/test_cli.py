@@ -987,7 +987,8 @@ def test_every_option_has_help_and_every_command_a_real_example(command: str) ->
         words = shlex.split(example, comments=True)
         assert words[0] == "zfs-unlock-server"
         if "--help" not in words:
-            redirect = words.index("<") if "<" in words else len(words)
+            redirects = [words.index(r) for r in ("<", ">") if r in words]
+            redirect = min(redirects, default=len(words))
             build_parser().parse_args(words[1:redirect])  # exits 64 if it is not a command
 
 
