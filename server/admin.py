@@ -485,12 +485,13 @@ class Admin:
             fields["dataset"] = record.dataset
         text = None if policy is None or (not key_id and not policy.active) else policy.to_text()
         fields["policy"] = text or ("inherit" if key_id else "none")
-        if policy is None or not policy.active:
-            with self.granting("approval_policy_set", **fields):
-                self.store.set_approval_policy(host.id, ref, text)
-        else:
+        before = self.store.approval_policies(host.id).get(ref)
+        if _asks_more(approval.from_text(before) if before else None, policy):
             self.store.set_approval_policy(host.id, ref, text)
             self.record("approval_policy_set", **fields)
+        else:
+            with self.granting("approval_policy_set", **fields):
+                self.store.set_approval_policy(host.id, ref, text)
 
     def approval_policies(self) -> dict[int, dict[tuple[str, str], Policy]]:
         """Every policy, by host id and then (pool GUID, dataset GUID)."""
@@ -538,6 +539,15 @@ class Admin:
         if not self.store.remove_admin(name):
             raise NotFound(f"no admin {name}")
         self.record("admin_removed", admin=name)
+
+
+def _asks_more(before: Policy | None, after: Policy | None) -> bool:
+    """Whether AFTER surely asks for approval at least whenever BEFORE did (a change that
+    takes access away: made first, recorded after). Any other change may grant access,
+    and is recorded first."""
+    if after is None or not after.active:
+        return False
+    return after.mode == "required" or before is None or not before.active
 
 
 def _now() -> int:

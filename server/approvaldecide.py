@@ -60,7 +60,12 @@ def approve(
         "note": _note(note) or None,
     }
     audit.write(record)
-    if not store.decide_approval(approval_id, ("pending",), "approved", actor, _note(note), now):
+    # A fresh window from now: an approval given late still reaches an agent that waits
+    # between asks (the daemon's pauses grow up to its retry_max).
+    until = now + (request.expires_at - request.created_at)
+    if not store.decide_approval(
+        approval_id, ("pending",), "approved", actor, _note(note), now, until
+    ):
         audit.write({**record, "decision": "failed", "reason": "decided_or_expired_meanwhile"})
         raise Conflict(f"approval {approval_id} was decided, or expired, meanwhile")
     return store.approval(approval_id)

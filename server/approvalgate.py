@@ -9,6 +9,7 @@ and has not been used or expired. Anything else keeps it back.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from zfs_unlock_server import approval
 from zfs_unlock_server.approval import Policy
 from zfs_unlock_server.approvalrows import HOST_WIDE, Approval, ApprovalDataset
-from zfs_unlock_server.audit import AuditRecord, AuditSink
+from zfs_unlock_server.audit import AuditError, AuditRecord, AuditSink
+from zfs_unlock_server.errors import Conflict, DatabaseUnavailable
 from zfs_unlock_server.store import Host, Store
 
 Ref = tuple[str, str]  # (pool GUID, dataset GUID)
@@ -35,7 +37,9 @@ class Gated:
 
     # Keys that go out: none of them needed approval, or their approval was given.
     passed: set[Ref] = field(default_factory=set)
-    # Of those, the ones that went out through an approval, and which.
+    # Of those, the ones that go out through an approval, and which. The release records
+    # them, then uses the approval up (consume); if another request used it first, they
+    # do not go out.
     approved: dict[Ref, Approval] = field(default_factory=dict)
     # Keys that wait for WAITING, the open request that names them.
     waiting: Approval | None = None
@@ -91,6 +95,25 @@ class ApprovalGate:
                 }
             )
 
+    def asked(
+        self, request: AuditRecord, host: Host, refs: Sequence[Ref]
+    ) -> dict[Ref, tuple[list[str], int]]:
+        """Of REFS, those whose policy asks for approval now: why, and its timeout."""
+        policies = self.policies(str(request.get("request_id")), host)
+        if not policies:
+            return {}
+        now = int(self.clock())
+        silent_for = max(now - host.last_seen, self.store.silence_tripped(host.id))
+        local = self.local_time(now)
+        source_ip = str(request.get("source_ip", ""))
+        found: dict[Ref, tuple[list[str], int]] = {}
+        for ref in refs:
+            policy = policies.get(ref) or policies.get(HOST_WIDE) or approval.NONE
+            reasons = policy.reasons(source_ip, silent_for, local)
+            if reasons:
+                found[ref] = (reasons, policy.timeout)
+        return found
+
     def gate(
         self,
         request: AuditRecord,
@@ -100,24 +123,10 @@ class ApprovalGate:
     ) -> Gated:
         """Decide CANDIDATES (the keys the release would send, with their datasets' names)
         for the request REQUEST (its audit fields: certificate, address, request id)."""
-        request_id = str(request.get("request_id"))
-        policies = self.policies(request_id, host)
         result = Gated()
-        if not policies:
-            result.passed = set(candidates)
-            return result
+        asked = self.asked(request, host, list(candidates))
+        result.passed = {ref for ref in candidates if ref not in asked}
         now = int(self.clock())
-        silent_for = max(now - host.last_seen, self.store.silence_tripped(host.id))
-        local = self.local_time(now)
-        source_ip = str(request.get("source_ip", ""))
-        asked: dict[Ref, tuple[list[str], int]] = {}
-        for ref in candidates:
-            policy = policies.get(ref) or policies.get(HOST_WIDE) or approval.NONE
-            reasons = policy.reasons(source_ip, silent_for, local)
-            if reasons:
-                asked[ref] = (reasons, policy.timeout)
-            else:
-                result.passed.add(ref)
         if not asked:
             return result
         if not nonce:  # an agent that cannot wait: its keys are kept back
@@ -137,8 +146,7 @@ class ApprovalGate:
         status = existing.status(now)
         if status == "pending":
             result.waiting, result.held = existing, covered
-        elif status == "approved" and self.store.mark_released(existing.id, now):
-            self.store.clear_silence(host.id)
+        elif status == "approved":
             result.passed.update(covered)
             result.approved = dict.fromkeys(covered, existing)
         else:
@@ -188,8 +196,34 @@ class ApprovalGate:
                 **request,
             }
         )
-        self.store.add_approval(pending, keep_closed_after=now - KEEP_CLOSED)
+        try:
+            self.store.add_approval(pending, keep_closed_after=now - KEEP_CLOSED)
+        except Conflict:
+            # The same certificate and nonce stored a request meanwhile (an agent's retry
+            # that crossed its first try): answered 503, and the next ask finds it.
+            failed: AuditRecord = {
+                "event": "approval_requested",
+                "decision": "failed",
+                "reason": "Conflict",
+                "host": host.name,
+                "approval": pending.id,
+                **request,
+            }
+            with contextlib.suppress(AuditError):
+                self.audit.write(failed)
+            raise DatabaseUnavailable(
+                "an approval request with this nonce was stored meanwhile"
+            ) from None
         result.waiting, result.held, result.created = pending, list(asked), pending
+
+    def consume(self, host: Host, approved: Approval) -> bool:
+        """Use an approved request up, once its release is recorded: False when another
+        request did first (or it was denied or expired since). The host's silence
+        condition, if tripped, is reset by the release it allowed."""
+        if not self.store.mark_released(approved.id, int(self.clock())):
+            return False
+        self.store.clear_silence(host.id)
+        return True
 
 
 def deny_open(

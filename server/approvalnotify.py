@@ -100,8 +100,14 @@ class Notifier:
         with self._lock:
             done, self._outcomes = self._outcomes, []
         self._running = [t for t in self._running if t.is_alive()]
-        if done:
+        if not done:
+            return
+        try:
             audit.write(*done)
+        except BaseException:
+            with self._lock:  # written at the next chance instead
+                self._outcomes[:0] = done
+            raise
 
     def wait(self, audit: AuditSink) -> None:
         """Let the running commands end (or time out), then audit them all (tests and

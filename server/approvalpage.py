@@ -64,7 +64,9 @@ HEADERS = (
     ("Cache-Control", "no-store"),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
+    # Not no-referrer: under it a browser sends "Origin: null" with its own forms, and
+    # _form refuses a null Origin (a sandboxed frame of another site sends that too).
+    ("Referrer-Policy", "same-origin"),
     (
         "Content-Security-Policy",
         (
@@ -357,8 +359,8 @@ def _make_handler(
                 raise Refused(404, "There is no such page.")
             if method not in methods:
                 raise Refused(405, "That method is not served here.")
+            form = self._form() if method == "POST" else {}  # read first: see _form
             fingerprint, admin = self._admin()
-            form = self._form() if method == "POST" else {}
             [handler] = [h for m, p, h in ROUTES if p == path and m == method]
             with lock:
                 return handler(page, admin, fingerprint, form)
@@ -391,7 +393,7 @@ def _make_handler(
             origin = self.headers.get("Origin")
             host = self.headers.get("Host", "")
             if site not in ("same-origin", "none") or (
-                origin and origin not in (f"https://{host}", "null")
+                origin is not None and origin != f"https://{host}"
             ):
                 raise Refused(403, "A form from another site is refused.")
             if self.headers.get_content_type() != "application/x-www-form-urlencoded":

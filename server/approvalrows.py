@@ -171,6 +171,11 @@ class ApprovalRows:
         )
         return bool(rows)
 
+    def all_silence_trips(self) -> list[tuple[int, int]]:
+        """(host id, seconds silent) of every host whose silence condition is tripped."""
+        rows = self._rows("SELECT host_id, silent_for FROM silence_trips ORDER BY host_id")
+        return [(int(r["host_id"]), int(r["silent_for"])) for r in rows]
+
     def clear_silence(self, host_id: int) -> None:
         self._rows("DELETE FROM silence_trips WHERE host_id = ?", (host_id,), write=True)
 
@@ -241,14 +246,17 @@ class ApprovalRows:
         by: str,
         note: str,
         now: int,
+        expires_at: int = 0,
     ) -> bool:
-        """Move an open request from one of EXPECTED to STATE, unless it expired or another
-        decision came first (then False, and nothing changed)."""
+        """Move an open request from one of EXPECTED to STATE (and, EXPIRES_AT, give it a new
+        end), unless it expired or another decision came first (then False, and nothing
+        changed)."""
         marks = ", ".join("?" for _ in expected)
         rows = self._rows(
-            f"UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, note = ?"  # noqa: S608
+            "UPDATE approvals SET state = ?, decided_by = ?, decided_at = ?, note = ?,"  # noqa: S608
+            " expires_at = CASE WHEN ? > 0 THEN ? ELSE expires_at END"
             f" WHERE id = ? AND state IN ({marks}) AND expires_at > ? RETURNING id",
-            (state, by, now, note, approval_id, *expected, now),
+            (state, by, now, note, expires_at, expires_at, approval_id, *expected, now),
             write=True,
         )
         return bool(rows)

@@ -93,6 +93,11 @@ def migrate(layout: Layout, config: ServerConfig, url: str, sealer: Sealer) -> R
                     len(copied.approval_policies),
                 ),
                 ("approval page admins", len(snapshot.admins), len(copied.admins)),
+                (
+                    "tripped silence conditions",
+                    len(snapshot.silence_trips),
+                    len(copied.silence_trips),
+                ),
                 ("audit records", copied_lines, target.audit_count()),
             ],
             opened,

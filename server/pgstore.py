@@ -286,7 +286,8 @@ class PgStore(ApprovalRows):
             }
             policies = self.all_approval_policies()
             admins = self.admins()
-        return Snapshot(hosts, certificates, keys, meta, policies, admins)
+            trips = self.all_silence_trips()
+        return Snapshot(hosts, certificates, keys, meta, policies, admins, trips)
 
     def load(self, snapshot: Snapshot, audit: Iterable[tuple[str, str]]) -> None:
         """Fill an empty database with SNAPSHOT and the audit records AUDIT ((time, line)
@@ -339,6 +340,10 @@ class PgStore(ApprovalRows):
                 "INSERT INTO admins (name, fingerprint, not_after, created_at)"
                 " VALUES (%s, %s, %s, %s)",
                 [(*admin, int(time.time())) for admin in snapshot.admins],
+            )
+            cursor.executemany(
+                "INSERT INTO silence_trips (host_id, silent_for) VALUES (%s, %s)",
+                snapshot.silence_trips,
             )
             with cursor.copy("COPY audit (ts, record) FROM STDIN") as copy:
                 for when, line in audit:

@@ -200,6 +200,9 @@ class KeyService:
         if not host.enabled:
             raise self.deny(caller, event, "host_disabled", **named)
         now = int(self.clock())
+        # Before the dead-man switch: a host it disables must still ask a person once an
+        # admin enables it again (which restarts its last_seen).
+        self.approvals.check_silence(caller.audit_fields(), host, now)
         if deadman_expired(host, self.default_deadman_timeout, now):
             disable_silent_host(
                 self.store, self.audit, host, self.default_deadman_timeout, caller.audit_fields()
@@ -209,7 +212,6 @@ class KeyService:
             raise self.deny(caller, event, "source_address_not_allowed", **named)
         if machine_id != host.machine_id:
             raise self.deny(caller, event, "machine_id_mismatch", **named)
-        self.approvals.check_silence(caller.audit_fields(), host, now)
         if host.replaces_certificate:
             self._retire_replaced(caller, host)
         return host
@@ -430,10 +432,38 @@ class KeyService:
                         gated.waiting, [DatasetRef(*r) for r in gated.held], self.approval_poll
                     )
                 self.audit.write(*records)
+                self._use_approval(caller, host, gated, result, records)
                 self._seen(host)
         if gated.created is not None:
             self.notify(gated.created)
         return result
+
+    def _use_approval(
+        self,
+        caller: Caller,
+        host: Host,
+        gated: Gated,
+        result: BatchResult,
+        records: list[AuditRecord],
+    ) -> None:
+        """After the release's records: use its approval up. Should another request have
+        used it first, its keys do not go out after all, and the log says so."""
+        if not gated.approved:
+            return
+        request = next(iter(gated.approved.values()))
+        if self.approvals.consume(host, request):
+            return
+        lost = {DatasetRef(*ref) for ref in gated.approved}
+        result.released = [r for r in result.released if _ref_of(r) not in lost]
+        result.upcoming = [r for r in result.upcoming if _ref_of(r) not in lost]
+        result.denied += sorted(lost)
+        self.audit.write(
+            *(
+                {**r, "decision": "failed", "reason": "approval_used"}
+                for r in records
+                if r.get("approval") == request.id and r.get("decision") == "allow"
+            )
+        )
 
     def release_legacy(
         self, caller: Caller, machine_id: str, pool_guid: str, name: str
@@ -501,6 +531,7 @@ class KeyService:
             raise self.deny(caller, "enroll", "pool_not_allowed", **fields)
         existing = self.store.key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
         if existing is not None:
+            self._no_approval_needed(caller, host, ref, "enroll", fields)
             return self._repeat_enrolment(caller, existing, keyformat, imported, fields)
         # Recorded before the key exists: an enrollment that cannot be audited creates nothing.
         key_id = new_key_id()
@@ -519,6 +550,15 @@ class KeyService:
                 host, ref, dataset, keyformat, imported, "pending", key_id
             )
         return Released(record, material), True
+
+    def _no_approval_needed(
+        self, caller: Caller, host: Host, ref: DatasetRef, event: str, fields: dict[str, str]
+    ) -> None:
+        """A route that would hand out a key made before (a repeated enrollment), or one
+        that the host will protect data with (a rotation's next key), cannot wait for
+        approval: where the dataset's policy asks for it now, it is refused."""
+        if self.approvals.asked(caller.audit_fields(), host, [(ref.pool_guid, ref.dataset_guid)]):
+            raise self.deny(caller, event, "approval_required", **fields)
 
     @contextlib.contextmanager
     def _recorded_first(self, record: AuditRecord) -> Iterator[None]:
@@ -659,6 +699,10 @@ class KeyService:
                     )
                 )
                 raise Conflict(f"the dataset's key is {current.state}; only an active key rotates")
+            # A next key made now would be the one the host re-wraps its data with later:
+            # made for a caller the policy holds back (a copied certificate, elsewhere),
+            # it would hand that caller the future key. So neither made nor repeated.
+            self._no_approval_needed(caller, host, ref, "rotate", fields)
             existing = self.store.next_key_for_dataset(host.id, ref.pool_guid, ref.dataset_guid)
             if existing is not None:
                 try:
@@ -741,6 +785,10 @@ def generate_material(keyformat: str) -> bytes:
         return secret
     # A rotation's passphrase: 64 hex digits are a valid one, and as strong as a raw key.
     return secret.hex().encode("ascii")
+
+
+def _ref_of(released: Released) -> DatasetRef:
+    return DatasetRef(released.record.pool_guid, released.record.dataset_guid)
 
 
 def _gated_record(gated: Gated, ref: DatasetRef, record: AuditRecord) -> AuditRecord:

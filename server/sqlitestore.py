@@ -161,9 +161,10 @@ class SqliteStore(ApprovalRows):
             meta = {r[0]: bytes(r[1]) for r in self._db.execute("SELECT name, value FROM meta")}
             policies = self.all_approval_policies()
             admins = self.admins()
+            trips = self.all_silence_trips()
         finally:
             self._db.execute("COMMIT")
-        return Snapshot(hosts, certificates, keys, meta, policies, admins)
+        return Snapshot(hosts, certificates, keys, meta, policies, admins, trips)
 
     def counts(self) -> tuple[int, int]:
         hosts = self._db.execute("SELECT count(*) FROM hosts").fetchone()[0]

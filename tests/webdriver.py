@@ -71,6 +71,21 @@ class Browser:
     def click(self, css: str) -> None:
         self._call("POST", f"/element/{self._find(css)}/click", {})
 
+    def submit(self, css: str, timeout: float = 30) -> None:
+        """Press the button CSS and wait until the page it leads to has loaded (a click
+        may return while the form's answer is still on its way)."""
+        before = self.measure("performance.timeOrigin")
+        self.click(css)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(WebDriverError):  # between two pages
+                now = self.measure("[performance.timeOrigin, document.readyState]")
+                if now[0] != before and now[1] == "complete":
+                    return
+            if time.monotonic() > deadline:
+                raise WebDriverError(f"pressing {css} led to no new page")
+            time.sleep(0.05)
+
     def window(self, width: int, height: int) -> None:
         self._call("POST", "/window/rect", {"width": width, "height": height})
 

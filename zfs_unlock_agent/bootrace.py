@@ -476,7 +476,9 @@ class BootRace:
                 if left <= 0:
                     raise DeadlinePassed
                 with self.client(self.race, self.progress, left) as client:
-                    batch = client.release(self.unlocker.machine_id, [ref], self.unlocker.ticket)
+                    batch = client.release(
+                        self.unlocker.machine_id, [ref], self.unlocker.ticket, self.race.over.is_set
+                    )
             except DeadlinePassed:
                 results[root.name] = RootResult(
                     root.name, "failed", EX_TEMPFAIL, "no key from the key server in time"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import ssl
 import time
@@ -92,14 +93,24 @@ class ApprovalTicket:
     def __init__(self) -> None:
         self.nonce = ""
         self.told = ""
+        self.pending: frozenset[DatasetRef] = frozenset()  # what its open request names
         self.renew()
 
     def renew(self) -> None:
         self.nonce = os.urandom(16).hex()
+        self.pending = frozenset()
+
+    def cover(self, refs: Sequence[DatasetRef]) -> None:
+        """Before a release of REFS: its open request (if any) serves them only if it names
+        them all. A dataset it does not name would be refused under this nonce, so the
+        release becomes a new request, under a new nonce."""
+        if self.pending and not set(refs) <= self.pending:
+            self.renew()
 
     def note(self, pending: Pending) -> None:
         """Say once per request, on the terminal and in the journal, what waits and for
         what, so that the person who approves it knows which request is this host's."""
+        self.pending = frozenset(pending.refs) | self.pending
         if pending.id == self.told:
             return
         self.told = pending.id
@@ -337,13 +348,18 @@ class KeyClient:
     # Routes
 
     def release(
-        self, machine_id: str, refs: Sequence[DatasetRef], ticket: ApprovalTicket | None = None
+        self,
+        machine_id: str,
+        refs: Sequence[DatasetRef],
+        ticket: ApprovalTicket | None = None,
+        stop: Callable[[], bool] = lambda: False,
     ) -> Batch:
         """Every requested key in one request; keys that wait for a person's approval are
-        asked for again, as the server says, until they come, are refused, or the
-        deadline would pass (then they are in the answer's `waiting`, and TICKET keeps
+        asked for again, as the server says, until they come, are refused, STOP says so,
+        or the deadline comes (then they are in the answer's `waiting`, and TICKET keeps
         the nonce for the next call to find the same request)."""
         ticket = ticket or ApprovalTicket()
+        ticket.cover(refs)
         until = self._clock() + self.network.deadline
         released: dict[DatasetRef, ReleasedKey] = {}
         denied: list[DatasetRef] = []
@@ -359,12 +375,19 @@ class KeyClient:
                 ticket.note(pending)
                 asking = pending.refs
                 pause = min(max(pending.retry_after, 1.0), MAX_APPROVAL_POLL)
-                if self._clock() + pause >= until:
+                left = until - self._clock()
+                if left <= pause or stop():
+                    # The deadline is spent waiting, not returned early: a caller that asks
+                    # again at once (the race, the password agent) would only ask too often.
+                    if left > 0 and not stop():
+                        self._sleep(left)
                     return Batch(released, denied, tuple(asking), pending.id)
                 self._report(
                     f"approval {pending.id} is pending; asking again in {seconds(pause)} s"
                 )
                 self._sleep(pause)
+                if stop():
+                    return Batch(released, denied, tuple(asking), pending.id)
         except BaseException:
             for key in released.values():
                 key.wipe()
@@ -597,7 +620,12 @@ def _pending(item: Any, waiting: set[DatasetRef]) -> Pending | None:
     except validate.InvalidInput:
         raise BadKeyData("server answer has a malformed approval id") from None
     retry_after = item.get("retry_after")
-    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+    if (
+        isinstance(retry_after, bool)
+        or not isinstance(retry_after, int | float)
+        or not math.isfinite(retry_after)
+        or retry_after < 0
+    ):
         raise BadKeyData("server answer has a malformed 'retry_after'")
     refs = [_ref(d) for d in item["datasets"]]
     if not refs or not set(refs) <= waiting or len(set(refs)) != len(refs):

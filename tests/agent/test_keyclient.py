@@ -309,12 +309,26 @@ def test_a_waiting_release_is_asked_for_again_with_the_same_nonce_until_its_dead
         (waiting(ident="a-XYZ"), "malformed approval id"),
         (waiting(retry_after=True), "malformed 'retry_after'"),
         (waiting(retry_after="5"), "malformed 'retry_after'"),
+        (
+            body(
+                {
+                    "keys": [],
+                    "denied": [],
+                    "pending": {
+                        "id": "a-0123456789ab",
+                        "datasets": [REF],
+                        "retry_after": float("nan"),
+                    },
+                }
+            ),
+            "malformed 'retry_after'",
+        ),
         (waiting(datasets=(OTHER,)), "not asked for"),
         (waiting(datasets=()), "not asked for"),
         (waiting(datasets=(REF, REF)), "not asked for"),
         (body({"keys": [], "denied": [], "pending": []}), "malformed 'pending'"),
     ],
-    ids=["id", "bool", "string", "other", "none", "twice", "list"],
+    ids=["id", "bool", "string", "nan", "other", "none", "twice", "list"],
 )
 def test_a_malformed_pending_answer_is_bad_key_data(
     tmp_path: Path, pending: transport.Response, said: str
@@ -332,3 +346,24 @@ def test_a_ticket_takes_a_new_nonce_once_its_request_is_decided(tmp_path: Path) 
     batch = client.release("0" * 32, [DatasetRef("1", "2")], ticket)
     assert batch.denied == [DatasetRef("1", "2")] and batch.waiting == ()
     assert ticket.nonce != first and len(ticket.nonce) == 32
+
+
+def test_a_release_that_names_more_than_the_waiting_request_is_a_new_request(
+    tmp_path: Path,
+) -> None:
+    """The open request names REF only: asking for REF and OTHER under its nonce would get
+    OTHER refused (not covered), so the ticket takes a new nonce; REF alone keeps it."""
+    client, _ = scripted_client(tmp_path, [waiting() for _ in range(3)], deadline=1)
+    ticket = ApprovalTicket()
+    client.release("0" * 32, [DatasetRef("1", "2")], ticket)
+    first = ticket.nonce
+    client.release("0" * 32, [DatasetRef("1", "2")], ticket)
+    assert ticket.nonce == first
+    client.release("0" * 32, [DatasetRef("1", "2"), DatasetRef("1", "3")], ticket)
+    assert ticket.nonce != first
+
+
+def test_stop_ends_the_wait_at_once(tmp_path: Path) -> None:
+    client, told = scripted_client(tmp_path, [waiting()], deadline=60)
+    batch = client.release("0" * 32, [DatasetRef("1", "2")], stop=lambda: True)
+    assert batch.waiting == (DatasetRef("1", "2"),) and told == []

@@ -10,6 +10,7 @@ key from its stdin), and so does the agent.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -212,6 +213,32 @@ def test_the_network_key_wins_when_the_server_comes_back_while_asked(
     assert finish(asker, 60)[0] == 0
     assert finish(helper, 60)[0] == 0
     assert host.zfs.keystatus("tank/secret") == "available"
+
+
+def test_a_release_that_needs_approval_is_waited_for_with_one_request(
+    keyserver: KeyServer, tmp_path: Path, namespace: Namespace
+) -> None:
+    """The password agent keeps asking for the same request while the question is asked
+    (its rounds each end at their deadline), and answers once a person approves it."""
+    keyserver.configure(approval={"poll_seconds": 1})
+    keyserver.start()
+    host = AgentHost.create(tmp_path, keyserver, "pw-approval")
+    host.write_config(network={"deadline": 2})
+    key = hex_root(host)
+    keyserver.must("host", "set", "pw-approval", "--approval", "required")
+    asker = ask(namespace, host, "tank/secret", timeout=60)
+    helper = agent(namespace, host)
+    time.sleep(6)  # several rounds, each ending at the 2 s deadline
+    assert asker.poll() is None and helper.poll() is None
+    [request] = json.loads(keyserver.must("approval", "list", "--all", "--json"))
+    keyserver.must("approval", "approve", request["id"])
+    assert finish(asker, 60)[0] == 0
+    code, err = finish(helper, 60)
+    assert code == 0, err
+    assert f"until a person approves request {request['id']}" in err
+    assert err.count(f"approval approve {request['id']}") == 1, "said once"
+    [loaded] = [c for c in host.zfs.calls("zfs", "load-key") if "-n" not in c["argv"]]
+    assert loaded["stdin_sha256"] == sha256(key + b"\n")
 
 
 # No answer

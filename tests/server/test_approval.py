@@ -502,3 +502,51 @@ def test_a_failing_hook_is_audited_and_releases_nothing(
     )
     assert ask(keyserver, host, [guid], mine)["keys"] == []
     assert [r["state"] for r in requests_listed(keyserver)] == ["pending"]
+
+
+def test_a_key_made_before_is_not_handed_out_again_without_approval(server: KeyServer) -> None:
+    """A repeated enrollment and a rotation's next key cannot wait: under a policy that asks
+    for approval they are refused."""
+    host = server.add_host("repeats")
+    pending_guid, active_guid = new_guid(), new_guid()
+    body = {"machine_id": host.machine_id, "pool_guid": POOL}
+    with server.session(host) as session:
+        first = session.post(
+            server.url("/v1/keys"),
+            json={**body, "dataset_guid": pending_guid, "dataset": "tank/new", "keyformat": "raw"},
+            timeout=10,
+        )
+        assert first.status_code == 201
+    activated_key(server, host, POOL, active_guid, "tank/old")
+    server.must("host", "set", "repeats", "--approval", "required")
+    with server.session(host) as session:
+        again = session.post(
+            server.url("/v1/keys"),
+            json={**body, "dataset_guid": pending_guid, "dataset": "tank/new", "keyformat": "raw"},
+            timeout=10,
+        )
+        assert again.status_code == 403 and "key" not in again.json()
+        assert records(server, "enroll")[-1]["reason"] == "approval_required"
+        # A next key is the one the host will protect its data with: made for a caller
+        # the policy holds back (a copied certificate), it would hand that caller the
+        # future key. So it is neither made nor given again.
+        made = session.post(
+            server.url("/v1/keys/next"), json={**body, "dataset_guid": active_guid}, timeout=10
+        )
+        assert made.status_code == 403 and "key" not in made.json()
+        assert records(server, "rotate")[-1]["reason"] == "approval_required"
+    assert [k["state"] for k in keys_of(server, "repeats") if k["dataset_guid"] == active_guid] == [
+        "active"
+    ]
+
+
+def test_an_approval_starts_the_requests_time_afresh(server: KeyServer) -> None:
+    host, guid, key = host_with_key(
+        server, "late-ok", "--approval", "required", "--approval-timeout", "3"
+    )
+    mine = nonce()
+    request_id = ask(server, host, [guid], mine)["pending"]["id"]
+    time.sleep(2)
+    server.must("approval", "approve", request_id)
+    time.sleep(2)  # past the first span, within the one the approval started
+    assert released(ask(server, host, [guid], mine)) == {guid: key}

@@ -101,7 +101,7 @@ def test_the_list_shows_what_waits_and_approving_it_releases_it_once(
     assert "web1" in browser.text("#hosts") and "required (timeout 600 s)" in browser.text("#hosts")
 
     browser.type_into(f"#{request_id} form[action='/approve'] input[name=reason]", "planned reboot")
-    browser.click(f"#{request_id} button.approve")
+    browser.submit(f"#{request_id} button.approve")
     # Back on the list: approved, waiting for its agent, and no Approve button any more.
     assert "approved by web:alice; waiting for its agent" in browser.text(f"#{request_id}")
     assert browser.count(f"#{request_id} button.approve") == 0
@@ -118,7 +118,7 @@ def test_denying_on_the_page_refuses_the_agent(page: Page, browser: Browser) -> 
     host, guid, _, mine, request_id = waiting_host(page.server, "web2")
     browser.open(page.url + "/")
     browser.type_into(f"#{request_id} form[action='/deny'] input[name=reason]", "not planned")
-    browser.click(f"#{request_id} button.deny")
+    browser.submit(f"#{request_id} button.deny")
     assert browser.count(f"#{request_id}") == 0
     assert f"{request_id} web2 denied web:alice not planned" in browser.text("#recent")
     answer = ask(page.server, host, [guid], mine)
@@ -200,9 +200,10 @@ def test_forged_stale_and_foreign_forms_change_nothing(page: Page, tmp_path: Pat
         post(alice_pem, {"id": request_id, "csrf": f"{int(stamp) - 13 * 3600}.{'0' * 64}"}),
         post(alice_pem, {"id": request_id}),
         post(alice_pem, {"id": request_id, "csrf": alices}, Origin="https://evil.example"),
+        post(alice_pem, {"id": request_id, "csrf": alices}, Origin="null"),  # a sandboxed frame
         post(alice_pem, {"id": request_id, "csrf": alices}, **{"Sec-Fetch-Site": "cross-site"}),
     ]
-    assert [a.status_code for a in attempts] == [403] * 5
+    assert [a.status_code for a in attempts] == [403] * 6
     assert all("<form" not in a.text for a in attempts)
     assert records(page.server, "approval_approved") == []
     good = post(alice_pem, {"id": request_id, "csrf": alices, "reason": "ok"})

@@ -520,13 +520,14 @@ def test_migrate_store_copies_checks_and_switches(
 
     code, out, err = server.admin("migrate-store", "--to", url)
     assert code == 0, err
-    table = [line.split() for line in out.splitlines()[1:7]]
+    table = [line.split() for line in out.splitlines()[1:8]]
     assert table == [
         ["hosts", "2", "2"],
         ["certificates", "2", "2"],
         ["keys", "3", "3"],
         ["approval", "policies", "2", "2"],
         ["approval", "page", "admins", "0", "0"],
+        ["tripped", "silence", "conditions", "0", "0"],
         ["audit", "records", str(len(audit_before)), str(len(audit_before))],
     ]
     assert "keys that open under the master key in PostgreSQL: 3 of 3" in out

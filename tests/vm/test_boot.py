@@ -18,9 +18,11 @@ zua-network-stack generator masks the others). One run per OpenZFS line:
       work, hot-plug, systemd-analyze, the server's unit (tests 1 and 3);
    B  initramfs-tools, ifupdown, server down: the race's prompt appears within the grace
       period, the test types the key (test 2);
-   C  dracut, NetworkManager, server up: the password agent in the initrd answers
-      OpenZFS's question (test 4);
-   C2 dracut, networkd, server down: the key typed at systemd's console prompt wins.
+   C  dracut, NetworkManager, server up, rpool/ROOT's key needs approval: the host side
+      approves the request the password agent in the initrd made, and the agent answers
+      OpenZFS's question with the released key (test 4);
+   C2 dracut, networkd, server down as the initrd starts, then up with nobody to approve:
+      the key typed at systemd's console prompt wins while the request waits.
    OpenZFS 2.1.11 (Debian 12's own), its own install:
    D  initramfs-tools, ifupdown: Debian 12's default host (test 5). The server is down as
       the initramfs starts: a wrong key is typed at the race's prompt and refused, then
@@ -605,40 +607,80 @@ def test_server_down_prompts_within_the_grace_and_a_typed_key_boots(boot_down: B
     )
 
 
-# Boot C: dracut, server up: the password agent answers OpenZFS's own prompt
+# Boot C: dracut, server up, the root's key needs approval: the host side approves, and
+# the password agent in the initrd answers OpenZFS's own prompt with the released key
+
+
+def root_needs_approval(tier: Tier, policy: str) -> None:
+    """Give rpool/ROOT's dataset the approval POLICY (required, or inherit: none)."""
+    listed = json.loads(tier.server.must("key", "list", "--json", "--host", HOST_NAME))
+    [key_id] = [k["key_id"] for k in listed if k["dataset"] == "rpool/ROOT"]
+    tier.server.must("key", "set", key_id, "--approval", policy)
+
+
+def waiting_request(tier: Tier, machine: Machine, timeout: float) -> dict[str, Any]:
+    """The host's approval request, once its agent has made one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = json.loads(tier.server.must("approval", "list", "--json", "--host", HOST_NAME))
+        if listed:
+            request: dict[str, Any] = listed[0]
+            request["after_start"] = round(time.monotonic() - machine.started, 1)
+            return request
+        if time.monotonic() > deadline:
+            raise VmError(f"no approval request in {timeout:g} s")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
 def boot_dracut(tier: Tier, boot_down: Boot) -> Boot:
     key = tier.key_of("rpool/ROOT")  # before audit_from: this release is the test's own
+    root_needs_approval(tier, "required")
     audit_from = len(tier.server.audit_records())
     machine = tier.machine("dracut", "dracut-up", "networkmanager")
     facts: dict[str, Any] = {}
     with machine:
         machine.start()
         try:
-            # systemd's console agent shows OpenZFS's question, and the password agent
-            # answers it; should nobody answer, the key is typed so that the rest runs.
-            either = re.compile(f"{PROMPT.pattern}|{REPORT_STARTED.pattern}")
-            first = machine.console.wait_for(either, timeout=900)
-            if PROMPT.fullmatch(first.group(0)):
-                facts["asked"] = first.group(0)
-                machine.console.wait_for(REPORT_STARTED, 300, first.end())
+            # The password agent asks; the release waits for a person: the host side.
+            request = waiting_request(tier, machine, timeout=900)
+            facts["approval"] = request["id"]
+            facts["request_after_start"] = request["after_start"]
+            facts["request_datasets"] = [d["dataset"] for d in request["datasets"]]
+            time.sleep(3)  # the agent keeps asking for the same request meanwhile
+            tier.server.must("approval", "approve", request["id"], "--reason", "boot proof")
+            approved_at = time.monotonic()
+            report = machine.console.wait_for(REPORT_STARTED, 300)
+            facts["approved_to_report"] = round(
+                machine.console.time_of(report.start()) - approved_at, 1
+            )
         except VmError as exc:
             facts["unanswered"] = str(exc)
             with contextlib.suppress(VmError):
-                machine.console.type(key + "\n")
+                machine.console.type(key + "\n")  # so that the rest of the boot runs
         return tier.finish(machine, audit_from, facts)
 
 
-def test_dracut_password_agent_answers_openzfs_prompt_and_boots(boot_dracut: Boot) -> None:
+def test_dracut_password_agent_waits_for_approval_answers_openzfs_prompt_and_boots(
+    boot_dracut: Boot,
+) -> None:
     """4. dracut's image with zfs-dracut and our module: OpenZFS's hook asks through
-    systemd-ask-password, the password agent in the initrd answers with the server's key,
-    and the system boots; the initrd's agent is gone afterwards."""
-    assert "unanswered" not in boot_dracut.facts, boot_dracut.evidence()
-    assert boot_dracut.releases("rpool/ROOT"), boot_dracut.evidence()
+    systemd-ask-password; the root's key needs approval, so the password agent in the
+    initrd says which request waits and asks again; the host side approves it, the agent
+    answers with the released key, and the system boots; the initrd's agent is gone
+    afterwards."""
+    facts = boot_dracut.facts
+    print(f"dracut, approval: {facts}")
+    assert "unanswered" not in facts, boot_dracut.evidence()
+    assert facts["request_datasets"] == ["rpool/ROOT"], boot_dracut.evidence()
+    [released] = boot_dracut.releases("rpool/ROOT")
+    assert (released["reason"], released["approval"]) == ("approved", facts["approval"])
+    requested = [r for r in boot_dracut.audit if r.get("event") == "approval_requested"]
+    assert [r["approval"] for r in requested] == [facts["approval"]], "one request, asked again"
+    journal = boot_dracut.report["journal"]
+    assert f"until a person approves request {facts['approval']}" in journal, boot_dracut.evidence()
     answered = "rpool/ROOT: answered the password question with the key server's key"
-    assert answered in boot_dracut.report["journal"], boot_dracut.evidence()
+    assert answered in journal, boot_dracut.evidence()
     booted_to_multi_user(boot_dracut)
     no_initramfs_agent_left(boot_dracut)
 
@@ -649,36 +691,58 @@ def test_dracut_boot_with_networkmanager_unlocks_tank(boot_dracut: Boot) -> None
     daemon_unlocked_tank(boot_dracut)
 
 
-# Boot C2: dracut, server down: the typed key wins
+# Boot C2: dracut, server down, then up with nobody to approve: the key typed at the
+# console wins
 
 
 @pytest.fixture(scope="module")
 def boot_dracut_down(tier: Tier, boot_dracut: Boot) -> Boot:
+    root_needs_approval(tier, "inherit")  # the test's own fetch cannot wait for approval
     key = tier.key_of("rpool/ROOT")
+    root_needs_approval(tier, "required")
     audit_from = len(tier.server.audit_records())
-    machine = tier.machine("dracut", "dracut-down", "networkd")
+    machine = tier.machine("dracut", "dracut-unapproved", "networkd")
     facts: dict[str, Any] = {}
-    with tier.server_down(), machine:
-        machine.start()
-        try:
-            asked = machine.console.wait_for(PROMPT, timeout=900)
-            facts["prompt_after_start"] = round(
-                machine.console.time_of(asked.start()) - machine.started, 1
-            )
-            time.sleep(2)
-            machine.console.type(key + "\n")
-            facts["typed"] = True
-        except VmError as exc:
-            facts["prompt_error"] = str(exc)
-        return tier.finish(machine, audit_from, facts)
+    try:
+        with tier.server_down(), machine:
+            machine.start()
+            try:
+                asked = machine.console.wait_for(PROMPT, timeout=900)
+                facts["prompt_after_start"] = round(
+                    machine.console.time_of(asked.start()) - machine.started, 1
+                )
+                time.sleep(2)
+                # The server comes back; the release waits for a person; nobody comes.
+                tier.forwarder.switch(True)
+                request = waiting_request(tier, machine, timeout=300)
+                facts["approval"] = request["id"]
+                time.sleep(2)
+                machine.console.type(key + "\n")  # nobody approves; a person types it
+                facts["typed"] = True
+            except VmError as exc:
+                facts["prompt_error"] = str(exc)
+            boot = tier.finish(machine, audit_from, facts)
+        facts["left"] = json.loads(tier.server.must("approval", "list", "--json"))
+    finally:
+        for request in json.loads(tier.server.must("approval", "list", "--json")):
+            tier.server.must("approval", "deny", request["id"], "--reason", "boot proof over")
+        root_needs_approval(tier, "inherit")
+    return boot
 
 
-def test_dracut_server_down_the_typed_key_wins(boot_dracut_down: Boot) -> None:
-    """4. dracut, server unreachable: the password agent has no answer, the key typed at
-    systemd's console prompt opens rpool/ROOT and the system boots."""
-    print(f"dracut, server down: {boot_dracut_down.facts}")
-    assert boot_dracut_down.facts.get("typed"), boot_dracut_down.evidence()
+def test_dracut_server_down_then_nobody_approves_the_typed_key_wins(
+    boot_dracut_down: Boot,
+) -> None:
+    """4. dracut, the server unreachable as the initrd starts: systemd's console prompt
+    asks while the password agent has no answer. The server comes back, but the root's key
+    needs approval and nobody gives it: the agent waits, the key typed at the prompt opens
+    rpool/ROOT and the system boots; the request is still waiting afterwards, and nothing
+    was released."""
+    facts = boot_dracut_down.facts
+    print(f"dracut, nobody approves: {facts}")
+    assert facts.get("typed"), boot_dracut_down.evidence()
     assert not boot_dracut_down.releases("rpool/ROOT"), boot_dracut_down.evidence()
+    assert [r["id"] for r in facts["left"]] == [facts["approval"]], boot_dracut_down.evidence()
     booted_to_multi_user(boot_dracut_down, ours_must_not_fail=False)
     no_initramfs_agent_left(boot_dracut_down)
 
