@@ -21,6 +21,9 @@ from tests.fakes import sha256
 from tests.keyserver import KeyServer, wait_for
 
 EX_NOPERM, EX_TEMPFAIL = 77, 75
+# They wait for the agent's polls and deadlines (about 50 s for the module); the agent's
+# logic, not a dependency's version, is what they prove: not in `make unit` or the floor.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

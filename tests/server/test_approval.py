@@ -212,18 +212,25 @@ def second_certificate(server: KeyServer, host: HostCreds, tmp_path: Path) -> Ho
 
 
 def test_an_unanswered_request_expires_and_is_a_denial(server: KeyServer) -> None:
-    host, guid, _ = host_with_key(
-        server, "late", "--approval", "required", "--approval-timeout", "2"
-    )
+    host, guid, _ = host_with_key(server, "late", "--approval", "required")
     mine = nonce()
     request_id = ask(server, host, [guid], mine)["pending"]["id"]
-    time.sleep(2.5)
+    age(server, request_id, 600)  # its 600 s have passed
     answer = ask(server, host, [guid], mine)
     assert answer["keys"] == [] and denied(answer) == [guid]
     assert last_release(server)["reason"] == "approval_expired"
     code, _, err = server.admin("approval", "approve", request_id)
     assert code == EX_DATAERR and "is expired, not pending" in err
     assert [r["state"] for r in requests_listed(server, "--all")] == ["expired"]
+
+
+def age(server: KeyServer, request_id: str, seconds: int) -> None:
+    """Move a request SECONDS into its past, behind the server's back."""
+    server.sql(
+        "UPDATE approvals SET created_at = created_at - ?, expires_at = expires_at - ?"
+        " WHERE id = ?",
+        (seconds, seconds, request_id),
+    )
 
 
 def test_a_host_has_a_small_cap_on_waiting_requests(keyserver: KeyServer) -> None:
@@ -541,12 +548,12 @@ def test_a_key_made_before_is_not_handed_out_again_without_approval(server: KeyS
 
 
 def test_an_approval_starts_the_requests_time_afresh(server: KeyServer) -> None:
-    host, guid, key = host_with_key(
-        server, "late-ok", "--approval", "required", "--approval-timeout", "3"
-    )
+    host, guid, key = host_with_key(server, "late-ok", "--approval", "required")
     mine = nonce()
     request_id = ask(server, host, [guid], mine)["pending"]["id"]
-    time.sleep(2)
+    age(server, request_id, 590)  # 10 s of its 600 left
     server.must("approval", "approve", request_id)
-    time.sleep(2)  # past the first span, within the one the approval started
+    [listed] = requests_listed(server)
+    assert listed["expires_at"] - time.time() > 590, "600 s again, from the approval"
+    age(server, request_id, 30)  # past the first span, within the one the approval started
     assert released(ask(server, host, [guid], mine)) == {guid: key}

@@ -638,7 +638,7 @@ def make_old(server: KeyServer) -> None:
     with db(server) as conn:
         conn.execute("DROP TABLE IF EXISTS meta")
         # and what later steps add
-        for table in ("host_reports", "approval_policies", "approvals", "silence_trips"):
+        for table in ("host_reports", "approval_policies", "approvals", "silence_trips", "admins"):
             conn.execute(f"DROP TABLE IF EXISTS {table}")
         conn.execute("ALTER TABLE certificates DROP COLUMN replaces")
         conn.execute("ALTER TABLE certificates DROP COLUMN retire_at")
