@@ -220,3 +220,19 @@ def test_admin_list_and_the_bundle_a_browser_imports(page: Page, tmp_path: Path)
     code, _, err = page.server.admin("admin", "add", "alice")
     assert code == 65 and "exists" in err
     assert (page.server.data_dir / "admin-ca.key").stat().st_mode & 0o777 == 0o400
+
+
+def test_a_form_token_is_good_for_its_certificate_for_twelve_hours(tmp_path: Path) -> None:
+    from zfs_unlock_server.approvalpage import TOKEN_LIFETIME, ApprovalPage
+    from zfs_unlock_server.config import Layout, ServerConfig
+
+    made = ApprovalPage(Layout(tmp_path), ServerConfig(), os.urandom(32))
+    now = 1_800_000_000
+    fresh, old = made.token("aa" * 32, now), made.token("aa" * 32, now - TOKEN_LIFETIME - 1)
+    assert made.token_good(fresh, "aa" * 32, now)
+    assert made.token_good(made.token("aa" * 32, now - TOKEN_LIFETIME), "aa" * 32, now)
+    assert not made.token_good(old, "aa" * 32, now), "too old, though its MAC is right"
+    assert not made.token_good(fresh, "bb" * 32, now), "another admin's certificate"
+    assert not made.token_good(made.token("aa" * 32, now + 60), "aa" * 32, now), "from the future"
+    other = ApprovalPage(Layout(tmp_path), ServerConfig(), os.urandom(32))
+    assert not other.token_good(fresh, "aa" * 32, now), "another listener's secret"
