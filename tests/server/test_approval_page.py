@@ -27,6 +27,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# The floor (Debian 12's cryptography) keeps the whole round once: its PKCS#12 in the
+# browser, the list, an approval. The rest of the page's cases are the page's own.
+SLOW = pytest.mark.slow
+
+
 @dataclass(frozen=True)
 class Admin:
     name: str
@@ -114,6 +119,7 @@ def test_the_list_shows_what_waits_and_approving_it_releases_it_once(
     assert f"{request_id} web1 released web:alice planned reboot" in browser.text("#recent")
 
 
+@SLOW
 def test_denying_on_the_page_refuses_the_agent(page: Page, browser: Browser) -> None:
     host, guid, _, mine, request_id = waiting_host(page.server, "web2")
     browser.open(page.url + "/")
@@ -125,6 +131,7 @@ def test_denying_on_the_page_refuses_the_agent(page: Page, browser: Browser) -> 
     assert answer["keys"] == [] and [d["dataset_guid"] for d in answer["denied"]] == [guid]
 
 
+@SLOW
 def test_on_a_phones_width_nothing_needs_sideways_scrolling(page: Page, browser: Browser) -> None:
     _, _, _, _, request_id = waiting_host(page.server, "phone")
     browser.window(390, 844)
@@ -139,6 +146,7 @@ def test_on_a_phones_width_nothing_needs_sideways_scrolling(page: Page, browser:
         assert 0 < right <= width, (button, right, width)
 
 
+@SLOW
 def test_without_an_admin_certificate_the_page_shows_nothing(page: Page, tmp_path: Path) -> None:
     _, _, _, _, request_id = waiting_host(page.server, "hidden")
     with chromium(tmp_path / "nobody", [page.url], [], page.server.pin) as stranger:
@@ -149,6 +157,7 @@ def test_without_an_admin_certificate_the_page_shows_nothing(page: Page, tmp_pat
     assert request_id not in source and "hidden" not in source and "<form" not in source
 
 
+@SLOW
 def test_a_removed_admin_is_refused_at_once(page: Page, browser: Browser) -> None:
     _, _, _, _, request_id = waiting_host(page.server, "gone")
     page.server.must("admin", "remove", "alice")
@@ -169,6 +178,7 @@ def pem_of(admin: Admin, directory: Path) -> Path:
     return pem
 
 
+@SLOW
 def test_forged_stale_and_foreign_forms_change_nothing(page: Page, tmp_path: Path) -> None:
     _, _, _, _, request_id = waiting_host(page.server, "csrf")
     bob = add_admin(page.server, "bob", tmp_path)
