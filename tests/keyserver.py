@@ -294,11 +294,18 @@ def enroll(
 
 
 def activated_key(
-    server: KeyServer, host: HostCreds, pool: str, dataset_guid: str, dataset: str = "tank/data"
+    server: KeyServer,
+    host: HostCreds,
+    pool: str,
+    dataset_guid: str,
+    dataset: str = "tank/data",
+    keyformat: str = "raw",
+    **extra: Any,
 ) -> tuple[str, bytes]:
-    """Enroll and activate a key for a dataset of HOST; return (key id, key bytes)."""
+    """Enroll (EXTRA: more fields, such as an imported key) and activate a key for a
+    dataset of HOST; return (key id, key bytes)."""
     with server.session(host) as session:
-        response = enroll(session, server, host, pool, dataset_guid, dataset)
+        response = enroll(session, server, host, pool, dataset_guid, dataset, keyformat, **extra)
         assert response.status_code == 201, response.text
         body = response.json()
         activated = session.post(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes import FakeZfs
-from tests.keyserver import HostCreds, KeyServer, enroll, toml_value
+from tests.keyserver import HostCreds, KeyServer, activated_key, toml_value
 
 AGENT_BIN = Path(sys.executable).with_name("zfs-unlock-agent")
 
@@ -97,30 +97,10 @@ class AgentHost:
     ) -> bytes:
         """Enroll (and activate) a key on the server for a dataset; return its bytes."""
         extra = {"key": base64.b64encode(key).decode()} if key is not None else {}
-        with self.server.session(self.creds) as session:
-            response = enroll(
-                session,
-                self.server,
-                self.creds,
-                pool_guid,
-                dataset_guid,
-                dataset,
-                keyformat,
-                **extra,
-            )
-            assert response.status_code == 201, response.text
-            body = response.json()
-            session.post(
-                self.server.url("/v1/keys/activate"),
-                json={
-                    "machine_id": self.creds.machine_id,
-                    "pool_guid": pool_guid,
-                    "dataset_guid": dataset_guid,
-                    "key_id": body["key_id"],
-                },
-                timeout=10,
-            ).raise_for_status()
-        return base64.b64decode(body["key"])
+        _, material = activated_key(
+            self.server, self.creds, pool_guid, dataset_guid, dataset, keyformat, **extra
+        )
+        return material
 
     def encrypted_dataset(
         self, name: str, pool_guid: str, keyformat: str = "raw", **extra: Any
